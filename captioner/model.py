@@ -1,0 +1,145 @@
+"""Show-and-Tell captioner: a CNN Encoder, an LSTM Decoder that owns its step, and the Captioner around them."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+
+from .config import CaptionerConfig
+from .vocab import Vocabulary
+
+State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, B, H)
+
+
+class Encoder(nn.Module):
+    """timm backbone, global-pooled, then Linear + ReLU + Dropout to the embedding size."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        import timm  # heavy import kept local to model construction
+
+        # pretrained=False: building a model never downloads; weights come from a checkpoint.
+        self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0)
+        self.proj = nn.Linear(self.backbone.num_features, config.embed_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.set_trainable(config.train_backbone)
+
+    def set_trainable(self, trainable: bool) -> None:
+        self.train_backbone = trainable
+        self.backbone.requires_grad_(trainable)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.train_backbone:
+            self.backbone.eval()  # a frozen backbone keeps its batch-norm statistics
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, F) pooled backbone features (what the feature cache stores)."""
+        return self.backbone(images)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> (B, E)"""
+        return self.dropout(F.relu(self.proj(features)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.features(images))  # (B, E)
+
+
+class Decoder(nn.Module):
+    """Embedding, sequence-first LSTM, linear to the vocabulary."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.embed_size)
+        self.lstm = nn.LSTM(
+            config.embed_size,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. features (B, E), captions (T, B) with <SOS> first -> logits (T, B, V).
+
+        Inputs are [image, <SOS>, w1, ..., w_{T-2}]; output t predicts captions[t].
+        """
+        embeddings = self.dropout(self.embed(captions[:-1]))  # (T-1, B, E)
+        inputs = torch.cat((features.unsqueeze(0), embeddings), dim=0)  # (T, B, E)
+        hiddens, _ = self.lstm(inputs)  # (T, B, H)
+        return self.head(self.dropout(hiddens))  # (T, B, V)
+
+    def step(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """One decoding step. x: token ids (B,) or an image feature (B, E) -> logits (B, V), new state."""
+        if not x.is_floating_point():
+            x = self.embed(x)  # (B,) -> (B, E)
+        hiddens, state = self.lstm(x.unsqueeze(0), state)  # (1, B, H)
+        return self.head(hiddens.squeeze(0)), state  # (B, V)
+
+    @staticmethod
+    def select_state(state: State, index: torch.Tensor) -> State:
+        """Reorder the batch of a state (beam search keeps the surviving beams)."""
+        h, c = state
+        return h.index_select(1, index), c.index_select(1, index)
+
+
+class Captioner(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="captioner",
+    tags=["image-captioning", "image-to-text", "lstm", "show-and-tell"],
+    pipeline_tag="image-to-text",
+    license="apache-2.0",
+):
+    """Encoder + Decoder + the vocabulary they were trained with."""
+
+    def __init__(self, config: CaptionerConfig, vocab: Vocabulary | None = None):
+        super().__init__()
+        if vocab is not None and len(vocab) != config.vocab_size:
+            raise ValueError(
+                f"vocabulary has {len(vocab)} words but the model's config says vocab_size={config.vocab_size}; "
+                "a model must run with the vocabulary it was trained with"
+            )
+        self.config = config
+        self.vocab = vocab
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def forward(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S), captions (T, B) -> logits (T, B, V)."""
+        return self.decoder(self.encoder(images), captions)
+
+    def forward_features(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Same as forward, from cached backbone features (B, F)."""
+        return self.decoder(self.encoder.project(features), captions)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, E) image features for decoding."""
+        return self.encoder(images)
+
+    # Hub format: config.json + model.safetensors + vocab.json (see hub.py for loading).
+    def _save_pretrained(self, save_directory) -> None:
+        from .hub import save_folder
+
+        save_folder(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, src, *, revision: str | None = None, **kwargs) -> "Captioner":
+        """Load from a local folder or a Hub repo id (optionally at a revision); see hub.load."""
+        from .hub import load
+
+        return load(src, revision=revision, **kwargs)
+
+
+def caption_loss(logits: torch.Tensor, captions: torch.Tensor, *, pad_id: int = 0, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of logits (T, B, V) against captions (T, B), ignoring <PAD>."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),  # (T*B, V)
+        captions.reshape(-1),  # (T*B,)
+        ignore_index=pad_id,
+        label_smoothing=label_smoothing,
+    )

@@ -1,0 +1,109 @@
+"""Any PIL image (any mode, EXIF-rotated, animated) or image file to the normalised tensor a model expects.
+
+Sizes and normalisation come from the model's config, never from constants here.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import CaptionerConfig
+
+# Larger images are refused before decoding: a "decompression bomb" would take gigabytes.
+MAX_PIXELS = 40_000_000
+
+ImageLike = Union[str, os.PathLike, bytes, Image.Image]
+
+
+class ImageError(ValueError):
+    """An input that cannot be read as an image; the message says why and what to do."""
+
+
+def open_image(source: ImageLike) -> Image.Image:
+    """Open a path, bytes or PIL image as an RGB image, with clear errors for bad files."""
+    name = "image"
+    try:
+        if isinstance(source, Image.Image):
+            img = source
+        else:
+            if isinstance(source, (bytes, bytearray)):
+                fp = io.BytesIO(source)
+            else:
+                name = os.fspath(source)
+                if not os.path.isfile(name):
+                    raise ImageError(f"{name}: no such file")
+                if os.path.getsize(name) == 0:
+                    raise ImageError(f"{name}: the file is empty; choose a JPEG, PNG, WebP or GIF photo")
+                fp = name
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(fp)
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise ImageError(
+                f"{name}: {w}x{h} pixels is too large (limit {MAX_PIXELS // 1_000_000} megapixels); resize it first"
+            )
+        if getattr(img, "is_animated", False):
+            img.seek(0)  # captions describe the first frame of an animation
+        img.load()
+        return to_rgb(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file PIL can read; choose a JPEG, PNG, WebP or GIF photo") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: image dimensions are too large to decode safely; resize it first") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data surface as these
+        raise ImageError(f"{name}: the image data is damaged or truncated ({e}); re-save or re-export it") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: EXIF orientation applied, transparency over white."""
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High bit depth: scale the real range to 0..255 instead of clipping at 255.
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize(img: Image.Image, config: CaptionerConfig) -> Image.Image:
+    """Apply the model's resize policy: squash to a square, or shorter side then centre crop."""
+    size = config.image_size
+    if config.resize == "squash":
+        return img.resize((size, size), Image.BILINEAR)
+    w, h = img.size
+    short = max(1, round(size / config.crop_pct))
+    scale = short / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def preprocess(source: ImageLike, config: CaptionerConfig) -> torch.Tensor:
+    """One image to a normalised float tensor (3, S, S)."""
+    img = resize(open_image(source), config)
+    a = np.asarray(img, dtype=np.float32)  # (S, S, 3), 0..255
+    mean = np.asarray(config.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(config.std, dtype=np.float32) * 255.0)
+    a = (a - mean) * inv_std  # one fused pass: (x/255 - mean)/std
+    return torch.from_numpy(a).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+
+def preprocess_batch(sources: list, config: CaptionerConfig) -> torch.Tensor:
+    """Several images to (B, 3, S, S); raises ImageError naming the first bad one."""
+    return torch.stack([preprocess(s, config) for s in sources])

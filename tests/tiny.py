@@ -1,0 +1,52 @@
+"""A tiny random captioner for fast tests (no downloads: timm's `test_efficientnet` is built with random weights)."""
+from __future__ import annotations
+
+WORDS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>", "a", "dog", "runs", "."]
+BACKBONE = "test_efficientnet"  # a few thousand parameters; timm builds it offline (pretrained=False)
+
+
+def tiny_config(**overrides):
+    from captioner import CaptionerConfig
+
+    fields = dict(
+        backbone=BACKBONE,
+        embed_size=16,
+        hidden_size=16,
+        vocab_size=len(WORDS),
+        image_size=32,
+        dropout=0.0,
+        max_len=5,
+    )
+    fields.update(overrides)
+    return CaptionerConfig(**fields)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A Captioner with random weights drawn from `seed` (same seed -> same weights), in eval mode."""
+    import torch
+
+    from captioner import Captioner, Vocabulary
+
+    torch.manual_seed(seed)
+    model = Captioner(tiny_config(**overrides), Vocabulary(WORDS))
+    return model.eval()
+
+
+def fingerprint(model) -> str:
+    """A hash of every weight's name and exact bytes, to compare two models across processes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def decoder_probe(model) -> list[float]:
+    """Logits of one decoder step on a fixed input: a functional check that loaded weights behave like the originals."""
+    import torch
+
+    with torch.inference_mode():
+        logits, _ = model.decoder.step(torch.tensor([1, 4]))  # <SOS>, "a"
+    return [round(float(v), 6) for v in logits.flatten()]

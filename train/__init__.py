@@ -1,0 +1,1 @@
+"""Training pipeline: datasets, feature cache, training loop, evaluation, export and publishing."""

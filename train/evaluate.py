@@ -1,0 +1,94 @@
+"""Corpus-level caption metrics with pycocoevalcap (BLEU-1..4, CIDEr-D, ROUGE-L), for any model on any split.
+
+References and hypotheses are tokenised the same way (spaCy, lower-case, punctuation dropped as the
+coco-caption PTB tokenizer does), so "t-shirt" scores the same on both sides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from captioner.vocab import tokenize
+
+# The punctuation coco-caption's PTBTokenizer removes.
+_PUNCT = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"', "(", ")"}
+
+
+def score_tokens(text: str) -> str:
+    return " ".join(w for w in tokenize(text) if w not in _PUNCT)
+
+
+def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """Corpus-level scores of hypotheses[i] against references[i] (all references of image i)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")
+    res = {i: [score_tokens(h) or "<empty>"] for i, h in enumerate(hypotheses)}
+    gts = {i: [score_tokens(r) for r in refs] for i, refs in enumerate(references)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)  # coco-caption's Cider is CIDEr-D (clipping + length penalty)
+    rouge, _ = Rouge().compute_score(gts, res)
+    out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+    out.update({"CIDEr-D": float(cider), "ROUGE-L": float(rouge)})
+    out["distinct"] = len(set(hypotheses)) / max(1, len(hypotheses))  # share of distinct captions (collapse check)
+    return out
+
+
+def evaluate_model(model, images, references, *, strategy: str = "greedy", batch_size: int = 64, **decode) -> tuple[dict, list[str]]:
+    """Caption `images` (paths, or a (N, E) feature tensor) and score them; returns (metrics, captions)."""
+    from captioner.decode import caption_batch
+
+    captions = caption_batch(model, images, strategy=strategy, batch_size=batch_size, **decode)
+    return score(captions, references), captions
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    cols = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "distinct"]
+    lines = ["| decoding | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description="Score a captioner on a dataset split.")
+    p.add_argument("--model", default=None, help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--data", required=True, help="dataset folder (or Karpathy/COCO JSON)")
+    p.add_argument("--format", default=None, help="flickr8k | flickr8k-token | karpathy | coco (default: detect)")
+    p.add_argument("--images", default=None, help="image folder, for the JSON formats")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"])
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="score only the first N images")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    args = p.parse_args(argv)
+
+    from captioner.hub import ModelLoadError
+    from captioner.cli import load_model
+    from train.data import load_dataset
+
+    try:
+        model = load_model(args.model, revision=args.revision)
+        samples, report = load_dataset(args.data, fmt=args.format, image_root=args.images, splits=(args.split,))
+    except (ModelLoadError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.limit:
+        samples = samples[: args.limit]
+    print(f"{len(samples)} images in split {args.split!r}; skipped: {report}", file=sys.stderr)
+    decode = {"beam_size": args.beam_size, "length_penalty": args.length_penalty, "no_repeat_ngram": args.no_repeat_ngram}
+    metrics, _ = evaluate_model(model, [s.image for s in samples], [s.captions for s in samples], strategy=args.strategy, **decode)
+    print(json.dumps(metrics) if args.json else format_table({args.strategy: metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Cached encoder features: computed once per image, keyed by backbone + weights + preprocessing.
+
+A change to any of those gives a new key, so stale features are never reused. Extraction writes chunk
+files atomically and skips finished chunks, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from captioner.preprocess import preprocess
+
+CHUNK = 256  # images per cache chunk file
+
+
+def backbone_fingerprint(encoder) -> str:
+    """Hash of the backbone weights (so other weights never hit this cache)."""
+    h = hashlib.sha256()
+    for name, t in encoder.backbone.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(model, images: list[str]) -> str:
+    c = model.config
+    spec = {
+        "backbone": c.backbone,
+        "weights": backbone_fingerprint(model.encoder),
+        "image_size": c.image_size,
+        "resize": c.resize,
+        "crop_pct": c.crop_pct,
+        "mean": list(c.mean),
+        "std": list(c.std),
+        "images": hashlib.sha256("\n".join(images).encode()).hexdigest()[:16],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _atomic_save(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """Backbone features (N, F) for the image paths, from the cache where present."""
+    folder = Path(cache_dir) / cache_key(model, images)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / "features.npy"
+    if final.exists():
+        return torch.from_numpy(np.load(final))
+    encoder = model.encoder.eval()
+    chunks = range(0, len(images), CHUNK)
+    bar = tqdm(total=len(images), desc="features", unit="img", disable=not progress)
+    for start in chunks:
+        path = folder / f"chunk_{start // CHUNK:05d}.npy"
+        part = images[start : start + CHUNK]
+        if path.exists():
+            bar.update(len(part))
+            continue
+        out = []
+        for b in range(0, len(part), batch_size):
+            batch = torch.stack([preprocess(p, model.config) for p in part[b : b + batch_size]])  # (b, 3, S, S)
+            out.append(encoder.features(batch).float().numpy())  # (b, F)
+            bar.update(len(batch))
+        _atomic_save(np.concatenate(out), path)
+    bar.close()
+    parts = [np.load(folder / f"chunk_{i:05d}.npy") for i in range(len(chunks))]
+    array = np.concatenate(parts) if parts else np.zeros((0, encoder.backbone.num_features), np.float32)
+    _atomic_save(array, final)
+    for i in range(len(chunks)):
+        (folder / f"chunk_{i:05d}.npy").unlink()
+    (folder / "images.txt").write_text("\n".join(images))
+    return torch.from_numpy(array)

@@ -1,0 +1,532 @@
+"""Train a captioner: teacher forcing on cached features, then optional self-critical fine-tuning (CIDEr-D reward).
+
+    python -m train.train --data ../shared/data/flickr8k --out runs/flickr8k
+    python -m train.train --out runs/flickr8k --resume          # after an interruption
+    torchrun --nproc_per_node=2 -m train.train ...               # DistributedDataParallel
+
+Every epoch: dev loss, BLEU/CIDEr-D/ROUGE-L of greedy captions, a metrics.jsonl line, a PNG plot,
+sample captions; the best epoch by CIDEr-D is exported as a Hub-format folder (runs/NAME/best).
+Checkpoints are written atomically; Ctrl-C saves before exiting; --resume continues mid-epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from captioner.config import CaptionerConfig
+from captioner.decode import caption_batch
+from captioner.model import Captioner, caption_loss
+from captioner.vocab import Vocabulary
+
+
+@dataclass
+class TrainConfig:
+    data: str = "../shared/data/flickr8k"  # dataset folder (or JSON for karpathy/coco)
+    format: str | None = None  # flickr8k | flickr8k-token | karpathy | coco; None detects
+    images: str | None = None  # image folder for the JSON formats
+    train_split: str = "train"
+    val_split: str = "dev"
+    out: str = "runs/default"  # run folder: checkpoint/, best/, metrics.jsonl, plot.png
+    backbone: str = "tf_efficientnet_lite0"
+    embed_size: int = 512
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    min_freq: int = 5  # vocabulary: words seen at least this often in the training captions
+    max_tokens: int = 22  # longest training caption in tokens, <SOS>/<EOS> included (longer ones are cut)
+    epochs: int = 15  # teacher-forcing epochs
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    label_smoothing: float = 0.1
+    grad_clip: float = 5.0
+    scst_epochs: int = 0  # self-critical epochs after teacher forcing (CIDEr-D reward)
+    scst_lr: float = 5e-5
+    scst_samples: int = 5  # sampled captions per image; baseline = mean reward of the others
+    scst_batch_images: int = 64
+    finetune_backbone: bool = False  # train the CNN too (needs a GPU to be practical; no feature cache)
+    feature_cache: str = ".cache/features"
+    limit_train: int = 0  # use only the first N training images (tests, smoke runs)
+    limit_val: int = 0
+    eval_beam: int = 3  # beam size scored after the last epoch
+    sample_images: int = 4  # fixed dev images whose captions are logged every epoch
+    seed: int = 0
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    progress: bool = True
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- checkpoints (atomic, safetensors + JSON)
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def atomic_dir(target: Path, write) -> None:
+    """Write a folder completely under a temporary name, then swap it in; a crash leaves the old one."""
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(folder: Path, model: Captioner, opt, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    def write(d: Path) -> None:
+        model.save_pretrained(d)
+        tensors, meta = _flatten_optimizer(opt)
+        save_file(tensors, str(d / "optimizer.safetensors"))
+        save_file({"cpu": torch.get_rng_state()}, str(d / "rng.safetensors"))
+        (d / "trainer.json").write_text(json.dumps({**state, "optimizer": meta}, indent=1))
+
+    atomic_dir(folder, write)
+
+
+def load_checkpoint(folder: Path):
+    from safetensors.torch import load_file
+
+    from captioner.hub import load
+
+    if not folder.exists() and folder.with_name(folder.name + ".old").exists():
+        folder = folder.with_name(folder.name + ".old")  # interrupted during the swap
+    model = load(folder)
+    meta = json.loads((folder / "trainer.json").read_text())
+    opt_state = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), meta.pop("optimizer"))
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
+    return model, opt_state, meta
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare(cfg: TrainConfig, model: Captioner | None, device):
+    """Samples, vocabulary (training split only), encoded captions and cached features."""
+    from train.data import load_dataset
+
+    samples, report = load_dataset(cfg.data, fmt=cfg.format, image_root=cfg.images, splits=(cfg.train_split, cfg.val_split))
+    train = [s for s in samples if s.split == cfg.train_split]
+    val = [s for s in samples if s.split == cfg.val_split]
+    if cfg.limit_train:
+        train = train[: cfg.limit_train]
+    if cfg.limit_val:
+        val = val[: cfg.limit_val]
+    if not train or not val:
+        raise ValueError(f"{cfg.data}: found {len(train)} {cfg.train_split!r} and {len(val)} {cfg.val_split!r} images; both are needed")
+    print(f"data: {len(train)} train images, {len(val)} val images; skipped: {report}", file=sys.stderr)
+    return train, val
+
+
+def encode_captions(vocab: Vocabulary, train, max_tokens: int) -> tuple[list[int], list[list[int]]]:
+    image_index, captions = [], []
+    for i, s in enumerate(train):
+        for c in s.captions:
+            ids = vocab.encode(c)
+            if len(ids) > max_tokens:
+                ids = ids[: max_tokens - 1] + [vocab.eos_id]
+            image_index.append(i)
+            captions.append(ids)
+    return image_index, captions
+
+
+# ---------------------------------------------------------------- training
+
+
+class FromFeatures(nn.Module):
+    """What DDP wraps: teacher-forced logits from cached features (or from images when fine-tuning)."""
+
+    def __init__(self, model: Captioner, finetune: bool):
+        super().__init__()
+        self.model, self.finetune = model, finetune
+
+    def forward(self, x, captions):
+        return self.model(x, captions) if self.finetune else self.model.forward_features(x, captions)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def val_loss(model, feats, val, vocab, cfg, device) -> float:
+    _, caps = encode_captions(vocab, val, cfg.max_tokens)
+    idx = [i for i, s in enumerate(val) for _ in s.captions]
+    from train.data import collate_captions
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for b in range(0, len(caps), 256):
+            c = collate_captions(caps[b : b + 256], pad_id=vocab.pad_id).to(device)  # (T, B)
+            x = feats[idx[b : b + 256]].to(device)
+            logits = model.forward_features(x, c)  # (T, B, V)
+            n = int((c != vocab.pad_id).sum())
+            total += float(caption_loss(logits, c, pad_id=vocab.pad_id)) * n
+            count += n
+    return total / max(1, count)
+
+
+def decode_val(model, feats, device, **kw) -> list[str]:
+    model.eval()
+    with torch.inference_mode():
+        e = model.encoder.project(feats.to(device))  # (N, E)
+    return caption_batch(model, e, batch_size=128, **kw)
+
+
+def scst_batch(model, wrapped, feats, refs_tok, keys, cider, cfg, vocab, device, gen) -> tuple[torch.Tensor, float]:
+    """Sample captions, reward = CIDEr-D minus the mean reward of the other samples of the same image."""
+    from train.data import collate_captions
+
+    n = cfg.scst_samples
+    x = feats.repeat_interleave(n, dim=0).to(device)  # (B*n, F)
+    model.eval()  # sample without dropout
+    with torch.no_grad():
+        e = model.encoder.project(x)  # (B*n, E)
+        _, state = model.decoder.step(e, None)
+        tok = torch.full((e.size(0),), vocab.sos_id, dtype=torch.long, device=device)
+        logits, state = model.decoder.step(tok, state)
+        seqs = torch.zeros(e.size(0), 0, dtype=torch.long)
+        alive = torch.ones(e.size(0), dtype=torch.bool)
+        for t in range(cfg.max_tokens - 2):
+            logits[:, [vocab.pad_id, vocab.sos_id, vocab.unk_id]] = -math.inf
+            if t == 0:
+                logits[:, vocab.eos_id] = -math.inf
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(1).cpu()
+            nxt = torch.where(alive, nxt, torch.full_like(nxt, vocab.pad_id))
+            seqs = torch.cat((seqs, nxt.unsqueeze(1)), 1)
+            alive &= nxt != vocab.eos_id
+            if not alive.any():
+                break
+            logits, state = model.decoder.step(nxt.to(device), state)
+    rows = []
+    rewards = []
+    for r, row in enumerate(seqs.tolist()):
+        words = vocab.words(row)
+        img = r // n
+        rewards.append(cider.score(words, keys[img], refs_tok[img]))
+        ids = [vocab.sos_id] + [t for t in row if t != vocab.pad_id]
+        if ids[-1] != vocab.eos_id:
+            ids.append(vocab.eos_id)
+        rows.append(ids)
+    rew = torch.tensor(rewards).view(-1, n)  # (B, n)
+    baseline = (rew.sum(1, keepdim=True) - rew) / max(1, n - 1)
+    adv = (rew - baseline).view(-1).to(device)  # (B*n,)
+    caps = collate_captions(rows, pad_id=vocab.pad_id).to(device)  # (T, B*n)
+    model.train()
+    logits = wrapped(x, caps)  # (T, B*n, V)
+    logp = F.log_softmax(logits, -1).gather(2, caps.unsqueeze(2)).squeeze(2)  # (T, B*n)
+    mask = (caps != vocab.pad_id).float()
+    mask[0] = 0.0  # position 0 predicts <SOS> from the image: not part of the sampled caption
+    loss = -(adv.unsqueeze(0) * logp * mask).sum() / mask.sum()
+    return loss, float(rew.mean())
+
+
+def plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot(ep, [h.get("train_loss", float("nan")) for h in history], label="train loss", color="tab:blue")
+    ax1.plot(ep, [h["val_loss"] for h in history], label="dev loss", color="tab:cyan")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax2 = ax1.twinx()
+    ax2.plot(ep, [h["CIDEr-D"] for h in history], label="dev CIDEr-D", color="tab:red", marker="o")
+    ax2.set_ylabel("CIDEr-D")
+    fig.legend(loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    from train.backbones import init_backbone
+    from train.cider import CiderD
+    from train.data import bucket_batches, collate_captions
+    from train.evaluate import score, score_tokens
+    from train.features import extract_features
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    is_main = rank == 0
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    train_set, val_set = prepare(cfg, None, device)
+    opt_state = None
+    if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
+        model, opt_state, meta = load_checkpoint(ckpt)
+        vocab = model.vocab
+        saved = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
+        for name in ("embed_size", "hidden_size", "num_layers", "min_freq", "backbone"):
+            if getattr(saved, name) != getattr(cfg, name):
+                raise ValueError(f"--resume: {name}={getattr(cfg, name)!r} differs from the checkpoint's {getattr(saved, name)!r}")
+        if is_main:
+            print(f"resuming from epoch {meta['epoch']} step {meta['step_in_epoch']}", file=sys.stderr)
+    else:
+        if resume and is_main:
+            print(f"--resume: no checkpoint in {ckpt}, starting fresh", file=sys.stderr)
+        meta = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}
+        vocab = Vocabulary.build((c for s in train_set for c in s.captions), min_freq=cfg.min_freq)
+        config = CaptionerConfig(
+            backbone=cfg.backbone, embed_size=cfg.embed_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+            dropout=cfg.dropout, vocab_size=len(vocab), train_backbone=cfg.finetune_backbone,
+        )
+        model = Captioner(config, vocab)
+        init_backbone(model.encoder, cfg.backbone)
+    model.encoder.set_trainable(cfg.finetune_backbone)
+    model.to(device)
+    print(f"vocabulary: {len(vocab)} words; device: {device}; world size {world}", file=sys.stderr) if is_main else None
+
+    # Features: the frozen backbone runs once per image (cached on disk, keyed by backbone+weights+preprocessing).
+    all_images = [s.image for s in train_set] + [s.image for s in val_set]
+    if cfg.finetune_backbone:
+        train_x = [s.image for s in train_set]
+    else:
+        feats = extract_features(model.cpu(), all_images, cfg.feature_cache, progress=cfg.progress and is_main)
+        model.to(device)
+        train_x, val_feats = feats[: len(train_set)], feats[len(train_set) :]
+    if cfg.finetune_backbone:
+        val_feats = extract_features(model.cpu(), [s.image for s in val_set], cfg.feature_cache, progress=False)
+        model.to(device)
+
+    image_index, captions = encode_captions(vocab, train_set, cfg.max_tokens)
+    lengths = [len(c) for c in captions]
+    val_refs = [s.captions for s in val_set]
+    wrapped = FromFeatures(model, cfg.finetune_backbone)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+
+    stop = {"now": False}
+
+    def on_sigint(signum, frame):
+        if stop["now"]:
+            raise KeyboardInterrupt
+        stop["now"] = True
+        print("\ninterrupt: saving a checkpoint after this batch (Ctrl-C again to abort)", file=sys.stderr)
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading_main() else None
+    cider = None
+    train_refs_tok = None
+    total_epochs = cfg.epochs + cfg.scst_epochs
+    steps_per_epoch = len(list(bucket_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed))) // world
+    total_steps = cfg.epochs * steps_per_epoch
+    sample_ids = list(range(min(cfg.sample_images, len(val_set))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    try:
+        from tqdm.auto import tqdm
+
+        for epoch in range(meta["epoch"], total_epochs):
+            scst = epoch >= cfg.epochs
+            t0 = time.time()
+            if scst:
+                if cider is None:
+                    train_refs_tok = [[score_tokens(c).split() for c in s.captions] for s in train_set]
+                    cider = CiderD(train_refs_tok)
+                order = list(range(len(train_set)))
+                random.Random(cfg.seed + epoch).shuffle(order)
+                batches = [order[i : i + cfg.scst_batch_images] for i in range(0, len(order), cfg.scst_batch_images)]
+            else:
+                batches = list(bucket_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch))
+            batches = batches[: len(batches) // world * world][rank::world]
+            bar = tqdm(total=len(batches), initial=meta["step_in_epoch"], desc=f"epoch {epoch + 1}/{total_epochs}{' scst' if scst else ''}",
+                       disable=not (cfg.progress and is_main), unit="batch")
+            running, seen = 0.0, 0
+            for bi in range(meta["step_in_epoch"], len(batches)):
+                b = batches[bi]
+                model.train()
+                if scst:
+                    for g in opt.param_groups:
+                        g["lr"] = cfg.scst_lr
+                    x = train_x[b] if not cfg.finetune_backbone else None
+                    loss, reward = scst_batch(model, wrapped, x, [train_refs_tok[i] for i in b], b, cider, cfg, vocab, device, gen)
+                    n = len(b) * cfg.scst_samples
+                    running += reward * len(b)
+                    seen += len(b)
+                else:
+                    for g in opt.param_groups:
+                        g["lr"] = lr_at(meta["global_step"], total_steps, cfg.lr, cfg.warmup_steps)
+                    caps = collate_captions([captions[i] for i in b], pad_id=vocab.pad_id).to(device)  # (T, B)
+                    if cfg.finetune_backbone:
+                        from captioner.preprocess import preprocess_batch
+
+                        x = preprocess_batch([train_x[image_index[i]] for i in b], model.config).to(device)  # (B, 3, S, S)
+                    else:
+                        x = train_x[[image_index[i] for i in b]].to(device)  # (B, F)
+                    loss = caption_loss(wrapped(x, caps), caps, pad_id=vocab.pad_id, label_smoothing=cfg.label_smoothing)
+                    n = len(b)
+                    running += float(loss) * n
+                    seen += n
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                meta["global_step"] += 1
+                meta["step_in_epoch"] = bi + 1
+                rate = seen / max(1e-9, time.time() - t0)
+                bar.set_postfix({("reward" if scst else "loss"): f"{running / max(1, seen):.3f}", ("img/s" if scst else "captions/s"): f"{rate:.0f}"})
+                bar.update(1)
+                if stop["now"]:
+                    if is_main:
+                        save_checkpoint(ckpt, model, opt, {**meta, "epoch": epoch, "train_config": asdict(cfg)})
+                        print(f"saved {ckpt} at epoch {epoch + 1}, batch {bi + 1}; continue with --resume", file=sys.stderr)
+                    bar.close()
+                    return {"interrupted": True, **meta}
+            bar.close()
+            # ---- end of epoch: evaluate on the validation split (main process only)
+            if is_main:
+                vl = val_loss(model, val_feats, val_set, vocab, cfg, device)
+                caps_val = decode_val(model, val_feats, device, strategy="greedy")
+                metrics = score(caps_val, val_refs)
+                record = {"epoch": epoch + 1, "phase": "scst" if scst else "xe", "seconds": round(time.time() - t0, 1),
+                          ("train_reward" if scst else "train_loss"): running / max(1, seen), "val_loss": vl, **metrics,
+                          "samples": {os.path.basename(val_set[i].image): caps_val[i] for i in sample_ids}}
+                meta["history"].append(record)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                plot(meta["history"], out / "plot.png")
+                print(f"epoch {epoch + 1}: val loss {vl:.3f}  BLEU-4 {metrics['BLEU-4']:.3f}  CIDEr-D {metrics['CIDEr-D']:.3f}  "
+                      f"ROUGE-L {metrics['ROUGE-L']:.3f}  distinct {metrics['distinct']:.2f}", file=sys.stderr)
+                for name, c in record["samples"].items():
+                    print(f"    {name}: {c}", file=sys.stderr)
+                if meta["best"] is None or metrics["CIDEr-D"] > meta["best"]["CIDEr-D"]:
+                    meta["best"] = {"epoch": epoch + 1, **{k: v for k, v in metrics.items()}}
+                    model.config.extra = {"trained_epochs": epoch + 1, "dev_greedy": metrics}
+                    atomic_dir(out / "best", model.save_pretrained)
+                meta.update(epoch=epoch + 1, step_in_epoch=0)
+                save_checkpoint(ckpt, model, opt, {**meta, "train_config": asdict(cfg)})
+            else:
+                meta.update(epoch=epoch + 1, step_in_epoch=0)
+            if world > 1:
+                torch.distributed.barrier()
+        # ---- final: greedy and beam of the best model
+        result = {"best": meta["best"], "history": meta["history"]}
+        if is_main and meta["best"] is not None and cfg.eval_beam:
+            from captioner.hub import load
+
+            best = load(out / "best").to(device)
+            rows = {"greedy": score(decode_val(best, val_feats, device, strategy="greedy"), val_refs),
+                    f"beam {cfg.eval_beam}": score(decode_val(best, val_feats, device, strategy="beam", beam_size=cfg.eval_beam), val_refs)}
+            (out / "final_metrics.json").write_text(json.dumps(rows, indent=1))
+            from train.evaluate import format_table
+
+            print(format_table(rows), file=sys.stderr)
+            result["final"] = rows
+        return result
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, bool]:
+    p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(flag, type=kind, default=default)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    a = vars(p.parse_args(argv))
+    resume = a.pop("resume")
+    return TrainConfig(**a), resume
+
+
+def main(argv=None) -> int:
+    cfg, resume = parse_args(argv)
+    try:
+        result = train(cfg, resume=resume)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 130 if result.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
