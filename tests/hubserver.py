@@ -88,9 +88,9 @@ def _now() -> str:
 class HubError(Exception):
     """An HTTP error answer, with the Hub's X-Error-Code when there is one."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None, body: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+        self.status, self.message, self.code, self.headers, self.body = status, message, code, headers or {}, body or {}
 
 
 @dataclass
@@ -446,7 +446,7 @@ class _Handler(BaseHTTPRequestHandler):
         if e.code:
             headers["X-Error-Code"] = e.code
         headers["X-Error-Message"] = e.message
-        self._send(e.status, {"error": e.message}, headers)
+        self._send(e.status, {"error": e.message, **e.body}, headers)
 
     def _authorized(self) -> bool:
         return self.headers.get("Authorization") is not None
@@ -508,7 +508,10 @@ class _Handler(BaseHTTPRequestHandler):
             url = f"{hub.url}/{URL_PREFIX[repo_type]}{repo_id}"
             if parts[1] == "create" and method == "POST":
                 private = body.get("visibility", "private" if body.get("private") else "public") != "public"
-                hub.create_repo(repo_id, repo_type=repo_type, private=private)  # 409 if it exists
+                try:
+                    hub.create_repo(repo_id, repo_type=repo_type, private=private)
+                except HubError as e:  # 409: the Hub's answer still carries the url (create_repo(exist_ok=True) reads it)
+                    raise HubError(e.status, e.message, e.code, body={"url": url}) from None
                 self._send(200, {"url": url, "name": repo_id, "id": repo_id})
                 return True
             if parts[1] == "delete" and method == "DELETE":
@@ -583,9 +586,11 @@ class _Handler(BaseHTTPRequestHandler):
                 repo = self._repo(repo_type, repo_id)
                 if method == "POST":
                     hub.create_branch(repo_id, rest[1], revision=body.get("startingPoint"), repo_type=repo_type)
+                elif rest[1] not in repo.branches:
+                    raise HubError(404, f"Invalid rev id: {rest[1]}", "RevisionNotFound")
+                elif rest[1] == DEFAULT_BRANCH:
+                    raise HubError(403, "You cannot delete the default branch")
                 else:
-                    if rest[1] not in repo.branches or rest[1] == DEFAULT_BRANCH:
-                        raise HubError(404 if rest[1] not in repo.branches else 403, f"Invalid rev id: {rest[1]}", "RevisionNotFound" if rest[1] not in repo.branches else None)
                     del repo.branches[rest[1]]
             self._send(200, {})
             return True

@@ -38,7 +38,7 @@ def cache_key(model, images: list[str]) -> str:
         "crop_pct": c.crop_pct,
         "mean": list(c.mean),
         "std": list(c.std),
-        "images": hashlib.sha256("\n".join(images).encode()).hexdigest()[:16],
+        "images": hashlib.sha256("\n".join(os.path.realpath(p) for p in images).encode()).hexdigest()[:16],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 

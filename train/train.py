@@ -41,6 +41,9 @@ class TrainConfig:
     val_split: str = "dev"
     out: str = "runs/default"  # run folder: checkpoint/, best/, metrics.jsonl, plot.png
     backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True  # ImageNet init of the backbone (offline for tf_efficientnet_lite0 only)
+    image_size: int = 224  # encoder input side
+    resize: str = "squash"  # squash (Flickr8k copy here is pre-squashed to 224x224) or crop
     embed_size: int = 512
     hidden_size: int = 512
     num_layers: int = 1
@@ -340,9 +343,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         config = CaptionerConfig(
             backbone=cfg.backbone, embed_size=cfg.embed_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
             dropout=cfg.dropout, vocab_size=len(vocab), train_backbone=cfg.finetune_backbone,
+            image_size=cfg.image_size, resize=cfg.resize,
         )
         model = Captioner(config, vocab)
-        init_backbone(model.encoder, cfg.backbone)
+        if cfg.pretrained:
+            init_backbone(model.encoder, cfg.backbone)
     model.encoder.set_trainable(cfg.finetune_backbone)
     model.to(device)
     print(f"vocabulary: {len(vocab)} words; device: {device}; world size {world}", file=sys.stderr) if is_main else None
@@ -430,7 +435,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                         x = train_x[[image_index[i] for i in b]].to(device)  # (B, F)
                     loss = caption_loss(wrapped(x, caps), caps, pad_id=vocab.pad_id, label_smoothing=cfg.label_smoothing)
                     n = len(b)
-                    running += float(loss) * n
+                    running += loss.item() * n
                     seen += n
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -502,20 +507,29 @@ def threading_main() -> bool:
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
+    """Flags override the defaults, or on --resume the checkpoint's own settings (so a bare --resume continues as it was)."""
     p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        kw = {"default": argparse.SUPPRESS, "help": f"default: {default}"}
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            kind = type(default) if default is not None else str
-            p.add_argument(flag, type=kind, default=default)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    a = vars(p.parse_args(argv))
-    resume = a.pop("resume")
-    return TrainConfig(**a), resume
+            p.add_argument(flag, type=type(default) if default is not None else str, **kw)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with its settings")
+    given = vars(p.parse_args(argv))
+    resume = given.pop("resume")
+    settings = {}
+    if resume:
+        out = Path(given.get("out", defaults.out))
+        for folder in (out / "checkpoint", out / "checkpoint.old"):
+            if (folder / "trainer.json").exists():
+                settings = json.loads((folder / "trainer.json").read_text()).get("train_config", {})
+                break
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in {**settings, **given}.items() if k in names}), resume
 
 
 def main(argv=None) -> int:

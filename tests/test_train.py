@@ -1,0 +1,201 @@
+"""The training pipeline end to end on a tiny dataset the test writes (tiny random backbone, CPU, seconds)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+CAPTIONS = [
+    "A dog runs on the grass .", "A brown dog is running .", "The dog plays outside .", "A dog in a field .", "Dog running fast .",
+    "A man rides a bike .", "A person on a bicycle .", "The man is cycling .", "A cyclist on the road .", "Man riding a bike .",
+]
+
+
+def write_dataset(root: Path, n_train=8, n_dev=3) -> Path:
+    """A Flickr8k-layout dataset: Images/, captions.txt (CSV, one quoted caption with a comma), split files."""
+    (root / "Images").mkdir(parents=True)
+    rows = ["image,caption"]
+    names = []
+    for i in range(n_train + n_dev):
+        name = f"img{i}.jpg"
+        names.append(name)
+        colour = (200, 60, 30) if i % 2 else (30, 160, 40)
+        a = (np.random.RandomState(i).rand(32, 32, 3) * 60 + colour).clip(0, 255).astype(np.uint8)
+        Image.fromarray(a).save(root / "Images" / name)
+        for c in CAPTIONS[(i % 2) * 5 : (i % 2) * 5 + 5]:
+            rows.append(f'{name},"{c[:-2]}, today ."' if "grass" in c else f"{name},{c}")
+    (root / "captions.txt").write_text("\n".join(rows) + "\n")
+    (root / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:n_train]) + "\n")
+    (root / "Flickr_8k.devImages.txt").write_text("\n".join(names[n_train:]) + "\n")
+    return root
+
+
+def tiny_args(data: Path, out: Path, **extra) -> list[str]:
+    args = {
+        "data": data, "out": out, "backbone": "test_efficientnet", "pretrained": False, "image-size": 32, "embed-size": 16,
+        "hidden-size": 16, "min-freq": 1, "batch-size": 4, "epochs": 2, "warmup-steps": 2, "feature-cache": out.parent / "cache",
+        "eval-beam": 2, "threads": 1, **extra,
+    }
+    argv = []
+    for k, v in args.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is False:
+            argv.append(f"--no-{k}")
+        else:
+            argv += [f"--{k}", str(v)]
+    return argv
+
+
+def env():
+    e = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+    return e
+
+
+def run_train(argv, **kw):
+    return subprocess.run([sys.executable, "-m", "train.train", *argv, "--no-progress"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, **kw)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_evaluate_export_and_scst(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    r = run_train(tiny_args(data, out, **{"scst-epochs": 1, "scst-batch-images": 4, "scst-samples": 3}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    hist = read_metrics(out)
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and [h["phase"] for h in hist] == ["xe", "xe", "scst"]
+    for h in hist:
+        assert {"val_loss", "BLEU-1", "BLEU-4", "CIDEr-D", "ROUGE-L", "samples"} <= set(h)
+    assert (out / "plot.png").stat().st_size > 1000
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert set(final) == {"greedy", "beam 2"}
+    # the exported best model loads, with the vocabulary built from the training split only
+    from captioner import load
+
+    best = load(out / "best")
+    assert "cyclist" in best.vocab.stoi and "today" in best.vocab.stoi
+    assert json.loads((out / "best" / "config.json").read_text())["extra"]["trained_epochs"] >= 1
+    # evaluate CLI scores any saved model on any split
+    ev = subprocess.run([sys.executable, "-m", "train.evaluate", "--model", str(out / "best"), "--data", str(data), "--split", "dev", "--json"],
+                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0, ev.stderr
+    assert 0.0 <= json.loads(ev.stdout.strip().splitlines()[-1])["CIDEr-D"]
+
+
+def test_training_is_reproducible(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    losses = []
+    for name in ("a", "b"):
+        r = run_train(tiny_args(data, tmp_path / name, epochs=1, **{"eval-beam": 0}))
+        assert r.returncode == 0, r.stderr[-2000:]
+        losses.append(read_metrics(tmp_path / name)[0]["train_loss"])
+    assert losses[0] == losses[1]
+
+
+def _wait_for(pred, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_kill_9_loses_at_most_an_epoch_and_resume_finishes(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=12)
+    out = tmp_path / "run"
+    argv = tiny_args(data, out, epochs=6, **{"eval-beam": 0, "batch-size": 2})
+    p = subprocess.Popen([sys.executable, "-m", "train.train", *argv, "--no-progress"], cwd=ROOT, env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2), "training never finished 2 epochs"
+        p.kill()  # SIGKILL: no chance to save
+        p.wait()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    done = len(read_metrics(out))
+    assert done < 6, "the run finished before it could be killed; make it longer"
+    state = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    assert state["epoch"] >= done - 1  # at most the current epoch is lost
+    r = run_train(["--out", str(out), "--resume"])  # a bare --resume continues with the checkpoint's settings
+    assert r.returncode == 0, r.stderr[-2000:]
+    epochs = [h["epoch"] for h in read_metrics(out)]
+    assert epochs[-1] == 6 and sorted(set(epochs)) == list(range(1, 7))
+
+
+def test_sigint_saves_mid_epoch_and_resumes(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=40)
+    out = tmp_path / "run"
+    argv = tiny_args(data, out, epochs=2, **{"eval-beam": 0, "batch-size": 1})
+    p = subprocess.Popen([sys.executable, "-m", "train.train", *argv], cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # wait until training batches are running (the progress bar reports batches), then interrupt
+        assert _wait_for(lambda: (tmp_path / "cache").exists() and any((tmp_path / "cache").rglob("features.npy")), 120)
+        time.sleep(1.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert "continue with --resume" in err
+    state = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    assert state["step_in_epoch"] > 0 or state["epoch"] > 0
+    r = run_train(["--out", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [h["epoch"] for h in read_metrics(out)][-1] == 2
+
+
+def test_feature_cache_is_keyed_by_preprocessing(tmp_path):
+    import torch
+
+    from train.features import cache_key, extract_features
+    from tiny import tiny_model
+
+    data = write_dataset(tmp_path / "data", n_train=3, n_dev=1)
+    images = sorted(str(p) for p in (data / "Images").iterdir())
+    m = tiny_model()
+    a = extract_features(m, images, tmp_path / "c", progress=False)
+    assert a.shape[0] == len(images)
+    assert torch.equal(a, extract_features(m, images, tmp_path / "c", progress=False))
+    m2 = tiny_model(resize="crop")
+    m3 = tiny_model(seed=9)  # other weights
+    keys = {cache_key(m, images), cache_key(m2, images), cache_key(m3, images), cache_key(m, images[:2])}
+    assert len(keys) == 4
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.train",
+           *tiny_args(data, out, epochs=1, **{"eval-beam": 0}), "--no-progress"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world size 2" in r.stderr
+    assert len(read_metrics(out)) == 1 and (out / "best" / "model.safetensors").exists()
+
+
+def test_cider_reward_matches_pycocoevalcap():
+    from pycocoevalcap.cider.cider import Cider
+
+    from train.cider import CiderD
+
+    refs = [["a dog runs on grass", "a brown dog running", "dog in a field"], ["a man rides a bike", "a cyclist on a road"],
+            ["two kids play in the water", "children splash in a pool", "kids swimming"]]
+    hyps = ["a dog runs in a field", "a man on a bike", "two dogs play in the water"]
+    expected, per = Cider().compute_score({i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
+    ours = CiderD([[r.split() for r in rs] for rs in refs])
+    got = [ours.score(h.split(), i, [r.split() for r in refs[i]]) for i, h in enumerate(hyps)]
+    assert got == pytest.approx(list(per), abs=1e-9)
