@@ -86,6 +86,13 @@ def test_train_evaluate_export_and_scst(tmp_path):
     best = load(out / "best")
     assert "cyclist" in best.vocab.stoi and "today" in best.vocab.stoi
     assert json.loads((out / "best" / "config.json").read_text())["extra"]["trained_epochs"] >= 1
+    # export: Hub folder + model card with the metrics, the data's terms and citation
+    ex = subprocess.run([sys.executable, "-m", "train.export", "--run", str(out), "--out", str(tmp_path / "export")],
+                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert ex.returncode == 0, ex.stderr
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "Hodosh" in card and "| greedy |" in card and "| beam 2 |" in card and "research" in card
+    assert load(tmp_path / "export").vocab == best.vocab
     # evaluate CLI scores any saved model on any split
     ev = subprocess.run([sys.executable, "-m", "train.evaluate", "--model", str(out / "best"), "--data", str(data), "--split", "dev", "--json"],
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)

@@ -1,0 +1,63 @@
+"""Captioner's Gradio app: drop a photo, watch its caption stream word by word, inspect and branch the decoding.
+
+    python app.py [--model FOLDER_OR_REPO_ID] [--revision REV] [--host HOST] [--port PORT]
+
+Hugging Face Spaces runs `python app.py` (and sets GRADIO_SERVER_NAME/GRADIO_SERVER_PORT).
+The handlers and the layout are in captioner/ui.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def model_label(model, src, revision) -> str:
+    from captioner.cli import DEFAULT_MODEL
+
+    source = str(getattr(model, "source", src) or src)
+    if os.path.abspath(source) == str(DEFAULT_MODEL):
+        source = "captioner/default_model (bundled)"
+    rev = getattr(model, "revision", None) or revision
+    return source + (f" @ {rev}" if rev else "")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python app.py", description="Serve the captioner's Gradio demo.")
+    p.add_argument("--model", default=None, help="model folder or Hub repo id (default: $CAPTIONER_MODEL or the bundled model)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                   help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+                   help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per request (default: half the CPU cores)")
+    args = p.parse_args(argv)
+
+    # No phoning home: both must be set before gradio / huggingface_hub are imported.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+    from captioner.cli import load_model
+    from captioner.hub import ModelLoadError
+
+    try:
+        model = load_model(args.model, revision=args.revision)
+    except ModelLoadError as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # e.g. a config naming an unknown backbone: still one clear line, no traceback
+        print(f"error: cannot load the model from {args.model or 'the default source'}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+    from captioner.ui import build_demo, configure_torch, launch_options
+
+    threads = configure_torch(args.threads)
+    label = model_label(model, args.model, args.revision)
+    print(f"model: {label} ({len(model.vocab)} words); torch threads: {threads}", flush=True)
+    demo = build_demo(model, label)
+    demo.launch(server_name=args.host, server_port=args.port, **launch_options())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

