@@ -1,0 +1,55 @@
+"""The command line on a tiny model: captions, JSON lines, per-step output, bad files reported per file."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from conftest import ROOT
+from tiny import tiny_model
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_folder_json_steps_and_bad_files(tmp_path):
+    from captioner.decode import caption
+
+    model = tiny_model(2, max_len=6)
+    model.save_pretrained(tmp_path / "model")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.RandomState(i).randint(0, 255, (30, 40, 3), dtype=np.uint8)).save(imgs / f"p{i}.png")
+    (imgs / "broken.jpg").write_text("not a jpeg")
+    (imgs / "notes.txt").write_text("ignored: not an image suffix")
+
+    r = run_cli(imgs, "--model", tmp_path / "model", "--json", "--strategy", "greedy")
+    assert r.returncode == 1  # one file failed
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    good = {os.path.basename(d["image"]): d["caption"] for d in lines if "caption" in d}
+    bad = [d for d in lines if "error" in d]
+    assert set(good) == {"p0.png", "p1.png", "p2.png"}
+    for name, text in good.items():
+        assert text == caption(model, imgs / name)
+    assert len(bad) == 1 and bad[0]["image"].endswith("broken.jpg") and "not an image" in bad[0]["error"]
+
+    r = run_cli(imgs / "p0.png", "--model", tmp_path / "model", "--json", "--steps", "--alternatives", "2")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["steps"] and all(len(s["alternatives"]) <= 2 for s in rec["steps"])
+
+    r = run_cli(imgs / "p0.png", "--model", tmp_path / "model")
+    assert r.returncode == 0 and r.stdout.strip().endswith(caption(model, imgs / "p0.png", strategy="beam", beam_size=3))
+
+
+def test_cli_bad_model_and_settings(tmp_path):
+    r = run_cli(tmp_path, "--model", tmp_path / "missing")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    tiny_model().save_pretrained(tmp_path / "m")
+    r = run_cli(tmp_path, "--model", tmp_path / "m", "--beam-size", "0")
+    assert r.returncode == 2 and "beam_size=0" in r.stderr
