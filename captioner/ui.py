@@ -57,29 +57,6 @@ def configure_torch(threads: int | None = None) -> int:
     return n
 
 
-class PhotoInput(gr.Image):
-    """gr.Image (drag-and-drop, upload, webcam, clipboard) that passes the uploaded file's path untouched.
-
-    Plain gr.Image decodes uploads with PIL before the handler runs, so a text file named .jpg fails there
-    with an unhelpful error; here the handler opens it with captioner's open_image, whose ImageError
-    messages say what is wrong. Rendered by the frontend as a normal Image (a Gradio "template").
-    """
-
-    is_template = True
-
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        if payload.url and payload.url.startswith("data:"):  # base64 data sent by an API client
-            from gradio import image_utils
-
-            try:
-                return image_utils.decode_base64_to_file(payload.url, self.GRADIO_CACHE, "png")
-            except Exception:
-                raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
-        return None if payload.path is None else str(payload.path)
-
-
 def example_paths() -> list[str]:
     if not EXAMPLES_DIR.is_dir():
         return []
@@ -147,6 +124,29 @@ def highlighted(steps: list[dict]) -> list[tuple[str, str | None]]:
 # Handlers
 
 
+def image_source(image):
+    """What the image input hands a handler -> (something open_image reads, a file path or None).
+
+    The decoding events run with preprocess=False, so Gradio passes the upload as its FileData dict
+    without decoding it: plain gr.Image would open it with PIL first, and a text file named .jpg would fail
+    there with an unhelpful error instead of captioner's clear ImageError message. Paths and PIL images
+    (direct calls, tests) pass through.
+    """
+    if isinstance(image, dict):
+        url, path = image.get("url") or "", image.get("path")
+        if url.startswith("data:"):  # base64 data sent by an API client
+            import base64
+
+            try:
+                return base64.b64decode(url.split(",", 1)[1], validate=False), None
+            except (IndexError, ValueError):
+                raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
+        image = path
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image), os.fspath(image)
+    return image, None
+
+
 def _clear_error(e: Exception, path: str | None = None) -> gr.Error:
     msg = str(e)
     if path:  # name the file the user chose, not Gradio's temporary path
@@ -187,15 +187,16 @@ class Handlers:
         if image is None:
             raise gr.Error("No image yet: drop a photo on the image box, upload or paste one, or pick an example.",
                            title="No image", print_exception=False)
-        path = None
-        if isinstance(image, (str, os.PathLike)):
-            path = os.fspath(image)
+        image, path = image_source(image)
+        if path is not None:
             try:
                 with open(path, "rb") as f:
                     key = hashlib.sha256(f.read()).hexdigest()
             except OSError as e:
                 raise gr.Error(f"{os.path.basename(path)}: cannot read the uploaded file ({e.strerror}); upload it again",
                                print_exception=False) from None
+        elif isinstance(image, (bytes, bytearray)):
+            key = hashlib.sha256(image).hexdigest()
         else:
             key = "pil:" + hashlib.sha256(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
         if cache and cache.get("key") == key:
@@ -302,7 +303,7 @@ class Handlers:
         """The inspector at step `step_number` (1-based): slider, prefix, chosen word and <EOS> probability,
         alternatives, confidence-coloured caption, branch choices."""
         if not decode or not decode.get("steps"):
-            return (gr.Slider(minimum=1, maximum=1, value=1, interactive=False), "", INSPECTOR_EMPTY, None, None,
+            return (gr.Slider(minimum=1, maximum=2, value=1, interactive=False), "", INSPECTOR_EMPTY, None, None,
                     gr.Radio(choices=[], value=None))
         steps = decode["steps"]
         t = self._index(decode, step_number)
@@ -353,7 +354,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
     h = Handlers(model, word_delay=word_delay)
     default_max_len = model.config.max_len
     with gr.Blocks(title="Captioner: watch a CNN+LSTM caption a photo") as demo:
-        gr.Markdown("# 🖼️ Captioner", elem_id="title")
+        gr.Markdown("# Captioner", elem_id="title")
         gr.Markdown(
             "Drop a photo and a CNN+LSTM (Show and Tell) writes its caption word by word; then step through "
             "its decoding, see which words it weighed at each step, and branch from any word."
@@ -362,7 +363,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         decode_state = gr.State(None)  # the finished decode, JSON-able (see Handlers._finish)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                image = PhotoInput(label="Photo: drop, upload, paste or use the webcam", type="filepath",
+                image = gr.Image(label="Photo: drop, upload, paste or use the webcam", type="filepath", image_mode=None,
                                    sources=["upload", "webcam", "clipboard"], height=340, elem_id="photo")
                 caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                 paths = example_paths()
@@ -391,17 +392,18 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                      max_height=420, elem_id="history")
 
         with gr.Column(elem_id="inspector"):
-            gr.Markdown("## 🔍 Step-by-step inspector\nEach word coloured by how sure the model was; pick a step to see what "
+            gr.Markdown("## Step-by-step inspector\nEach word coloured by how sure the model was; pick a step to see what "
                         "it weighed there, then pick another word and re-decode from that point.")
             confidence = gr.HighlightedText(label="Caption by confidence", color_map={k: v[1] for k, v in CONFIDENCE.items()},
                                             show_legend=True, show_inline_category=False, combine_adjacent=False, elem_id="confidence")
             with gr.Row(elem_id="step-nav"):
-                prev_btn = gr.Button("◀ Prev", size="sm", elem_id="prev-step")
-                step = gr.Slider(1, 2, value=1, step=1, label="Step", interactive=False, elem_id="step-slider", scale=4)
-                next_btn = gr.Button("Next ▶", size="sm", elem_id="next-step")
+                prev_btn = gr.Button("◀ Prev", size="sm", elem_id="prev-step", scale=0, min_width=90)
+                step = gr.Slider(1, 2, value=1, step=1, label="Step", interactive=False, buttons=[], elem_id="step-slider", scale=1)
+                next_btn = gr.Button("Next ▶", size="sm", elem_id="next-step", scale=0, min_width=90)
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
-                    prefix = gr.Textbox(label="Prefix so far (the words before this step)", interactive=False, elem_id="prefix")
+                    prefix = gr.Textbox(label="Prefix so far (the words before this step)", interactive=False, elem_id="prefix",
+                                        placeholder="(the start of the caption)")
                     step_info = gr.Markdown(INSPECTOR_EMPTY, elem_id="step-info")
                 with gr.Column(scale=3):
                     step_alts = gr.Label(label="Alternatives at this step", elem_id="step-alternatives")
@@ -412,7 +414,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         controls = [strategy, beam_size, max_len, num_alternatives, temperature, top_k, top_p, seed]
         streamed = [caption, current, table, decode_state, cache]
         inspector = [step, prefix, step_info, step_alts, confidence, branch]
-        common = dict(concurrency_id="decode", show_progress="minimal")
+        # preprocess=False: the handlers get the upload undecoded and open it themselves (see image_source)
+        common = dict(concurrency_id="decode", show_progress="minimal", preprocess=False)
 
         caption_btn.click(h.caption, [image, *controls, cache], streamed, api_name="caption", **common).success(
             h.inspect_focus, [decode_state], inspector, api_visibility="private")

@@ -65,7 +65,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable, Mapping
-from urllib.parse import parse_qs, quote, urlsplit, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 FAKE_USER = "user"  # the namespace used when a repo id has none, and whoami's answer
 DEFAULT_BRANCH = "main"
@@ -164,13 +164,8 @@ class FakeHub:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, port: int = 0) -> "FakeHub":
-        hub = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.hub = hub
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        handler = type("Handler", (_Handler,), {"hub": self})  # each server's handlers see their own hub
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
         self._thread.start()
@@ -178,7 +173,10 @@ class FakeHub:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            # shutdown() waits for serve_forever to notice; bound the wait (at interpreter exit the thread may be frozen)
+            stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+            stopper.start()
+            stopper.join(timeout=5)
             self._server.server_close()
             self._thread.join(timeout=5)
             self._server = None
@@ -293,12 +291,16 @@ class FakeHub:
         create: bool = True,
         private: bool = False,
     ) -> str:
-        """Commit files (bytes, text, or a local file path) straight into storage; returns the new commit sha."""
+        """Commit files straight into storage (no HTTP); returns the new commit sha.
+
+        files: path in repo -> bytes, text (str, stored UTF-8) or a local file (a Path). `delete` removes files or
+        folders. The repo is created if missing (unless create=False), and a missing branch is started from main.
+        """
         add = {}
         for path, value in files.items():
             if isinstance(value, bytes):
                 add[path] = value
-            elif isinstance(value, str) and not os.path.isfile(value):
+            elif isinstance(value, str):
                 add[path] = value.encode()
             else:
                 add[path] = Path(value).read_bytes()
@@ -768,6 +770,12 @@ def _main(argv=None) -> int:
     parser.add_argument("--publish", nargs=2, action="append", default=[], metavar=("DIR", "REPO_ID"), help="publish a local folder as a repo")
     parser.add_argument("--token", default=None, help="require this bearer token for writes")
     args = parser.parse_args(argv)
+    import signal
+
+    def _interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up the temporary storage too
     hub = FakeHub(token=args.token).start(args.port)
     for folder, repo_id in args.publish:
         print(f"published {folder} as {repo_id} at {hub.publish_folder(folder, repo_id)}")

@@ -2,13 +2,16 @@
 
 huggingface_hub reads HF_ENDPOINT when it is imported, so everything that downloads runs in a subprocess whose
 environment points at the fake server (with its own HF_HOME cache). To keep the test fast, the subprocesses are few:
-one `python -m train.push`, one online client run (several loads, one push_to_hub), and one offline client run
-(HF_HUB_OFFLINE=1, same cache); the tests below check their recorded results. The CLI's error paths run in-process.
+one `python -m train.push`, one online client run (several loads, one push_to_hub), one offline client run
+(HF_HUB_OFFLINE=1, same cache) and one with the Hub down (connection refused, same cache); the tests below check
+their recorded results. The CLI's error paths run in-process.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +28,7 @@ from hubserver import FakeHub  # noqa: E402
 from tiny import decoder_probe, fingerprint, tiny_model  # noqa: E402
 
 SUBPROCESS_TIMEOUT = 300  # seconds; generous: each subprocess imports torch on a busy machine
+LFS_THRESHOLD = 64 * 1024  # bytes: model.safetensors (~440 kB) is an LFS file, config.json and vocab.json are regular
 QUICK = 5.0  # seconds an error may take to come back (the fake answers in milliseconds; retries/timeouts would not)
 
 # Runs in a subprocess: executes JSON steps ("load" a model and summarise it, or "push" a tiny model with
@@ -58,15 +62,26 @@ def _pythonpath() -> str:
     return os.pathsep.join([str(ROOT), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
-def run_client(hub: FakeHub, hf_home: Path, steps: list[dict], *, offline: bool = False) -> list[dict]:
+def _dead_endpoint() -> str:
+    """An endpoint where nothing listens (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def run_client(hub: FakeHub, hf_home: Path, named_steps: list[tuple[str, dict]], *, offline: bool = False, endpoint: str | None = None) -> dict[str, dict]:
+    """Run the named CLIENT steps in one subprocess; returns {name: result}."""
+    steps = [step for _, step in named_steps]
     env = hub.env(hf_home, offline=offline)
     env["PYTHONPATH"] = _pythonpath()
+    if endpoint is not None:
+        env["HF_ENDPOINT"] = endpoint
     proc = subprocess.run(
         [sys.executable, "-c", CLIENT, json.dumps(steps)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, f"client failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1][len("RESULTS ") :])
+    return dict(zip([name for name, _ in named_steps], json.loads(lines[-1][len("RESULTS ") :])))
 
 
 def run_push_cli(hub: FakeHub, hf_home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -86,7 +101,7 @@ def world(tmp_path_factory):
     """One fake Hub, models published to it in every way, and what the client subprocesses got back."""
     tmp = tmp_path_factory.mktemp("hub")
     hf_home = tmp / "hf_home"
-    with FakeHub() as hub:
+    with FakeHub(lfs_threshold=LFS_THRESHOLD) as hub:  # weights are served like the Hub's LFS files, through a redirect
         w = {"hub": hub, "hf_home": hf_home, "models": {seed: tiny_model(seed) for seed in range(5)}}
 
         # Published straight into the fake's storage (no HTTP): one repo, and one with two versions.
@@ -111,7 +126,7 @@ def world(tmp_path_factory):
             ("pushed", {"op": "load", "src": "user/pushed"}),
             ("cli", {"op": "load", "src": "user/cli"}),
         ]
-        w["online"] = dict(zip([k for k, _ in online], run_client(hub, hf_home, [s for _, s in online])))
+        w["online"] = run_client(hub, hf_home, online)
 
         before = len(hub.requests)
         offline = [
@@ -119,10 +134,16 @@ def world(tmp_path_factory):
             ("v_first", {"op": "load", "src": "user/versions", "revision": first}),
             ("uncached", {"op": "load", "src": "user/never-downloaded"}),
         ]
-        w["offline"] = dict(zip([k for k, _ in offline], run_client(hub, hf_home, [s for _, s in offline], offline=True)))
+        w["offline"] = run_client(hub, hf_home, offline, offline=True)
         w["offline_requests"] = hub.requests[before:]
+
+        # The Hub down (connection refused), same cache: the cached model still loads, an uncached one fails fast.
+        down = [
+            ("tiny", {"op": "load", "src": "user/tiny"}),
+            ("uncached", {"op": "load", "src": "user/never-downloaded"}),
+        ]
+        w["down"] = run_client(hub, hf_home, down, endpoint=_dead_endpoint())
         yield w
-        assert not hub.unsupported, f"the client used endpoints the fake Hub lacks: {hub.unsupported}"
 
 
 def _loaded(result: dict) -> dict:
@@ -139,15 +160,24 @@ def _load_error(result: dict) -> str:
 # ------------------------------------------------------------------ download
 
 
+def test_client_needed_nothing_the_fake_lacks(world):
+    assert not world["hub"].unsupported, f"the client used endpoints the fake Hub lacks: {world['hub'].unsupported}"
+
+
 def test_download_gives_identical_model(world):
     assert _loaded(world["online"]["tiny"]) == summary(world["models"][0])
     hub = world["hub"]
     sha = hub.head("user/tiny")
-    fetched = {path.rsplit("/", 1)[-1] for method, path in hub.requests if method == "GET" and f"/user/tiny/resolve/{sha}/" in path}
+    fetched = {path.rsplit("/", 1)[-1] for method, path in hub.requests if method == "HEAD" and f"/user/tiny/resolve/{sha}/" in path}
     assert {"config.json", "model.safetensors", "vocab.json"} <= fetched
     snapshot = world["hf_home"] / "hub" / "models--user--tiny" / "snapshots" / sha
     assert {"config.json", "model.safetensors", "vocab.json"} <= {p.name for p in snapshot.iterdir()}
     assert ".gitattributes" not in fetched  # allow_patterns: only the model files (and the card)
+    # the weights came through the LFS redirect, and are cached under their sha256 like real LFS files
+    weights = (snapshot / "model.safetensors").read_bytes()
+    sha256 = hashlib.sha256(weights).hexdigest()
+    assert ("GET", f"/_lfs/{sha256}") in hub.requests
+    assert (snapshot / "model.safetensors").resolve().name == sha256
 
 
 def test_offline_loads_from_cache(world):
@@ -179,6 +209,13 @@ def test_offline_without_cache_is_a_quick_error(world):
     message = _load_error(world["offline"]["uncached"])
     assert "cache" in message
     assert world["offline"]["uncached"]["seconds"] < QUICK
+
+
+def test_hub_down_falls_back_to_cache(world):
+    assert _loaded(world["down"]["tiny"]) == summary(world["models"][0])
+    message = _load_error(world["down"]["uncached"])
+    assert "cache" in message and "unreachable" in message
+    assert world["down"]["uncached"]["seconds"] < QUICK
 
 
 # ------------------------------------------------------------------ publishing
@@ -274,3 +311,44 @@ def test_push_cli_branch_private_message(local_hub, model_dir, capsys):
 
     assert main(["--model", str(model_dir), "--repo", "user/bad//id", "--token", "secret"]) == 1
     assert "bad --repo" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the fake Hub itself, with the real client in-process
+
+
+def test_fake_hub_speaks_the_client_protocol(tmp_path):
+    """The fake answers the real client's download/upload calls with the Hub's data and typed errors."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    with FakeHub(lfs_threshold=100) as hub:
+        kw = dict(endpoint=hub.url, cache_dir=tmp_path / "cache", token=False)
+        v1 = hub.commit("user/r", {"a.txt": "one", "big.bin": bytes(range(200)), "sub/c.txt": "c"}, message="v1")
+        v2 = hub.commit("user/r", {"a.txt": "two"}, delete=["sub"], message="v2")
+        assert v1 != v2 and len(v2) == 40 and hub.head("user/r") == v2
+
+        assert Path(hf_hub_download("user/r", "a.txt", **kw)).read_text() == "two"
+        assert Path(hf_hub_download("user/r", "a.txt", revision=v1, **kw)).read_text() == "one"
+        assert Path(hf_hub_download("user/r", "big.bin", **kw)).read_bytes() == bytes(range(200))  # LFS redirect
+        snap = Path(snapshot_download("user/r", revision=v1, allow_patterns=["*.txt"], **kw))
+        assert sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()) == ["a.txt", "sub/c.txt"]
+        with pytest.raises(EntryNotFoundError):
+            hf_hub_download("user/r", "sub/c.txt", **kw)  # deleted in v2
+        with pytest.raises(RevisionNotFoundError):
+            hf_hub_download("user/r", "a.txt", revision="nope", **kw)
+        with pytest.raises(RepositoryNotFoundError):
+            snapshot_download("user/none", **kw)
+
+        api = HfApi(endpoint=hub.url, token="any")
+        assert api.model_info("user/r").sha == v2
+        assert {s.rfilename for s in api.model_info("user/r", revision=v1).siblings} == {".gitattributes", "a.txt", "big.bin", "sub/c.txt"}
+        assert api.create_repo("user/new", exist_ok=True).repo_id == "user/new"
+        assert api.create_repo("user/new", exist_ok=True).repo_id == "user/new"
+        api.create_branch("user/new", branch="dev")
+        info = api.upload_file(path_or_fileobj=b"hi", path_in_repo="x/y.txt", repo_id="user/new", revision="dev", commit_message="add y")
+        assert info.oid == hub.head("user/new", "dev") != hub.head("user/new")
+        assert hub.files("user/new", "dev")["x/y.txt"] == b"hi"
+        api.create_tag("user/new", tag="v1", revision="dev")
+        refs = api.list_repo_refs("user/new")
+        assert {b.name for b in refs.branches} == {"main", "dev"} and [t.target_commit for t in refs.tags] == [info.oid]
+        assert not hub.unsupported

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     try:
         load(folder)  # strict: refuses a folder that would not load back from the Hub
     except ModelLoadError as e:
-        return _fail(f"{folder} is not a loadable captioner, nothing was published: {e}")
+        return _fail(f"not a loadable captioner, nothing was published: {e}")
 
     from huggingface_hub import HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id

@@ -1,0 +1,71 @@
+"""Section 5: feature extraction (what train/features.py does) and teacher-forcing training on cached features."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from captioner.model import caption_loss
+from captioner.preprocess import preprocess
+
+from .common import Settings, measure, measure_interleaved
+from .fast import build_variant, applied
+
+MAX_TOKENS = 22  # train.TrainConfig.max_tokens: the longest training caption, <SOS>/<EOS> included
+BATCH = 128  # train.TrainConfig.batch_size
+
+
+def run(model, s: Settings, images: list[str], image_source: str) -> dict:
+    cfg = model.config
+    rows = []
+    n = len(images)
+
+    # --- feature extraction: preprocess a batch of real images, then encoder.features on it
+    st = measure(lambda: torch.stack([preprocess(p, cfg) for p in images]), warmup=1, repeat=max(1, s.repeat // 5))
+    rows.append({"stage": f"preprocess {n} JPEG files", "images_per_s": round(n / (st.median_ms / 1e3), 1), "median_ms": round(st.median_ms, 1),
+                 "note": image_source})
+    batch = torch.stack([preprocess(p, cfg) for p in images])  # (n, 3, S, S)
+
+    def feats():
+        with torch.inference_mode():
+            model.encoder.features(batch)
+
+    st = measure(feats, warmup=1, repeat=max(1, s.repeat // 5))
+    rows.append({"stage": f"encoder.features, batch {n}", "images_per_s": round(n / (st.median_ms / 1e3), 1),
+                 "median_ms": round(st.median_ms, 1), "note": f"{cfg.backbone}, current code"})
+    fast = build_variant(model, ("fuse_bn", "channels_last"))
+
+    def feats_fast():
+        with torch.inference_mode(), applied(model, fast):
+            model.encoder.features(batch)
+
+    st = measure(feats_fast, warmup=1, repeat=max(1, s.repeat // 5))
+    rows.append({"stage": f"encoder.features, batch {n}, fused BN + channels_last", "images_per_s": round(n / (st.median_ms / 1e3), 1),
+                 "median_ms": round(st.median_ms, 1), "note": "lever (benchmarks/fast.py)"})
+
+    # --- teacher forcing on cached features: forward_features + loss + backward + AdamW, batch 128
+    torch.manual_seed(0)
+    trainee = copy.deepcopy(model).train()
+    trainee.encoder.set_trainable(False)
+    with torch.inference_mode():
+        f_dim = model.encoder.features(batch[:1]).shape[1]
+    features = torch.randn(BATCH, f_dim)
+    captions = torch.randint(4, cfg.vocab_size, (MAX_TOKENS, BATCH))
+    captions[0] = model.vocab.sos_id
+    params = [p for p in trainee.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def train_step(onednn: bool = True):
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            logits = trainee.forward_features(features, captions)  # (T, B, V)
+            loss = caption_loss(logits, captions, pad_id=model.vocab.pad_id, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+
+    st = measure_interleaved({"onednn": train_step, "native": lambda: train_step(False)}, warmup=1, repeat=s.train_steps)
+    for key, label in (("onednn", "current code (nn.LSTM via oneDNN)"), ("native", "oneDNN off (torch.backends.mkldnn.flags)")):
+        rows.append({"stage": f"training step on cached features, batch {BATCH}, {MAX_TOKENS} tokens",
+                     "captions_per_s": round(BATCH / (st[key].median_ms / 1e3), 1), "median_ms": round(st[key].median_ms, 1), "note": label})
+    return {"rows": rows, "note": f"training: {s.train_steps} AdamW steps per variant after 1 warm-up, interleaved; random features and captions"}

@@ -1,0 +1,187 @@
+"""The app served over HTTP and driven by gradio_client: streaming, bad uploads, concurrent users, app.py start-up."""
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from captioner import load
+from captioner.decode import caption, stream
+from captioner.ui import build_demo, launch_options
+from tiny import tiny_model
+
+# gradio 6.31's queue statistics use a pandas option that pandas 3 deprecates (not this app's code)
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LEN = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model whose <EOS> never wins, so every caption runs to MAX_LEN words."""
+    m = tiny_model(seed=1, max_len=MAX_LEN)
+    with torch.no_grad():
+        m.decoder.head.bias[2] = -20
+    folder = tmp_path_factory.mktemp("served_model")
+    m.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    demo = build_demo(model, "tiny (tests)")
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_options())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uploads")
+    out = {}
+    for i in range(3):
+        a = np.random.RandomState(10 + i).randint(0, 256, (60 + 8 * i, 80, 3), dtype=np.uint8)
+        out[f"photo{i}"] = d / f"photo{i}.jpg"
+        Image.fromarray(a).save(out[f"photo{i}"], quality=92)
+    out["text"] = d / "notes.jpg"  # a text file renamed .jpg
+    out["text"].write_text("shopping list: eggs, milk\n")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(5).randint(0, 256, (96, 96, 3), dtype=np.uint8)).save(buf, "JPEG")
+    out["truncated"] = d / "cut.jpg"
+    out["truncated"].write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return out
+
+
+def expected(model, path) -> str:
+    return caption(model, str(path), strategy="beam", beam_size=3, max_len=MAX_LEN)
+
+
+def test_caption_streams_growing_partials_then_the_final_caption(server, model, files):
+    client = Client(server, verbose=False)
+    job = client.submit(handle_file(str(files["photo0"])), api_name="/caption")  # defaults: beam search, beam size 3
+    updates = [(text, len(table["data"])) for text, _, table in job]
+    final = job.result()[0]
+    assert final == expected(model, files["photo0"]) and len(final.split()) >= 3
+    partials = [u for u in updates if u[0] != final]
+    assert len({text for text, _ in partials}) >= 3, updates
+    # One more word each update (beam search streams its leading hypothesis; the history has one row a word).
+    words = [n for _, n in updates]
+    assert words == list(range(1, MAX_LEN + 1)), updates  # the last update is the final caption
+
+
+def test_greedy_partials_are_prefixes_of_each_other(server, model, files):
+    client = Client(server, verbose=False)
+    texts = [out[0] for out in client.submit(handle_file(str(files["photo1"])), "greedy", api_name="/caption")]
+    assert len(texts) >= 3 and texts[-1] == caption(model, str(files["photo1"]), strategy="greedy", max_len=MAX_LEN)
+    for a, b in zip(texts, texts[1:]):
+        assert b.startswith(a) and len(b) > len(a)
+
+
+def test_other_outputs_are_the_step_bars_and_the_history(server, model, files):
+    client = Client(server, verbose=False)
+    text, bars, table = client.predict(handle_file(str(files["photo1"])), "greedy", api_name="/caption")
+    assert text == caption(model, str(files["photo1"]), strategy="greedy", max_len=MAX_LEN)
+    assert len(bars["confidences"]) == 5 and bars["label"] == bars["confidences"][0]["label"]
+    final = list(stream(model, str(files["photo1"]), strategy="greedy", max_len=MAX_LEN))[-1]
+    assert [row[1] for row in table["data"]] == [model.vocab.itos[t] for t in final.tokens]
+    assert len(table["data"]) == MAX_LEN
+
+
+@pytest.mark.parametrize("name,message", [("text", "notes.jpg: not an image file PIL can read"),
+                                          ("truncated", "cut.jpg: the image data is damaged or truncated")])
+def test_bad_uploads_are_clear_errors_and_the_server_goes_on(server, model, files, name, message):
+    client = Client(server, verbose=False)
+    with pytest.raises(AppError) as e:
+        client.predict(handle_file(str(files[name])), api_name="/caption")
+    assert str(e.value).startswith(message)
+    assert "Traceback" not in str(e.value) and "/tmp" not in str(e.value)
+    assert client.predict(handle_file(str(files["photo2"])), api_name="/caption")[0] == expected(model, files["photo2"])
+
+
+def test_sixteen_concurrent_users_all_get_their_caption(server, model, files):
+    want = {k: expected(model, files[k]) for k in ("photo0", "photo1", "photo2")}
+
+    def user(i):
+        key = f"photo{i % 3}"
+        client = Client(server, verbose=False)
+        return key, client.predict(handle_file(str(files[key])), api_name="/caption")[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(user, range(16)))
+    assert len(results) == 16
+    for key, text in results:
+        assert text == want[key]
+
+
+# ---------------------------------------------------------------- app.py
+
+
+def app_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "CAPTIONER_"))}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/folder"], "model folder '/no/such/folder' does not exist"),
+    (["--model", str(ROOT / "examples")], "missing config.json, model.safetensors, vocab.json"),
+])
+def test_app_with_a_bad_model_exits_with_one_clear_line(args, message):
+    r = subprocess.run([sys.executable, "app.py", *args, "--port", str(free_port())], cwd=ROOT, env=app_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load the model") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_app_py_serves_the_model_it_is_given(model_dir, model, files):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model_dir), "--port", str(port)], cwd=ROOT,
+                            env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                client = Client(url, verbose=False)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert client.predict(handle_file(str(files["photo0"])), api_name="/caption")[0] == expected(model, files["photo0"])
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"model: {model_dir}" in out and "Traceback" not in out
+
+
+def test_app_py_has_no_import_side_effects():
+    code = "import os, sys; sys.argv = ['x', '--model', '/nope']; import app; print(os.environ.get('GRADIO_ANALYTICS_ENABLED'), 'gradio' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=app_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["None", "False"], r.stdout + r.stderr
