@@ -121,4 +121,6 @@ def load(src, *, revision: str | None = None, cache_dir=None, local_files_only: 
     model.eval()
     model.source = str(src)
     model.revision = revision
+    # For a Hub download the snapshot folder is named by the commit actually loaded (what "main" meant then).
+    model.commit = folder.name if not os.path.isdir(os.fspath(src)) else None
     return model

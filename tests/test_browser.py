@@ -150,7 +150,7 @@ def test_upload_stream_inspect_branch(served, browser):
         page.screenshot(path=str(SCREENSHOT), full_page=True)
 
     # 4. An example from the gallery captions too.
-    page.locator(".gallery-item, button.gallery-item, [data-testid='gallery-item']").nth(3).click()  # examples sorted: coffee.jpg is 4th
+    page.locator(f"button.gallery-item:has(img[src*='{SECOND_PHOTO.name}'])").click()
     expected = default_steps(model, SECOND_PHOTO)[-1].text
     page.wait_for_function("t => document.querySelector('#caption textarea').value === t", arg=expected)
     assert not errors, errors
