@@ -144,7 +144,7 @@ def test_upload_stream_inspect_branch(served, browser):
     assert after == branched.text and after != before
     assert page.locator("#step-info").inner_text().startswith("Step 2 of")
     assert model.vocab.itos[token] in page.locator("#step-info").inner_text()
-    assert "".join(page.locator("#confidence").inner_text().split()) == "".join(after.split())
+    assert "".join(page.locator("#confidence").inner_text().split()).endswith("".join(after.split()))
     if real:
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)

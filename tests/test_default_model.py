@@ -1,0 +1,58 @@
+"""End-to-end behaviour of the bundled default model on real photos (Flickr8k dev split, examples/)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FLICKR8K, ROOT
+
+DEFAULT = ROOT / "captioner" / "default_model"
+needs_data = pytest.mark.skipif(not (FLICKR8K / "captions.txt").exists(), reason=f"Flickr8k not found at {FLICKR8K} (../shared/data/flickr8k)")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from captioner.cli import load_model
+
+    assert (DEFAULT / "model.safetensors").exists(), "the default model must ship in captioner/default_model"
+    return load_model()  # no --model, no CAPTIONER_MODEL: the bundled one
+
+
+def test_default_model_is_small_and_documented(model):
+    size = sum(f.stat().st_size for f in DEFAULT.iterdir())
+    assert size < 40 * 1024 * 1024
+    card = (DEFAULT / "README.md").read_text()
+    assert "Hodosh" in card and "dev" in card and "| beam 3 |" in card
+    assert model.config.resize == "squash"  # trained on pre-squashed 224x224 Flickr8k: same squash at inference
+
+
+@needs_data
+def test_captions_differ_across_dev_images(model):
+    """Collapse to one generic caption is the classic failure: most dev images must get their own caption."""
+    from captioner.decode import caption_batch
+    from train.data import load_flickr8k_kaggle
+
+    samples, _ = load_flickr8k_kaggle(str(FLICKR8K), splits=("dev",))
+    images = [s.image for s in samples[:200]]
+    for strategy in ("greedy", "beam"):
+        captions = caption_batch(model, images, strategy=strategy, beam_size=3)
+        distinct = len(set(captions)) / len(captions)
+        assert distinct >= 0.5, f"{strategy}: only {distinct:.0%} of 200 dev captions are distinct"
+        assert all(c and "<" not in c for c in captions)
+
+
+def test_examples_name_their_subject(model):
+    """Each example whose subject is common in the training captions must be named (expectations in examples/subjects.json,
+    written from the photos' content before the model captioned them)."""
+    from captioner.decode import caption
+    from captioner.vocab import tokenize
+
+    expectations = json.loads((ROOT / "examples" / "subjects.json").read_text())
+    checked = 0
+    for name, spec in expectations.items():
+        if name.startswith("_") or not spec["in_domain"]:
+            continue
+        words = set(tokenize(caption(model, ROOT / "examples" / name, strategy="beam", beam_size=3)))
+        assert words & set(spec["subject"]), f"{name}: caption does not name any of {spec['subject']}"
+        checked += 1
+    assert checked >= 3
