@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
                    help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per request (default: half the CPU cores)")
+    p.add_argument("--word-delay", type=float, default=None,
+                   help="seconds between streamed words, so streaming is visible (default 0.04; 0 = as fast as decoding goes)")
     args = p.parse_args(argv)
 
     # No phoning home: both must be set before gradio / huggingface_hub are imported.
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
     threads = configure_torch(args.threads)
     label = model_label(model, args.model, args.revision)
     print(f"model: {label} ({len(model.vocab)} words); torch threads: {threads}", flush=True)
-    demo = build_demo(model, label)
+    demo = build_demo(model, label) if args.word_delay is None else build_demo(model, label, word_delay=max(0.0, args.word_delay))
     demo.launch(server_name=args.host, server_port=args.port, **launch_options())
     return 0
 

@@ -39,14 +39,22 @@ def _get(url: str) -> int | None:
         return None
 
 
-def _rss_mb(pid: int) -> tuple[float, float]:
-    """(server process RSS, RSS of the server and all its children) in MB."""
+def _rss_mb(pid: int) -> tuple[float, float, float | None]:
+    """(server RSS, RSS of the server and its children, USS: memory only the server holds) in MB.
+
+    RSS counts the pages of shared libraries the server has touched: with PyPI's Linux torch (a CUDA build)
+    that is hundreds of MB of libtorch_cuda & co. that a CPU-only torch (macOS, Windows, the CPU index) lacks.
+    """
     import psutil
 
     p = psutil.Process(pid)
     own = p.memory_info().rss
     total = own + sum(c.memory_info().rss for c in p.children(recursive=True) if c.is_running())
-    return round(own / 2**20, 1), round(total / 2**20, 1)
+    try:
+        uss = round(p.memory_full_info().uss / 2**20, 1)
+    except (psutil.AccessDenied, AttributeError):
+        uss = None
+    return round(own / 2**20, 1), round(total / 2**20, 1), uss
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -96,7 +104,7 @@ def run(s: Settings, model_dir: str | None, images: list[str], *, threads: int |
             why = f"exited with code {proc.returncode}" if proc.poll() is not None else f"no HTTP 200 on / within {START_TIMEOUT_S} s"
             return {**result, "skipped": f"app.py {why}; log tail: {tail}"}
         result["cold_start_s"] = round(time.perf_counter() - t0, 2)
-        result["rss_after_load_mb"], result["rss_after_load_with_children_mb"] = _rss_mb(proc.pid)
+        result["rss_after_load_mb"], result["rss_after_load_with_children_mb"], result["uss_after_load_mb"] = _rss_mb(proc.pid)
 
         client = Client(url, verbose=False)
         api = client.view_api(print_info=False, return_format="dict") or {}
@@ -138,20 +146,25 @@ def run(s: Settings, model_dir: str | None, images: list[str], *, threads: int |
         result["streamed_outputs_per_caption"] = statistics.median(streamed)
         result["example_caption"] = texts[0]
         result["clicks"] = s.app_clicks
-        result["rss_after_warmup_mb"], _ = _rss_mb(proc.pid)
+        result["rss_after_warmup_mb"], _, result["uss_after_warmup_mb"] = _rss_mb(proc.pid)
 
         # memory over many captions, a few at a time (the app decodes up to 4 requests at once)
         done = 0
         t_many = time.perf_counter()
+        half = s.app_captions // 2
         while done < s.app_captions:
+            if done >= half and "rss_midway_mb" not in result:  # growth after this point is what a leak looks like
+                result["rss_midway_mb"], _, result["uss_midway_mb"] = _rss_mb(proc.pid)
+                result["captions_midway"] = done
             jobs = [client.submit(handle_file(cycle[(done + k) % len(cycle)]), api_name="/caption") for k in range(min(4, s.app_captions - done))]
             for j in jobs:
                 j.result(timeout=CAPTION_TIMEOUT_S)
             done += len(jobs)
         result["captions_for_memory"] = done
         result["captions_per_s_4_at_once"] = round(done / (time.perf_counter() - t_many), 2)
-        result["rss_after_many_mb"], result["rss_after_many_with_children_mb"] = _rss_mb(proc.pid)
+        result["rss_after_many_mb"], result["rss_after_many_with_children_mb"], result["uss_after_many_mb"] = _rss_mb(proc.pid)
         result["rss_growth_mb"] = round(result["rss_after_many_mb"] - result["rss_after_warmup_mb"], 1)
+        result["rss_growth_second_half_mb"] = round(result["rss_after_many_mb"] - result.get("rss_midway_mb", result["rss_after_warmup_mb"]), 1)
         log(f"  app: {done} captions done")
         return result
     except Exception as e:  # the app is being written: report, never crash the whole benchmark

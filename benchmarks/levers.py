@@ -221,9 +221,13 @@ def _preprocess_rows(model, s: Settings, images: list[str], big_jpeg: str | None
     except ImportError:
         pass
 
-    for label, path in (("Flickr-size JPEG", images[0]), ("12 MP phone JPEG", big_jpeg)):
+    from PIL import Image
+
+    for path in (images[0], big_jpeg):
         if not path:
             continue
+        with Image.open(path) as im:
+            label = f"{im.size[0]}x{im.size[1]} JPEG"
         a, b = preprocess(path, cfg), preprocess_draft(path, cfg)
         diff = float((a - b).abs().max())
         same_cap = caption(model, a) == caption(model, b)

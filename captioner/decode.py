@@ -266,22 +266,32 @@ def caption_batch(model, images: Sequence, *, strategy: str = "greedy", max_len:
     return out
 
 
-def _greedy_batch(model, features: torch.Tensor, max_len: int) -> list[str]:
+def generate_batch(model, features: torch.Tensor, max_len: int, *, sample: bool = False, generator=None) -> torch.Tensor:
+    """Batched greedy (or sampled) decoding from image features (n, E) -> token ids (n, T), <EOS>-padded.
+
+    The fast path for many images (caption_batch) and for self-critical training's rollouts.
+    """
     vocab = model.vocab
     n = features.size(0)
-    _, state = model.decoder.step(features, None)
-    logits, state = model.decoder.step(torch.full((n,), vocab.sos_id, dtype=torch.long, device=features.device), state)
+    logits, state = _start(model, features, n)
     tokens = torch.zeros(n, 0, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool)
     for t in range(max_len):
         logits[:, [vocab.pad_id, vocab.sos_id, vocab.unk_id]] = -math.inf
         if t == 0:
             logits[:, vocab.eos_id] = -math.inf
-        nxt = logits.argmax(-1).cpu()  # (n,)
+        if sample:
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1).cpu()  # (n,)
+        else:
+            nxt = logits.argmax(-1).cpu()  # (n,)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, vocab.eos_id))
         tokens = torch.cat((tokens, nxt.unsqueeze(1)), dim=1)  # (n, t+1)
         alive &= nxt != vocab.eos_id
         if not alive.any():
             break
         logits, state = model.decoder.step(nxt.to(features.device), state)
-    return [vocab.decode(row.tolist()) for row in tokens]
+    return tokens
+
+
+def _greedy_batch(model, features: torch.Tensor, max_len: int) -> list[str]:
+    return [model.vocab.decode(row.tolist()) for row in generate_batch(model, features, max_len)]

@@ -27,7 +27,7 @@ MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
 WORD_DELAY = 0.04  # seconds between streamed words: decoding takes ~1 ms a word, too fast to see streaming
 
-TABLE_HEADERS = ["#", "word", "p(word)", "p(<EOS>)", "alternatives (p)"]
+TABLE_HEADERS = ["#", "word", "p", "p(<EOS>)", "alternatives (p)"]
 CONFIDENCE = {  # HighlightedText categories of per-word probability, most confident first
     "confident (≥ 50%)": (0.5, "#86efac"),
     "unsure (20–50%)": (0.2, "#fde68a"),
@@ -363,12 +363,13 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         decode_state = gr.State(None)  # the finished decode, JSON-able (see Handlers._finish)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                image = gr.Image(label="Photo: drop, upload, paste or use the webcam", type="filepath", image_mode=None,
+                image = gr.Image(label="Photo: drop, upload or paste one (webcam: take a photo, then press Caption)", type="filepath", image_mode=None,
                                    sources=["upload", "webcam", "clipboard"], height=340, elem_id="photo")
                 caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                 paths = example_paths()
+                examples = None
                 if paths:
-                    gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public-domain and CC0 photos)",
+                    examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public-domain and CC0 photos)",
                                 examples_per_page=8, cache_examples=False)
                 with gr.Accordion("Decoding settings", open=False):
                     strategy = gr.Radio(list(STRATEGIES), value="beam", label="Strategy",
@@ -387,9 +388,10 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
             with gr.Column(scale=6):
                 caption = gr.Textbox(label="Caption", lines=2, interactive=False, buttons=["copy"], elem_id="caption",
                                      placeholder="The caption appears here, word by word.")
-                current = gr.Label(label="This step: the words the model weighed", elem_id="current-step")
-                table = gr.Dataframe(value=history_table([]), label="Decoding history", interactive=False, wrap=True,
-                                     max_height=420, elem_id="history")
+                current = gr.Label(label="This step: the words the model weighed", show_heading=False, elem_id="current-step")
+                table = gr.Dataframe(value=history_table([]), label="Decoding history: each word, its probability, the chance of "
+                                     "ending there, and the words it beat", interactive=False, wrap=True, max_height=440,
+                                     column_widths=["7%", "15%", "11%", "14%", "53%"], elem_id="history")
 
         with gr.Column(elem_id="inspector"):
             gr.Markdown("## Step-by-step inspector\nEach word coloured by how sure the model was; pick a step to see what "
@@ -406,7 +408,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                         placeholder="(the start of the caption)")
                     step_info = gr.Markdown(INSPECTOR_EMPTY, elem_id="step-info")
                 with gr.Column(scale=3):
-                    step_alts = gr.Label(label="Alternatives at this step", elem_id="step-alternatives")
+                    step_alts = gr.Label(label="Alternatives at this step", show_heading=False, elem_id="step-alternatives")
                 with gr.Column(scale=3):
                     branch = gr.Radio(choices=[], label="Branch: use this word here instead", elem_id="branch")
                     redecode_btn = gr.Button("Re-decode from here", variant="primary", elem_id="redecode-btn")
@@ -419,8 +421,14 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
 
         caption_btn.click(h.caption, [image, *controls, cache], streamed, api_name="caption", **common).success(
             h.inspect_focus, [decode_state], inspector, api_visibility="private")
-        image.change(h.auto_caption, [image, *controls, cache], streamed, api_visibility="private", trigger_mode="always_last",
-                     **common).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
+        # A new photo captions itself: on upload, drop or paste, and on picking an example. (Not on .change:
+        # Gradio's frontend fires it twice when a photo replaces another, which would run two decodes. A webcam
+        # snapshot only fires .change, so there the Caption button does it.)
+        auto = dict(fn=h.auto_caption, inputs=[image, *controls, cache], outputs=streamed, api_visibility="private",
+                    trigger_mode="always_last", **common)
+        image.upload(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
+        if examples is not None:
+            examples.load_input_event.then(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
         redecode_btn.click(h.redecode, [decode_state, step, branch, *controls, cache], streamed, api_name="redecode", **common).success(
             h.inspect_focus, [decode_state], inspector, api_visibility="private")
         step.release(h.inspect, [decode_state, step], inspector, api_visibility="private", trigger_mode="always_last")

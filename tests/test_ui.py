@@ -117,7 +117,7 @@ def test_finished_decode_state_is_json_and_matches_the_core(handlers, model, pho
         assert [a["word"] for a in got["alternatives"]] == [a.word for a in want.alternatives]
     table = outs[-1][2]
     assert [row[1] for row in table["data"]] == [st["word"] for st in state["steps"]]
-    assert table["headers"][:4] == ["#", "word", "p(word)", "p(<EOS>)"]
+    assert table["headers"][:4] == ["#", "word", "p", "p(<EOS>)"]
 
 
 def test_stream_with_eos_possible_ends_on_eos_somewhere(handlers, photo_path):

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.config import CaptionerConfig
-from captioner.decode import caption_batch
+from captioner.decode import caption_batch, generate_batch
 from captioner.model import Captioner, caption_loss
 from captioner.vocab import Vocabulary
 
@@ -236,38 +236,21 @@ def scst_batch(model, wrapped, feats, refs_tok, keys, cider, cfg, vocab, device,
     x = feats.repeat_interleave(n, dim=0).to(device)  # (B*n, F)
     model.eval()  # sample without dropout
     with torch.no_grad():
-        e = model.encoder.project(x)  # (B*n, E)
-        _, state = model.decoder.step(e, None)
-        tok = torch.full((e.size(0),), vocab.sos_id, dtype=torch.long, device=device)
-        logits, state = model.decoder.step(tok, state)
-        seqs = torch.zeros(e.size(0), 0, dtype=torch.long)
-        alive = torch.ones(e.size(0), dtype=torch.bool)
-        for t in range(cfg.max_tokens - 2):
-            logits[:, [vocab.pad_id, vocab.sos_id, vocab.unk_id]] = -math.inf
-            if t == 0:
-                logits[:, vocab.eos_id] = -math.inf
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(1).cpu()
-            nxt = torch.where(alive, nxt, torch.full_like(nxt, vocab.pad_id))
-            seqs = torch.cat((seqs, nxt.unsqueeze(1)), 1)
-            alive &= nxt != vocab.eos_id
-            if not alive.any():
-                break
-            logits, state = model.decoder.step(nxt.to(device), state)
+        seqs = generate_batch(model, model.encoder.project(x), cfg.max_tokens - 2, sample=True, generator=gen)  # (B*n, T)
     rows = []
     rewards = []
     for r, row in enumerate(seqs.tolist()):
         words = vocab.words(row)
         img = r // n
         rewards.append(cider.score(words, keys[img], refs_tok[img]))
-        ids = [vocab.sos_id] + [t for t in row if t != vocab.pad_id]
-        if ids[-1] != vocab.eos_id:
-            ids.append(vocab.eos_id)
+        end = row.index(vocab.eos_id) if vocab.eos_id in row else len(row)
+        ids = [vocab.sos_id, *row[:end], vocab.eos_id]  # the sampled caption, as teacher-forcing input
         rows.append(ids)
     rew = torch.tensor(rewards).view(-1, n)  # (B, n)
     baseline = (rew.sum(1, keepdim=True) - rew) / max(1, n - 1)
     adv = (rew - baseline).view(-1).to(device)  # (B*n,)
     caps = collate_captions(rows, pad_id=vocab.pad_id).to(device)  # (T, B*n)
-    model.train()
+    # Gradients through the same dropout-free policy that sampled (dropout here would score other captions).
     logits = wrapped(x, caps)  # (T, B*n, V)
     logp = F.log_softmax(logits, -1).gather(2, caps.unsqueeze(2)).squeeze(2)  # (T, B*n)
     mask = (caps != vocab.pad_id).float()
@@ -392,7 +375,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     steps_per_epoch = len(list(bucket_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed))) // world
     total_steps = cfg.epochs * steps_per_epoch
     sample_ids = list(range(min(cfg.sample_images, len(val_set))))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     try:
         from tqdm.auto import tqdm
 
@@ -414,7 +397,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             running, seen = 0.0, 0
             for bi in range(meta["step_in_epoch"], len(batches)):
                 b = batches[bi]
-                model.train()
+                model.train(not scst)  # self-critical steps sample and learn without dropout
                 if scst:
                     for g in opt.param_groups:
                         g["lr"] = cfg.scst_lr

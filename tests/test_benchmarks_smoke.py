@@ -1,0 +1,90 @@
+"""Smoke test of the benchmarks: --quick on the tiny model runs every section and prints its tables.
+
+Asserts structure only (sections, columns, JSON keys), never timings: the machine running tests may be busy.
+"""
+import json
+import sys
+
+import pytest
+
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from benchmarks import run
+
+    tmp = tmp_path_factory.mktemp("bench")
+    model_dir = tmp / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    out = tmp / "results.json"
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = run.main(["--quick", "--model", str(model_dir), "--threads", "1", "--json", str(out), "--peer-scale", "tiny",
+                       "--sections", "latency,batch,levers,peers,app,train"])
+    return rc, buf.getvalue(), json.loads(out.read_text())
+
+
+def test_runs_and_prints_tables(bench):
+    rc, text, _ = bench
+    assert rc == 0
+    for heading in ("# Captioner benchmarks", "## 1. Per-image latency", "## 2. Batch throughput", "## 3. Peers", "## 4. App",
+                    "## 5. Training", "## 6. Levers", "## Targets"):
+        assert heading in text, heading
+    assert "| stage | median ms |" in text
+    assert "| batch size | images | images/s | ms/image |" in text
+    assert "| target | goal |" in text
+
+
+def test_json_structure(bench):
+    _, _, res = bench
+    m = res["machine"]
+    for key in ("cpu", "logical_cores", "torch", "torch_threads"):
+        assert key in m
+    assert res["settings"]["threads"] == 1 and res["settings"]["quick"] is True
+    stages = [r["stage"] for r in res["sections"]["latency"]["rows"]]
+    for want in ("preprocess from decoded PIL image", "preprocess from JPEG file", "encoder", "one decode step",
+                 "whole caption, greedy", "whole caption, beam 3", "whole caption, sample", "time to first streamed word"):
+        assert any(s.startswith(want) for s in stages), want
+    for r in res["sections"]["latency"]["rows"]:
+        assert r["median_ms"] > 0 and r["n"] >= 1
+    assert [r["batch_size"] for r in res["sections"]["batch"]["rows"]] == [1, 8, 32]
+    peers = {r["peer"]: r for r in res["sections"]["peers"]["rows"]}
+    assert any(p.startswith("Show-and-Tell") for p in peers)
+    for r in peers.values():
+        if "skipped" not in r:
+            assert r["greedy_tokens"] <= 16 and r["greedy_x_ours"] > 0
+            if not r["peer"].startswith("Show-and-Tell"):
+                assert r["greedy_tokens"] == 16 and r["beam3_tokens"] == 16  # exactly 16 new tokens
+    assert "cold_start_s" in res["sections"]["app"] or "skipped" in res["sections"]["app"]
+    assert {r["stage"].split(",")[0] for r in res["sections"]["train"]["rows"]} >= {"encoder.features", "training step on cached features"}
+    levers = res["sections"]["levers"]
+    assert {"eager", "eager+jit"} <= set(levers["proposals"])
+    assert all("verdict" in r for r in levers["rows"])
+    assert [t["key"] for t in res["targets"]][:2] == ["greedy_ms", "first_word_ms"]
+    assert all(t["status"] in ("pass", "MISS", "n/a") for t in res["targets"])
+
+
+def test_levers_keep_captions():
+    """The exact-maths levers (LSTM through lstm_cell, fused BN, channels_last, frozen graph) leave captions unchanged."""
+    import torch
+
+    from benchmarks.fast import patched
+    from captioner.decode import caption
+
+    model = tiny_model()
+    xs = [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    base = [caption(model, x, strategy=s) for x in xs for s in ("greedy", "beam")]
+    with patched(model, ["lstm_cell", "fuse_bn", "channels_last", "jit_freeze"]):
+        assert [caption(model, x, strategy=s) for x in xs for s in ("greedy", "beam")] == base
+    assert "step" not in model.decoder.__dict__ and "features" not in model.encoder.__dict__  # undone on exit
+
+
+def test_unknown_section_is_refused(capsys):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit):
+        run.main(["--sections", "nope"])
