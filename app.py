@@ -1,6 +1,6 @@
 """Captioner's Gradio app: drop a photo, watch its caption stream word by word, inspect and branch the decoding.
 
-    python app.py [--model FOLDER_OR_REPO_ID] [--revision REV] [--host HOST] [--port PORT]
+    python app.py [--model FOLDER_OR_REPO_ID] [--revision REV] [--host HOST] [--port PORT] [--threads N] [--word-delay S]
 
 Hugging Face Spaces runs `python app.py` (and sets GRADIO_SERVER_NAME/GRADIO_SERVER_PORT).
 The handlers and the layout are in captioner/ui.py.
@@ -19,7 +19,8 @@ def model_label(model, src, revision) -> str:
     if os.path.abspath(source) == str(DEFAULT_MODEL):
         source = "captioner/default_model (bundled)"
     rev = getattr(model, "revision", None) or revision
-    return source + (f" @ {rev}" if rev else "")
+    commit = getattr(model, "commit", None)  # a Hub download: the commit actually loaded
+    return source + (f" @ {rev}" if rev else "") + (f" (commit {commit[:10]})" if commit and commit != rev else "")
 
 
 def main(argv=None) -> int:
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                    help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+    p.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT") or 7860,  # a bad $GRADIO_SERVER_PORT: a usage error
                    help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per request (default: half the CPU cores)")
     p.add_argument("--word-delay", type=float, default=None,

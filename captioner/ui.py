@@ -25,7 +25,7 @@ EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CONCURRENCY = 4  # decodes running at once (shared by /caption, auto-caption and /redecode)
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
-WORD_DELAY = 0.04  # seconds between streamed words: decoding takes ~1 ms a word, too fast to see streaming
+WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
 
 TABLE_HEADERS = ["#", "word", "p", "p(<EOS>)", "alternatives (p)"]
 CONFIDENCE = {  # HighlightedText categories of per-word probability, most confident first
@@ -363,14 +363,15 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         decode_state = gr.State(None)  # the finished decode, JSON-able (see Handlers._finish)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                image = gr.Image(label="Photo: drop, upload or paste one (webcam: take a photo, then press Caption)", type="filepath", image_mode=None,
-                                   sources=["upload", "webcam", "clipboard"], height=340, elem_id="photo")
+                image = gr.Image(label="Photo", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
+                                 placeholder="Drop a photo here, click to upload, or paste one\n"
+                                             "Webcam: take a photo, then press Caption", height=340, elem_id="photo")
                 caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                 paths = example_paths()
                 examples = None
                 if paths:
                     examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public-domain and CC0 photos)",
-                                examples_per_page=8, cache_examples=False)
+                                           examples_per_page=8, cache_examples=False)
                 with gr.Accordion("Decoding settings", open=False):
                     strategy = gr.Radio(list(STRATEGIES), value="beam", label="Strategy",
                                         info="beam: best caption · greedy: most likely word each step · sample: random, varied")
@@ -427,10 +428,12 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         auto = dict(fn=h.auto_caption, inputs=[image, *controls, cache], outputs=streamed, api_visibility="private",
                     trigger_mode="always_last", **common)
         image.upload(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
+        image.clear(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")  # clears the outputs
         if examples is not None:
             examples.load_input_event.then(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
-        redecode_btn.click(h.redecode, [decode_state, step, branch, *controls, cache], streamed, api_name="redecode", **common).success(
-            h.inspect_focus, [decode_state], inspector, api_visibility="private")
+        # Branching reads choices the inspector put in this page's session: a page action, not an API endpoint.
+        redecode_btn.click(h.redecode, [decode_state, step, branch, *controls, cache], streamed, api_visibility="private",
+                           **common).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
         step.release(h.inspect, [decode_state, step], inspector, api_visibility="private", trigger_mode="always_last")
         prev_btn.click(lambda d, s: h.move(d, s, -1), [decode_state, step], inspector, api_visibility="private")
         next_btn.click(lambda d, s: h.move(d, s, +1), [decode_state, step], inspector, api_visibility="private")

@@ -121,6 +121,17 @@ def test_bad_uploads_are_clear_errors_and_the_server_goes_on(server, model, file
     assert client.predict(handle_file(str(files["photo2"])), api_name="/caption")[0] == expected(model, files["photo2"])
 
 
+def test_uploads_over_20mb_are_refused(server, tmp_path):
+    import httpx
+
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8" + os.urandom(21 * 2**20))
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 20971520 bytes"):  # the client checks first
+        Client(server, verbose=False).predict(handle_file(str(big)), api_name="/caption")
+    r = httpx.post(server + "gradio_api/upload", files={"files": ("big.jpg", big.read_bytes(), "image/jpeg")}, timeout=120)
+    assert r.status_code == 413 and "20" in r.text  # and so does the server
+
+
 def test_sixteen_concurrent_users_all_get_their_caption(server, model, files):
     want = {k: expected(model, files[k]) for k in ("photo0", "photo1", "photo2")}
 
