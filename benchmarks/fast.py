@@ -8,6 +8,7 @@ before anyone changes the package). Each returns an undo function; `patched` app
   jit_freeze    backbone traced and frozen with torch.jit for the model's image size (deprecated API in torch 2.9+)
   compile       backbone through torch.compile (slow to compile: tens of seconds)
   int8_decoder  torch.ao.quantization.quantize_dynamic of the decoder's LSTM and Linear (changes the numbers)
+  chunk8        the encoder runs a big batch 8 images at a time (a batch of 32 at 224x224 thrashes the CPU caches)
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LEVERS = ("lstm_cell", "fuse_bn", "channels_last", "jit_freeze", "compile", "int8_decoder")
+LEVERS = ("lstm_cell", "fuse_bn", "channels_last", "jit_freeze", "compile", "int8_decoder", "chunk8")
+CHUNK = 8
 
 
 # ---------------------------------------------------------------- decoder
@@ -99,17 +101,21 @@ def fuse_conv_bn(module: nn.Module) -> nn.Module:
 
 
 class _FastFeatures:
-    """Replacement for Encoder.features: a faster backbone for the model's own image size, eager otherwise."""
+    """Replacement for Encoder.features: a faster backbone for the model's own image size (eager otherwise),
+    optionally fed `chunk` images at a time."""
 
-    def __init__(self, encoder, backbone: Callable, size: int, channels_last: bool):
-        self.encoder, self.backbone, self.size, self.channels_last = encoder, backbone, size, channels_last
+    def __init__(self, encoder, backbone: Callable | None, size: int, channels_last: bool, chunk: int | None = None):
+        self.encoder, self.size, self.channels_last, self.chunk = encoder, size, channels_last, chunk
         self.eager = type(encoder).features.__get__(encoder)
+        self.backbone = backbone or self.eager
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or tuple(images.shape[-2:]) != (self.size, self.size) or torch.is_grad_enabled() and self.encoder.train_backbone:
             return self.eager(images)  # other sizes (a traced graph bakes in its padding) and fine-tuning stay eager
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.chunk and images.size(0) > self.chunk:
+            return torch.cat([self.backbone(c) for c in images.split(self.chunk)])
         return self.backbone(images)
 
 
@@ -152,8 +158,10 @@ def build_variant(model, levers=()) -> dict:
     if "int8_decoder" in levers:
         overrides["decoder"] = int8_decoder(model.decoder)
     enc = {k: k in levers for k in ("fuse_bn", "channels_last", "jit_freeze", "compile")}
-    if any(enc.values()):
-        overrides["encoder.features"] = _FastFeatures(model.encoder, fast_backbone(model, **enc), model.config.image_size, enc["channels_last"])
+    if any(enc.values()) or "chunk8" in levers:
+        backbone = fast_backbone(model, **enc) if any(enc.values()) else None
+        overrides["encoder.features"] = _FastFeatures(model.encoder, backbone, model.config.image_size, enc["channels_last"],
+                                                      CHUNK if "chunk8" in levers else None)
     return overrides
 
 

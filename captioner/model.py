@@ -76,8 +76,25 @@ class Decoder(nn.Module):
         """One decoding step. x: token ids (B,) or an image feature (B, E) -> logits (B, V), new state."""
         if not x.is_floating_point():
             x = self.embed(x)  # (B,) -> (B, E)
-        hiddens, state = self.lstm(x.unsqueeze(0), state)  # (1, B, H)
-        return self.head(hiddens.squeeze(0)), state  # (B, V)
+        # torch.lstm_cell on nn.LSTM's own weights: the same maths, but for one token nn.LSTM goes through
+        # oneDNN's RNN kernel, which costs several times more per call on a CPU (benchmarks/PROPOSED.md).
+        lstm = self.lstm
+        if state is None:
+            zeros = x.new_zeros(lstm.num_layers, x.size(0), lstm.hidden_size)
+            state = (zeros, zeros)
+        h, c = state  # each (L, B, H)
+        hs, cs = [], []
+        for layer in range(lstm.num_layers):
+            if layer:
+                x = F.dropout(x, lstm.dropout, self.training)  # as nn.LSTM does between layers
+            x, c_layer = torch.lstm_cell(
+                x, (h[layer], c[layer]),
+                getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}"),
+                getattr(lstm, f"bias_ih_l{layer}"), getattr(lstm, f"bias_hh_l{layer}"),
+            )  # (B, H)
+            hs.append(x)
+            cs.append(c_layer)
+        return self.head(x), (torch.stack(hs), torch.stack(cs))  # (B, V), ((L, B, H), (L, B, H))
 
     @staticmethod
     def select_state(state: State, index: torch.Tensor) -> State:

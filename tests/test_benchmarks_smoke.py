@@ -3,7 +3,6 @@
 Asserts structure only (sections, columns, JSON keys), never timings: the machine running tests may be busy.
 """
 import json
-import sys
 
 import pytest
 

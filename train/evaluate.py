@@ -13,11 +13,11 @@ from typing import Sequence
 from captioner.vocab import tokenize
 
 # The punctuation coco-caption's PTBTokenizer removes.
-_PUNCT = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"', "(", ")"}
+PUNCT = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"', "(", ")"}
 
 
 def score_tokens(text: str) -> str:
-    return " ".join(w for w in tokenize(text) if w not in _PUNCT)
+    return " ".join(w for w in tokenize(text) if w not in PUNCT)
 
 
 def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict:

@@ -30,6 +30,7 @@ from captioner.config import CaptionerConfig
 from captioner.decode import caption_batch, generate_batch
 from captioner.model import Captioner, caption_loss
 from captioner.vocab import Vocabulary
+from train.evaluate import PUNCT
 
 
 @dataclass
@@ -240,7 +241,7 @@ def scst_batch(model, wrapped, feats, refs_tok, keys, cider, cfg, vocab, device,
     rows = []
     rewards = []
     for r, row in enumerate(seqs.tolist()):
-        words = vocab.words(row)
+        words = [w for w in vocab.words(row) if w not in PUNCT]  # scored like the references
         img = r // n
         rewards.append(cider.score(words, keys[img], refs_tok[img]))
         end = row.index(vocab.eos_id) if vocab.eos_id in row else len(row)
@@ -383,6 +384,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             scst = epoch >= cfg.epochs
             t0 = time.time()
             if scst:
+                if not meta.get("scst_optimizer"):
+                    # Fresh Adam moments: the teacher-forcing ones are scaled to far larger gradients and would
+                    # shrink every self-critical step to almost nothing.
+                    opt = torch.optim.AdamW(params, lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
+                    meta["scst_optimizer"] = True
                 if cider is None:
                     train_refs_tok = [[score_tokens(c).split() for c in s.captions] for s in train_set]
                     cider = CiderD(train_refs_tok)
