@@ -30,6 +30,8 @@ def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hi
     history = []
     if run is not None and (run / "metrics.jsonl").exists():
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        shipped = c.extra.get("trained_epochs")  # the best epoch: later epochs are not in these weights
+        history = [h for h in history if shipped is None or h["epoch"] <= shipped]
     xe = sum(1 for h in history if h.get("phase") == "xe")
     scst = sum(1 for h in history if h.get("phase") == "scst")
     seconds = sum(h.get("seconds", 0) for h in history)
