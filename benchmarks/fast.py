@@ -7,7 +7,7 @@ before anyone changes the package). Each returns an undo function; `patched` app
   channels_last encoder weights and input in NHWC
   jit_freeze    backbone traced and frozen with torch.jit for the model's image size (deprecated API in torch 2.9+)
   compile       backbone through torch.compile (slow to compile: tens of seconds)
-  int8_decoder  torch.ao.quantization.quantize_dynamic of the decoder's LSTM and Linear (changes the numbers)
+  int8_decoder  torch.ao.quantization.quantize_dynamic of the decoder's Linear head (changes the numbers)
   chunk8        the encoder runs a big batch 8 images at a time (a batch of 32 at 224x224 thrashes the CPU caches)
 """
 from __future__ import annotations
@@ -58,12 +58,14 @@ def lstm_cell_step(self, x: torch.Tensor, state=None):
 
 
 def int8_decoder(decoder: nn.Module) -> nn.Module:
-    """A copy of the decoder with its LSTM and Linear layers dynamically quantised to int8."""
+    """A copy of the decoder with its Linear layers (the vocabulary head) dynamically quantised to int8.
+
+    Decoder.step runs the LSTM's weights through torch.lstm_cell, so a quantised nn.LSTM module would never be called."""
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        return quantize_dynamic(copy.deepcopy(decoder).eval(), {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(copy.deepcopy(decoder).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
 # ---------------------------------------------------------------- encoder
