@@ -23,7 +23,7 @@ def load_model(src=None, *, revision: str | None = None):
         if not (DEFAULT_MODEL / "model.safetensors").exists():
             raise ModelLoadError(f"the bundled default model is missing from {DEFAULT_MODEL}; pass --model FOLDER_OR_REPO_ID")
         src = DEFAULT_MODEL
-    return load(src, revision=revision or os.environ.get("CAPTIONER_REVISION") or None)
+    return load(src, revision=revision or os.environ.get("CAPTIONER_REVISION") or None).optimize_for_inference()
 
 
 def expand(paths: list[str]) -> list[str]:

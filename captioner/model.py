@@ -10,6 +10,31 @@ from .config import CaptionerConfig
 from .vocab import Vocabulary
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, B, H)
+ENCODER_CHUNK = 8  # images per backbone call on the inference path: 32 at 224x224 overflow the CPU caches
+
+
+def _fuse_conv_bn(module: nn.Module) -> nn.Module:
+    """An eval copy of `module` with each conv directly followed by a batch norm folded into that conv
+    (timm's BatchNormAct2d keeps its activation)."""
+    import copy
+
+    from timm.layers import BatchNormAct2d
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    module = copy.deepcopy(module).eval()
+
+    def visit(parent: nn.Module) -> None:
+        kids = list(parent.named_children())
+        for i, (name, child) in enumerate(kids):
+            prev_name, prev = kids[i - 1] if i else (None, None)
+            if isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d) and child.track_running_stats:
+                setattr(parent, prev_name, fuse_conv_bn_eval(prev, child))
+                setattr(parent, name, nn.Sequential(child.drop, child.act) if isinstance(child, BatchNormAct2d) else nn.Identity())
+            else:
+                visit(child)
+
+    visit(module)
+    return module
 
 
 class Encoder(nn.Module):
@@ -35,8 +60,20 @@ class Encoder(nn.Module):
             self.backbone.eval()  # a frozen backbone keeps its batch-norm statistics
         return self
 
+    def optimize_for_inference(self, image_size: int) -> "Encoder":
+        """Build an inference copy of the backbone: batch norm folded into the convolutions, channels_last.
+        Used only when autograd is off and the input has the model's own size; training and the state dict keep
+        the original. Call again after loading other weights."""
+        fast = _fuse_conv_bn(self.backbone).to(memory_format=torch.channels_last)
+        self.__dict__["_fast"] = (fast, image_size)  # a plain attribute: not a submodule, never saved
+        return self
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, F) pooled backbone features (what the feature cache stores)."""
+        fast = self.__dict__.get("_fast")
+        if fast is not None and not torch.is_grad_enabled() and images.dim() == 4 and images.shape[-1] == images.shape[-2] == fast[1]:
+            images = images.contiguous(memory_format=torch.channels_last)
+            return torch.cat([fast[0](chunk) for chunk in images.split(ENCODER_CHUNK)])  # (B, F)
         return self.backbone(images)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -132,6 +169,12 @@ class Captioner(
     def forward_features(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """Same as forward, from cached backbone features (B, F)."""
         return self.decoder(self.encoder.project(features), captions)
+
+    def optimize_for_inference(self) -> "Captioner":
+        """Eval mode plus the encoder's inference copy (fused batch norm, channels_last); captions are unchanged."""
+        self.eval()
+        self.encoder.optimize_for_inference(self.config.image_size)
+        return self
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

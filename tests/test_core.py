@@ -322,3 +322,19 @@ def test_animated_gif_uses_first_frame(tmp_path):
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
     x = preprocess(tmp_path / "a.gif", tiny_config())
     assert x[0].mean() > 0.9 and x[1].mean() < -0.9  # red
+
+
+def test_inference_copy_of_the_encoder_gives_the_same_features_and_captions():
+    m = tiny_model(4, max_len=8)
+    imgs = [photo(seed=s) for s in range(3)]
+    x = torch.stack([preprocess(i, m.config) for i in imgs])
+    with torch.inference_mode():
+        ref = m.encoder.features(x)
+    before = [caption(m, i) for i in imgs]
+    m.optimize_for_inference()
+    with torch.inference_mode():
+        torch.testing.assert_close(m.encoder.features(x), ref, atol=1e-4, rtol=1e-4)
+    assert [caption(m, i) for i in imgs] == before
+    assert "_fast" not in str(list(m.state_dict()))  # never saved
+    m.train()
+    assert torch.is_grad_enabled() and m.encoder.features(x).requires_grad is False  # frozen: original path, no grad
