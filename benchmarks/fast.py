@@ -72,34 +72,10 @@ def int8_decoder(decoder: nn.Module) -> nn.Module:
 
 
 def fuse_conv_bn(module: nn.Module) -> nn.Module:
-    """A copy of `module` with every conv directly followed by a batch norm folded into the conv (eval only).
+    """A copy of `module` with every conv directly followed by a batch norm folded into it (captioner's own code)."""
+    from captioner.model import _fuse_conv_bn
 
-    timm's BatchNormAct2d (norm + activation) becomes its activation alone. Checked numerically by the caller.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:  # pragma: no cover - timm is a dependency
-        BatchNormAct2d = ()  # type: ignore[assignment]
-
-    module = copy.deepcopy(module).eval()
-
-    def visit(parent: nn.Module) -> None:
-        kids = list(parent.named_children())
-        for i, (name, child) in enumerate(kids):
-            prev_name, prev = kids[i - 1] if i else (None, None)
-            if isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d) and child.track_running_stats:
-                setattr(parent, prev_name, fuse_conv_bn_eval(prev, child))
-                if BatchNormAct2d and isinstance(child, BatchNormAct2d):
-                    setattr(parent, name, nn.Sequential(child.drop, child.act))
-                else:
-                    setattr(parent, name, nn.Identity())
-            else:
-                visit(child)
-
-    visit(module)
-    return module
+    return _fuse_conv_bn(module)
 
 
 class _FastFeatures:
