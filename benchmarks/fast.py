@@ -30,31 +30,11 @@ CHUNK = 8
 
 
 def lstm_cell_step(self, x: torch.Tensor, state=None):
-    """Drop-in for Decoder.step: the LSTM's own weights through torch.lstm_cell, layer by layer.
+    """The lstm_cell lever. captioner's Decoder.step adopted it (torch.lstm_cell on nn.LSTM's weights), so the
+    lever is now the current code; kept so that older result files and the lever table stay comparable."""
+    from captioner.model import Decoder
 
-    Same inputs, outputs and state layout ((num_layers, B, H) each) as nn.LSTM, and nn.LSTM's dropout
-    between layers when training.
-    """
-    if not x.is_floating_point():
-        x = self.embed(x)  # (B,) -> (B, E)
-    lstm = self.lstm
-    if state is None:
-        zeros = x.new_zeros(lstm.num_layers, x.size(0), lstm.hidden_size)
-        state = (zeros, zeros)
-    h, c = state
-    hs, cs = [], []
-    for layer in range(lstm.num_layers):
-        if layer:
-            x = F.dropout(x, lstm.dropout, self.training)
-        hl, cl = torch.lstm_cell(
-            x, (h[layer], c[layer]),
-            getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}"),
-            getattr(lstm, f"bias_ih_l{layer}", None), getattr(lstm, f"bias_hh_l{layer}", None),
-        )
-        hs.append(hl)
-        cs.append(cl)
-        x = hl
-    return self.head(x), (torch.stack(hs), torch.stack(cs))  # (B, V), ((L, B, H), (L, B, H))
+    return Decoder.step(self, x, state)
 
 
 def int8_decoder(decoder: nn.Module) -> nn.Module:
