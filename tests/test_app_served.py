@@ -1,7 +1,6 @@
 """The app served over HTTP and driven by gradio_client: streaming, bad uploads, concurrent users, app.py start-up."""
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -18,7 +16,7 @@ from PIL import Image
 from captioner import load
 from captioner.decode import caption, stream
 from captioner.ui import build_demo, launch_options
-from tiny import tiny_model
+from tiny import endless_model_dir, free_port
 
 # gradio 6.31's queue statistics use a pandas option that pandas 3 deprecates (not this app's code)
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -27,21 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random model whose <EOS> never wins, so every caption runs to MAX_LEN words."""
-    m = tiny_model(seed=1, max_len=MAX_LEN)
-    with torch.no_grad():
-        m.decoder.head.bias[2] = -20
-    folder = tmp_path_factory.mktemp("served_model")
-    m.save_pretrained(folder)
-    return folder
+    """A tiny random model whose <EOS> never wins, so every caption has MAX_LEN words."""
+    return endless_model_dir(tmp_path_factory.mktemp("served_model"), MAX_LEN)
 
 
 @pytest.fixture(scope="module")

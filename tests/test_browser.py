@@ -5,14 +5,13 @@ Serves the real model when there is one, $CAPTIONER_MODEL or else the bundled ca
 (CI installs it with `apt-get install -y chromium`).
 """
 import os
-import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 from captioner.decode import stream
 from captioner.ui import build_demo, launch_options
+from tiny import endless_model_dir, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -30,12 +29,6 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(url, model, real): the app on a free port, with the real model if there is one."""
@@ -47,13 +40,8 @@ def served(tmp_path_factory):
         label = os.environ.get("CAPTIONER_MODEL") or "captioner/default_model (bundled)"
     else:
         from captioner import load
-        from tiny import tiny_model
 
-        m = tiny_model(seed=1, max_len=8)
-        with torch.no_grad():
-            m.decoder.head.bias[2] = -20  # <EOS> never wins: 8-word captions
-        folder = tmp_path_factory.mktemp("browser_model")
-        m.save_pretrained(folder)
+        folder = endless_model_dir(tmp_path_factory.mktemp("browser_model"), 8)  # 8-word captions
         model, label = load(folder), "tiny random model (tests)"
     demo = build_demo(model, label)
     port = free_port()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import struct
 import subprocess
 import sys
@@ -19,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -29,7 +26,7 @@ from captioner.decode import caption
 from captioner.hub import ModelLoadError
 from captioner.preprocess import open_image
 from captioner.ui import build_demo, launch_options
-from tiny import tiny_model
+from tiny import endless_model_dir, free_port, tiny_model
 
 # gradio 6.31's queue statistics use a pandas option that pandas 3 deprecates (not this app's code)
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -37,12 +34,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 8
 REQUEST_TIMEOUT = 60  # seconds for any one served request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- the corpus
@@ -140,12 +131,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random model whose <EOS> never wins, so every caption has MAX_LEN words."""
-    m = tiny_model(seed=1, max_len=MAX_LEN)
-    with torch.no_grad():
-        m.decoder.head.bias[2] = -20
-    folder = tmp_path_factory.mktemp("sturdy_model")
-    m.save_pretrained(folder)
-    return folder
+    return endless_model_dir(tmp_path_factory.mktemp("sturdy_model"), MAX_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -50,3 +50,23 @@ def decoder_probe(model) -> list[float]:
     with torch.inference_mode():
         logits, _ = model.decoder.step(torch.tensor([1, 4]))  # <SOS>, "a"
     return [round(float(v), 6) for v in logits.flatten()]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for serving the app in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def endless_model_dir(folder, max_len: int):
+    """Save a tiny model whose <EOS> never wins (every caption has max_len words) into `folder`; returns it."""
+    import torch
+
+    m = tiny_model(seed=1, max_len=max_len)
+    with torch.no_grad():
+        m.decoder.head.bias[2] = -20
+    m.save_pretrained(folder)
+    return folder

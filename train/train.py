@@ -154,7 +154,7 @@ def load_checkpoint(folder: Path):
 # ---------------------------------------------------------------- data
 
 
-def prepare(cfg: TrainConfig, model: Captioner | None, device):
+def prepare(cfg: TrainConfig):
     """Samples, vocabulary (training split only), encoded captions and cached features."""
     from train.data import load_dataset
 
@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train_set, val_set = prepare(cfg, None, device)
+    train_set, val_set = prepare(cfg)
     opt_state = None
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         model, opt_state, meta = load_checkpoint(ckpt)
@@ -409,7 +409,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                         g["lr"] = cfg.scst_lr
                     x = train_x[b] if not cfg.finetune_backbone else None
                     loss, reward = scst_batch(model, wrapped, x, [train_refs_tok[i] for i in b], b, cider, cfg, vocab, device, gen)
-                    n = len(b) * cfg.scst_samples
                     running += reward * len(b)
                     seen += len(b)
                 else:
@@ -423,9 +422,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     else:
                         x = train_x[[image_index[i] for i in b]].to(device)  # (B, F)
                     loss = caption_loss(wrapped(x, caps), caps, pad_id=vocab.pad_id, label_smoothing=cfg.label_smoothing)
-                    n = len(b)
-                    running += loss.item() * n
-                    seen += n
+                    running += loss.item() * len(b)
+                    seen += len(b)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
