@@ -266,11 +266,15 @@ def caption_batch(model, images: Sequence, *, strategy: str = "greedy", max_len:
     return out
 
 
-def generate_batch(model, features: torch.Tensor, max_len: int, *, sample: bool = False, generator=None) -> torch.Tensor:
+def generate_batch(model, features: torch.Tensor, max_len: int, *, sample: bool = False, top_k: int = 0,
+                   generator=None) -> torch.Tensor:
     """Batched greedy (or sampled) decoding from image features (n, E) -> token ids (n, T), <EOS>-padded.
 
-    The fast path for many images (caption_batch) and for self-critical training's rollouts.
+    The fast path for many images (caption_batch) and for self-critical training's rollouts; top_k > 0 samples
+    from the k likeliest words only.
     """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = the whole vocabulary), got {top_k}")
     vocab = model.vocab
     n = features.size(0)
     logits, state = _start(model, features, n)
@@ -281,6 +285,9 @@ def generate_batch(model, features: torch.Tensor, max_len: int, *, sample: bool 
         if t == 0:
             logits[:, vocab.eos_id] = -math.inf
         if sample:
+            if top_k:
+                kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (n, 1)
+                logits = logits.masked_fill(logits < kth, -math.inf)
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1).cpu()  # (n,)
         else:
             nxt = logits.argmax(-1).cpu()  # (n,)

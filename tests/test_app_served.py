@@ -3,7 +3,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import Image
 from captioner import load
 from captioner.decode import caption, stream
 from captioner.ui import build_demo, launch_options
-from tiny import endless_model_dir, free_port
+from tiny import app_env, endless_model_dir, free_port, start_app
 
 # gradio 6.31's queue statistics use a pandas option that pandas 3 deprecates (not this app's code)
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -137,12 +136,6 @@ def test_sixteen_concurrent_users_all_get_their_caption(server, model, files):
 # ---------------------------------------------------------------- app.py
 
 
-def app_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "CAPTIONER_"))}
-    env.update(extra)
-    return env
-
-
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/folder"], "model folder '/no/such/folder' does not exist"),
     (["--model", str(ROOT / "examples")], "missing config.json, model.safetensors, vocab.json"),
@@ -157,21 +150,9 @@ def test_app_with_a_bad_model_exits_with_one_clear_line(args, message):
 
 
 def test_app_py_serves_the_model_it_is_given(model_dir, model, files):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model_dir), "--port", str(port)], cwd=ROOT,
-                            env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, url = start_app(model_dir)
     try:
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                client = Client(url, verbose=False)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        client = Client(url, verbose=False)
         assert client.predict(handle_file(str(files["photo0"])), api_name="/caption")[0] == expected(model, files["photo0"])
     finally:
         proc.terminate()

@@ -1,6 +1,5 @@
 """End-to-end behaviour of the bundled default model on real photos (Flickr8k dev split, examples/)."""
 import json
-from pathlib import Path
 
 import pytest
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT
@@ -98,6 +99,28 @@ def test_train_evaluate_export_and_scst(tmp_path):
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert ev.returncode == 0, ev.stderr
     assert 0.0 <= json.loads(ev.stdout.strip().splitlines()[-1])["CIDEr-D"]
+
+
+def test_scst_from_a_saved_model_keeps_its_vocabulary_and_sizes(tmp_path):
+    """--init starts from an exported model (self-critical after teacher forcing) instead of a fresh one."""
+    from captioner import load
+
+    data = write_dataset(tmp_path / "data")
+    first = tmp_path / "xe"
+    assert run_train(tiny_args(data, first, epochs=1)).returncode == 0
+    start = load(first / "best")
+    out = tmp_path / "scst"
+    # sizes and min-freq given here differ from the saved model's: the saved model's own win
+    r = run_train(tiny_args(data, out, **{"init": first / "best", "epochs": 0, "scst-epochs": 1, "scst-batch-images": 4,
+                                          "scst-samples": 3, "scst-top-k": 2, "hidden-size": 24, "min-freq": 3}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [h["phase"] for h in read_metrics(out)] == ["scst"]
+    best = load(out / "best")
+    assert best.vocab == start.vocab and best.config.hidden_size == start.config.hidden_size == 16
+    extra = json.loads((out / "best" / "config.json").read_text())["extra"]
+    assert extra["init"] == str(first / "best") and extra["init_trained_epochs"] == 1
+    changed = [k for k, v in best.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
+    assert any(k.startswith("decoder.") for k in changed) and not any(k.startswith("encoder.backbone") for k in changed)
 
 
 def test_training_is_reproducible(tmp_path):

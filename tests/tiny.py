@@ -70,3 +70,42 @@ def endless_model_dir(folder, max_len: int):
         m.decoder.head.bias[2] = -20
     m.save_pretrained(folder)
     return folder
+
+
+def app_env(**extra) -> dict:
+    """The environment for running app.py in a subprocess: this one, less any GRADIO_/CAPTIONER_ settings."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "CAPTIONER_"))}
+    env.update(extra)
+    return env
+
+
+def start_app(model_dir, *args: str, timeout: float = 120):
+    """Run `python app.py --model model_dir ARGS` on a free port; returns (process, url) once a client connects.
+
+    Output goes to a pipe: read it with process.communicate() after terminate()."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from gradio_client import Client
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model_dir), "--port", str(port), *args],
+                            cwd=Path(__file__).resolve().parents[1], env=app_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            Client(url, verbose=False)
+            return proc, url
+        except Exception:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.5)

@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +62,8 @@ class TrainConfig:
     scst_lr: float = 5e-5
     scst_samples: int = 5  # sampled captions per image; baseline = mean reward of the others
     scst_batch_images: int = 64
+    scst_top_k: int = 5  # rollouts sample from the k likeliest words (label smoothing leaves ~10% on random words)
+    init: str | None = None  # start from this saved model (folder or Hub id), e.g. self-critical after teacher forcing
     finetune_backbone: bool = False  # train the CNN too (needs a GPU to be practical; no feature cache)
     feature_cache: str = ".cache/features"
     limit_train: int = 0  # use only the first N training images (tests, smoke runs)
@@ -237,7 +239,8 @@ def scst_batch(model, wrapped, feats, refs_tok, keys, cider, cfg, vocab, device,
     x = feats.repeat_interleave(n, dim=0).to(device)  # (B*n, F)
     model.eval()  # sample without dropout
     with torch.no_grad():
-        seqs = generate_batch(model, model.encoder.project(x), cfg.max_tokens - 2, sample=True, generator=gen)  # (B*n, T)
+        seqs = generate_batch(model, model.encoder.project(x), cfg.max_tokens - 2, sample=True, top_k=cfg.scst_top_k,
+                              generator=gen)  # (B*n, T)
     rows = []
     rewards = []
     for r, row in enumerate(seqs.tolist()):
@@ -310,9 +313,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     train_set, val_set = prepare(cfg)
     opt_state = None
+    init_epochs = None
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         model, opt_state, meta = load_checkpoint(ckpt)
         vocab = model.vocab
+        init_epochs = model.config.extra.get("init_trained_epochs")
         saved = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
         for name in ("embed_size", "hidden_size", "num_layers", "min_freq", "backbone"):
             if getattr(saved, name) != getattr(cfg, name):
@@ -323,15 +328,26 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if resume and is_main:
             print(f"--resume: no checkpoint in {ckpt}, starting fresh", file=sys.stderr)
         meta = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}
-        vocab = Vocabulary.build((c for s in train_set for c in s.captions), min_freq=cfg.min_freq)
-        config = CaptionerConfig(
-            backbone=cfg.backbone, embed_size=cfg.embed_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-            dropout=cfg.dropout, vocab_size=len(vocab), train_backbone=cfg.finetune_backbone,
-            image_size=cfg.image_size, resize=cfg.resize,
-        )
-        model = Captioner(config, vocab)
-        if cfg.pretrained:
-            init_backbone(model.encoder, cfg.backbone)
+        if cfg.init:
+            from captioner.hub import load
+
+            model = load(cfg.init)  # its vocabulary, sizes and backbone weights carry on
+            vocab, c = model.vocab, model.config
+            init_epochs = c.extra.get("trained_epochs")
+            cfg = replace(cfg, backbone=c.backbone, embed_size=c.embed_size, hidden_size=c.hidden_size,
+                          num_layers=c.num_layers, image_size=c.image_size, resize=c.resize)
+            if is_main:
+                print(f"starting from {cfg.init}", file=sys.stderr)
+        else:
+            vocab = Vocabulary.build((c for s in train_set for c in s.captions), min_freq=cfg.min_freq)
+            config = CaptionerConfig(
+                backbone=cfg.backbone, embed_size=cfg.embed_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                dropout=cfg.dropout, vocab_size=len(vocab), train_backbone=cfg.finetune_backbone,
+                image_size=cfg.image_size, resize=cfg.resize,
+            )
+            model = Captioner(config, vocab)
+            if cfg.pretrained:
+                init_backbone(model.encoder, cfg.backbone)
     model.encoder.set_trainable(cfg.finetune_backbone)
     model.to(device)
     print(f"vocabulary: {len(vocab)} words; device: {device}; world size {world}", file=sys.stderr) if is_main else None
@@ -459,6 +475,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 if meta["best"] is None or metrics["CIDEr-D"] > meta["best"]["CIDEr-D"]:
                     meta["best"] = {"epoch": epoch + 1, **{k: v for k, v in metrics.items()}}
                     model.config.extra = {"trained_epochs": epoch + 1, "dev_greedy": metrics}
+                    if cfg.init:  # where these weights started, and how much training they had already had
+                        model.config.extra.update(init=cfg.init, init_trained_epochs=init_epochs)
                     atomic_dir(out / "best", model.save_pretrained)
                 meta.update(epoch=epoch + 1, step_in_epoch=0)
                 save_checkpoint(ckpt, model, opt, {**meta, "train_config": asdict(cfg)})
