@@ -14,11 +14,11 @@ ENCODER_CHUNK = 8  # images per backbone call on the inference path: 32 at 224x2
 
 
 def _fuse_conv_bn(module: nn.Module) -> nn.Module:
-    """An eval copy of `module` with each conv directly followed by a batch norm folded into that conv
-    (timm's BatchNormAct2d keeps its activation)."""
+    """An eval copy of `module` with each conv directly followed by a batch norm folded into that conv.
+    A norm that also activates (timm's BatchNormAct2d: .drop, .act; lite0.BatchNormAct: .act) keeps those parts;
+    duck-typed, so folding the built-in Lite0 never imports timm."""
     import copy
 
-    from timm.layers import BatchNormAct2d
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     module = copy.deepcopy(module).eval()
@@ -29,7 +29,8 @@ def _fuse_conv_bn(module: nn.Module) -> nn.Module:
             prev_name, prev = kids[i - 1] if i else (None, None)
             if isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d) and child.track_running_stats:
                 setattr(parent, prev_name, fuse_conv_bn_eval(prev, child))
-                setattr(parent, name, nn.Sequential(child.drop, child.act) if isinstance(child, BatchNormAct2d) else nn.Identity())
+                rest = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if isinstance(m, nn.Module)]
+                setattr(parent, name, nn.Sequential(*rest) if rest else nn.Identity())
             else:
                 visit(child)
 
@@ -38,14 +39,19 @@ def _fuse_conv_bn(module: nn.Module) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """timm backbone, global-pooled, then Linear + ReLU + Dropout to the embedding size."""
+    """CNN backbone, global-pooled, then Linear + ReLU + Dropout to the embedding size."""
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
-        import timm  # heavy import kept local to model construction
+        if config.backbone == "tf_efficientnet_lite0":
+            from .lite0 import EfficientNetLite0  # timm's model, state dict included, without timm's import cost
 
-        # pretrained=False: building a model never downloads; weights come from a checkpoint.
-        self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0)
+            self.backbone = EfficientNetLite0()
+        else:
+            import timm  # heavy import kept local to model construction
+
+            # pretrained=False: building a model never downloads; weights come from a checkpoint.
+            self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0)
         self.proj = nn.Linear(self.backbone.num_features, config.embed_size)
         self.dropout = nn.Dropout(config.dropout)
         self.set_trainable(config.train_backbone)
