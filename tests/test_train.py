@@ -207,6 +207,34 @@ def test_feature_cache_is_keyed_by_preprocessing(tmp_path):
     assert len(keys) == 4
 
 
+def test_augmented_views_are_seeded_crops_with_their_own_cache_keys(tmp_path):
+    from train.features import augmented_view, cache_key, extract_features
+    from tiny import tiny_model
+
+    data = write_dataset(tmp_path / "data", n_train=3, n_dev=1)
+    images = sorted(str(p) for p in (data / "Images").iterdir())
+    original = Image.open(images[0])
+    views = [augmented_view(images[0], k) for k in (1, 2, 3)]
+    assert [np.asarray(v).tolist() for v in views] == [np.asarray(augmented_view(images[0], k)).tolist() for k in (1, 2, 3)]
+    assert all(v.size[0] * v.size[1] >= 0.5 * 32 * 32 for v in views)  # crops of 60-100% of the area (rounded)
+    assert len({np.asarray(v).tobytes() for v in views} | {np.asarray(original.convert("RGB")).tobytes()}) == 4
+    m = tiny_model()
+    assert len({cache_key(m, images, view) for view in (0, 1, 2)}) == 3
+    plain, first = extract_features(m, images, tmp_path / "c", progress=False), extract_features(m, images, tmp_path / "c", progress=False, view=1)
+    assert plain.shape == first.shape and not torch.allclose(plain, first)
+
+
+def test_training_with_augmented_views(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    r = run_train(tiny_args(data, out, **{"augment-views": 2, "epochs": 1}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cached = [d for d in (tmp_path / "cache").iterdir() if (d / "features.npy").exists()]
+    assert len(cached) == 3  # train+dev plain, and two views of the 8 training images
+    assert sorted(np.load(d / "features.npy").shape[0] for d in cached) == [8, 8, 11]
+    assert read_metrics(out)[0]["epoch"] == 1
+
+
 def test_ddp_two_processes_gloo(tmp_path):
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "run"

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from captioner.preprocess import preprocess
+from captioner.preprocess import open_image, preprocess
 
 CHUNK = 256  # images per cache chunk file
 
@@ -28,7 +30,22 @@ def backbone_fingerprint(encoder) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(model, images: list[str]) -> str:
+def augmented_view(path: str, view: int):
+    """View number `view` (>= 1) of an image, for training-time augmentation: a random crop of 60-100% of the area
+    (aspect 3:4 to 4:3), mirrored half of the time. Seeded by (view, file name), so cached views stay valid.
+    Mirroring can contradict a caption's "left"/"right"; those are rare in Flickr8k (about 1% of captions)."""
+    img = open_image(path)
+    rng = random.Random(f"{view}:{os.path.basename(path)}")
+    w, h = img.size
+    area = w * h * rng.uniform(0.6, 1.0)
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = img.crop((left, top, left + cw, top + ch))
+    return img.transpose(0) if rng.random() < 0.5 else img  # 0 = Image.FLIP_LEFT_RIGHT
+
+
+def cache_key(model, images: list[str], view: int = 0) -> str:
     c = model.config
     spec = {
         "backbone": c.backbone,
@@ -40,6 +57,8 @@ def cache_key(model, images: list[str]) -> str:
         "std": list(c.std),
         "images": hashlib.sha256("\n".join(os.path.realpath(p) for p in images).encode()).hexdigest()[:16],
     }
+    if view:  # augmented views get their own keys; the plain features keep the key they always had
+        spec["view"] = view
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -50,28 +69,34 @@ def _atomic_save(array: np.ndarray, path: Path) -> None:
 
 
 @torch.inference_mode()
-def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-    """Backbone features (N, F) for the image paths, from the cache where present."""
-    folder = Path(cache_dir) / cache_key(model, images)
+def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, batch_size: int = 32, progress: bool = True,
+                     view: int = 0) -> torch.Tensor:
+    """Backbone features (N, F) for the image paths (or for their augmented view `view`), from the cache where present."""
+    folder = Path(cache_dir) / cache_key(model, images, view)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / "features.npy"
     if final.exists():
         return torch.from_numpy(np.load(final))
     encoder = model.encoder.eval()
-    chunks = range(0, len(images), CHUNK)
-    bar = tqdm(total=len(images), desc="features", unit="img", disable=not progress)
-    for start in chunks:
-        path = folder / f"chunk_{start // CHUNK:05d}.npy"
-        part = images[start : start + CHUNK]
-        if path.exists():
-            bar.update(len(part))
-            continue
-        out = []
-        for b in range(0, len(part), batch_size):
-            batch = torch.stack([preprocess(p, model.config) for p in part[b : b + batch_size]])  # (b, 3, S, S)
-            out.append(encoder.features(batch).float().numpy())  # (b, F)
-            bar.update(len(batch))
-        _atomic_save(np.concatenate(out), path)
+    encoder.optimize_for_inference(model.config.image_size)  # batch norm folded: same features, ~1.8x faster
+    try:
+        chunks = range(0, len(images), CHUNK)
+        bar = tqdm(total=len(images), desc=f"features (view {view})" if view else "features", unit="img", disable=not progress)
+        for start in chunks:
+            path = folder / f"chunk_{start // CHUNK:05d}.npy"
+            part = images[start : start + CHUNK]
+            if path.exists():
+                bar.update(len(part))
+                continue
+            out = []
+            for b in range(0, len(part), batch_size):
+                batch = torch.stack([preprocess(augmented_view(p, view) if view else p, model.config)
+                                     for p in part[b : b + batch_size]])  # (b, 3, S, S)
+                out.append(encoder.features(batch).float().numpy())  # (b, F)
+                bar.update(len(batch))
+            _atomic_save(np.concatenate(out), path)
+    finally:
+        encoder.__dict__.pop("_fast", None)  # the copy would go stale if the backbone is trained later
     bar.close()
     parts = [np.load(folder / f"chunk_{i:05d}.npy") for i in range(len(chunks))]
     array = np.concatenate(parts) if parts else np.zeros((0, encoder.backbone.num_features), np.float32)

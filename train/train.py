@@ -66,6 +66,7 @@ class TrainConfig:
     init: str | None = None  # start from this saved model (folder or Hub id), e.g. self-critical after teacher forcing
     finetune_backbone: bool = False  # train the CNN too (needs a GPU to be practical; no feature cache)
     feature_cache: str = ".cache/features"
+    augment_views: int = 0  # extra cached views of each training image (random crop + mirror); each caption draws one
     limit_train: int = 0  # use only the first N training images (tests, smoke runs)
     limit_val: int = 0
     eval_beam: int = 3  # beam size scored after the last epoch
@@ -360,6 +361,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         feats = extract_features(model.cpu(), all_images, cfg.feature_cache, progress=cfg.progress and is_main)
         model.to(device)
         train_x, val_feats = feats[: len(train_set)], feats[len(train_set) :]
+        if cfg.augment_views:
+            views = [extract_features(model.cpu(), [s.image for s in train_set], cfg.feature_cache, view=k,
+                                      progress=cfg.progress and is_main) for k in range(1, cfg.augment_views + 1)]
+            model.to(device)
+            train_views = torch.stack([train_x, *views])  # (1 + views, N, F)
     if cfg.finetune_backbone:
         val_feats = extract_features(model.cpu(), [s.image for s in val_set], cfg.feature_cache, progress=False)
         model.to(device)
@@ -436,7 +442,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
                         x = preprocess_batch([train_x[image_index[i]] for i in b], model.config).to(device)  # (B, 3, S, S)
                     else:
-                        x = train_x[[image_index[i] for i in b]].to(device)  # (B, F)
+                        rows = [image_index[i] for i in b]
+                        if cfg.augment_views:  # one view per caption, seeded by the step so --resume repeats it
+                            pick = torch.Generator().manual_seed(cfg.seed * 1_000_003 + meta["global_step"])
+                            v = torch.randint(0, cfg.augment_views + 1, (len(rows),), generator=pick)  # (B,)
+                            x = train_views[v, rows].to(device)  # (B, F)
+                        else:
+                            x = train_x[rows].to(device)  # (B, F)
                     loss = caption_loss(wrapped(x, caps), caps, pad_id=vocab.pad_id, label_smoothing=cfg.label_smoothing)
                     running += loss.item() * len(b)
                     seen += len(b)
