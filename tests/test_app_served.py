@@ -164,3 +164,14 @@ def test_app_py_has_no_import_side_effects():
     code = "import os, sys; sys.argv = ['x', '--model', '/nope']; import app; print(os.environ.get('GRADIO_ANALYTICS_ENABLED'), 'gradio' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=app_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.split() == ["None", "False"], r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_app_limits_malloc_arenas_on_glibc():
+    import platform
+
+    import app
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip(f"C library is {platform.libc_ver()[0] or 'unknown'}, not glibc")
+    assert app.limit_malloc_arenas(2) is True
