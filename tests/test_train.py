@@ -234,7 +234,8 @@ def test_augmented_views_are_seeded_crops_with_their_own_cache_keys(tmp_path):
 def test_training_with_augmented_views(tmp_path):
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "run"
-    r = run_train(tiny_args(data, out, **{"augment-views": 2, "epochs": 1}))
+    r = run_train(tiny_args(data, out, **{"augment-views": 2, "epochs": 1, "scst-epochs": 1, "scst-batch-images": 4,
+                                          "scst-samples": 2}))
     assert r.returncode == 0, r.stderr[-3000:]
     cached = [d for d in (tmp_path / "cache").iterdir() if (d / "features.npy").exists()]
     assert len(cached) == 3  # train+dev plain, and two views of the 8 training images

@@ -430,6 +430,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     for g in opt.param_groups:
                         g["lr"] = cfg.scst_lr
                     x = train_x[b] if not cfg.finetune_backbone else None
+                    if cfg.augment_views and x is not None:  # rollouts from augmented views too, as in teacher forcing
+                        pick = torch.Generator().manual_seed(cfg.seed * 1_000_003 + meta["global_step"])
+                        x = train_views[torch.randint(0, cfg.augment_views + 1, (len(b),), generator=pick), b]  # (B, F)
                     loss, reward = scst_batch(model, wrapped, x, [train_refs_tok[i] for i in b], b, cider, cfg, vocab, device, gen)
                     running += reward * len(b)
                     seen += len(b)
