@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
     p.add_argument("--model", default=None, help="model folder or Hub repo id (default: $CAPTIONER_MODEL or the bundled model)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    p.add_argument("--strategy", default="beam", choices=["greedy", "beam", "sample"])
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"], help="default: greedy (the bundled model's best)")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)

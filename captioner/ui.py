@@ -25,6 +25,9 @@ EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CONCURRENCY = 4  # decodes running at once (shared by /caption, auto-caption and /redecode)
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
+# Greedy: the bundled model's best decoding on the dev split (CIDEr-D 0.400 against 0.382 for beam 3; self-critical
+# training tunes the model for it), and what it streams is exactly the caption it keeps.
+DEFAULT_STRATEGY = "greedy"
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
 
 TABLE_HEADERS = ["#", "word", "p", "p(<EOS>)", "alternatives (p)"]
@@ -159,7 +162,7 @@ def _settings(strategy, beam_size, max_len, num_alternatives, temperature, top_k
     try:
         seed = None if seed is None or seed == "" or int(seed) < 0 else int(seed)
         return dict(
-            strategy=strategy or "beam",
+            strategy=strategy or DEFAULT_STRATEGY,
             beam_size=int(beam_size if beam_size is not None else 3),
             max_len=int(max_len if max_len is not None else default_max_len),
             num_alternatives=int(num_alternatives if num_alternatives is not None else 5),
@@ -254,7 +257,7 @@ class Handlers:
             "image_key": image_key,
         }
 
-    def caption(self, image, strategy="beam", beam_size=3, max_len=None, num_alternatives=5, temperature=1.0,
+    def caption(self, image, strategy=DEFAULT_STRATEGY, beam_size=3, max_len=None, num_alternatives=5, temperature=1.0,
                 top_k=0, top_p=0.9, seed=0, cache=None):
         """/caption: stream the caption of `image` word by word."""
         settings = _settings(strategy, beam_size, max_len, num_alternatives, temperature, top_k, top_p, seed, self.model.config.max_len)
@@ -268,7 +271,7 @@ class Handlers:
             return
         yield from self.caption(image, *args)
 
-    def redecode(self, decode: dict | None, step_number, choice, strategy="beam", beam_size=3, max_len=None, num_alternatives=5,
+    def redecode(self, decode: dict | None, step_number, choice, strategy=DEFAULT_STRATEGY, beam_size=3, max_len=None, num_alternatives=5,
                  temperature=1.0, top_k=0, top_p=0.9, seed=0, cache=None):
         """Branch: force the inspected step's word to `choice` (a token id), keep the words before it, and
         decode the rest again from the cached image feature."""
@@ -373,8 +376,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                     examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public-domain and CC0 photos)",
                                            examples_per_page=8, cache_examples=False)
                 with gr.Accordion("Decoding settings", open=False):
-                    strategy = gr.Radio(list(STRATEGIES), value="beam", label="Strategy",
-                                        info="beam: best caption · greedy: most likely word each step · sample: random, varied")
+                    strategy = gr.Radio(list(STRATEGIES), value=DEFAULT_STRATEGY, label="Strategy",
+                                        info="greedy: most likely word each step · beam: keeps several candidate captions · sample: random, varied")
                     with gr.Row():
                         beam_size = gr.Slider(1, 10, value=3, step=1, label="Beam size", info="beam search")
                         max_len = gr.Slider(1, max(50, default_max_len), value=default_max_len, step=1, label="Max length (words)")

@@ -60,8 +60,8 @@ def browser():
 
 
 def default_steps(model, path, **kw):
-    """What the app's defaults give (beam search, beam size 3, the model's max length)."""
-    return list(stream(model, str(path), strategy="beam", beam_size=3, max_len=model.config.max_len, num_alternatives=5, **kw))
+    """What the app's defaults give (greedy, the model's max length)."""
+    return list(stream(model, str(path), strategy="greedy", max_len=model.config.max_len, num_alternatives=5, **kw))
 
 
 RECORD_CAPTIONS = """() => {

@@ -44,12 +44,12 @@ def test_cli_folder_json_steps_and_bad_files(tmp_path):
     assert rec["steps"] and all(len(s["alternatives"]) <= 2 for s in rec["steps"])
 
     r = run_cli(imgs / "p0.png", "--model", tmp_path / "model")
-    assert r.returncode == 0 and r.stdout.strip().endswith(caption(model, imgs / "p0.png", strategy="beam", beam_size=3))
+    assert r.returncode == 0 and r.stdout.strip().endswith(caption(model, imgs / "p0.png", strategy="greedy"))
 
 
 def test_cli_bad_model_and_settings(tmp_path):
     r = run_cli(tmp_path, "--model", tmp_path / "missing")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     tiny_model().save_pretrained(tmp_path / "m")
-    r = run_cli(tmp_path, "--model", tmp_path / "m", "--beam-size", "0")
+    r = run_cli(tmp_path, "--model", tmp_path / "m", "--strategy", "beam", "--beam-size", "0")
     assert r.returncode == 2 and "beam_size=0" in r.stderr

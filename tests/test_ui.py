@@ -143,10 +143,10 @@ def test_settings_change_never_reruns_the_encoder(handlers, model, photo_path, m
     assert counter.n == 2 and outs2[-1][4]["key"] != cache["key"]
 
 
-def test_defaults_are_beam_3_and_the_models_max_len(handlers, model, photo_path):
+def test_defaults_are_greedy_and_the_models_max_len(handlers, model, photo_path):
     outs = run(handlers.caption(photo_path))
-    assert outs[-1][0] == caption(model, photo_path, strategy="beam", beam_size=3, max_len=model.config.max_len)
-    assert outs[-1][3]["settings"]["strategy"] == "beam" and outs[-1][3]["settings"]["beam_size"] == 3
+    assert outs[-1][0] == caption(model, photo_path, strategy="greedy", max_len=model.config.max_len)
+    assert outs[-1][3]["settings"]["strategy"] == "greedy" and outs[-1][3]["settings"]["max_len"] == model.config.max_len
 
 
 # ---------------------------------------------------------------- inspector and branching

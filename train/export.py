@@ -49,7 +49,9 @@ def _stage(tc: dict, history: list[dict]) -> str:
     parts = []
     if xe:
         views = tc.get("augment_views") or 0
-        parts.append(f"{xe} epochs of teacher forcing (AdamW, lr {tc.get('lr')}, batch {tc.get('batch_size')}, label smoothing "
+        planned = tc.get("epochs") or xe
+        best_of = f" (the best of {planned})" if planned > xe else ""
+        parts.append(f"{xe} epochs{best_of} of teacher forcing (AdamW, lr {tc.get('lr')}, batch {tc.get('batch_size')}, label smoothing "
                      f"{tc.get('label_smoothing')}, dropout {tc.get('dropout')}, cosine schedule, gradient clipping {tc.get('grad_clip')}"
                      + (f"; each caption saw the plain image or one of {views} cached random-crop/mirror views" if views else "") + ")")
     if scst:
