@@ -294,7 +294,7 @@ def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
     assert params[0]["component"] == "Image" and not params[0]["parameter_has_default"]
     assert all(p["parameter_has_default"] for p in params[1:])
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params[1:]}
-    assert defaults["strategy"] == "beam" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
+    assert defaults["strategy"] == "greedy" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
     assert defaults["temperature"] == 1.0 and defaults["top_k"] == 0 and defaults["top_p"] == 0.9
     assert demo._queue.default_concurrency_limit == 4 and demo._queue.max_size == 64
     assert any("tiny @ test" in str(c.get("props", {}).get("value")) for c in demo.config["components"])
