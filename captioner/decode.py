@@ -42,8 +42,12 @@ class Step:
 @dataclass
 class _Hyp:
     tokens: list[int]
-    steps: list[Step]
+    last: tuple | None  # (t, token, log-prob row) of the newest word: its Step is built only if it is shown
     score: float  # sum of log-probabilities
+
+    def step(self, vocab, k: int) -> Step:
+        t, token, row = self.last
+        return _record(vocab, t, token, row, k, self.score, self.tokens)
 
 
 def _device(model) -> torch.device:
@@ -189,7 +193,7 @@ def _beam(model, feature, max_len, k, beam_size, length_penalty, no_repeat_ngram
     """Beam search, beams batched through one decoder step; never fails when no beam ends."""
     vocab = model.vocab
     logits, state = _start(model, feature, 1)
-    live = [_Hyp([], [], 0.0)]
+    live = [_Hyp([], None, 0.0)]
     finished: list[_Hyp] = []
     norm = lambda h: h.score / max(1, len(h.tokens)) ** length_penalty  # noqa: E731
     pending: Step | None = None
@@ -209,11 +213,9 @@ def _beam(model, feature, max_len, k, beam_size, length_penalty, no_repeat_ngram
             parent, token = divmod(index, logp.size(1))
             h = live[parent]
             if token == vocab.eos_id:
-                finished.append(_Hyp(h.tokens, h.steps, h.score))
+                finished.append(_Hyp(h.tokens, h.last, h.score))
             else:
-                tokens = h.tokens + [token]
-                step = _record(vocab, t, token, logp[parent], k, score, tokens)
-                survivors.append(_Hyp(tokens, h.steps + [step], score))
+                survivors.append(_Hyp(h.tokens + [token], (t, token, logp[parent]), score))
                 parents.append(parent)
             if len(survivors) == beam_size:
                 break
@@ -222,15 +224,15 @@ def _beam(model, feature, max_len, k, beam_size, length_penalty, no_repeat_ngram
             break
         if pending is not None:
             yield pending
-        pending = survivors[0].steps[-1]  # the best live hypothesis so far
+        pending = survivors[0].step(vocab, k)  # the best live hypothesis so far
         live = survivors
         state = model.decoder.select_state(state, torch.tensor(parents, device=feature.device))
         logits, state = model.decoder.step(torch.tensor([h.tokens[-1] for h in live], device=feature.device), state)
     ended = [h for h in finished if h.tokens]
     pool = ended or live  # no beam ended: take the best live one rather than fail
     best = max(pool, key=norm)
-    if best.steps:
-        yield Step(**{**best.steps[-1].__dict__, "stop": "eos" if ended else "max_len"})
+    if best.last is not None:
+        yield Step(**{**best.step(vocab, k).__dict__, "stop": "eos" if ended else "max_len"})
 
 
 def caption(model, image, **kwargs) -> str:
