@@ -78,6 +78,7 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
     if final.exists():
         return torch.from_numpy(np.load(final))
     encoder = model.encoder.eval()
+    had = encoder.__dict__.get("_fast")
     encoder.optimize_for_inference(model.config.image_size)  # batch norm folded: same features, ~1.8x faster
     try:
         chunks = range(0, len(images), CHUNK)
@@ -96,7 +97,8 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
                 bar.update(len(batch))
             _atomic_save(np.concatenate(out), path)
     finally:
-        encoder.__dict__.pop("_fast", None)  # the copy would go stale if the backbone is trained later
+        if had is None:
+            encoder.__dict__.pop("_fast", None)  # the copy would go stale if the backbone is trained later
     bar.close()
     parts = [np.load(folder / f"chunk_{i:05d}.npy") for i in range(len(chunks))]
     array = np.concatenate(parts) if parts else np.zeros((0, encoder.backbone.num_features), np.float32)

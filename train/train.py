@@ -200,6 +200,13 @@ class FromFeatures(nn.Module):
         return self.model(x, captions) if self.finetune else self.model.forward_features(x, captions)
 
 
+def draw_views(views: torch.Tensor, rows: list[int], seed: int, step: int) -> torch.Tensor:
+    """Features of `rows`, each from one view drawn at random: views (1 + K, N, F) -> (len(rows), F).
+    Seeded by the step, so --resume draws the same views again."""
+    pick = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return views[torch.randint(0, views.size(0), (len(rows),), generator=pick), rows]
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -431,8 +438,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                         g["lr"] = cfg.scst_lr
                     x = train_x[b] if not cfg.finetune_backbone else None
                     if cfg.augment_views and x is not None:  # rollouts from augmented views too, as in teacher forcing
-                        pick = torch.Generator().manual_seed(cfg.seed * 1_000_003 + meta["global_step"])
-                        x = train_views[torch.randint(0, cfg.augment_views + 1, (len(b),), generator=pick), b]  # (B, F)
+                        x = draw_views(train_views, b, cfg.seed, meta["global_step"])  # (B, F)
                     loss, reward = scst_batch(model, wrapped, x, [train_refs_tok[i] for i in b], b, cider, cfg, vocab, device, gen)
                     running += reward * len(b)
                     seen += len(b)
@@ -446,10 +452,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                         x = preprocess_batch([train_x[image_index[i]] for i in b], model.config).to(device)  # (B, 3, S, S)
                     else:
                         rows = [image_index[i] for i in b]
-                        if cfg.augment_views:  # one view per caption, seeded by the step so --resume repeats it
-                            pick = torch.Generator().manual_seed(cfg.seed * 1_000_003 + meta["global_step"])
-                            v = torch.randint(0, cfg.augment_views + 1, (len(rows),), generator=pick)  # (B,)
-                            x = train_views[v, rows].to(device)  # (B, F)
+                        if cfg.augment_views:
+                            x = draw_views(train_views, rows, cfg.seed, meta["global_step"]).to(device)  # (B, F)
                         else:
                             x = train_x[rows].to(device)  # (B, F)
                     loss = caption_loss(wrapped(x, caps), caps, pad_id=vocab.pad_id, label_smoothing=cfg.label_smoothing)
