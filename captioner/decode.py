@@ -113,14 +113,19 @@ def _record(vocab, t, token, logp_row, k, cum, tokens) -> Step:
                 float(probs[vocab.eos_id]), tuple(tokens), detokenize(words))
 
 
+def _keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Scores (..., V) with all but the k highest of each row set to -inf; k = 0 keeps them all."""
+    if not k:
+        return scores
+    kth = scores.topk(min(k, scores.size(-1)), dim=-1).values[..., -1:]  # (..., 1)
+    return scores.masked_fill(scores < kth, -math.inf)
+
+
 def _pick(logp: torch.Tensor, *, sample: bool, temperature: float, top_k: int, top_p: float, generator) -> int:
     """Choose one token from a row of log-probabilities (greedy, or sampled with temperature/top-k/top-p)."""
     if not sample:
         return int(torch.argmax(logp))
-    scores = logp / temperature
-    if top_k:
-        kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, -math.inf)
+    scores = _keep_top_k(logp / temperature, top_k)
     probs = torch.softmax(scores, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
@@ -287,9 +292,7 @@ def generate_batch(model, features: torch.Tensor, max_len: int, *, sample: bool 
         if t == 0:
             logits[:, vocab.eos_id] = -math.inf
         if sample:
-            if top_k:
-                kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (n, 1)
-                logits = logits.masked_fill(logits < kth, -math.inf)
+            logits = _keep_top_k(logits, top_k)
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1).cpu()  # (n,)
         else:
             nxt = logits.argmax(-1).cpu()  # (n,)

@@ -14,8 +14,7 @@ from PIL import Image
 
 from captioner import load
 from captioner.decode import caption, stream
-from captioner.ui import build_demo, launch_options
-from tiny import app_env, endless_model_dir, free_port, start_app
+from tiny import app_env, endless_model_dir, free_port, serve_demo, start_app
 
 # gradio 6.31's queue statistics use a pandas option that pandas 3 deprecates (not this app's code)
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -37,11 +36,8 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model):
-    demo = build_demo(model, "tiny (tests)")
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_options())
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serve_demo(model, "tiny (tests)") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from captioner.decode import stream
-from captioner.ui import build_demo, launch_options
-from tiny import endless_model_dir, free_port
+from tiny import endless_model_dir, serve_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -43,11 +42,8 @@ def served(tmp_path_factory):
 
         folder = endless_model_dir(tmp_path_factory.mktemp("browser_model"), 8)  # 8-word captions
         model, label = load(folder), "tiny random model (tests)"
-    demo = build_demo(model, label)
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_options())
-    yield f"http://127.0.0.1:{port}/", model, real
-    demo.close()
+    with serve_demo(model, label) as url:
+        yield url, model, real
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """captioner.lite0 is timm's headless tf_efficientnet_lite0, key for key and output for output, without importing timm."""
-import os
 import subprocess
 import sys
 
@@ -7,6 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from tiny import app_env
 
 timm = pytest.importorskip("timm")  # the reference; still a requirement for the other backbones
 
@@ -127,7 +127,6 @@ def test_default_model_loads_and_captions_without_timm_or_torchvision():
         "assert all(captions), captions\n"
         "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=app_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -25,8 +25,7 @@ from captioner import load
 from captioner.decode import caption, stream
 from captioner.hub import ModelLoadError
 from captioner.preprocess import open_image
-from captioner.ui import build_demo, launch_options
-from tiny import endless_model_dir, free_port, start_app, tiny_model
+from tiny import endless_model_dir, serve_demo, start_app, tiny_model
 
 # gradio 6.31's queue statistics use a pandas option that pandas 3 deprecates (not this app's code)
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -141,11 +140,8 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model):
-    demo = build_demo(model, "tiny (sturdiness)", word_delay=0)
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_options())
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serve_demo(model, "tiny (sturdiness)", word_delay=0) as url:
+        yield url
 
 
 def expected(model, path) -> str:

@@ -1,6 +1,8 @@
 """A tiny random captioner for fast tests (no downloads: timm's `test_efficientnet` is built with random weights)."""
 from __future__ import annotations
 
+import contextlib
+
 WORDS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>", "a", "dog", "runs", "."]
 BACKBONE = "test_efficientnet"  # a few thousand parameters; timm builds it offline (pretrained=False)
 
@@ -109,3 +111,17 @@ def start_app(model_dir, *args: str, timeout: float = 120):
                 proc.kill()
                 raise
             time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def serve_demo(model, label: str, **build_kw):
+    """The app's Blocks served in this process on a free port of 127.0.0.1; yields its URL, closes it after."""
+    from captioner.ui import build_demo, launch_options
+
+    demo = build_demo(model, label, **build_kw)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_options())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()

@@ -22,6 +22,12 @@ def metrics_table(rows: dict) -> str:
     return format_table(rows) if rows else "_not evaluated_"
 
 
+def _train_config(run: Path) -> dict:
+    """The settings a run was trained with (from its checkpoint), or {} where it has none."""
+    trainer = run / "checkpoint" / "trainer.json"
+    return json.loads(trainer.read_text()).get("train_config", {}) if trainer.exists() else {}
+
+
 def _runs(model, run: Path | None, train_config: dict) -> list[tuple[dict, list[dict]]]:
     """(train config, epochs in these weights) for each run behind the model, oldest first: a run started with
     --init continues the run whose best/ it started from."""
@@ -38,8 +44,7 @@ def _runs(model, run: Path | None, train_config: dict) -> list[tuple[dict, list[
             break
         extra = json.loads((init / "config.json").read_text()).get("extra", {})
         run = init.parent
-        trainer = run / "checkpoint" / "trainer.json"
-        tc = json.loads(trainer.read_text()).get("train_config", {}) if trainer.exists() else {}
+        tc = _train_config(run)
     return chain
 
 
@@ -136,8 +141,7 @@ def export(run: Path, out: Path, *, repo_hint: str = "path/to/model") -> Path:
     best = run / "best"
     model = load(best)
     final = json.loads((run / "final_metrics.json").read_text()) if (run / "final_metrics.json").exists() else {}
-    trainer = run / "checkpoint" / "trainer.json"
-    train_config = json.loads(trainer.read_text()).get("train_config", {}) if trainer.exists() else {}
+    train_config = _train_config(run)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
