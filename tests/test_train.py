@@ -266,3 +266,31 @@ def test_cider_reward_matches_pycocoevalcap():
     ours = CiderD([[r.split() for r in rs] for rs in refs])
     got = [ours.score(h.split(), i, [r.split() for r in refs[i]]) for i, h in enumerate(hyps)]
     assert got == pytest.approx(list(per), abs=1e-9)
+
+
+def test_sweep_runs_each_combination_once_and_tabulates_them(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "sweep"
+    common = tiny_args(data, tmp_path / "unused", epochs=1, **{"eval-beam": 0, "no-progress": True})
+    i = common.index("--out")
+    del common[i : i + 2]  # the sweep names each run's folder
+    cmd = [sys.executable, "-m", "train.sweep", "--out", str(out), "--grid", "dropout=0.1,0.3", "--grid", "label-smoothing=0",
+           "--", *common]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted(p.name for p in out.iterdir())
+    assert runs == ["dropout=0.1,label_smoothing=0", "dropout=0.3,label_smoothing=0"]
+    for run in runs:
+        saved = json.loads((out / run / "checkpoint" / "trainer.json").read_text())["train_config"]
+        assert saved["label_smoothing"] == 0.0 and saved["dropout"] == float(run.split(",")[0].split("=")[1])
+        assert saved["epochs"] == 1 and (out / run / "best" / "model.safetensors").exists()
+    table = r.stdout.strip().splitlines()
+    assert table[0].startswith("| run | dropout |") and "label_smoothing" not in table[0]  # only what differs
+    assert len(table) == 4 and all("1 of 1" in row for row in table[2:])
+    before = {run: (out / run / "metrics.jsonl").read_text() for run in runs}
+    again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 2
+    assert {run: (out / run / "metrics.jsonl").read_text() for run in runs} == before
+    bad = subprocess.run([sys.executable, "-m", "train.sweep", "--out", str(out), "--grid", "dropuot=0.1"], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'dropuot' is not a training setting" in bad.stderr
