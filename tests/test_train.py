@@ -294,3 +294,17 @@ def test_sweep_runs_each_combination_once_and_tabulates_them(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "train.sweep", "--out", str(out), "--grid", "dropuot=0.1"], cwd=ROOT, env=env(),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "'dropuot' is not a training setting" in bad.stderr
+
+
+def test_embed_init_sets_the_scale_of_the_word_vectors(tmp_path):
+    from captioner.hub import load
+
+    data = write_dataset(tmp_path / "data")
+    stds = {}
+    for init in (0.0, 0.05):
+        out = tmp_path / f"run{init}"
+        r = run_train(tiny_args(data, out, epochs=1, **{"eval-beam": 0, "embed-init": init, "embed-size": 64}))
+        assert r.returncode == 0, r.stderr[-3000:]
+        stds[init] = float(load(out / "best").decoder.embed.weight.std())
+    assert stds[0.0] > 0.8  # PyTorch's N(0, 1), barely moved by 10 steps
+    assert 0.03 < stds[0.05] < 0.08

@@ -49,6 +49,7 @@ class TrainConfig:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.5
+    embed_init: float = 0.0  # std of a normal init of the word embeddings; 0 keeps PyTorch's N(0, 1), whose vectors dwarf the image's
     min_freq: int = 5  # vocabulary: words seen at least this often in the training captions
     max_tokens: int = 22  # longest training caption in tokens, <SOS>/<EOS> included (longer ones are cut)
     epochs: int = 15  # teacher-forcing epochs
@@ -356,6 +357,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             model = Captioner(config, vocab)
             if cfg.pretrained:
                 init_backbone(model.encoder, cfg.backbone)
+            if cfg.embed_init:
+                torch.nn.init.normal_(model.decoder.embed.weight, std=cfg.embed_init)
     model.encoder.set_trainable(cfg.finetune_backbone)
     model.to(device)
     print(f"vocabulary: {len(vocab)} words; device: {device}; world size {world}", file=sys.stderr) if is_main else None
