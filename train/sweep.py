@@ -14,7 +14,7 @@ import argparse
 import itertools
 import json
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from train.train import TrainConfig, parse_args, train
@@ -85,7 +85,9 @@ def summarize(out: Path) -> list[dict]:
         if not history:
             continue
         best = max(history, key=lambda r: r["CIDEr-D"])
-        rows.append({"run": run.name, "settings": trainer_state(run).get("train_config", {}), "epochs": len(history),
+        # Settings a run's code did not have yet read as today's defaults.
+        settings = {**asdict(TrainConfig()), **trainer_state(run).get("train_config", {})}
+        rows.append({"run": run.name, "settings": settings, "epochs": len(history),
                      "best": best, "finished": finished(run), "seconds": sum(r.get("seconds", 0) for r in history)})
     return rows
 
