@@ -24,8 +24,9 @@ def metrics_table(rows: dict) -> str:
 
 def _train_config(run: Path) -> dict:
     """The settings a run was trained with (from its checkpoint), or {} where it has none."""
-    trainer = run / "checkpoint" / "trainer.json"
-    return json.loads(trainer.read_text()).get("train_config", {}) if trainer.exists() else {}
+    from train.train import trainer_state
+
+    return trainer_state(run).get("train_config", {})
 
 
 def _runs(model, run: Path | None, train_config: dict) -> list[tuple[dict, list[dict]]]:

@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from train.train import TrainConfig, parse_args, train
+from train.train import TrainConfig, parse_args, train, trainer_state
 
 # Settings that say where or how a run executes, not what it learns: never shown as a difference between runs.
 NOT_SETTINGS = {"out", "threads", "progress", "device", "feature_cache", "data", "images"}
@@ -61,14 +61,6 @@ def flags(overrides: dict) -> list[str]:
         flag = "--" + k.replace("_", "-")
         argv += [flag if v else "--no-" + k.replace("_", "-")] if isinstance(v, bool) else [flag, str(v)]
     return argv
-
-
-def trainer_state(run: Path) -> dict:
-    """The run's last checkpoint record (epoch done, train_config), or {} before its first checkpoint."""
-    for folder in (run / "checkpoint", run / "checkpoint.old"):
-        if (folder / "trainer.json").exists():
-            return json.loads((folder / "trainer.json").read_text())
-    return {}
 
 
 def finished(run: Path) -> bool:

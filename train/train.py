@@ -141,6 +141,14 @@ def save_checkpoint(folder: Path, model: Captioner, opt, state: dict) -> None:
     atomic_dir(folder, write)
 
 
+def trainer_state(out: Path) -> dict:
+    """A run folder's last checkpoint record (epoch done, history, train_config, ...), or {} before its first checkpoint."""
+    for folder in (out / "checkpoint", out / "checkpoint.old"):
+        if (folder / "trainer.json").exists():
+            return json.loads((folder / "trainer.json").read_text())
+    return {}
+
+
 def load_checkpoint(folder: Path):
     from safetensors.torch import load_file
 
@@ -548,13 +556,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with its settings")
     given = vars(p.parse_args(argv))
     resume = given.pop("resume")
-    settings = {}
-    if resume:
-        out = Path(given.get("out", defaults.out))
-        for folder in (out / "checkpoint", out / "checkpoint.old"):
-            if (folder / "trainer.json").exists():
-                settings = json.loads((folder / "trainer.json").read_text()).get("train_config", {})
-                break
+    settings = trainer_state(Path(given.get("out", defaults.out))).get("train_config", {}) if resume else {}
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in {**settings, **given}.items() if k in names}), resume
 
