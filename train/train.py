@@ -541,18 +541,23 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def setting_types() -> dict[str, type]:
+    """Each TrainConfig field and the type its flag parses to (str where the default is None, e.g. --init)."""
+    defaults = TrainConfig()
+    return {f.name: str if getattr(defaults, f.name) is None else type(getattr(defaults, f.name)) for f in fields(TrainConfig)}
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     """Flags override the defaults, or on --resume the checkpoint's own settings (so a bare --resume continues as it was)."""
     p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        kw = {"default": argparse.SUPPRESS, "help": f"default: {default}"}
-        if isinstance(default, bool):
+    for name, kind in setting_types().items():
+        flag = "--" + name.replace("_", "-")
+        kw = {"default": argparse.SUPPRESS, "help": f"default: {getattr(defaults, name)}"}
+        if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(flag, type=type(default) if default is not None else str, **kw)
+            p.add_argument(flag, type=kind, **kw)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with its settings")
     given = vars(p.parse_args(argv))
     resume = given.pop("resume")
