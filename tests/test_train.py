@@ -131,6 +131,30 @@ def test_scst_from_a_saved_model_keeps_its_vocabulary_and_sizes(tmp_path):
     assert "top 2 words" in card
 
 
+def test_scst_cosine_schedule_decays_the_learning_rate(tmp_path):
+    """--scst-schedule cosine lowers the self-critical lr epoch by epoch; each epoch records its last lr and threads."""
+    from train.train import lr_at
+
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    # 8 training images in batches of 4: 2 self-critical steps per epoch, 6 in all
+    r = run_train(tiny_args(data, out, **{"epochs": 1, "scst-epochs": 3, "scst-batch-images": 4, "scst-samples": 2,
+                                          "scst-lr": 1e-3, "scst-schedule": "cosine", "eval-beam": 0}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    hist = read_metrics(out)
+    lrs = [h["last_lr"] for h in hist if h["phase"] == "scst"]
+    assert lrs == pytest.approx([lr_at(s, 6, 1e-3, 0) for s in (1, 3, 5)])
+    assert lrs[0] > lrs[1] > lrs[2] and all(h["threads"] == 1 for h in hist)
+    # the model card's line for this run (all its epochs: the export keeps only those up to the best one)
+    from train.export import _stage, _train_config
+
+    line = _stage(_train_config(out), hist)
+    assert "3 epochs of self-critical" in line and "lr 0.001 decaying to 5% of itself on a cosine" in line, line
+    assert line.endswith("minutes of epochs on 1 CPU thread"), line
+    bad = run_train(tiny_args(data, tmp_path / "bad", **{"scst-schedule": "linear"}))
+    assert bad.returncode == 2 and "--scst-schedule 'linear'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_training_is_reproducible(tmp_path):
     data = write_dataset(tmp_path / "data")
     losses = []

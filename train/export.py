@@ -65,9 +65,12 @@ def _stage(tc: dict, history: list[dict]) -> str:
         k = tc.get("scst_top_k") or 0
         parts.append(f"{scst} epochs of self-critical sequence training (reward CIDEr-D, baseline the mean reward of the other "
                      f"{tc.get('scst_samples', 5) - 1} samples of the same image, lr {tc.get('scst_lr')}"
+                     + (" decaying to 5% of itself on a cosine" if tc.get("scst_schedule") == "cosine" else "")
                      + (f", samples drawn from the top {k} words" if k else "") + ")")
     minutes = sum(h.get("seconds", 0) for h in history) / 60
-    return " then ".join(parts) + f": {minutes:.0f} minutes of epochs" if parts else "no recorded epochs"
+    threads = sorted({h["threads"] for h in history if "threads" in h})  # recorded per epoch since the cosine option
+    on = f" on {' or '.join(map(str, threads))} CPU thread{'s' if threads != [1] else ''}" if threads else ""
+    return " then ".join(parts) + f": {minutes:.0f} minutes of epochs{on}" if parts else "no recorded epochs"
 
 
 def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hint: str) -> str:

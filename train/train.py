@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     scst_epochs: int = 0  # self-critical epochs after teacher forcing (CIDEr-D reward)
     scst_lr: float = 5e-5
+    scst_schedule: str = "constant"  # constant, or cosine: scst_lr decays to 5% of itself over the self-critical epochs
     scst_samples: int = 5  # sampled captions per image; baseline = mean reward of the others
     scst_batch_images: int = 64
     scst_top_k: int = 5  # rollouts sample from the k likeliest words (label smoothing leaves ~10% on random words)
@@ -310,6 +311,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     from train.evaluate import score, score_tokens
     from train.features import extract_features
 
+    if cfg.scst_schedule not in ("constant", "cosine"):
+        raise ValueError(f"--scst-schedule {cfg.scst_schedule!r}: choose constant or cosine")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
@@ -415,6 +418,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     total_epochs = cfg.epochs + cfg.scst_epochs
     steps_per_epoch = len(list(bucket_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed))) // world
     total_steps = cfg.epochs * steps_per_epoch
+    scst_steps = cfg.scst_epochs * (math.ceil(len(train_set) / cfg.scst_batch_images) // world)
     sample_ids = list(range(min(cfg.sample_images, len(val_set))))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     try:
@@ -440,13 +444,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             batches = batches[: len(batches) // world * world][rank::world]
             bar = tqdm(total=len(batches), initial=meta["step_in_epoch"], desc=f"epoch {epoch + 1}/{total_epochs}{' scst' if scst else ''}",
                        disable=not (cfg.progress and is_main), unit="batch")
-            running, seen = 0.0, 0
+            running, seen, lr = 0.0, 0, None
             for bi in range(meta["step_in_epoch"], len(batches)):
                 b = batches[bi]
                 model.train(not scst)  # self-critical steps sample and learn without dropout
                 if scst:
+                    done = meta["global_step"] - cfg.epochs * steps_per_epoch  # self-critical steps so far
+                    lr = cfg.scst_lr if cfg.scst_schedule == "constant" else lr_at(done, scst_steps, cfg.scst_lr, 0)
                     for g in opt.param_groups:
-                        g["lr"] = cfg.scst_lr
+                        g["lr"] = lr
                     x = train_x[b] if not cfg.finetune_backbone else None
                     if cfg.augment_views and x is not None:  # rollouts from augmented views too, as in teacher forcing
                         x = draw_views(train_views, b, cfg.seed, meta["global_step"])  # (B, F)
@@ -454,8 +460,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     running += reward * len(b)
                     seen += len(b)
                 else:
+                    lr = lr_at(meta["global_step"], total_steps, cfg.lr, cfg.warmup_steps)
                     for g in opt.param_groups:
-                        g["lr"] = lr_at(meta["global_step"], total_steps, cfg.lr, cfg.warmup_steps)
+                        g["lr"] = lr
                     caps = collate_captions([captions[i] for i in b], pad_id=vocab.pad_id).to(device)  # (T, B)
                     if cfg.finetune_backbone:
                         from captioner.preprocess import preprocess_batch
@@ -492,6 +499,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 caps_val = decode_val(model, val_feats, device, strategy="greedy")
                 metrics = score(caps_val, val_refs)
                 record = {"epoch": epoch + 1, "phase": "scst" if scst else "xe", "seconds": round(time.time() - t0, 1),
+                          "threads": torch.get_num_threads(), "last_lr": lr,
                           ("train_reward" if scst else "train_loss"): running / max(1, seen), "val_loss": vl, **metrics,
                           "samples": {os.path.basename(val_set[i].image): caps_val[i] for i in sample_ids}}
                 meta["history"].append(record)
