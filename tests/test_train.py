@@ -155,6 +155,37 @@ def test_scst_cosine_schedule_decays_the_learning_rate(tmp_path):
     assert bad.returncode == 2 and "--scst-schedule 'linear'" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_scst_xe_weight_mixes_in_teacher_forcing(tmp_path):
+    """--scst-xe-weight adds teacher forcing to the self-critical steps: same seed, different weights; bad values are refused."""
+    from captioner import load
+
+    data = write_dataset(tmp_path / "data")
+    common = {"epochs": 1, "scst-epochs": 1, "scst-batch-images": 4, "scst-samples": 2, "scst-lr": 1e-2, "eval-beam": 0}
+    runs = {}
+    for w in (0.0, 1.0):
+        out = tmp_path / f"w{w}"
+        r = run_train(tiny_args(data, out, **common, **{"scst-xe-weight": w}))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[w] = out
+    from train.export import _stage, _train_config
+
+    assert "plus 1.0 x the teacher-forcing loss" in _stage(_train_config(runs[1.0]), read_metrics(runs[1.0]))
+    assert "teacher-forcing loss" not in _stage(_train_config(runs[0.0]), read_metrics(runs[0.0]))
+    # the teacher-forcing epoch is identical (same seed); only the self-critical steps differ
+    a, b = (trainer_weights(runs[w]) for w in (0.0, 1.0))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    for flags, message in (({"scst-xe-weight": -1}, "--scst-xe-weight -1.0: must be >= 0"),
+                           ({"scst-epochs": 1, "finetune-backbone": True}, "--scst-epochs with --finetune-backbone")):
+        bad = run_train(tiny_args(data, tmp_path / "bad", **flags))
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+
+
+def trainer_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
 def test_training_is_reproducible(tmp_path):
     data = write_dataset(tmp_path / "data")
     losses = []

@@ -66,6 +66,7 @@ def _stage(tc: dict, history: list[dict]) -> str:
         parts.append(f"{scst} epochs of self-critical sequence training (reward CIDEr-D, baseline the mean reward of the other "
                      f"{tc.get('scst_samples', 5) - 1} samples of the same image, lr {tc.get('scst_lr')}"
                      + (" decaying to 5% of itself on a cosine" if tc.get("scst_schedule") == "cosine" else "")
+                     + (f", plus {tc['scst_xe_weight']} x the teacher-forcing loss" if tc.get("scst_xe_weight") else "")
                      + (f", samples drawn from the top {k} words" if k else "") + ")")
     minutes = sum(h.get("seconds", 0) for h in history) / 60
     threads = sorted({h["threads"] for h in history if "threads" in h})  # recorded per epoch since the cosine option

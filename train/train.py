@@ -65,6 +65,7 @@ class TrainConfig:
     scst_samples: int = 5  # sampled captions per image; baseline = mean reward of the others
     scst_batch_images: int = 64
     scst_top_k: int = 5  # rollouts sample from the k likeliest words (label smoothing leaves ~10% on random words)
+    scst_xe_weight: float = 0.0  # adds this times the teacher-forcing loss of one reference per image to each self-critical step
     init: str | None = None  # start from this saved model (folder or Hub id), e.g. self-critical after teacher forcing
     finetune_backbone: bool = False  # train the CNN too (needs a GPU to be practical; no feature cache)
     feature_cache: str = ".cache/features"
@@ -313,6 +314,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
     if cfg.scst_schedule not in ("constant", "cosine"):
         raise ValueError(f"--scst-schedule {cfg.scst_schedule!r}: choose constant or cosine")
+    if cfg.scst_epochs and cfg.finetune_backbone:
+        raise ValueError("--scst-epochs with --finetune-backbone: self-critical training runs on cached features; "
+                         "fine-tune with teacher forcing, then run --scst-epochs with --init on its best model")
+    if cfg.scst_xe_weight < 0:
+        raise ValueError(f"--scst-xe-weight {cfg.scst_xe_weight}: must be >= 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
@@ -392,6 +398,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         model.to(device)
 
     image_index, captions = encode_captions(vocab, train_set, cfg.max_tokens)
+    captions_of: dict[int, list[int]] = {}  # training image -> its caption indices
+    for c, i in enumerate(image_index):
+        captions_of.setdefault(i, []).append(c)
     lengths = [len(c) for c in captions]
     val_refs = [s.captions for s in val_set]
     wrapped = FromFeatures(model, cfg.finetune_backbone)
@@ -453,10 +462,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     lr = cfg.scst_lr if cfg.scst_schedule == "constant" else lr_at(done, scst_steps, cfg.scst_lr, 0)
                     for g in opt.param_groups:
                         g["lr"] = lr
-                    x = train_x[b] if not cfg.finetune_backbone else None
-                    if cfg.augment_views and x is not None:  # rollouts from augmented views too, as in teacher forcing
+                    x = train_x[b]  # (B, F)
+                    if cfg.augment_views:  # rollouts from augmented views too, as in teacher forcing
                         x = draw_views(train_views, b, cfg.seed, meta["global_step"])  # (B, F)
                     loss, reward = scst_batch(model, wrapped, x, [train_refs_tok[i] for i in b], b, cider, cfg, vocab, device, gen)
+                    if cfg.scst_xe_weight:  # a little teacher forcing keeps the language model from drifting
+                        pick = random.Random(cfg.seed * 1_000_003 + meta["global_step"])
+                        gt = collate_captions([captions[pick.choice(captions_of[i])] for i in b], pad_id=vocab.pad_id).to(device)  # (T, B)
+                        xe = caption_loss(wrapped(x.to(device), gt), gt, pad_id=vocab.pad_id, label_smoothing=cfg.label_smoothing)
+                        loss = loss + cfg.scst_xe_weight * xe
                     running += reward * len(b)
                     seen += len(b)
                 else:
