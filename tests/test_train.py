@@ -246,10 +246,13 @@ def test_sigint_saves_mid_epoch_and_resumes(tmp_path):
     assert "continue with --resume" in err
     state = json.loads((out / "checkpoint" / "trainer.json").read_text())
     assert state["step_in_epoch"] > 0  # saved in the middle of an epoch
+    part = state["partial"]  # the interrupted epoch's time and running loss so far
+    assert part["seconds"] > 0 and part["seen"] == state["step_in_epoch"] and part["running"] > 0
     target = state["epoch"] + 1  # finish the interrupted epoch
     r = run_train(["--out", str(out), "--resume", "--epochs", str(target)])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [h["epoch"] for h in read_metrics(out)][-1] == target
+    last = read_metrics(out)[-1]
+    assert last["epoch"] == target and last["seconds"] >= round(part["seconds"], 1)  # both parts of the epoch count
 
 
 def test_feature_cache_is_keyed_by_preprocessing(tmp_path):

@@ -435,7 +435,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
         for epoch in range(meta["epoch"], total_epochs):
             scst = epoch >= cfg.epochs
-            t0 = time.time()
+            # an epoch resumed mid-way keeps the time and running totals of its first part
+            partial = meta.pop("partial", None) or {"seconds": 0.0, "running": 0.0, "seen": 0}
+            t0 = time.time() - partial["seconds"]
             if scst:
                 if not meta.get("scst_optimizer"):
                     # Fresh Adam moments: the teacher-forcing ones are scaled to far larger gradients and would
@@ -453,7 +455,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             batches = batches[: len(batches) // world * world][rank::world]
             bar = tqdm(total=len(batches), initial=meta["step_in_epoch"], desc=f"epoch {epoch + 1}/{total_epochs}{' scst' if scst else ''}",
                        disable=not (cfg.progress and is_main), unit="batch")
-            running, seen, lr = 0.0, 0, None
+            running, seen, lr = partial["running"], partial["seen"], None
             for bi in range(meta["step_in_epoch"], len(batches)):
                 b = batches[bi]
                 model.train(not scst)  # self-critical steps sample and learn without dropout
@@ -502,7 +504,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 bar.update(1)
                 if stop["now"]:
                     if is_main:
-                        save_checkpoint(ckpt, model, opt, {**meta, "epoch": epoch, "train_config": asdict(cfg)})
+                        part = {"seconds": time.time() - t0, "running": running, "seen": seen}
+                        save_checkpoint(ckpt, model, opt, {**meta, "epoch": epoch, "partial": part, "train_config": asdict(cfg)})
                         print(f"saved {ckpt} at epoch {epoch + 1}, batch {bi + 1}; continue with --resume", file=sys.stderr)
                     bar.close()
                     return {"interrupted": True, **meta}
