@@ -69,7 +69,7 @@ def _stage(tc: dict, history: list[dict]) -> str:
                      + (f", plus {tc['scst_xe_weight']} x the teacher-forcing loss" if tc.get("scst_xe_weight") else "")
                      + (f", samples drawn from the top {k} words" if k else "") + ")")
     minutes = sum(h.get("seconds", 0) for h in history) / 60
-    threads = sorted({h["threads"] for h in history if "threads" in h})  # recorded per epoch since the cosine option
+    threads = sorted({h["threads"] for h in history if "threads" in h})  # runs from before this field have none
     on = f" on {' or '.join(map(str, threads))} CPU thread{'s' if threads != [1] else ''}" if threads else ""
     return " then ".join(parts) + f": {minutes:.0f} minutes of epochs{on}" if parts else "no recorded epochs"
 
