@@ -64,8 +64,39 @@ def run(model, s: Settings, images: list[str], image_source: str) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
 
-    st = measure_interleaved({"onednn": train_step, "native": lambda: train_step(False)}, warmup=1, repeat=s.train_steps)
+    # --tune-top-stages N: the same step from cached maps, through the backbone's last N stages (trained too)
+    from train.features import split_backbone
+
+    tuned = {}
+    for n_top in (1, 2):
+        bottom, top = split_backbone(trainee.encoder.backbone, n_top)
+        with torch.inference_mode():
+            maps = bottom(batch)  # (n, C, H, W)
+        maps = maps[torch.arange(BATCH) % len(maps)].clone()  # (BATCH, C, H, W): each caption row its image's map
+        top_params = list(top.parameters())
+        top_opt = torch.optim.AdamW(top_params, lr=1e-5)
+
+        def tuned_step(top=top, maps=maps, top_params=top_params, top_opt=top_opt):
+            for q in top_params:
+                q.requires_grad_(True)
+            logits = trainee.forward_features(top(maps), captions)  # (T, B, V)
+            loss = caption_loss(logits, captions, pad_id=model.vocab.pad_id, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            top_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params + top_params, 5.0)
+            opt.step()
+            top_opt.step()
+            for q in top_params:
+                q.requires_grad_(False)
+
+        tuned[f"top{n_top}"] = tuned_step
+    st = measure_interleaved({"onednn": train_step, "native": lambda: train_step(False), **tuned}, warmup=1, repeat=s.train_steps)
     for key, label in (("onednn", "current code (nn.LSTM via oneDNN)"), ("native", "oneDNN off (torch.backends.mkldnn.flags)")):
         rows.append({"stage": f"training step on cached features, batch {BATCH}, {MAX_TOKENS} tokens",
                      "captions_per_s": round(BATCH / (st[key].median_ms / 1e3), 1), "median_ms": round(st[key].median_ms, 1), "note": label})
+    for n_top in (1, 2):
+        rows.append({"stage": f"training step on cached maps, last {n_top} CNN stage(s) + head conv trained too, batch {BATCH}",
+                     "captions_per_s": round(BATCH / (st[f"top{n_top}"].median_ms / 1e3), 1),
+                     "median_ms": round(st[f"top{n_top}"].median_ms, 1), "note": f"--tune-top-stages {n_top}"})
     return {"rows": rows, "note": f"training: {s.train_steps} AdamW steps per variant after 1 warm-up, interleaved; random features and captions"}

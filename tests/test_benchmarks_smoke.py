@@ -60,6 +60,8 @@ def test_json_structure(bench):
                 assert r["greedy_tokens"] == 16 and r["beam3_tokens"] == 16  # exactly 16 new tokens
     assert "cold_start_s" in res["sections"]["app"] or "skipped" in res["sections"]["app"]
     assert {r["stage"].split(",")[0] for r in res["sections"]["train"]["rows"]} >= {"encoder.features", "training step on cached features"}
+    tuned = [r for r in res["sections"]["train"]["rows"] if r["note"].startswith("--tune-top-stages")]
+    assert [r["note"] for r in tuned] == ["--tune-top-stages 1", "--tune-top-stages 2"] and all(r["captions_per_s"] > 0 for r in tuned)
     levers = res["sections"]["levers"]
     assert {"eager", "eager+jit"} <= set(levers["proposals"])
     assert all("verdict" in r for r in levers["rows"])
