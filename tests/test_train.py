@@ -442,5 +442,7 @@ def test_tune_top_stages_trains_only_the_last_stages_on_cached_maps(tmp_path):
     assert ex.returncode == 0, ex.stderr
     card = (tmp_path / "export" / "README.md").read_text()
     assert "except its last 1 stage(s) and head conv" in card and "at 1.0 x the lr" in card
+    changed = run_train(["--out", str(tuned), "--resume", "--tune-top-stages", "0"])  # its optimizer has the top's group
+    assert changed.returncode == 2 and "tune_top_stages=0 differs from the checkpoint's 1" in changed.stderr
     bad = run_train(tiny_args(data, tmp_path / "bad", **{"tune-top-stages": 1, "finetune-backbone": True}))
     assert bad.returncode == 2 and "choose one" in bad.stderr

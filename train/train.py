@@ -373,7 +373,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         vocab = model.vocab
         init_epochs = model.config.extra.get("init_trained_epochs")
         saved = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
-        for name in ("embed_size", "hidden_size", "num_layers", "min_freq", "backbone"):
+        for name in ("embed_size", "hidden_size", "num_layers", "min_freq", "backbone", "tune_top_stages"):
             if getattr(saved, name) != getattr(cfg, name):
                 raise ValueError(f"--resume: {name}={getattr(cfg, name)!r} differs from the checkpoint's {getattr(saved, name)!r}")
         if is_main:
