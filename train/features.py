@@ -40,9 +40,9 @@ def split_backbone(backbone, top_stages: int):
 
 def top_parameter_names(backbone, top_stages: int) -> set[str]:
     """State-dict names of what `split_backbone(backbone, top_stages)[1]` trains (they stay out of the map cache's key)."""
-    first = len(backbone.blocks) - top_stages
-    return {n for n in backbone.state_dict() if n.startswith(("conv_head.", "bn2."))
-            or (n.startswith("blocks.") and int(n.split(".")[1]) >= first)}
+    top = split_backbone(backbone, top_stages)[1]
+    ids = {id(t) for t in (*top.parameters(), *top.buffers())}
+    return {n for n, t in (*backbone.named_parameters(), *backbone.named_buffers()) if id(t) in ids}
 
 
 def backbone_fingerprint(encoder, top_stages: int = 0) -> str:
