@@ -136,7 +136,7 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
             encoder.__dict__.pop("_fast", None)  # the copy would go stale if the backbone is trained later
     bar.close()
     parts = [np.load(folder / f"chunk_{i:05d}.npy") for i in range(len(chunks))]
-    array = np.concatenate(parts) if parts else np.zeros((0, encoder.backbone.num_features), np.float32)  # no images: no maps either
+    array = np.concatenate(parts) if parts else np.zeros((0, encoder.backbone.num_features), np.float32)
     _atomic_save(array, final)
     for i in range(len(chunks)):
         (folder / f"chunk_{i:05d}.npy").unlink()
