@@ -1,0 +1,227 @@
+"""The README's code runs as pasted, its links lead somewhere, and pyproject.toml describes the package.
+
+Every ```python block of README.md runs in its own interpreter from the repository root. A block may be preceded
+by a marker comment that says what it needs:
+
+    <!-- readme-test: needs-server -->   the app is started (app.py, bundled model, a free port) and the block's
+                                        http://127.0.0.1:7860/ is replaced by the app's address
+    <!-- readme-test: fake-hub -->       the block runs against tests/hubserver.py's FAKE Hub (HF_ENDPOINT), from a
+                                        temporary copy of the repository's files, as a fresh clone would
+
+Bash blocks are not run; the scripts and modules they name must exist. Nothing is written into the repository.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+APP_URL = "http://127.0.0.1:7860/"
+MARKERS = {"needs-server", "fake-hub"}
+TIMEOUT = 120
+
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+MARKER = re.compile(r"<!--\s*readme-test:\s*([\w-]+)\s*-->\s*$")
+
+
+def code_blocks(path: Path = README, language: str = "python") -> list[tuple[int, str | None, str]]:
+    """(line number, marker or None, code) of every ```language block of `path`."""
+    text = path.read_text(encoding="utf-8")
+    blocks = []
+    for m in FENCE.finditer(text):
+        if m.group(1) != language:
+            continue
+        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        marker = MARKER.search(before)
+        blocks.append((text.count("\n", 0, m.start()) + 1, marker.group(1) if marker else None, m.group(2)))
+    return blocks
+
+
+def block_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "CAPTIONER_"))}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1", PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra)
+    return env
+
+
+def run_block(code: str, *, cwd: Path = ROOT, env: dict | None = None, what: str = "README block") -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env or block_env(), capture_output=True,
+                                text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{what} ran past {TIMEOUT} s:\n{code}\n--- stdout:\n{e.stdout}\n--- stderr:\n{e.stderr}")
+    assert result.returncode == 0, f"{what} failed (exit {result.returncode}):\n{code}\n--- stderr:\n{result.stderr}"
+    return result
+
+
+BLOCKS = code_blocks()
+
+
+def test_readme_has_python_blocks_with_known_markers():
+    assert len(BLOCKS) >= 2, "expected the Python and the API examples"
+    for line, marker, _ in BLOCKS:
+        assert marker is None or marker in MARKERS, f"README.md:{line}: unknown readme-test marker {marker!r}"
+    text = README.read_text(encoding="utf-8")
+    for m in re.finditer(r"<!--\s*readme-test:", text):  # every marker sits right before a python block
+        line = text.count("\n", 0, m.start()) + 1
+        assert any(b[0] == line + 1 for b in BLOCKS), f"README.md:{line}: a readme-test marker not followed by a python block"
+
+
+def blocks_marked(marker):
+    return [pytest.param(line, code, id=f"line{line}") for line, m, code in BLOCKS if m == marker]
+
+
+@pytest.mark.parametrize("line,code", blocks_marked(None))
+def test_python_block_runs(line, code):
+    result = run_block(code, what=f"README.md:{line}")
+    assert result.stdout.strip(), f"README.md:{line} printed nothing"
+
+
+@pytest.mark.parametrize("line,code", blocks_marked("needs-server"))
+def test_api_block_runs_against_the_app(line, code):
+    from tiny import start_app
+
+    assert APP_URL in code, f"README.md:{line}: a needs-server block must use {APP_URL}"
+    proc, url = start_app(ROOT / "captioner" / "default_model")
+    try:
+        result = run_block(code.replace(APP_URL, url), what=f"README.md:{line}")
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) >= 2, result.stdout  # streamed partial captions, then the final one
+    assert lines[-1].strip() and lines[-1] == lines[-2], f"the final caption should equal the last streamed one:\n{result.stdout}"
+
+
+def repository_files() -> list[str]:
+    """What a clone holds: tracked files plus new files not ignored (work in progress that will be committed)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return sorted(p for p in out.split("\0") if p and (ROOT / p).is_file())
+
+
+@pytest.mark.parametrize("line,code", blocks_marked("fake-hub"))
+def test_deploy_block_uploads_the_app_to_a_fake_hub(line, code, tmp_path):
+    from hubserver import FakeHub
+
+    clone = tmp_path / "clone"
+    files = repository_files()
+    for rel in files:
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, clone / rel)
+    for junk in (".venv/bin/python", "runs/xe/last.pt", ".cache/features/x.npy", ".git/HEAD"):  # what the block must leave out
+        (clone / junk).parent.mkdir(parents=True, exist_ok=True)
+        (clone / junk).write_text("not for the Space\n")
+    with FakeHub() as hub:
+        env = hub.env(tmp_path / "hf_home", base=block_env())  # HF_ENDPOINT: the fake; no token or cache of this machine
+        env["HF_TOKEN"] = "a-write-token"  # as after `hf auth login` (the fake takes any)
+        run_block(code, cwd=clone, env=env, what=f"README.md:{line}")
+        spaces = [key for key in hub.repos if key[0] == "space"]
+        assert len(spaces) == 1, spaces
+        uploaded = hub.files(spaces[0][1], repo_type="space")
+    for needed in ("README.md", "app.py", "requirements.txt", "captioner/default_model/model.safetensors"):
+        assert needed in uploaded, f"{needed} was not uploaded"
+    assert uploaded["app.py"] == (ROOT / "app.py").read_bytes()
+    left_out = [p for p in uploaded if p.split("/")[0] in (".venv", "runs", ".cache", ".git")]
+    assert not left_out, f"uploaded what a Space must not get: {left_out}"
+    assert set(files) <= set(uploaded), f"not uploaded: {sorted(set(files) - set(uploaded))}"
+
+
+BASH_BLOCKS = code_blocks(language="bash")
+
+
+def test_bash_blocks_name_scripts_and_modules_that_exist():
+    assert BASH_BLOCKS
+    for line, _, code in BASH_BLOCKS:
+        for script in re.findall(r"\bbash (scripts/\S+\.sh)", code):
+            assert (ROOT / script).is_file(), f"README.md:{line}: {script} does not exist"
+        for module in re.findall(r"python -m ([\w.]+)", code):
+            assert importlib.util.find_spec(module.split(".")[0]) is not None, f"README.md:{line}: no module {module}"
+            spec = importlib.util.find_spec(module)
+            assert spec is not None, f"README.md:{line}: no module {module}"
+
+
+def test_push_command_matches_its_parser():
+    from train.push import build_parser
+
+    commands = [c for _, _, code in BASH_BLOCKS for c in code.splitlines() if "-m train.push" in c]
+    assert commands, "the README shows how to publish a model"
+    for command in commands:
+        args = shlex.split(command.split("-m train.push", 1)[1].split("#")[0])
+        parsed = build_parser().parse_args(args)
+        assert parsed.model == "captioner/default_model" and parsed.repo == "USER/NAME"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/experiments.md"])
+def test_relative_links_resolve(doc):
+    path = ROOT / doc
+    text = path.read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        file = target.split("#", 1)[0]
+        assert (path.parent / file).exists(), f"{doc}: link to {target} leads nowhere"
+
+
+def test_experiment_log_is_linked_and_kept():
+    readme = README.read_text(encoding="utf-8")
+    log = (ROOT / "docs" / "experiments.md").read_text(encoding="utf-8")
+    assert "docs/experiments.md" in readme
+    assert "What moved the dev scores" in log and "runs/drop03_scst" in log
+
+
+def pyproject() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def test_pyproject_names_the_package_and_covers_it():
+    data = pyproject()
+    project = data["project"]
+    assert project["name"] == "captioner"
+    assert data["build-system"]["build-backend"] == "setuptools.build_meta"
+    assert "dependencies" in project.get("dynamic", []), "dependencies come from requirements.txt"
+    assert data["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
+    version = data["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    assert version == "captioner.__version__"
+    assert re.search(r'^__version__ = "[\d.]+"$', (ROOT / "captioner" / "__init__.py").read_text(), re.M)
+    include = data["tool"]["setuptools"]["packages"]["find"]["include"]
+    import fnmatch
+
+    found = [p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in ROOT.glob("captioner/**/__init__.py")]
+    found += [p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in ROOT.glob("train/**/__init__.py")]
+    assert "captioner" in found
+    for package in found:
+        assert any(fnmatch.fnmatchcase(package, pattern) for pattern in include), f"{package} is not packaged"
+    data_globs = data["tool"]["setuptools"]["package-data"]["captioner"]
+    for file in (ROOT / "captioner" / "default_model").iterdir():
+        rel = file.relative_to(ROOT / "captioner").as_posix()
+        assert any(fnmatch.fnmatchcase(rel, g) for g in data_globs), f"captioner/{rel} is not packaged"
+
+
+def test_pyproject_dependencies_are_requirements_setuptools_can_read():
+    """What `pip install -e .` reads: requirements.txt through setuptools' own parser, each line a valid requirement."""
+    pytest.importorskip("setuptools")
+    from packaging.requirements import Requirement
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    config = read_configuration(ROOT / "pyproject.toml", expand=True)
+    deps = config["project"]["dependencies"]
+    init = (ROOT / "captioner" / "__init__.py").read_text(encoding="utf-8")
+    assert f'__version__ = "{config["project"]["version"]}"' in init
+    names = {Requirement(d).name.lower().replace("_", "-") for d in deps}
+    assert {"torch", "gradio", "safetensors"} <= names
