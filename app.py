@@ -27,7 +27,7 @@ def limit_malloc_arenas(n: int = 2) -> bool:
 
 
 def model_label(model, src, revision) -> str:
-    from captioner.cli import DEFAULT_MODEL
+    from captioner.loading import DEFAULT_MODEL
 
     source = str(getattr(model, "source", src) or src)
     if os.path.abspath(source) == str(DEFAULT_MODEL):
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     # page, which this app does not use: never, so pandas (tens of MB) is never imported and no CPU goes to it.
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
 
-    from captioner.cli import load_model
+    from captioner.loading import load_model
     from captioner.hub import ModelLoadError
 
     limit_malloc_arenas()  # before any server thread exists

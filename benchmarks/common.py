@@ -30,14 +30,13 @@ class Settings:
     app_clicks: int = 10
     app_captions: int = 100
     train_steps: int = 8
-    check_images: int = 8  # images whose captions must not change for a lever to be kept
 
     @classmethod
     def make(cls, quick: bool) -> "Settings":
         if not quick:
             return cls()
         return cls(quick=True, warmup=1, repeat=5, peer_repeat=1, batch_images=32, app_clicks=3, app_captions=100,
-                   train_steps=3, check_images=4)
+                   train_steps=3)
 
 
 @dataclass
@@ -191,7 +190,8 @@ def workdir() -> Path:
 
 
 def random_default_model(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, **overrides):
-    """The default architecture with random weights and a dummy vocabulary (timings only; captions are noise)."""
+    """The default architecture with random weights and a dummy vocabulary (timings only; captions are noise),
+    made ready for inference as `load_model` makes a loaded one."""
     import torch
 
     from captioner import Captioner, CaptionerConfig, Vocabulary
@@ -199,12 +199,12 @@ def random_default_model(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, **
 
     torch.manual_seed(seed)
     vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(vocab_size - len(SPECIALS)))])
-    return Captioner(CaptionerConfig(vocab_size=vocab_size, **overrides), vocab).eval()
+    return Captioner(CaptionerConfig(vocab_size=vocab_size, **overrides), vocab).optimize_for_inference()
 
 
 def load_bench_model(src: str | None):
     """(model, description). SRC, else the bundled default model, else runs/flickr8k/best, else a random model."""
-    from captioner.cli import DEFAULT_MODEL, load_model
+    from captioner.loading import DEFAULT_MODEL, load_model
 
     if src == "random":
         return random_default_model(), "random weights, default architecture (--model random)"

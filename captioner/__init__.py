@@ -1,9 +1,12 @@
 """captioner: a small, fast CNN+LSTM image captioner with a step-by-step decoding stream."""
 from .config import CaptionerConfig
+from .generation import GenerationConfig
 from .vocab import Vocabulary
-from .model import Captioner, Decoder, Encoder
-from .hub import ModelLoadError, load
+from .model import Captioner, Decoder, Encoder, ImageFeatures, ShowTellDecoder
+from .hub import ModelLoadError
+from .loading import load, load_model
 from .preprocess import ImageError, open_image, preprocess
 
-__all__ = ["CaptionerConfig", "Vocabulary", "Captioner", "Decoder", "Encoder", "ModelLoadError", "load", "ImageError", "open_image", "preprocess"]
+__all__ = ["CaptionerConfig", "GenerationConfig", "Vocabulary", "Captioner", "Decoder", "ShowTellDecoder", "Encoder", "ImageFeatures",
+           "ModelLoadError", "load", "load_model", "ImageError", "open_image", "preprocess"]
 __version__ = "0.1.0"

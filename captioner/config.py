@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 # Bumped when the saved format changes in a way older code cannot read.
 FORMAT_VERSION = 1
+# The decoder architectures a config can name (each is a class in model.DECODERS).
+DECODERS = ("show-tell",)
 
 
 @dataclass
@@ -14,6 +16,7 @@ class CaptionerConfig:
     embed_size: int = 512  # size of the image feature and of the word embeddings
     train_backbone: bool = False  # False freezes the CNN (and its batch-norm statistics)
     # --- decoder ---
+    decoder: str = "show-tell"  # architecture: "show-tell" (the image at t=0 only; the seed's reference design)
     hidden_size: int = 512  # LSTM hidden state size
     num_layers: int = 1  # stacked LSTM layers
     dropout: float = 0.5  # on the image projection, the embeddings and the LSTM output
@@ -33,6 +36,8 @@ class CaptionerConfig:
     def __post_init__(self) -> None:
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder={self.decoder!r}: expected one of {', '.join(DECODERS)}")
         if self.resize not in ("squash", "crop"):
             raise ValueError(f"resize={self.resize!r}: expected 'squash' or 'crop'")
         if self.image_size < 8:
@@ -55,7 +60,7 @@ class CaptionerConfig:
                 f"(reads up to {FORMAT_VERSION}); upgrade captioner (pip install -U -r requirements.txt)"
             )
         names = {f.name for f in fields(cls)}
-        required = names - {"extra", "format_version"}
+        required = names - {"extra", "format_version", "decoder"}  # configs saved before `decoder` existed are show-tell
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"config.json is missing field(s) {missing}; the model folder is incomplete or not a captioner")

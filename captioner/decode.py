@@ -1,21 +1,23 @@
 """Decoding as a generator of small frozen Step records.
 
-Everything (greedy, sampling, beam search, branching, the CLI, the app) drives the decoder through
-`Decoder.step`; `caption()` just drains `stream()`.
+`encode` runs the CNN once per image; `stream` decodes from its ImageFeatures through the decoder's own seam
+(`start`, `step`) with the settings of one GenerationConfig. Greedy, sampling, beam search, branching, the CLI,
+the app and self-critical training's rollouts (`generate_batch`) all go through that seam; `caption()` just
+drains `stream()`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .preprocess import preprocess
+from .generation import STRATEGIES, GenerationConfig  # noqa: F401  (STRATEGIES re-exported for callers)
+from .model import ImageFeatures
+from .preprocess import preprocess, preprocess_batch
 from .vocab import detokenize
-
-STRATEGIES = ("greedy", "beam", "sample")
 
 
 @dataclass(frozen=True)
@@ -37,48 +39,34 @@ class Step:
     tokens: tuple[int, ...]  # the caption's token ids so far (beam: the current best hypothesis)
     text: str  # the caption so far, readable
     stop: str | None = None  # on the last record: "eos" (the model ended it) or "max_len"
+    # On the last record: the records of the final caption's earlier words, so [*last.history, last] is the whole
+    # caption, word by word (beam search: the winning hypothesis, which may differ from what was streamed).
+    history: tuple["Step", ...] = ()
 
-
-@dataclass
-class _Hyp:
-    tokens: list[int]
-    last: tuple | None  # (t, token, log-prob row) of the newest word: its Step is built only if it is shown
-    score: float  # sum of log-probabilities
-
-    def step(self, vocab, k: int) -> Step:
-        t, token, row = self.last
-        return _record(vocab, t, token, row, k, self.score, self.tokens)
+    def caption_steps(self) -> tuple["Step", ...]:
+        """On the last record: every word's record of the final caption."""
+        return (*self.history, self)
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def encode_image(model, image) -> torch.Tensor:
-    """A PIL image, path or bytes -> image feature (1, E); a feature tensor (E,) or (1, E) passes through."""
-    if isinstance(image, torch.Tensor) and image.dim() in (1, 2) and image.is_floating_point():
-        return image.reshape(1, -1).to(_device(model))  # (1, E)
-    x = image if isinstance(image, torch.Tensor) else preprocess(image, model.config)
-    return model.encode(x.reshape(1, *x.shape[-3:]).to(_device(model)))  # (1, E)
+def encode(model, image) -> ImageFeatures:
+    """One image (a path, bytes, a PIL image, or a preprocessed (3, S, S) tensor) -> its ImageFeatures (batch 1)."""
+    x = image if isinstance(image, torch.Tensor) else preprocess(image, model.config)  # (3, S, S)
+    return model.encode(x.reshape(1, *x.shape[-3:]).to(_device(model)))
 
 
-def _check(model, strategy: str, max_len: int | None, beam_size: int, temperature: float, top_p: float, top_k: int, num_alternatives: int) -> int:
+def _features(model, image, features: ImageFeatures | None) -> ImageFeatures:
+    if (image is None) == (features is None):
+        raise ValueError("give either an image or features= (from decode.encode), not both or neither")
+    return encode(model, image) if features is None else features.to(_device(model))
+
+
+def _check_model(model) -> None:
     if model.vocab is None:
         raise ValueError("this model has no vocabulary; load it with Captioner.from_pretrained or pass vocab=")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
-    max_len = model.config.max_len if max_len is None else max_len
-    if max_len < 1:
-        raise ValueError(f"max_len={max_len}: expected at least 1 word")
-    if beam_size < 1:
-        raise ValueError(f"beam_size={beam_size}: expected 1 or more")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}: expected a positive number")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: expected a value in (0, 1]")
-    if top_k < 0 or num_alternatives < 0:
-        raise ValueError(f"top_k={top_k}, num_alternatives={num_alternatives}: expected 0 or more")
-    return max_len
 
 
 def _mask(logits: torch.Tensor, vocab, histories: Sequence[Sequence[int]], no_repeat_ngram: int) -> torch.Tensor:
@@ -95,13 +83,6 @@ def _mask(logits: torch.Tensor, vocab, histories: Sequence[Sequence[int]], no_re
             if banned:
                 logits[row, list(banned)] = -math.inf
     return logits
-
-
-def _start(model, feature: torch.Tensor, n: int):
-    """Feed the image at t=0 and <SOS> at t=1 (as in training); returns the logits for the first word."""
-    _, state = model.decoder.step(feature.expand(n, -1), None)  # step 0's prediction is ignored
-    sos = torch.full((n,), model.vocab.sos_id, dtype=torch.long, device=feature.device)
-    return model.decoder.step(sos, state)  # (n, V), state
 
 
 def _record(vocab, t, token, logp_row, k, cum, tokens) -> Step:
@@ -121,89 +102,88 @@ def _keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.masked_fill(scores < kth, -math.inf)
 
 
-def _pick(logp: torch.Tensor, *, sample: bool, temperature: float, top_k: int, top_p: float, generator) -> int:
+def _pick(logp: torch.Tensor, config: GenerationConfig, generator) -> int:
     """Choose one token from a row of log-probabilities (greedy, or sampled with temperature/top-k/top-p)."""
-    if not sample:
+    if config.strategy != "sample":
         return int(torch.argmax(logp))
-    scores = _keep_top_k(logp / temperature, top_k)
+    scores = _keep_top_k(logp / config.temperature, config.top_k)
     probs = torch.softmax(scores, dim=-1)
-    if top_p < 1.0:
+    if config.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # smallest set reaching top_p; always keeps the first
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < config.top_p  # smallest set reaching top_p; always keeps the first
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @torch.inference_mode()
-def stream(
-    model,
-    image,
-    *,
-    strategy: str = "greedy",
-    max_len: int | None = None,
-    num_alternatives: int = 5,
-    beam_size: int = 3,
-    length_penalty: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    no_repeat_ngram: int = 0,
-    prefix: Sequence[int] = (),
-) -> Iterator[Step]:
+def stream(model, image=None, config: GenerationConfig | None = None, *, features: ImageFeatures | None = None,
+           prefix: Sequence[int] = (), **settings) -> Iterator[Step]:
     """Yield one Step per generated word (beam: the current best hypothesis each step, then the final one).
 
+    Give an image, or `features` from `encode` (decode one photo many times without re-running the CNN).
+    Settings come from `config` with keyword overrides (`stream(model, img, strategy="beam")`).
     `prefix` forces the first words (branching: "what if it had said *cat* here?"); a prefix ending in <EOS>
-    forces the end, which rescores a given caption. The last record's `stop` says why decoding ended.
+    forces the end, which rescores a given caption. The last record's `stop` says why decoding ended, and its
+    `history` holds the final caption's earlier records.
     """
-    max_len = _check(model, strategy, max_len, beam_size, temperature, top_p, top_k, num_alternatives)
+    config = GenerationConfig.make(config, **settings)
+    _check_model(model)
     vocab = model.vocab
+    max_len = config.resolved_max_len(model.config.max_len)
     prefix = [int(p) for p in prefix]
     for p in prefix:
         if not 0 <= p < len(vocab) or p in (vocab.pad_id, vocab.sos_id, vocab.unk_id):
             raise ValueError(f"prefix token {p} is not a word of this model's vocabulary (size {len(vocab)})")
-    feature = encode_image(model, image)  # (1, E)
-    if strategy == "beam":
-        yield from _beam(model, feature, max_len, num_alternatives, beam_size, length_penalty, no_repeat_ngram, prefix)
+    features = _features(model, image, features)
+    if len(features) != 1:
+        raise ValueError(f"stream decodes one image; got features of {len(features)} (use caption_batch for many)")
+    if config.strategy == "beam":
+        yield from _beam(model, features, config, max_len, prefix)
         return
     generator = None
-    if strategy == "sample":
-        generator = torch.Generator(device=feature.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
-    logits, state = _start(model, feature, 1)
+    if config.strategy == "sample":
+        generator = torch.Generator(device=features.vector.device)
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    logits, state = model.decoder.start(features)
     tokens: list[int] = []
+    done: list[Step] = []
     cum = 0.0
-    pending: Step | None = None  # held back one step so the last record can say why decoding stopped
     for t in range(max_len):
-        logp = F.log_softmax(_mask(logits, vocab, [tokens], no_repeat_ngram), dim=-1)[0]  # (V,)
-        if t < len(prefix):
-            token = prefix[t]
-        else:
-            token = _pick(logp, sample=strategy == "sample", temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        logp = F.log_softmax(_mask(logits, vocab, [tokens], config.no_repeat_ngram), dim=-1)[0]  # (V,)
+        token = prefix[t] if t < len(prefix) else _pick(logp, config, generator)
         if token == vocab.eos_id:
-            if pending is not None:
-                yield Step(**{**pending.__dict__, "stop": "eos"})
-            return
-        if pending is not None:
-            yield pending
+            break
+        if done:
+            yield done[-1]  # held back one step so the last record can say why decoding stopped
         cum += float(logp[token])
         tokens.append(token)
-        pending = _record(vocab, t, token, logp, num_alternatives, cum, tokens)
-        logits, state = model.decoder.step(torch.tensor([token], device=feature.device), state)
-    if pending is not None:
-        yield Step(**{**pending.__dict__, "stop": "max_len"})
+        done.append(_record(vocab, t, token, logp, config.num_alternatives, cum, tokens))
+        logits, state = model.decoder.step(torch.tensor([token], device=features.vector.device), state)
+    if done:
+        yield replace(done[-1], stop="eos" if len(done) < max_len else "max_len", history=tuple(done[:-1]))
 
 
-def _beam(model, feature, max_len, k, beam_size, length_penalty, no_repeat_ngram, prefix) -> Iterator[Step]:
+@dataclass
+class _Hyp:
+    tokens: list[int]
+    rows: list[tuple]  # per word: (log-prob row of its step, cumulative score): records are built only when shown
+    score: float  # sum of log-probabilities
+
+    def records(self, vocab, k: int, first: int = 0) -> list[Step]:
+        return [_record(vocab, t, self.tokens[t], row, k, cum, self.tokens[: t + 1]) for t, (row, cum) in enumerate(self.rows) if t >= first]
+
+
+def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int, prefix: list[int]) -> Iterator[Step]:
     """Beam search, beams batched through one decoder step; never fails when no beam ends."""
-    vocab = model.vocab
-    logits, state = _start(model, feature, 1)
-    live = [_Hyp([], None, 0.0)]
+    vocab, k, beam_size = model.vocab, config.num_alternatives, config.beam_size
+    device = features.vector.device
+    logits, state = model.decoder.start(features)
+    live = [_Hyp([], [], 0.0)]
     finished: list[_Hyp] = []
-    norm = lambda h: h.score / max(1, len(h.tokens)) ** length_penalty  # noqa: E731
+    norm = lambda h: h.score / max(1, len(h.tokens)) ** config.length_penalty  # noqa: E731
     pending: Step | None = None
     for t in range(max_len):
-        logp = F.log_softmax(_mask(logits, vocab, [h.tokens for h in live], no_repeat_ngram), dim=-1)  # (n, V)
+        logp = F.log_softmax(_mask(logits, vocab, [h.tokens for h in live], config.no_repeat_ngram), dim=-1)  # (n, V)
         total = logp + torch.tensor([h.score for h in live], device=logp.device).unsqueeze(1)  # (n, V)
         if t < len(prefix):  # forced word: every beam takes it
             forced = torch.full_like(total, -math.inf)
@@ -218,64 +198,76 @@ def _beam(model, feature, max_len, k, beam_size, length_penalty, no_repeat_ngram
             parent, token = divmod(index, logp.size(1))
             h = live[parent]
             if token == vocab.eos_id:
-                finished.append(_Hyp(h.tokens, h.last, h.score))
+                finished.append(_Hyp(h.tokens, h.rows, h.score))
             else:
-                survivors.append(_Hyp(h.tokens + [token], (t, token, logp[parent]), score))
+                survivors.append(_Hyp(h.tokens + [token], h.rows + [(logp[parent], score)], score))
                 parents.append(parent)
             if len(survivors) == beam_size:
                 break
-        done = len(finished) >= beam_size or not survivors
-        if done:
+        if len(finished) >= beam_size or not survivors:
             break
         if pending is not None:
             yield pending
-        pending = survivors[0].step(vocab, k)  # the best live hypothesis so far
+        pending = survivors[0].records(vocab, k, first=t)[0]  # the best live hypothesis so far
         live = survivors
-        state = model.decoder.select_state(state, torch.tensor(parents, device=feature.device))
-        logits, state = model.decoder.step(torch.tensor([h.tokens[-1] for h in live], device=feature.device), state)
+        state = state.select(torch.tensor(parents, device=device))
+        logits, state = model.decoder.step(torch.tensor([h.tokens[-1] for h in live], device=device), state)
     ended = [h for h in finished if h.tokens]
     pool = ended or live  # no beam ended: take the best live one rather than fail
     best = max(pool, key=norm)
-    if best.last is not None:
-        yield Step(**{**best.step(vocab, k).__dict__, "stop": "eos" if ended else "max_len"})
+    if best.tokens:
+        steps = best.records(vocab, k)
+        yield replace(steps[-1], stop="eos" if ended else "max_len", history=tuple(steps[:-1]))
 
 
-def caption(model, image, **kwargs) -> str:
+def caption(model, image=None, config: GenerationConfig | None = None, *, features: ImageFeatures | None = None,
+            prefix: Sequence[int] = (), **settings) -> str:
     """The caption of one image: the text of the last record of `stream`."""
     last = None
-    for last in stream(model, image, **kwargs):
+    for last in stream(model, image, config, features=features, prefix=prefix, **settings):
         pass
     return last.text if last is not None else ""
 
 
-def rescore(model, image, tokens: Sequence[int], *, num_alternatives: int = 5) -> list[Step]:
+def rescore(model, image=None, tokens: Sequence[int] = (), *, features: ImageFeatures | None = None,
+            num_alternatives: int = 5) -> list[Step]:
     """The Step records of a given caption (probabilities and alternatives at every word)."""
-    return list(stream(model, image, prefix=[*tokens, model.vocab.eos_id], max_len=len(tokens) + 1, num_alternatives=num_alternatives))
+    eos = model.vocab.eos_id
+    return list(stream(model, image, features=features, prefix=[*tokens, eos], max_len=len(tokens) + 1,
+                       num_alternatives=num_alternatives))
 
 
 @torch.inference_mode()
-def caption_batch(model, images: Sequence, *, strategy: str = "greedy", max_len: int | None = None, batch_size: int = 32, **kwargs) -> list[str]:
-    """Captions of many images: encoder batched; greedy decoding batched across images, other strategies per image."""
-    from .preprocess import preprocess_batch
-
-    max_len = _check(model, strategy, max_len, kwargs.get("beam_size", 3), kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0), kwargs.get("top_k", 0), 0)
+def caption_batch(model, images: Sequence | None = None, config: GenerationConfig | None = None, *,
+                  features: ImageFeatures | None = None, batch_size: int = 32, **settings) -> list[str]:
+    """Captions of many images (or of batched `features`): the encoder batched; greedy decoding batched across
+    images, other strategies image by image through `stream`."""
+    config = GenerationConfig.make(config, **settings)
+    _check_model(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected 1 or more")
+    if (images is None) == (features is None):
+        raise ValueError("give either images or features=, not both or neither")
+    max_len = config.resolved_max_len(model.config.max_len)
+    n = len(images) if features is None else len(features)
     out: list[str] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        if isinstance(chunk, torch.Tensor) and chunk.dim() == 2:
-            features = chunk.to(_device(model))  # already features (b, E)
+    for start in range(0, n, batch_size):
+        if features is None:
+            x = preprocess_batch(list(images[start : start + batch_size]), model.config)  # (b, 3, S, S)
+            chunk = model.encode(x.to(_device(model)))
         else:
-            features = model.encode(preprocess_batch(list(chunk), model.config).to(_device(model)))  # (b, E)
-        if strategy == "greedy" and not kwargs.get("no_repeat_ngram") and not kwargs.get("prefix"):
-            out.extend(_greedy_batch(model, features, max_len))
+            chunk = features.select(slice(start, start + batch_size)).to(_device(model))
+        if config.strategy == "greedy" and not config.no_repeat_ngram:
+            out.extend(model.vocab.decode(row.tolist()) for row in generate_batch(model, chunk, max_len))
         else:
-            out.extend(caption(model, f, strategy=strategy, max_len=max_len, num_alternatives=0, **kwargs) for f in features)
+            one = replace(config, num_alternatives=0)
+            out.extend(caption(model, config=one, features=chunk.select(slice(i, i + 1))) for i in range(len(chunk)))
     return out
 
 
-def generate_batch(model, features: torch.Tensor, max_len: int, *, sample: bool = False, top_k: int = 0,
+def generate_batch(model, features: ImageFeatures, max_len: int, *, sample: bool = False, top_k: int = 0,
                    generator=None) -> torch.Tensor:
-    """Batched greedy (or sampled) decoding from image features (n, E) -> token ids (n, T), <EOS>-padded.
+    """Batched greedy (or sampled) decoding of n images -> token ids (n, T), <EOS>-padded.
 
     The fast path for many images (caption_batch) and for self-critical training's rollouts; top_k > 0 samples
     from the k likeliest words only.
@@ -283,8 +275,8 @@ def generate_batch(model, features: torch.Tensor, max_len: int, *, sample: bool 
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = the whole vocabulary), got {top_k}")
     vocab = model.vocab
-    n = features.size(0)
-    logits, state = _start(model, features, n)
+    n = len(features)
+    logits, state = model.decoder.start(features)
     tokens = torch.zeros(n, 0, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool)
     for t in range(max_len):
@@ -301,9 +293,5 @@ def generate_batch(model, features: torch.Tensor, max_len: int, *, sample: bool 
         alive &= nxt != vocab.eos_id
         if not alive.any():
             break
-        logits, state = model.decoder.step(nxt.to(features.device), state)
+        logits, state = model.decoder.step(nxt.to(features.vector.device), state)
     return tokens
-
-
-def _greedy_batch(model, features: torch.Tensor, max_len: int) -> list[str]:
-    return [model.vocab.decode(row.tolist()) for row in generate_batch(model, features, max_len)]

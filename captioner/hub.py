@@ -1,6 +1,7 @@
-"""Save and load captioners in the Hub's format: config.json + model.safetensors + vocab.json.
+"""The Hub's format on disk: config.json + model.safetensors + vocab.json; resolving a folder or a Hub repo id.
 
-`src` is a local folder or a Hub repo id (optionally at a revision). Loading is strict and never unpickles.
+This module knows files, not the model: `Captioner.from_pretrained` (model.py) builds the model from what
+`resolve` and `read_folder` return, and `captioner.loading` picks the model an app or command serves.
 """
 from __future__ import annotations
 
@@ -77,14 +78,11 @@ def resolve(src: str | os.PathLike, *, revision: str | None = None, cache_dir=No
     return Path(path)
 
 
-def load(src, *, revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None, map_location: str = "cpu"):
-    """Load a Captioner from a folder or Hub repo id; strict, with errors that say what to do."""
+def read_folder(folder: Path, src, *, map_location: str = "cpu"):
+    """A model folder's (config, vocabulary, state dict), each checked; ModelLoadError says what is wrong."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .model import Captioner
-
-    folder = resolve(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     missing = [f for f in MODEL_FILES if not (folder / f).is_file()]
     if missing:
         raise ModelLoadError(f"{src}: missing {', '.join(missing)}; a captioner model needs {', '.join(MODEL_FILES)}")
@@ -105,22 +103,4 @@ def load(src, *, revision: str | None = None, cache_dir=None, local_files_only: 
         state = load_file(str(folder / WEIGHTS_FILE), device=map_location)
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelLoadError(f"{src}: {WEIGHTS_FILE} is corrupted or truncated ({e}); download or export it again") from e
-    model = Captioner(config, vocab)
-    expected = model.state_dict()
-    unexpected = sorted(set(state) - set(expected))
-    absent = sorted(set(expected) - set(state))
-    if unexpected or absent:
-        raise ModelLoadError(
-            f"{src}: {WEIGHTS_FILE} does not match the config (missing {absent[:3]}{'...' if len(absent) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
-        )
-    bad = [k for k in expected if expected[k].shape != state[k].shape]
-    if bad:
-        raise ModelLoadError(f"{src}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, the config needs {tuple(expected[bad[0]].shape)}")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
-    model.eval()
-    model.source = str(src)
-    model.revision = revision
-    # For a Hub download the snapshot folder is named by the commit actually loaded (what "main" meant then).
-    model.commit = folder.name if not os.path.isdir(os.fspath(src)) else None
-    return model
+    return config, vocab, state

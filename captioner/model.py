@@ -1,5 +1,11 @@
-"""Show-and-Tell captioner: a CNN Encoder, an LSTM Decoder that owns its step, and the Captioner around them."""
+"""The captioner: a CNN Encoder, a Decoder that owns its conditioning and its step, and the Captioner around them.
+
+Every decoder has the same seam: `start(features) -> (logits, state)` and `step(tokens, state) -> (logits, state)`,
+with a state that can `select(index)` and `expand(n)`; decoding (captioner/decode.py) and training use only these."""
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -7,9 +13,9 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
 from .config import CaptionerConfig
+from .hub import WEIGHTS_FILE, ModelLoadError, read_folder, resolve, save_folder
 from .vocab import Vocabulary
 
-State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (num_layers, B, H)
 ENCODER_CHUNK = 8  # images per backbone call on the inference path: 32 at 224x224 overflow the CPU caches
 
 
@@ -36,6 +42,33 @@ def _fuse_conv_bn(module: nn.Module) -> nn.Module:
 
     visit(module)
     return module
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """What the encoder hands a decoder for a batch of images; what each field holds is the architecture's business.
+
+    `vector` is the projected, pooled image feature (B, E). Decoders that attend add `grid`, the backbone's
+    spatial map as regions (B, N, F). `decode.encode(model, image)` makes one; `stream(features=...)` reuses it.
+    """
+
+    vector: torch.Tensor  # (B, E)
+    grid: torch.Tensor | None = None  # (B, N, F) or None
+
+    def __len__(self) -> int:
+        return self.vector.size(0)
+
+    def select(self, index: torch.Tensor | slice) -> "ImageFeatures":
+        """The rows `index` (a slice or a LongTensor of rows, repeats allowed)."""
+        pick = (lambda x: x[index]) if isinstance(index, slice) else (lambda x: x.index_select(0, index.to(x.device)))
+        return ImageFeatures(pick(self.vector), None if self.grid is None else pick(self.grid))
+
+    def repeat(self, n: int) -> "ImageFeatures":
+        """Each image n times in a row: (B, ...) -> (B * n, ...)."""
+        return self.select(torch.arange(len(self), device=self.vector.device).repeat_interleave(n))
+
+    def to(self, device) -> "ImageFeatures":
+        return ImageFeatures(self.vector.to(device), None if self.grid is None else self.grid.to(device))
 
 
 class Encoder(nn.Module):
@@ -74,24 +107,41 @@ class Encoder(nn.Module):
         self.__dict__["_fast"] = (fast, image_size)  # a plain attribute: not a submodule, never saved
         return self
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, F) pooled backbone features (what the feature cache stores)."""
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, F) pooled backbone features: what the training feature cache stores."""
         fast = self.__dict__.get("_fast")
         if fast is not None and not torch.is_grad_enabled() and images.dim() == 4 and images.shape[-1] == images.shape[-2] == fast[1]:
             images = images.contiguous(memory_format=torch.channels_last)
             return torch.cat([fast[0](chunk) for chunk in images.split(ENCODER_CHUNK)])  # (B, F)
         return self.backbone(images)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, F) -> (B, E)"""
-        return self.dropout(F.relu(self.proj(features)))
+    def from_backbone(self, pooled: torch.Tensor) -> ImageFeatures:
+        """Backbone features (B, F), fresh or cached -> the decoder's ImageFeatures."""
+        return ImageFeatures(self.dropout(F.relu(self.proj(pooled))))  # vector (B, E)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.project(self.features(images))  # (B, E)
+    def forward(self, images: torch.Tensor) -> ImageFeatures:
+        return self.from_backbone(self.backbone_features(images))
 
 
-class Decoder(nn.Module):
-    """Embedding, sequence-first LSTM, linear to the vocabulary."""
+@dataclass(frozen=True)
+class LSTMState:
+    """A decoder's recurrent state for a batch: LSTM (h, c), each (num_layers, B, H). Beam search reorders it."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "LSTMState":
+        """Rows `index` of the batch, in that order (beam search keeps the surviving hypotheses)."""
+        return LSTMState(self.h.index_select(1, index), self.c.index_select(1, index))
+
+    def expand(self, n: int) -> "LSTMState":
+        """Each row n times in a row: batch B -> B * n (one image's state for n beams or n samples)."""
+        return self.select(torch.arange(self.h.size(1), device=self.h.device).repeat_interleave(n))
+
+
+class ShowTellDecoder(nn.Module):
+    """Show and Tell (Vinyals et al. 2015): the image feature is the LSTM's input at t=0, <SOS> at t=1, then
+    the caption's words. Embedding, sequence-first LSTM, linear to the vocabulary."""
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
@@ -105,45 +155,51 @@ class Decoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing. features (B, E), captions (T, B) with <SOS> first -> logits (T, B, V).
+    def forward(self, features: ImageFeatures, captions: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. captions (T, B) with <SOS> first -> logits (T, B, V).
 
         Inputs are [image, <SOS>, w1, ..., w_{T-2}]; output t predicts captions[t].
         """
         embeddings = self.dropout(self.embed(captions[:-1]))  # (T-1, B, E)
-        inputs = torch.cat((features.unsqueeze(0), embeddings), dim=0)  # (T, B, E)
+        inputs = torch.cat((features.vector.unsqueeze(0), embeddings), dim=0)  # (T, B, E)
         hiddens, _ = self.lstm(inputs)  # (T, B, H)
         return self.head(self.dropout(hiddens))  # (T, B, V)
 
-    def step(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """One decoding step. x: token ids (B,) or an image feature (B, E) -> logits (B, V), new state."""
-        if not x.is_floating_point():
-            x = self.embed(x)  # (B,) -> (B, E)
+    def start(self, features: ImageFeatures) -> tuple[torch.Tensor, LSTMState]:
+        """Feed the image at t=0 and <SOS> at t=1, as in training -> logits for the first word (B, V), state."""
+        _, state = self.advance(features.vector, None)  # step 0 predicts <SOS>: ignored
+        sos = torch.full((len(features),), Vocabulary.sos_id, dtype=torch.long, device=features.vector.device)
+        return self.step(sos, state)
+
+    def step(self, tokens: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
+        """tokens (B,) -> logits for the next word (B, V), new state."""
+        return self.advance(self.embed(tokens), state)  # embed: (B,) -> (B, E)
+
+    def advance(self, x: torch.Tensor, state: LSTMState | None) -> tuple[torch.Tensor, LSTMState]:
+        """One LSTM step on an input vector x (B, E) (an embedded word, or the image at t=0) -> logits (B, V), state."""
         # torch.lstm_cell on nn.LSTM's own weights: the same maths, but for one token nn.LSTM goes through
-        # oneDNN's RNN kernel, which costs several times more per call on a CPU (benchmarks/PROPOSED.md).
+        # oneDNN's RNN kernel, which costs several times more per call on a CPU.
         lstm = self.lstm
         if state is None:
             zeros = x.new_zeros(lstm.num_layers, x.size(0), lstm.hidden_size)
-            state = (zeros, zeros)
-        h, c = state  # each (L, B, H)
+            state = LSTMState(zeros, zeros)
         hs, cs = [], []
         for layer in range(lstm.num_layers):
             if layer:
                 x = F.dropout(x, lstm.dropout, self.training)  # as nn.LSTM does between layers
             x, c_layer = torch.lstm_cell(
-                x, (h[layer], c[layer]),
+                x, (state.h[layer], state.c[layer]),
                 getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}"),
                 getattr(lstm, f"bias_ih_l{layer}"), getattr(lstm, f"bias_hh_l{layer}"),
             )  # (B, H)
             hs.append(x)
             cs.append(c_layer)
-        return self.head(x), (torch.stack(hs), torch.stack(cs))  # (B, V), ((L, B, H), (L, B, H))
+        return self.head(x), LSTMState(torch.stack(hs), torch.stack(cs))  # (B, V), ((L, B, H), (L, B, H))
 
-    @staticmethod
-    def select_state(state: State, index: torch.Tensor) -> State:
-        """Reorder the batch of a state (beam search keeps the surviving beams)."""
-        h, c = state
-        return h.index_select(1, index), c.index_select(1, index)
+
+# The decoders a saved config can name (CaptionerConfig.decoder).
+DECODERS: dict[str, type[nn.Module]] = {"show-tell": ShowTellDecoder}
+Decoder = ShowTellDecoder  # the reference design
 
 
 class Captioner(
@@ -166,15 +222,15 @@ class Captioner(
         self.config = config
         self.vocab = vocab
         self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.decoder = DECODERS[config.decoder](config)
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S), captions (T, B) -> logits (T, B, V)."""
         return self.decoder(self.encoder(images), captions)
 
-    def forward_features(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, backbone_features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """Same as forward, from cached backbone features (B, F)."""
-        return self.decoder(self.encoder.project(features), captions)
+        return self.decoder(self.encoder.from_backbone(backbone_features), captions)
 
     def optimize_for_inference(self) -> "Captioner":
         """Eval mode plus the encoder's inference copy (fused batch norm, channels_last); captions are unchanged."""
@@ -183,22 +239,40 @@ class Captioner(
         return self
 
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, E) image features for decoding."""
+    def encode(self, images: torch.Tensor) -> ImageFeatures:
+        """(B, 3, S, S) preprocessed images -> ImageFeatures for decoding."""
         return self.encoder(images)
 
-    # Hub format: config.json + model.safetensors + vocab.json (see hub.py for loading).
+    # Hub format: config.json + model.safetensors + vocab.json.
     def _save_pretrained(self, save_directory) -> None:
-        from .hub import save_folder
-
         save_folder(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, src, *, revision: str | None = None, **kwargs) -> "Captioner":
-        """Load from a local folder or a Hub repo id (optionally at a revision); see hub.load."""
-        from .hub import load
-
-        return load(src, revision=revision, **kwargs)
+    def from_pretrained(cls, src, *, revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None,
+                        map_location: str = "cpu", **kwargs) -> "Captioner":
+        """Load from a local folder or a Hub repo id (optionally at a revision); strict, never unpickles, and every
+        failure is a ModelLoadError that says what to do."""
+        folder = resolve(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        config, vocab, state = read_folder(folder, src, map_location=map_location)
+        model = cls(config, vocab)
+        expected = model.state_dict()
+        unexpected = sorted(set(state) - set(expected))
+        absent = sorted(set(expected) - set(state))
+        if unexpected or absent:
+            raise ModelLoadError(
+                f"{src}: {WEIGHTS_FILE} does not match the config (missing {absent[:3]}{'...' if len(absent) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+            )
+        bad = [k for k in expected if expected[k].shape != state[k].shape]
+        if bad:
+            raise ModelLoadError(f"{src}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, the config needs {tuple(expected[bad[0]].shape)}")
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+        model.eval()
+        model.source = str(src)
+        model.revision = revision
+        # For a Hub download the snapshot folder is named by the commit actually loaded (what "main" meant then).
+        model.commit = folder.name if not os.path.isdir(os.fspath(src)) else None
+        return model
 
 
 def caption_loss(logits: torch.Tensor, captions: torch.Tensor, *, pad_id: int = 0, label_smoothing: float = 0.0) -> torch.Tensor:

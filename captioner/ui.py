@@ -1,22 +1,26 @@
 """The Gradio app: handlers and layout (app.py only parses arguments, loads the model and launches).
 
 One model is loaded at start-up and shared by every user; everything per user lives in two gr.State
-values of that user's session: the image feature cache ({"key", "feature"}: the encoder's (1, E) output
-for the last image, so re-decoding with other settings or branching never re-runs the encoder) and the
-finished decode (plain JSON-able dicts: tokens, per-step records, settings) that the inspector reads.
+values of that user's session: an ImageCache (the last image's encoder output, so re-decoding with other
+settings or branching never re-runs the CNN) and the finished Decoding (decode's own Step records) that the
+inspector reads. Decoding settings are one GenerationConfig, built from the controls by field name.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
 import torch
 
-from .decode import STRATEGIES, Step, encode_image, stream
+from .decode import Step, encode, stream
+from .generation import STRATEGIES, GenerationConfig
+from .model import ImageFeatures
 from .preprocess import ImageError, open_image
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -25,9 +29,6 @@ EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CONCURRENCY = 4  # decodes running at once (shared by /caption, auto-caption and /redecode)
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
-# Greedy: the bundled model's best decoding on the dev split (CIDEr-D 0.460 against 0.451 for beam 3; self-critical
-# training tunes the model for it), and what it streams is exactly the caption it keeps.
-DEFAULT_STRATEGY = "greedy"
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
 
 TABLE_HEADERS = ["#", "word", "p", "p(<EOS>)", "alternatives (p)"]
@@ -67,38 +68,52 @@ def example_paths() -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plain-data views of the decoder's records
+# What a session keeps (in gr.State): the last image's features, and the finished decode the inspector reads
 
 
-def step_to_dict(s: Step) -> dict:
-    return {
-        "t": s.t,
-        "token": s.token,
-        "word": s.word,
-        "prob": s.prob,
-        "logprob": s.logprob,
-        "eos_prob": s.eos_prob,
-        "text": s.text,
-        "alternatives": [{"token": a.token, "word": a.word, "prob": a.prob} for a in s.alternatives],
-    }
+@dataclass(frozen=True)
+class ImageCache:
+    """The last image of a session and its encoder output: re-decoding or branching never re-runs the CNN."""
+
+    key: str  # sha256 of the image's bytes (or pixels)
+    features: ImageFeatures  # batch of 1
 
 
-def _alts(step: dict | Step) -> list[tuple[int, str, float]]:
-    alts = step["alternatives"] if isinstance(step, dict) else [a.__dict__ for a in step.alternatives]
-    return [(a["token"], a["word"], a["prob"]) for a in alts]
+@dataclass(frozen=True)
+class Decoding:
+    """A finished decode: the final caption's records, and how it was made."""
+
+    steps: tuple[Step, ...]  # one record per word of the final caption
+    stop: str  # "eos" or "max_len"
+    settings: GenerationConfig
+    prefix: tuple[int, ...]  # forced first words (a branch), else ()
+    focus: int  # the step the inspector opens at (0-based): the first, or where a branch was made
+    image_key: str  # ImageCache.key of the image it describes
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.steps[-1].tokens
+
+    @property
+    def text(self) -> str:
+        return self.steps[-1].text
 
 
-def top_words(step: dict | Step) -> dict[str, float]:
+# ----------------------------------------------------------------------------------------------------
+# Views of the decoder's records
+
+
+def top_words(step: Step) -> dict[str, float]:
     """A step's alternatives as gr.Label data: word -> probability."""
-    return {word: prob for _, word, prob in _alts(step)}
+    return {a.word: a.prob for a in step.alternatives}
 
 
-def table_row(step: dict) -> list:
-    alts = ", ".join(f"{w} {p:.0%}" for _, w, p in _alts(step))
-    return [step["t"] + 1, step["word"], f"{step['prob']:.1%}", f"{step['eos_prob']:.1%}", alts]
+def table_row(step: Step) -> list:
+    alts = ", ".join(f"{a.word} {a.prob:.0%}" for a in step.alternatives)
+    return [step.t + 1, step.word, f"{step.prob:.1%}", f"{step.eos_prob:.1%}", alts]
 
 
-def history_table(steps: list[dict]) -> dict:
+def history_table(steps: Sequence[Step]) -> dict:
     return {"headers": TABLE_HEADERS, "data": [table_row(s) for s in steps]}
 
 
@@ -109,17 +124,17 @@ def confidence_of(prob: float) -> str:
     return name
 
 
-def highlighted(steps: list[dict]) -> list[tuple[str, str | None]]:
+def highlighted(steps: Sequence[Step]) -> list[tuple[str, str | None]]:
     """The caption as HighlightedText data: each word tagged with its confidence, spaces untagged."""
     out: list[tuple[str, str | None]] = []
     prev = ""
     for s in steps:
-        piece = s["text"][len(prev):] if s["text"].startswith(prev) else " " + s["word"]
-        prev = s["text"]
+        piece = s.text[len(prev):] if s.text.startswith(prev) else " " + s.word
+        prev = s.text
         stripped = piece.lstrip(" ")
         if len(stripped) < len(piece):
             out.append((piece[: len(piece) - len(stripped)], None))
-        out.append((stripped, confidence_of(s["prob"])))
+        out.append((stripped, confidence_of(s.prob)))
     return out
 
 
@@ -157,22 +172,27 @@ def _clear_error(e: Exception, path: str | None = None) -> gr.Error:
     return gr.Error(msg, title="Cannot caption this image", print_exception=False)
 
 
-def _settings(strategy, beam_size, max_len, num_alternatives, temperature, top_k, top_p, seed, default_max_len) -> dict:
-    """Controls (possibly None from an API client) to keyword arguments of decode.stream."""
+def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationConfig:
+    """The app's control values (any of them None or missing from an API client) -> a GenerationConfig.
+    Sliders send floats: integer settings are rounded; a negative or empty seed means a new one each run."""
+    defaults = GenerationConfig(max_len=default_max_len)
+    kinds = {f.name: f.type for f in fields(GenerationConfig)}
+    out: dict[str, Any] = {}
     try:
-        seed = None if seed is None or seed == "" or int(seed) < 0 else int(seed)
-        return dict(
-            strategy=strategy or DEFAULT_STRATEGY,
-            beam_size=int(beam_size if beam_size is not None else 3),
-            max_len=int(max_len if max_len is not None else default_max_len),
-            num_alternatives=int(num_alternatives if num_alternatives is not None else 5),
-            temperature=float(temperature if temperature is not None else 1.0),
-            top_k=int(top_k or 0),
-            top_p=float(top_p if top_p is not None else 0.9),
-            seed=seed,
-        )
+        for name, value in values.items():
+            if value is None or value == "":
+                continue
+            if name == "seed":
+                out[name] = None if int(value) < 0 else int(value)
+            elif kinds[name].startswith("int"):
+                out[name] = int(round(float(value)))
+            elif kinds[name] == "float":
+                out[name] = float(value)
+            else:
+                out[name] = value
+        return GenerationConfig.make(defaults, **out)
     except (TypeError, ValueError) as e:
-        raise gr.Error(f"bad decoding setting: {e}", print_exception=False) from None
+        raise gr.Error(f"bad decoding setting: {e}", title="Bad decoding setting", print_exception=False) from None
 
 
 class Handlers:
@@ -183,10 +203,13 @@ class Handlers:
         self.model = model
         self.word_delay = word_delay
 
+    def settings(self, **values) -> GenerationConfig:
+        return settings_from(values, self.model.config.max_len)
+
     # --- the image feature cache (per session, in a gr.State) ---
 
-    def feature(self, image, cache: dict | None) -> tuple[torch.Tensor, dict]:
-        """The (1, E) encoder output for `image` (a path, or a PIL image), from `cache` when it holds it."""
+    def features(self, image, cache: ImageCache | None) -> ImageCache:
+        """The ImageCache of `image` (an upload, a path or a PIL image): `cache` itself when it holds that image."""
         if image is None:
             raise gr.Error("No image yet: drop a photo on the image box, upload or paste one, or pick an example.",
                            title="No image", print_exception=False)
@@ -202,126 +225,102 @@ class Handlers:
             key = hashlib.sha256(image).hexdigest()
         else:
             key = "pil:" + hashlib.sha256(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
-        if cache and cache.get("key") == key:
-            return cache["feature"], cache
+        if cache and cache.key == key:
+            return cache
         try:
-            img = open_image(image)
+            img = open_image(image)  # decoded once: encode() preprocesses this PIL image as it is
         except ImageError as e:
             raise _clear_error(e, path) from None
         with torch.inference_mode():
-            feature = encode_image(self.model, img).detach().clone()  # (1, E)
-        return feature, {"key": key, "feature": feature}
+            return ImageCache(key, encode(self.model, img))
 
     # --- decoding, streamed ---
 
-    def _decode(self, feature, settings: dict, prefix: list[int], focus: int, image_key: str, cache: dict) -> Iterator[tuple]:
-        """Yield (caption, top words, table, decode state, cache) once per Step of decode.stream; the last
-        yield carries the finished decode (its per-step records) for the inspector."""
-        rows: list[dict] = []
+    def _decode(self, cache: ImageCache, settings: GenerationConfig, prefix: tuple[int, ...], focus: int) -> Iterator[tuple]:
+        """Yield (caption, top words, table, decoding, cache) once per Step of decode.stream; the last yield
+        carries the finished Decoding for the inspector."""
+        rows: list[Step] = []
         last = 0.0
         try:
-            for step in stream(self.model, feature, prefix=prefix, **settings):
+            for step in stream(self.model, settings, features=cache.features, prefix=prefix):
+                decoding = None
                 if step.stop is None:
-                    rows.append(step_to_dict(step))
-                    state = None
+                    rows.append(step)
                     table = history_table(rows)
                 else:
-                    state = self._finish(feature, step, settings, prefix, focus, image_key, rows)
-                    table = history_table(state["steps"])
+                    steps = step.caption_steps()  # beam search: the winner's records, which the stream may not have shown
+                    decoding = Decoding(steps, step.stop, settings, prefix, min(focus, len(steps) - 1), cache.key)
+                    table = history_table(steps)
                 if self.word_delay:
                     wait = self.word_delay - (time.monotonic() - last)
                     if wait > 0 and rows:
                         time.sleep(wait)
                     last = time.monotonic()
-                yield step.text, top_words(step), table, state, cache
+                yield step.text, top_words(step), table, decoding, cache
         except ValueError as e:  # a setting out of range (decode.stream says which and why)
             raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
 
-    def _finish(self, feature, final: Step, settings, prefix, focus, image_key, rows) -> dict:
-        tokens = list(final.tokens)
-        if settings["strategy"] == "beam":
-            # Beam search streams whichever hypothesis leads at each step; the inspector needs the
-            # records of the one that won: re-run the decoder along its words (cheap: no encoder).
-            steps = [step_to_dict(s) for s in stream(self.model, feature, strategy="greedy", prefix=tokens, max_len=len(tokens),
-                                                      num_alternatives=settings["num_alternatives"])]
-        else:
-            steps = rows + [step_to_dict(final)]
-        return {
-            "tokens": tokens,
-            "text": final.text,
-            "stop": final.stop,
-            "steps": steps,
-            "settings": dict(settings),
-            "prefix": list(prefix),
-            "focus": min(focus, len(steps) - 1),
-            "image_key": image_key,
-        }
-
-    def caption(self, image, strategy=DEFAULT_STRATEGY, beam_size=3, max_len=None, num_alternatives=5, temperature=1.0,
-                top_k=0, top_p=0.9, seed=0, cache=None):
+    def caption(self, image, settings: GenerationConfig | None = None, cache: ImageCache | None = None) -> Iterator[tuple]:
         """/caption: stream the caption of `image` word by word."""
-        settings = _settings(strategy, beam_size, max_len, num_alternatives, temperature, top_k, top_p, seed, self.model.config.max_len)
-        feature, cache = self.feature(image, cache)
-        yield from self._decode(feature, settings, [], 0, cache["key"], cache)
+        settings = settings or self.settings()
+        yield from self._decode(self.features(image, cache), settings, (), 0)
 
-    def auto_caption(self, image, *args):
+    def auto_caption(self, image, settings: GenerationConfig | None = None, cache: ImageCache | None = None) -> Iterator[tuple]:
         """A new image (upload, paste, webcam, example): caption it; a cleared image clears the outputs."""
         if image is None:
-            yield "", None, history_table([]), None, args[-1]
+            yield "", None, history_table([]), None, cache
             return
-        yield from self.caption(image, *args)
+        yield from self.caption(image, settings, cache)
 
-    def redecode(self, decode: dict | None, step_number, choice, strategy=DEFAULT_STRATEGY, beam_size=3, max_len=None, num_alternatives=5,
-                 temperature=1.0, top_k=0, top_p=0.9, seed=0, cache=None):
+    def redecode(self, decoding: Decoding | None, step_number, choice, settings: GenerationConfig | None = None,
+                 cache: ImageCache | None = None) -> Iterator[tuple]:
         """Branch: force the inspected step's word to `choice` (a token id), keep the words before it, and
-        decode the rest again from the cached image feature."""
-        if not decode or not decode.get("steps"):
+        decode the rest again from the cached image features."""
+        if not decoding:
             raise gr.Error("Caption an image first, then pick a step and a word to branch from.", print_exception=False)
-        if not cache or cache.get("key") != decode.get("image_key"):
+        if not cache or cache.key != decoding.image_key:
             raise gr.Error("The image changed since this caption; caption it again before branching.", print_exception=False)
         if choice is None or choice == "":
             raise gr.Error("Pick one of this step's words first, then re-decode.", title="No word picked", print_exception=False)
-        t = self._index(decode, step_number)
-        step = decode["steps"][t]
-        allowed = {tok for tok, _, _ in _alts(step)}
-        if int(choice) not in allowed:
+        t = self._index(decoding, step_number)
+        if int(choice) not in {a.token for a in decoding.steps[t].alternatives}:
             raise gr.Error(f"word id {choice} is not among step {t + 1}'s alternatives", print_exception=False)
-        settings = _settings(strategy, beam_size, max_len, num_alternatives, temperature, top_k, top_p, seed, self.model.config.max_len)
-        prefix = list(decode["tokens"][:t]) + [int(choice)]
-        settings["max_len"] = max(settings["max_len"], len(prefix))
-        yield from self._decode(cache["feature"], settings, prefix, t, cache["key"], cache)
+        settings = settings or self.settings()
+        prefix = (*decoding.tokens[:t], int(choice))
+        settings = replace(settings, max_len=max(settings.resolved_max_len(self.model.config.max_len), len(prefix)))
+        yield from self._decode(cache, settings, prefix, t)
 
     # --- the inspector ---
 
     @staticmethod
-    def _index(decode: dict, step_number) -> int:
-        n = len(decode["steps"])
+    def _index(decoding: Decoding, step_number) -> int:
+        n = len(decoding.steps)
         try:
             t = int(round(float(step_number))) - 1
         except (TypeError, ValueError):
             t = 0
         return min(max(t, 0), n - 1)
 
-    def inspect(self, decode: dict | None, step_number=1) -> tuple:
+    def inspect(self, decoding: Decoding | None, step_number=1) -> tuple:
         """The inspector at step `step_number` (1-based): slider, prefix, chosen word and <EOS> probability,
         alternatives, confidence-coloured caption, branch choices."""
-        if not decode or not decode.get("steps"):
+        if not decoding:
             return (gr.Slider(minimum=1, maximum=2, value=1, interactive=False), "", INSPECTOR_EMPTY, None, None,
                     gr.Radio(choices=[], value=None))
-        steps = decode["steps"]
-        t = self._index(decode, step_number)
+        steps = decoding.steps
+        t = self._index(decoding, step_number)
         s = steps[t]
-        prefix = steps[t - 1]["text"] if t else ""
-        ended = {"eos": "the model ended it (`<EOS>` won)", "max_len": "it reached the maximum length"}.get(decode.get("stop"), "")
+        prefix = steps[t - 1].text if t else ""
+        ended = {"eos": "the model ended it (`<EOS>` won)", "max_len": "it reached the maximum length"}.get(decoding.stop, "")
         info = (
-            f"**Step {t + 1} of {len(steps)}** · chose **{s['word']}** with p = {s['prob']:.1%} · "
-            f"p(`<EOS>`) here = {s['eos_prob']:.1%} (the chance the model ends the caption instead)"
+            f"**Step {t + 1} of {len(steps)}** · chose **{s.word}** with p = {s.prob:.1%} · "
+            f"p(`<EOS>`) here = {s.eos_prob:.1%} (the chance the model ends the caption instead)"
         )
         if t == len(steps) - 1 and ended:
             info += f"  \nThe caption stops after this word: {ended}."
-        if decode.get("prefix"):
-            info += f"  \nBranched: word {len(decode['prefix'])} was forced to **{steps[len(decode['prefix']) - 1]['word']}**."
-        choices = [(f"{w}  ({p:.0%})", tok) for tok, w, p in _alts(s)]
+        if decoding.prefix:
+            info += f"  \nBranched: word {len(decoding.prefix)} was forced to **{steps[len(decoding.prefix) - 1].word}**."
+        choices = [(f"{a.word}  ({a.prob:.0%})", a.token) for a in s.alternatives]
         return (
             gr.Slider(minimum=1, maximum=max(len(steps), 2), value=t + 1, step=1, interactive=len(steps) > 1),
             prefix,
@@ -331,12 +330,32 @@ class Handlers:
             gr.Radio(choices=choices, value=None),
         )
 
-    def inspect_focus(self, decode: dict | None) -> tuple:
+    def inspect_focus(self, decoding: Decoding | None) -> tuple:
         """After a decode: the inspector at its focus (step 1, or the step a branch was made at)."""
-        return self.inspect(decode, (decode or {}).get("focus", 0) + 1)
+        return self.inspect(decoding, (decoding.focus if decoding else 0) + 1)
 
-    def move(self, decode: dict | None, step_number, delta: int) -> tuple:
-        return self.inspect(decode, (step_number or 1) + delta)
+    def move(self, decoding: Decoding | None, step_number, delta: int) -> tuple:
+        return self.inspect(decoding, (step_number or 1) + delta)
+
+
+def with_settings(fn: Callable, settings_of: Callable[..., GenerationConfig], before: Sequence[str],
+                  controls: dict[str, Any], after: Sequence[str]) -> Callable:
+    """A Gradio handler for fn(*before, settings, *after) whose inputs are (*before, *control values, *after).
+    Its signature names every setting, with the control's value as default, so the API documents them."""
+    names = list(controls)
+
+    def handler(*args):
+        head, values, tail = args[: len(before)], args[len(before) : len(before) + len(names)], args[len(before) + len(names) :]
+        yield from fn(*head, settings_of(**dict(zip(names, values))), *tail)
+
+    P = inspect.Parameter
+    params = [P(n, P.POSITIONAL_OR_KEYWORD) for n in before]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=getattr(c, "value", None)) for n, c in controls.items()]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in after]
+    handler.__signature__ = inspect.Signature(params)
+    handler.__name__ = fn.__name__
+    handler.__doc__ = fn.__doc__
+    return handler
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -362,8 +381,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
             "Drop a photo and a CNN+LSTM (Show and Tell) writes its caption word by word; then step through "
             "its decoding, see which words it weighed at each step, and branch from any word."
         )
-        cache = gr.State(None)  # {"key": sha256 of the image, "feature": (1, E) tensor}: this session's encoder output
-        decode_state = gr.State(None)  # the finished decode, JSON-able (see Handlers._finish)
+        cache = gr.State(None)  # ImageCache: this session's last image and its encoder output
+        decode_state = gr.State(None)  # Decoding: the finished decode the inspector reads
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 image = gr.Image(label="Photo", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
@@ -376,18 +395,19 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                     examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public-domain and CC0 photos)",
                                            examples_per_page=8, cache_examples=False)
                 with gr.Accordion("Decoding settings", open=False):
-                    strategy = gr.Radio(list(STRATEGIES), value=DEFAULT_STRATEGY, label="Strategy",
+                    d = GenerationConfig()  # every default comes from the one settings object
+                    strategy = gr.Radio(list(STRATEGIES), value=d.strategy, label="Strategy",
                                         info="greedy: most likely word each step · beam: keeps several candidate captions · sample: random, varied")
                     with gr.Row():
-                        beam_size = gr.Slider(1, 10, value=3, step=1, label="Beam size", info="beam search")
+                        beam_size = gr.Slider(1, 10, value=d.beam_size, step=1, label="Beam size", info="beam search")
                         max_len = gr.Slider(1, max(50, default_max_len), value=default_max_len, step=1, label="Max length (words)")
-                    num_alternatives = gr.Slider(1, 10, value=5, step=1, label="Alternatives shown per step")
+                    num_alternatives = gr.Slider(1, 10, value=d.num_alternatives, step=1, label="Alternatives shown per step")
                     with gr.Row():
-                        temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature", info="sampling")
-                        top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k", info="sampling; 0 = all words")
+                        temperature = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05, label="Temperature", info="sampling")
+                        top_k = gr.Slider(0, 100, value=d.top_k, step=1, label="Top-k", info="sampling; 0 = all words")
                     with gr.Row():
-                        top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", info="sampling (nucleus)")
-                        seed = gr.Number(value=0, precision=0, label="Seed", info="sampling; -1 = new each run")
+                        top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p", info="sampling (nucleus)")
+                        seed = gr.Number(value=-1 if d.seed is None else d.seed, precision=0, label="Seed", info="sampling; -1 = new each run")
                 gr.Markdown(model_markdown(model, model_label), elem_id="model-info")
             with gr.Column(scale=6):
                 caption = gr.Textbox(label="Caption", lines=2, interactive=False, buttons=["copy"], elem_id="caption",
@@ -417,25 +437,30 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                     branch = gr.Radio(choices=[], label="Branch: use this word here instead", elem_id="branch")
                     redecode_btn = gr.Button("Re-decode from here", variant="primary", elem_id="redecode-btn")
 
-        controls = [strategy, beam_size, max_len, num_alternatives, temperature, top_k, top_p, seed]
+        # Keyed by GenerationConfig's field names: a new decoding setting is its field plus its control here.
+        controls = dict(strategy=strategy, beam_size=beam_size, max_len=max_len, num_alternatives=num_alternatives,
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        caption_fn = with_settings(h.caption, h.settings, ["image"], controls, ["cache"])
+        auto_fn = with_settings(h.auto_caption, h.settings, ["image"], controls, ["cache"])
+        redecode_fn = with_settings(h.redecode, h.settings, ["decoding", "step_number", "choice"], controls, ["cache"])
         streamed = [caption, current, table, decode_state, cache]
         inspector = [step, prefix, step_info, step_alts, confidence, branch]
         # preprocess=False: the handlers get the upload undecoded and open it themselves (see image_source)
         common = dict(concurrency_id="decode", show_progress="minimal", preprocess=False)
 
-        caption_btn.click(h.caption, [image, *controls, cache], streamed, api_name="caption", **common).success(
+        caption_btn.click(caption_fn, [image, *controls.values(), cache], streamed, api_name="caption", **common).success(
             h.inspect_focus, [decode_state], inspector, api_visibility="private")
         # A new photo captions itself: on upload, drop or paste, and on picking an example. (Not on .change:
         # Gradio's frontend fires it twice when a photo replaces another, which would run two decodes. A webcam
         # snapshot only fires .change, so there the Caption button does it.)
-        auto = dict(fn=h.auto_caption, inputs=[image, *controls, cache], outputs=streamed, api_visibility="private",
+        auto = dict(fn=auto_fn, inputs=[image, *controls.values(), cache], outputs=streamed, api_visibility="private",
                     trigger_mode="always_last", **common)
         image.upload(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
         image.clear(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")  # clears the outputs
         if examples is not None:
             examples.load_input_event.then(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
         # Branching reads choices the inspector put in this page's session: a page action, not an API endpoint.
-        redecode_btn.click(h.redecode, [decode_state, step, branch, *controls, cache], streamed, api_visibility="private",
+        redecode_btn.click(redecode_fn, [decode_state, step, branch, *controls.values(), cache], streamed, api_visibility="private",
                            **common).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
         step.release(h.inspect, [decode_state, step], inspector, api_visibility="private", trigger_mode="always_last")
         prev_btn.click(lambda d, s: h.move(d, s, -1), [decode_state, step], inspector, api_visibility="private")

@@ -1,8 +1,9 @@
 """The app in a real browser (Debian's chromium driven by Playwright): upload, streaming, inspector, branching.
 
 Serves the real model when there is one, $CAPTIONER_MODEL or else the bundled captioner/default_model/
-(and then also saves assets/screenshot.png), else the tiny random model. Skipped where /usr/bin/chromium is missing
-(CI installs it with `apt-get install -y chromium`).
+(and then also saves a screenshot under the test's tmp_path), else the tiny random model. Skipped where
+/usr/bin/chromium is missing (CI installs it with `apt-get install -y chromium`). Tests write only to temporary
+folders: `bash scripts/screenshots.sh` refreshes the README's assets/screenshot.png on purpose.
 """
 import os
 from pathlib import Path
@@ -15,7 +16,6 @@ from tiny import endless_model_dir, serve_demo
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 DEFAULT_MODEL = ROOT / "captioner" / "default_model"
-SCREENSHOT = ROOT / "assets" / "screenshot.png"
 PHOTO = ROOT / "examples" / "cameraman.jpg"  # people outdoors: the kind of photo Flickr8k is made of
 SECOND_PHOTO = ROOT / "examples" / "coffee.jpg"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -33,7 +33,7 @@ def served(tmp_path_factory):
     """(url, model, real): the app on a free port, with the real model if there is one."""
     real = bool(os.environ.get("CAPTIONER_MODEL")) or (DEFAULT_MODEL / "model.safetensors").exists()
     if real:
-        from captioner.cli import load_model
+        from captioner.loading import load_model
 
         model = load_model()  # $CAPTIONER_MODEL, else the bundled default, as app.py does
         label = os.environ.get("CAPTIONER_MODEL") or "captioner/default_model (bundled)"
@@ -135,8 +135,7 @@ def test_upload_stream_inspect_branch(served, browser, tmp_path):
     token = int(labels.nth(choice).locator("input").get_attribute("value"))
     labels.nth(choice).click()
     if real:  # the finished caption, inspected at step 2 with another word picked
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        page.screenshot(path=str(tmp_path / "screenshot.png"), full_page=True)
     before = caption_value(page)
     page.click("#redecode-btn")
     page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Branched')")

@@ -50,11 +50,12 @@ def test_training_forward_alignment_table():
     img = torch.randn(1, 3, 32, 32)
     logits = m(img, caps)
     assert logits.shape == (5, 1, len(WORDS))
-    # Recompute step by step with Decoder.step: t=0 sees the image, t=1 <SOS>, t=2 dog, ...
-    feature = m.encoder(img)
-    out, state = m.decoder.step(feature, None)
-    stepped = [out]
-    for tok in caps[:-1, 0]:
+    # Recompute step by step: t=0 sees the image, t=1 <SOS> (together: Decoder.start), then dog, ... (Decoder.step)
+    features = m.encoder(img)
+    first, state = m.decoder.advance(features.vector, None)  # t=0: the image, predicting <SOS>
+    out, state = m.decoder.start(features)  # t=0 and t=1: its logits predict the first word
+    stepped = [first, out]
+    for tok in caps[1:-1, 0]:
         out, state = m.decoder.step(tok.view(1), state)
         stepped.append(out)
     torch.testing.assert_close(torch.stack(stepped), logits, atol=1e-5, rtol=1e-5)
@@ -329,26 +330,27 @@ def test_inference_copy_of_the_encoder_gives_the_same_features_and_captions():
     imgs = [photo(seed=s) for s in range(3)]
     x = torch.stack([preprocess(i, m.config) for i in imgs])
     with torch.inference_mode():
-        ref = m.encoder.features(x)
+        ref = m.encoder.backbone_features(x)
     before = [caption(m, i) for i in imgs]
     m.optimize_for_inference()
     with torch.inference_mode():
-        torch.testing.assert_close(m.encoder.features(x), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(m.encoder.backbone_features(x), ref, atol=1e-4, rtol=1e-4)
     assert [caption(m, i) for i in imgs] == before
     assert "_fast" not in str(list(m.state_dict()))  # never saved
     m.train()
-    assert torch.is_grad_enabled() and m.encoder.features(x).requires_grad is False  # frozen: original path, no grad
+    assert torch.is_grad_enabled() and m.encoder.backbone_features(x).requires_grad is False  # frozen: original path, no grad
 
 
 def test_generate_batch_top_k_samples_only_the_k_likeliest_words():
-    from captioner.decode import _start, generate_batch
+    from captioner.decode import generate_batch
+    from captioner.model import ImageFeatures
 
     m = tiny_model(seed=3)
-    feats = torch.randn(64, m.config.embed_size)
+    feats = ImageFeatures(torch.randn(64, m.config.embed_size))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         first = generate_batch(m, feats, 1, sample=True, top_k=2, generator=gen)[:, 0]  # (64,)
-        start_logits, _ = _start(m, feats, feats.size(0))  # (64, V)
+        start_logits, _ = m.decoder.start(feats)  # (64, V)
     v = m.vocab
     start_logits[:, [v.pad_id, v.sos_id, v.unk_id, v.eos_id]] = -math.inf
     top2 = start_logits.topk(2, dim=-1).indices  # (64, 2)

@@ -11,7 +11,7 @@ needs_data = pytest.mark.skipif(not (FLICKR8K / "captions.txt").exists(), reason
 
 @pytest.fixture(scope="module")
 def model():
-    from captioner.cli import load_model
+    from captioner.loading import load_model
 
     assert (DEFAULT / "model.safetensors").exists(), "the default model must ship in captioner/default_model"
     return load_model()  # no --model, no CAPTIONER_MODEL: the bundled one

@@ -97,11 +97,11 @@ def test_optimize_for_inference_matches_plain_path():
     randomize_bn(model.encoder.backbone)
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        plain = model.encoder.features(x)
+        plain = model.encoder.backbone_features(x)
         model.encoder.optimize_for_inference(224)
         fast_backbone = model.encoder.__dict__["_fast"][0]
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_backbone.modules())  # every norm folded
-        torch.testing.assert_close(model.encoder.features(x), plain, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.encoder.backbone_features(x), plain, atol=1e-4, rtol=0)
 
 
 def test_default_model_loads_and_captions_without_timm_or_torchvision():
@@ -119,7 +119,7 @@ def test_default_model_loads_and_captions_without_timm_or_torchvision():
 
     code = (
         "import sys\n"
-        "from captioner.cli import load_model\n"
+        "from captioner.loading import load_model\n"
         "from captioner.decode import caption_batch\n"
         "from captioner.preprocess import open_image\n"
         "model = load_model(None)\n"

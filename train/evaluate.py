@@ -39,11 +39,12 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dic
     return out
 
 
-def evaluate_model(model, images, references, *, strategy: str = "greedy", batch_size: int = 64, **decode) -> tuple[dict, list[str]]:
-    """Caption `images` (paths, or a (N, E) feature tensor) and score them; returns (metrics, captions)."""
+def evaluate_model(model, images=None, references=(), config=None, *, features=None, batch_size: int = 64,
+                   **settings) -> tuple[dict, list[str]]:
+    """Caption `images` (or batched ImageFeatures) and score them; returns (metrics, captions)."""
     from captioner.decode import caption_batch
 
-    captions = caption_batch(model, images, strategy=strategy, batch_size=batch_size, **decode)
+    captions = caption_batch(model, images, config, features=features, batch_size=batch_size, **settings)
     return score(captions, references), captions
 
 
@@ -56,6 +57,8 @@ def format_table(rows: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from captioner.generation import add_arguments, from_arguments
+
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description="Score a captioner on a dataset split.")
     p.add_argument("--model", default=None, help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument("--revision", default=None)
@@ -63,19 +66,20 @@ def main(argv=None) -> int:
     p.add_argument("--format", default=None, help="flickr8k | flickr8k-token | karpathy | coco (default: detect)")
     p.add_argument("--images", default=None, help="image folder, for the JSON formats")
     p.add_argument("--split", default="dev")
-    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"])
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram", type=int, default=0)
+    add_arguments(p, only=("strategy", "beam_size", "length_penalty", "no_repeat_ngram", "max_len", "temperature", "top_k",
+                           "top_p", "seed"))
     p.add_argument("--limit", type=int, default=0, help="score only the first N images")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--save-captions", default=None, metavar="FILE",
+                   help="also write {image file name: caption} as JSON (to compare two models or two code versions)")
     args = p.parse_args(argv)
 
     from captioner.hub import ModelLoadError
-    from captioner.cli import load_model
+    from captioner.loading import load_model
     from train.data import load_dataset
 
     try:
+        settings = from_arguments(args)
         model = load_model(args.model, revision=args.revision)
         samples, report = load_dataset(args.data, fmt=args.format, image_root=args.images, splits=(args.split,))
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
@@ -84,9 +88,14 @@ def main(argv=None) -> int:
     if args.limit:
         samples = samples[: args.limit]
     print(f"{len(samples)} images in split {args.split!r}; skipped: {report}", file=sys.stderr)
-    decode = {"beam_size": args.beam_size, "length_penalty": args.length_penalty, "no_repeat_ngram": args.no_repeat_ngram}
-    metrics, _ = evaluate_model(model, [s.image for s in samples], [s.captions for s in samples], strategy=args.strategy, **decode)
-    print(json.dumps(metrics) if args.json else format_table({args.strategy: metrics}))
+    metrics, captions = evaluate_model(model, [s.image for s in samples], [s.captions for s in samples], settings)
+    if args.save_captions:
+        import os
+
+        named = {os.path.basename(s.image): c for s, c in zip(samples, captions)}
+        with open(args.save_captions, "w", encoding="utf-8") as f:
+            json.dump(named, f, indent=0, sort_keys=True)
+    print(json.dumps(metrics) if args.json else format_table({settings.strategy: metrics}))
     return 0
 
 

@@ -1,0 +1,90 @@
+"""Every decoding setting in one frozen dataclass: its default, its range, its help text, its validation.
+
+The library (`decode.stream`, `caption`, `caption_batch`), the CLI, the evaluation command and the app all
+take a `GenerationConfig`; the CLI's flags are generated from its fields, and the app's controls are keyed by
+field name, so a new setting is one field here plus the control that shows it.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+STRATEGIES = ("greedy", "beam", "sample")
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    strategy: str = _setting("greedy", "greedy: the likeliest word each step (the bundled model's best) · "
+                                       "beam: keep several candidate captions · sample: random, varied")
+    max_len: int | None = _setting(None, "most words in a caption (default: the model's own, 20 for the bundled model)")
+    beam_size: int = _setting(3, "beam search: candidate captions kept at every step")
+    length_penalty: float = _setting(1.0, "beam search: a caption's log-probability is divided by its length to this "
+                                          "power (0 = none; higher favours longer captions)")
+    temperature: float = _setting(1.0, "sampling: below 1 sharpens the distribution, above 1 flattens it")
+    top_k: int = _setting(0, "sampling: draw only from the K likeliest words (0 = all)")
+    top_p: float = _setting(0.9, "sampling: draw only from the smallest set of words whose probability reaches P (nucleus)")
+    seed: int | None = _setting(None, "sampling: random seed (default: a new one each time)")
+    no_repeat_ngram: int = _setting(0, "never repeat an n-gram of this many words (0 = off)")
+    num_alternatives: int = _setting(5, "top-k alternatives recorded at every step (the inspector's words)")
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"max_len={self.max_len}: expected at least 1 word")
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size={self.beam_size}: expected 1 or more")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}: expected a positive number")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: expected 0 (all words) or more")
+        if self.no_repeat_ngram < 0:
+            raise ValueError(f"no_repeat_ngram={self.no_repeat_ngram}: expected 0 (off) or more")
+        if self.num_alternatives < 0:
+            raise ValueError(f"num_alternatives={self.num_alternatives}: expected 0 or more")
+
+    @classmethod
+    def make(cls, config: "GenerationConfig | None" = None, **overrides) -> "GenerationConfig":
+        """`config` (or the defaults) with `overrides` applied; an unknown setting is a ValueError naming it."""
+        unknown = sorted(set(overrides) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"unknown decoding setting(s) {unknown}; known: {', '.join(cls.names())}")
+        return replace(config or cls(), **overrides)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def resolved_max_len(self, model_max_len: int) -> int:
+        return self.max_len if self.max_len is not None else model_max_len
+
+
+ALIASES = {"num_alternatives": ("--alternatives",)}  # shorter flags kept from earlier versions
+
+
+def add_arguments(parser, *, only: tuple[str, ...] | None = None) -> None:
+    """Add one --flag per decoding setting to an argparse parser (defaults and help from the dataclass)."""
+    import argparse
+
+    hints = {"strategy": str, "max_len": int, "beam_size": int, "length_penalty": float, "temperature": float, "top_k": int,
+             "top_p": float, "seed": int, "no_repeat_ngram": int, "num_alternatives": int}
+    for f in fields(GenerationConfig):
+        if only is not None and f.name not in only:
+            continue
+        default = f.default if f.default is not MISSING else None
+        kw: dict[str, Any] = dict(type=hints[f.name], default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
+        if f.name == "strategy":
+            kw["choices"] = list(STRATEGIES)
+        flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ())]
+        parser.add_argument(*flags, dest=f.name, **kw)
+
+
+def from_arguments(args) -> GenerationConfig:
+    """The GenerationConfig of parsed flags (settings not given keep their defaults)."""
+    return GenerationConfig.make(**{n: getattr(args, n) for n in GenerationConfig.names() if hasattr(args, n)})

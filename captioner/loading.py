@@ -1,0 +1,29 @@
+"""Which model to serve: a folder or Hub repo id given, else $CAPTIONER_MODEL, else the bundled default.
+
+The one place the CLI, the app, the evaluation command and the benchmarks load a model from.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .hub import ModelLoadError
+from .model import Captioner
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+
+
+def load(src, *, revision: str | None = None, **kwargs) -> Captioner:
+    """A Captioner from a local folder or a Hub repo id (see Captioner.from_pretrained)."""
+    return Captioner.from_pretrained(src, revision=revision, **kwargs)
+
+
+def load_model(src=None, *, revision: str | None = None) -> Captioner:
+    """A model ready for inference from SRC, else $CAPTIONER_MODEL (at $CAPTIONER_REVISION), else the bundled
+    default; raises ModelLoadError."""
+    src = src or os.environ.get("CAPTIONER_MODEL") or None
+    if src is None:
+        if not (DEFAULT_MODEL / "model.safetensors").exists():
+            raise ModelLoadError(f"the bundled default model is missing from {DEFAULT_MODEL}; pass --model FOLDER_OR_REPO_ID")
+        src = DEFAULT_MODEL
+    return load(src, revision=revision or os.environ.get("CAPTIONER_REVISION") or None).optimize_for_inference()
