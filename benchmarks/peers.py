@@ -31,6 +31,20 @@ def _params(m) -> float:
     return round(sum(p.numel() for p in m.parameters()) / 1e6, 1)
 
 
+def _never_end(decoder, eos_id: int) -> None:
+    """Give <EOS> no chance in every logits row the decoder's seam (`start`, `step`) returns, on this instance only."""
+
+    def masked(seam):
+        def call(*args):
+            logits, state = seam(*args)
+            logits[:, eos_id] = -torch.inf  # (B, V)
+            return logits, state
+
+        return call
+
+    decoder.start, decoder.step = masked(decoder.start), masked(decoder.step)
+
+
 def build_inception(model, scale: str):
     from captioner import Captioner, CaptionerConfig
 
@@ -39,9 +53,8 @@ def build_inception(model, scale: str):
     cfg = CaptionerConfig(backbone="inception_v3", image_size=size, embed_size=c.embed_size, hidden_size=c.hidden_size,
                           num_layers=c.num_layers, vocab_size=c.vocab_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_len=NEW_TOKENS)
     torch.manual_seed(0)
-    peer = Captioner(cfg, model.vocab).eval()
-    with torch.no_grad():  # random weights: keep <EOS> from ending it early, so it writes exactly 16 words like the others
-        peer.decoder.head.bias[model.vocab.eos_id] = -1e4
+    peer = Captioner(cfg, model.vocab).optimize_for_inference()  # as load_model serves any saved model
+    _never_end(peer.decoder, model.vocab.eos_id)  # random weights: exactly 16 words, like the others
     x = torch.randn(3, size, size)
 
     def run(beams: int):

@@ -1,7 +1,7 @@
 """Run the benchmarks: markdown tables on stdout, everything in JSON.
 
     python -m benchmarks.run [--quick] [--model SRC] [--threads N] [--json PATH]
-                             [--sections latency,batch,levers,peers,app,train] [--peer-scale full|tiny] [--compile]
+                             [--sections latency,batch,peers,app,train] [--peer-scale full|tiny]
 
 --model: a model folder or Hub repo id; "random" for the default architecture with random weights. Without it:
 the bundled captioner/default_model, else runs/flickr8k/best, else random weights (said in the output).
@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-SECTIONS = ("latency", "batch", "levers", "peers", "app", "train")
+SECTIONS = ("latency", "batch", "peers", "app", "train")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 # Targets of the issue "Fast on a laptop CPU, measured against the alternatives users would pick".
@@ -50,7 +50,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results (default: benchmarks/results.json)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--peer-scale", choices=["full", "tiny"], default="full", help="tiny: toy peer configs (smoke tests)")
-    p.add_argument("--compile", action="store_true", help="also try torch.compile of the backbone (compiles for tens of seconds)")
     args = p.parse_args(argv)
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     bad = set(sections) - set(SECTIONS)
@@ -75,7 +74,7 @@ def main(argv=None) -> int:
     model, model_desc = common.load_bench_model(args.model)
     log(f"model: {model_desc}")
     wd = common.workdir()
-    images, image_source = common.sample_images(max(s.batch_images, s.check_images, 8), wd)
+    images, image_source = common.sample_images(max(s.batch_images, 8), wd)
     big_jpeg = common.synthetic_jpeg(wd / "phone_4032x3024.jpg", (4032, 3024), seed=7)
 
     results: dict = {
@@ -125,13 +124,6 @@ def main(argv=None) -> int:
         emit("\n## 2. Batch throughput, greedy (caption_batch, CLI folder mode)\n")
         emit(md_table(["batch size", "images", "images/s", "ms/image"], [[r["batch_size"], r["images"], r["images_per_s"], r["ms_per_image"]] for r in sec["rows"]]))
         emit(f"\n{sec['note']}")
-
-    if "levers" in sections:
-        from . import levers
-
-        log("section 6 (run early: its proposals feed the targets): levers")
-        sec = levers.run(model, s, images, big_jpeg, with_compile=args.compile)
-        results["sections"]["levers"] = sec
 
     if "peers" in sections:
         from . import peers
@@ -200,13 +192,6 @@ def main(argv=None) -> int:
                       [[r["stage"], r.get("images_per_s"), r.get("captions_per_s"), r["median_ms"], r["note"]] for r in sec["rows"]]))
         emit(f"\n{sec['note']}")
 
-    if "levers" in sections:
-        sec = results["sections"]["levers"]
-        emit("\n## 6. Levers (before = current code; interleaved call by call; kept only if >= 5% faster with the same captions)\n")
-        emit(md_table(["lever", "measured", "before ms", "after ms", "speed-up", "same captions", "verdict", "note"],
-                      [[r["lever"], r["measured"], r.get("before_ms"), r.get("after_ms"), r.get("speedup"), r.get("same_output"),
-                        r["verdict"], r.get("note", "")] for r in sec["rows"]]))
-
     # ---------------------------------------------------------------- targets
     measured = {"greedy_ms": ours_greedy, "first_word_ms": ours_first,
                 "beam_over_greedy": round(ours_beam / ours_greedy, 2) if ours_beam and ours_greedy else None}
@@ -220,42 +205,14 @@ def main(argv=None) -> int:
     measured["app_rss_mb"] = app.get("rss_after_many_mb")
     measured["app_rss_growth_mb"] = app.get("rss_growth_second_half_mb")
 
-    after: dict = {}
-    props = results["sections"].get("levers", {}).get("proposals", {})
-    best = _best_proposal(props)
-    if best:
-        # the interleaved speed-up of the proposal, applied to the value measured above (absolute times measured
-        # minutes apart on a busy machine are not comparable; the ratio of interleaved calls is)
-        pr = props[best]
-
-        def speedup(metric):
-            return pr[metric]["before_ms"] / pr[metric]["after_ms"]
-
-        if ours_greedy:
-            after["greedy_ms"] = round(ours_greedy / speedup("whole greedy caption"), 2)
-        if ours_first:
-            after["first_word_ms"] = round(ours_first / speedup("time to first word"), 2)
-        if ours_beam and ours_greedy:
-            after["beam_over_greedy"] = round((ours_beam / speedup("whole beam 3 caption")) / (ours_greedy / speedup("whole greedy caption")), 2)
-        b = pr["batch32_images_per_s"]
-        if measured.get("batch32_ips"):
-            after["batch32_ips"] = round(measured["batch32_ips"] * b["after"] / b["before"], 2)
-        for k in ("blip_x", "vitgpt2_x"):
-            if measured.get(k):
-                after[k] = round(measured[k] * speedup("whole greedy caption"), 1)  # the peer's time over our faster time
     rows, target_json = [], []
     for key, desc, goal, op in TARGETS:
-        v, a = measured.get(key), after.get(key)
-        rows.append([desc, f"{op} {goal:g}", v, _status(v, goal, op), a, _status(a, goal, op) if a is not None else "n/a"])
-        target_json.append({"key": key, "target": desc, "goal": goal, "op": op, "measured": v, "status": _status(v, goal, op),
-                            "with_proposed": a, "status_with_proposed": _status(a, goal, op) if a is not None else "n/a"})
+        v = measured.get(key)
+        rows.append([desc, f"{op} {goal:g}", v, _status(v, goal, op)])
+        target_json.append({"key": key, "target": desc, "goal": goal, "op": op, "measured": v, "status": _status(v, goal, op)})
     results["targets"] = target_json
-    results["proposal_used_for_targets"] = best
     emit("\n## Targets\n")
-    emit(md_table(["target", "goal", "measured (current code)", "", f"with proposed levers ({best or 'n/a'}): measured / interleaved speed-up", ""], rows))
-    if best:
-        emit(f"\nproposed levers: {' + '.join(props[best]['levers'])}; same captions: {props[best]['same_output']}; "
-             f"one-off build at load: {props[best]['build_s']} s")
+    emit(md_table(["target", "goal", "measured (current code)", ""], rows))
     results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     emit(f"\n(total benchmark time {results['elapsed_s']} s)")
 
@@ -264,18 +221,6 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(results, indent=1, default=str))
     log(f"results written to {path}")
     return 0
-
-
-def _best_proposal(props: dict) -> str | None:
-    """The fastest proposal (whole greedy caption) that keeps the captions; the eager one unless the other is >5% faster."""
-    ok = {k: v for k, v in props.items() if v["same_output"].startswith("yes")}
-    if not ok:
-        return None
-    best = min(ok, key=lambda k: ok[k]["whole greedy caption"]["after_ms"])
-    if "eager" in ok and best != "eager":
-        if ok[best]["whole greedy caption"]["after_ms"] > 0.95 * ok["eager"]["whole greedy caption"]["after_ms"]:
-            best = "eager"
-    return best
 
 
 if __name__ == "__main__":

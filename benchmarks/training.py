@@ -9,7 +9,6 @@ from captioner.model import caption_loss
 from captioner.preprocess import preprocess
 
 from .common import Settings, measure, measure_interleaved
-from .fast import build_variant, applied
 
 MAX_TOKENS = 22  # train.TrainConfig.max_tokens: the longest training caption, <SOS>/<EOS> included
 BATCH = 128  # train.TrainConfig.batch_size
@@ -20,7 +19,7 @@ def run(model, s: Settings, images: list[str], image_source: str) -> dict:
     rows = []
     n = len(images)
 
-    # --- feature extraction: preprocess a batch of real images, then encoder.features on it
+    # --- feature extraction: preprocess a batch of real images, then encoder.backbone_features on it
     st = measure(lambda: torch.stack([preprocess(p, cfg) for p in images]), warmup=1, repeat=max(1, s.repeat // 5))
     rows.append({"stage": f"preprocess {n} JPEG files", "images_per_s": round(n / (st.median_ms / 1e3), 1), "median_ms": round(st.median_ms, 1),
                  "note": image_source})
@@ -28,27 +27,18 @@ def run(model, s: Settings, images: list[str], image_source: str) -> dict:
 
     def feats():
         with torch.inference_mode():
-            model.encoder.features(batch)
+            model.encoder.backbone_features(batch)
 
     st = measure(feats, warmup=1, repeat=max(1, s.repeat // 5))
-    rows.append({"stage": f"encoder.features, batch {n}", "images_per_s": round(n / (st.median_ms / 1e3), 1),
+    rows.append({"stage": f"encoder.backbone_features, batch {n}", "images_per_s": round(n / (st.median_ms / 1e3), 1),
                  "median_ms": round(st.median_ms, 1), "note": f"{cfg.backbone}, current code"})
-    fast = build_variant(model, ("fuse_bn", "channels_last"))
-
-    def feats_fast():
-        with torch.inference_mode(), applied(model, fast):
-            model.encoder.features(batch)
-
-    st = measure(feats_fast, warmup=1, repeat=max(1, s.repeat // 5))
-    rows.append({"stage": f"encoder.features, batch {n}, fused BN + channels_last", "images_per_s": round(n / (st.median_ms / 1e3), 1),
-                 "median_ms": round(st.median_ms, 1), "note": "lever (benchmarks/fast.py)"})
 
     # --- teacher forcing on cached features: forward_features + loss + backward + AdamW, batch 128
     torch.manual_seed(0)
     trainee = copy.deepcopy(model).train()
     trainee.encoder.set_trainable(False)
     with torch.inference_mode():
-        f_dim = model.encoder.features(batch[:1]).shape[1]
+        f_dim = model.encoder.backbone_features(batch[:1]).shape[1]
     features = torch.randn(BATCH, f_dim)
     captions = torch.randint(4, cfg.vocab_size, (MAX_TOKENS, BATCH))
     captions[0] = model.vocab.sos_id
