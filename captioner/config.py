@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 # Bumped when the saved format changes in a way older code cannot read.
 FORMAT_VERSION = 1
 # The decoder architectures a config can name (each is a class in model.DECODERS).
-DECODERS = ("show-tell",)
+DECODERS = ("show-tell", "attend")
 
 
 @dataclass
@@ -16,7 +16,9 @@ class CaptionerConfig:
     embed_size: int = 512  # size of the image feature and of the word embeddings
     train_backbone: bool = False  # False freezes the CNN (and its batch-norm statistics)
     # --- decoder ---
-    decoder: str = "show-tell"  # architecture: "show-tell" (the image at t=0 only; the seed's reference design)
+    decoder: str = "show-tell"  # "show-tell": the image at t=0 only (the seed's reference design); "attend": soft
+    #                             attention over the backbone's spatial map at every word (Xu et al. 2015)
+    attention_size: int = 512  # attend: size of the attention MLP's hidden layer
     hidden_size: int = 512  # LSTM hidden state size
     num_layers: int = 1  # stacked LSTM layers
     dropout: float = 0.5  # on the image projection, the embeddings and the LSTM output
@@ -60,7 +62,7 @@ class CaptionerConfig:
                 f"(reads up to {FORMAT_VERSION}); upgrade captioner (pip install -U -r requirements.txt)"
             )
         names = {f.name for f in fields(cls)}
-        required = names - {"extra", "format_version", "decoder"}  # configs saved before `decoder` existed are show-tell
+        required = names - {"extra", "format_version", "decoder", "attention_size"}  # added later, with defaults: older configs are show-tell
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"config.json is missing field(s) {missing}; the model folder is incomplete or not a captioner")

@@ -39,6 +39,7 @@ class Step:
     tokens: tuple[int, ...]  # the caption's token ids so far (beam: the current best hypothesis)
     text: str  # the caption so far, readable
     stop: str | None = None  # on the last record: "eos" (the model ended it) or "max_len"
+    attention: tuple[float, ...] | None = None  # attend decoders: the weight on each image region when choosing this word
     # On the last record: the records of the final caption's earlier words, so [*last.history, last] is the whole
     # caption, word by word (beam search: the winning hypothesis, which may differ from what was streamed).
     history: tuple["Step", ...] = ()
@@ -85,13 +86,20 @@ def _mask(logits: torch.Tensor, vocab, histories: Sequence[Sequence[int]], no_re
     return logits
 
 
-def _record(vocab, t, token, logp_row, k, cum, tokens) -> Step:
+def _attention(state, row: int = 0) -> torch.Tensor | None:
+    """The attention weights (N,) behind the newest logits of batch row `row`; None for decoders that do not attend."""
+    att = state.attention
+    return None if att is None else att[row]
+
+
+def _record(vocab, t, token, logp_row, k, cum, tokens, attention=None) -> Step:
     probs = logp_row.exp()
     top = torch.topk(probs, min(k, probs.numel())) if k else None
     alts = tuple(Candidate(int(i), vocab.itos[int(i)], float(p)) for p, i in zip(top.values, top.indices) if p > 0) if top else ()
     words = [vocab.itos[i] for i in tokens]
     return Step(t, int(token), vocab.itos[int(token)], float(probs[token]), float(cum), alts,
-                float(probs[vocab.eos_id]), tuple(tokens), detokenize(words))
+                float(probs[vocab.eos_id]), tuple(tokens), detokenize(words),
+                attention=None if attention is None else tuple(attention.tolist()))
 
 
 def _keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -157,7 +165,7 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
             yield done[-1]  # held back one step so the last record can say why decoding stopped
         cum += float(logp[token])
         tokens.append(token)
-        done.append(_record(vocab, t, token, logp, config.num_alternatives, cum, tokens))
+        done.append(_record(vocab, t, token, logp, config.num_alternatives, cum, tokens, _attention(state)))
         logits, state = model.decoder.step(torch.tensor([token], device=features.vector.device), state)
     if done:
         yield replace(done[-1], stop="eos" if len(done) < max_len else "max_len", history=tuple(done[:-1]))
@@ -166,11 +174,12 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
 @dataclass
 class _Hyp:
     tokens: list[int]
-    rows: list[tuple]  # per word: (log-prob row of its step, cumulative score): records are built only when shown
+    rows: list[tuple]  # per word: (log-prob row of its step, cumulative score, attention): records are built only when shown
     score: float  # sum of log-probabilities
 
     def records(self, vocab, k: int, first: int = 0) -> list[Step]:
-        return [_record(vocab, t, self.tokens[t], row, k, cum, self.tokens[: t + 1]) for t, (row, cum) in enumerate(self.rows) if t >= first]
+        return [_record(vocab, t, self.tokens[t], row, k, cum, self.tokens[: t + 1], att)
+                for t, (row, cum, att) in enumerate(self.rows) if t >= first]
 
 
 def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int, prefix: list[int]) -> Iterator[Step]:
@@ -200,7 +209,7 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
             if token == vocab.eos_id:
                 finished.append(_Hyp(h.tokens, h.rows, h.score))
             else:
-                survivors.append(_Hyp(h.tokens + [token], h.rows + [(logp[parent], score)], score))
+                survivors.append(_Hyp(h.tokens + [token], h.rows + [(logp[parent], score, _attention(state, parent))], score))
                 parents.append(parent)
             if len(survivors) == beam_size:
                 break

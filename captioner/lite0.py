@@ -129,6 +129,9 @@ class EfficientNetLite0(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1280, H/32, W/32): the last feature map, before pooling (as timm's forward_features)."""
+        return self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # timm's 'avg' global pool
+        return F.adaptive_avg_pool2d(self.forward_features(x), 1).flatten(1)  # timm's 'avg' global pool

@@ -72,10 +72,12 @@ class ImageFeatures:
 
 
 class Encoder(nn.Module):
-    """CNN backbone, global-pooled, then Linear + ReLU + Dropout to the embedding size."""
+    """CNN backbone, global-pooled, then Linear + ReLU + Dropout to the embedding size; with `spatial`, the
+    backbone's last map is kept too, as regions for a decoder that attends."""
 
-    def __init__(self, config: CaptionerConfig):
+    def __init__(self, config: CaptionerConfig, *, spatial: bool = False):
         super().__init__()
+        self.spatial = spatial
         if config.backbone == "tf_efficientnet_lite0":
             from .lite0 import EfficientNetLite0  # timm's model, state dict included, without timm's import cost
 
@@ -108,16 +110,24 @@ class Encoder(nn.Module):
         return self
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, F) pooled backbone features: what the training feature cache stores."""
+        """(B, 3, S, S) -> what the training feature cache stores: pooled (B, F), or with `spatial` the last map as
+        regions (B, N, F), N = (S/32)^2."""
+        backbone = self.backbone
         fast = self.__dict__.get("_fast")
         if fast is not None and not torch.is_grad_enabled() and images.dim() == 4 and images.shape[-1] == images.shape[-2] == fast[1]:
+            backbone = fast[0]
             images = images.contiguous(memory_format=torch.channels_last)
-            return torch.cat([fast[0](chunk) for chunk in images.split(ENCODER_CHUNK)])  # (B, F)
-        return self.backbone(images)
+        run = (lambda x: backbone.forward_features(x).flatten(2).transpose(1, 2)) if self.spatial else backbone  # (b, N, F) / (b, F)
+        if backbone is self.backbone:
+            return run(images)
+        return torch.cat([run(chunk) for chunk in images.split(ENCODER_CHUNK)]).contiguous()  # (B, F) or (B, N, F)
 
-    def from_backbone(self, pooled: torch.Tensor) -> ImageFeatures:
-        """Backbone features (B, F), fresh or cached -> the decoder's ImageFeatures."""
-        return ImageFeatures(self.dropout(F.relu(self.proj(pooled))))  # vector (B, E)
+    def from_backbone(self, x: torch.Tensor) -> ImageFeatures:
+        """Backbone features, fresh or cached: pooled (B, F), or regions (B, N, F) -> the decoder's ImageFeatures."""
+        if self.spatial:
+            x = x.float()  # the cache may hold half precision
+            return ImageFeatures(self.dropout(F.relu(self.proj(x.mean(1)))), grid=x)  # vector (B, E), grid (B, N, F)
+        return ImageFeatures(self.dropout(F.relu(self.proj(x))))  # vector (B, E)
 
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         return self.from_backbone(self.backbone_features(images))
@@ -129,6 +139,7 @@ class LSTMState:
 
     h: torch.Tensor
     c: torch.Tensor
+    attention = None  # show-tell looks at no region
 
     def select(self, index: torch.Tensor) -> "LSTMState":
         """Rows `index` of the batch, in that order (beam search keeps the surviving hypotheses)."""
@@ -142,6 +153,8 @@ class LSTMState:
 class ShowTellDecoder(nn.Module):
     """Show and Tell (Vinyals et al. 2015): the image feature is the LSTM's input at t=0, <SOS> at t=1, then
     the caption's words. Embedding, sequence-first LSTM, linear to the vocabulary."""
+
+    uses_grid = False  # the pooled vector is all it sees
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
@@ -197,8 +210,83 @@ class ShowTellDecoder(nn.Module):
         return self.head(x), LSTMState(torch.stack(hs), torch.stack(cs))  # (B, V), ((L, B, H), (L, B, H))
 
 
+@dataclass(frozen=True)
+class AttendState:
+    """The attention decoder's state for a batch: LSTM (h, c) (B, H), the image's regions (B, N, E) and their
+    attention keys (B, N, A), and the attention weights (B, N) of the step that made the latest logits."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+    regions: torch.Tensor
+    keys: torch.Tensor
+    attention: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> "AttendState":
+        pick = lambda x: None if x is None else x.index_select(0, index)  # noqa: E731
+        return AttendState(pick(self.h), pick(self.c), pick(self.regions), pick(self.keys), pick(self.attention))
+
+    def expand(self, n: int) -> "AttendState":
+        return self.select(torch.arange(self.h.size(0), device=self.h.device).repeat_interleave(n))
+
+
+class AttendDecoder(nn.Module):
+    """Show, Attend and Tell (Xu et al. 2015), soft attention: at every word the LSTM state weighs the image's
+    regions (an MLP score, softmax over the N regions), and the gated weighted sum enters the LSTM with the previous
+    word. The initial state comes from the pooled image vector."""
+
+    uses_grid = True
+
+    def __init__(self, config: CaptionerConfig, feature_size: int):
+        super().__init__()
+        E, H, A = config.embed_size, config.hidden_size, config.attention_size
+        self.regions = nn.Linear(feature_size, E)  # each region's backbone feature -> E
+        self.key = nn.Linear(E, A)  # region -> attention key
+        self.query = nn.Linear(H, A)  # LSTM state -> attention query
+        self.score = nn.Linear(A, 1)
+        self.gate = nn.Linear(H, E)  # Xu's beta: how much of the context enters this step
+        self.init_h = nn.Linear(E, H)
+        self.init_c = nn.Linear(E, H)
+        self.embed = nn.Embedding(config.vocab_size, E)
+        self.cell = nn.LSTMCell(2 * E, H)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(H, config.vocab_size)
+
+    def init_state(self, features: ImageFeatures) -> AttendState:
+        regions = self.dropout(F.relu(self.regions(features.grid)))  # (B, N, E)
+        return AttendState(torch.tanh(self.init_h(features.vector)), torch.tanh(self.init_c(features.vector)),  # (B, H) each
+                           regions, self.key(regions))  # keys (B, N, A)
+
+    def advance(self, embedded: torch.Tensor, state: AttendState) -> tuple[torch.Tensor, AttendState]:
+        """One step on an embedded word (B, E) -> logits (B, V), state (with this step's attention weights)."""
+        energy = self.score(torch.tanh(state.keys + self.query(state.h).unsqueeze(1))).squeeze(2)  # (B, N)
+        alpha = torch.softmax(energy, dim=1)  # (B, N)
+        context = torch.bmm(alpha.unsqueeze(1), state.regions).squeeze(1)  # (B, E)
+        context = torch.sigmoid(self.gate(state.h)) * context  # (B, E)
+        h, c = self.cell(torch.cat((embedded, context), dim=1), (state.h, state.c))  # (B, H) each
+        return self.head(self.dropout(h)), AttendState(h, c, state.regions, state.keys, alpha)
+
+    def start(self, features: ImageFeatures) -> tuple[torch.Tensor, AttendState]:
+        """Initial state from the image, then <SOS> -> logits for the first word (B, V), state."""
+        sos = torch.full((len(features),), Vocabulary.sos_id, dtype=torch.long, device=features.vector.device)
+        return self.step(sos, self.init_state(features))
+
+    def step(self, tokens: torch.Tensor, state: AttendState) -> tuple[torch.Tensor, AttendState]:
+        return self.advance(self.embed(tokens), state)  # embed: (B,) -> (B, E)
+
+    def forward(self, features: ImageFeatures, captions: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing, aligned as Show and Tell's: captions (T, B) -> logits (T, B, V), output t predicts captions[t].
+        Output 0 is the initial state's guess (it learns <SOS>); output t >= 1 follows word t-1."""
+        state = self.init_state(features)
+        embedded = self.dropout(self.embed(captions[:-1]))  # (T-1, B, E)
+        outputs = [self.head(self.dropout(state.h))]  # t=0: (B, V)
+        for word in embedded:
+            logits, state = self.advance(word, state)
+            outputs.append(logits)
+        return torch.stack(outputs)  # (T, B, V)
+
+
 # The decoders a saved config can name (CaptionerConfig.decoder).
-DECODERS: dict[str, type[nn.Module]] = {"show-tell": ShowTellDecoder}
+DECODERS: dict[str, type[nn.Module]] = {"show-tell": ShowTellDecoder, "attend": AttendDecoder}
 Decoder = ShowTellDecoder  # the reference design
 
 
@@ -221,8 +309,12 @@ class Captioner(
             )
         self.config = config
         self.vocab = vocab
-        self.encoder = Encoder(config)
-        self.decoder = DECODERS[config.decoder](config)
+        decoder = DECODERS[config.decoder]
+        self.encoder = Encoder(config, spatial=decoder.uses_grid)
+        if self.encoder.spatial:
+            self.decoder = decoder(config, self.encoder.backbone.num_features)
+        else:
+            self.decoder = decoder(config)
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S), captions (T, B) -> logits (T, B, V)."""

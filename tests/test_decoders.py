@@ -1,0 +1,210 @@
+"""The decoder seam and decoding settings, for both decoders (show-tell, attend), on tiny random configs.
+
+Every decoder is driven only through start/step; these tests hold each decoding path (greedy, beam, sampling,
+branching, batches, re-used features) to the same contract for both.
+"""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner import GenerationConfig, ImageFeatures, load
+from captioner.decode import caption, caption_batch, encode, generate_batch, rescore, stream
+from tiny import tiny_model
+
+DECODERS = ["show-tell", "attend"]
+SETTINGS = [{}, {"strategy": "beam", "beam_size": 3}, {"strategy": "beam", "beam_size": 1},
+            {"strategy": "sample", "seed": 3, "temperature": 0.9, "top_k": 4}]
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():  # encode() runs in inference mode; nothing here trains
+        yield
+
+
+def photo(seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (30, 40, 3), dtype=np.uint8))
+
+
+def model_of(decoder, seed=0, **kw):
+    m = tiny_model(seed, decoder=decoder, max_len=kw.pop("max_len", 8), **kw)
+    with torch.no_grad():
+        m.decoder.head.bias[2] -= 1.5  # <EOS> rarer: captions run several words
+    return m
+
+
+# ---------------------------------------------------------------- the seam
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_teacher_forcing_equals_start_then_steps(decoder):
+    """Output t of the training forward predicts captions[t]; start/step give the same logits from t = 1 on."""
+    m = model_of(decoder)
+    caps = torch.tensor([[1, 5, 6, 7, 2], [1, 4, 5, 2, 0]]).T  # (T=5, B=2)
+    img = torch.randn(2, 3, 32, 32)
+    logits = m(img, caps)  # (T, B, V)
+    assert logits.shape == (5, 2, 8)
+    logits_t, state = m.decoder.start(m.encoder(img))
+    stepped = [logits_t]
+    for tok in caps[1:-1]:
+        logits_t, state = m.decoder.step(tok, state)
+        stepped.append(logits_t)
+    torch.testing.assert_close(torch.stack(stepped), logits[1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_state_select_and_expand_reorder_the_batch(decoder):
+    m = model_of(decoder)
+    feats = m.encode(torch.randn(3, 3, 32, 32))
+    logits, state = m.decoder.start(feats)
+    tok = torch.tensor([4, 5, 6])
+    picked = state.select(torch.tensor([2, 0]))
+    torch.testing.assert_close(m.decoder.step(tok[[2, 0]], picked)[0], m.decoder.step(tok, state)[0][[2, 0]])
+    many = state.expand(2)  # rows 0,0,1,1,2,2
+    torch.testing.assert_close(m.decoder.step(tok.repeat_interleave(2), many)[0], m.decoder.step(tok, state)[0].repeat_interleave(2, 0))
+
+
+def test_attend_uses_the_spatial_map_and_show_tell_does_not():
+    att, st = model_of("attend"), model_of("show-tell")
+    x = torch.randn(2, 3, 64, 64)
+    assert att.encode(x).grid.shape[:2] == (2, 4) and st.encode(x).grid is None  # 64/32 = 2: 2x2 regions
+    # Same pooled vector, different regions: the attend decoder's first word distribution changes.
+    f = att.encode(x)
+    shuffled = ImageFeatures(f.vector, f.grid.flip(1) * 3)
+    assert not torch.allclose(att.decoder.start(f)[0], att.decoder.start(shuffled)[0])
+
+
+# ---------------------------------------------------------------- decoding through the seam
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("s", SETTINGS, ids=lambda s: s.get("strategy", "greedy") + str(s.get("beam_size", "")))
+def test_streamed_and_non_streamed_output_agree(decoder, s):
+    m = model_of(decoder, 1)
+    img = photo()
+    steps = list(stream(m, img, **s))
+    assert steps and steps[-1].stop in ("eos", "max_len") and all(x.stop is None for x in steps[:-1])
+    assert caption(m, img, **s) == steps[-1].text == caption(m, img, GenerationConfig(**s))
+    assert caption_batch(m, [img, photo(1)], **s)[0] == steps[-1].text
+    # The last record carries the final caption's records: what rescoring its words gives.
+    final = steps[-1].caption_steps()
+    assert [x.token for x in final] == list(steps[-1].tokens)
+    again = rescore(m, img, list(steps[-1].tokens))
+    assert [round(x.prob, 5) for x in again] == [round(x.prob, 5) for x in final]
+    rounded = lambda recs: [[(a.token, round(a.prob, 5)) for a in x.alternatives] for x in recs]  # noqa: E731
+    assert rounded(again) == rounded(final)  # beams run batched: equal up to float noise
+    if s.get("strategy", "greedy") != "beam":
+        assert tuple(steps) == final  # greedy and sampling stream exactly the caption they keep
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_features_from_encode_decode_like_the_image(decoder):
+    m = model_of(decoder, 2)
+    img = photo(4)
+    f = encode(m, img)
+    for s in SETTINGS:
+        assert caption(m, features=f, **s) == caption(m, img, **s)
+    with pytest.raises(ValueError, match="either an image or features"):
+        caption(m, img, features=f)
+    with pytest.raises(ValueError, match="either an image or features"):
+        caption(m)
+    batch = m.encode(torch.stack([torch.randn(3, 32, 32) for _ in range(3)]))
+    assert caption_batch(m, features=batch) == [caption(m, features=batch.select(slice(i, i + 1))) for i in range(3)]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_branching_and_beam_for_both(decoder):
+    m = model_of(decoder, 3)
+    img = photo(2)
+    base = list(stream(m, img))
+    alt = next(a.token for a in base[0].alternatives if a.token != base[0].token)
+    branched = list(stream(m, img, prefix=[alt], strategy="beam"))
+    assert branched[-1].tokens[0] == alt
+    assert [x.token for x in branched[-1].caption_steps()][0] == alt
+
+
+def test_attention_weights_on_every_record():
+    m = model_of("attend", 5)
+    for s in SETTINGS:
+        last = list(stream(m, photo(), **s))[-1]
+        for rec in last.caption_steps():
+            assert rec.attention is not None and len(rec.attention) == 1  # 32x32 input: one 1x1 region
+            assert sum(rec.attention) == pytest.approx(1.0, abs=1e-5)
+    m = model_of("attend", 5, image_size=64)
+    recs = list(stream(m, photo()))[-1].caption_steps()
+    assert all(len(r.attention) == 4 and sum(r.attention) == pytest.approx(1.0, abs=1e-5) for r in recs)
+    assert len({r.attention for r in recs}) > 1  # it looks somewhere else as the caption goes on
+    json.dumps([dataclasses.asdict(r) for r in recs])  # plain data for the app and the CLI
+    assert all(r.attention is None for r in list(stream(model_of("show-tell"), photo()))[-1].caption_steps())
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_generate_batch_matches_greedy(decoder):
+    m = model_of(decoder, 6)
+    imgs = [photo(i) for i in range(4)]
+    from captioner.preprocess import preprocess_batch
+
+    feats = m.encode(preprocess_batch(imgs, m.config))
+    rows = generate_batch(m, feats, 8)
+    assert [m.vocab.decode(r.tolist()) for r in rows] == [caption(m, i) for i in imgs]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_save_load_round_trip(decoder, tmp_path):
+    m = model_of(decoder, 7, image_size=64)
+    m.save_pretrained(tmp_path)
+    back = load(tmp_path)
+    assert back.config.decoder == decoder
+    assert caption(back, photo(), strategy="beam") == caption(m, photo(), strategy="beam")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["decoder"] == decoder
+
+
+def test_old_configs_without_a_decoder_field_load_as_show_tell(tmp_path):
+    m = model_of("show-tell")
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["decoder"], cfg["attention_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load(tmp_path).config.decoder == "show-tell"
+    cfg["decoder"] = "transformer"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="decoder='transformer'"):
+        load(tmp_path)
+
+
+# ---------------------------------------------------------------- one settings object
+
+
+def test_generation_config_validates_and_names_the_value():
+    for kw, pat in [({"strategy": "magic"}, "magic"), ({"max_len": 0}, "max_len=0"), ({"beam_size": 0}, "beam_size=0"),
+                    ({"temperature": 0}, "temperature=0"), ({"top_p": 1.5}, "top_p=1.5"), ({"top_k": -1}, "top_k=-1"),
+                    ({"no_repeat_ngram": -2}, "no_repeat_ngram=-2"), ({"num_alternatives": -1}, "num_alternatives=-1")]:
+        with pytest.raises(ValueError, match=pat):
+            GenerationConfig(**kw)
+    with pytest.raises(ValueError, match="unknown decoding setting.*beams"):
+        GenerationConfig.make(beams=3)
+    with pytest.raises(ValueError, match="beam_size=0"):
+        caption(model_of("show-tell"), photo(), strategy="beam", beam_size=0)
+    base = GenerationConfig(strategy="beam")
+    assert GenerationConfig.make(base, beam_size=5) == GenerationConfig(strategy="beam", beam_size=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        base.beam_size = 2
+
+
+def test_cli_flags_come_from_the_settings_object():
+    import argparse
+
+    from captioner.generation import add_arguments, from_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    helps = {a.dest: a.help for a in p._actions if a.dest in GenerationConfig.names()}
+    assert set(helps) == set(GenerationConfig.names()) and all(helps.values())
+    args = p.parse_args(["--strategy", "beam", "--beam-size", "4", "--alternatives", "2"])
+    assert from_arguments(args) == GenerationConfig(strategy="beam", beam_size=4, num_alternatives=2)
+    assert from_arguments(p.parse_args([])) == GenerationConfig()
