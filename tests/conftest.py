@@ -11,3 +11,68 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
+
+
+# Tests write only to temporary folders: a run that leaves the working tree different from how it found it (a new
+# file that .gitignore does not cover, a tracked file changed) fails, naming the files. A no-op outside a git clone,
+# or with CAPTIONER_ALLOW_WORKTREE_CHANGES=1 (for editing files while the tests run).
+def _worktree_state():
+    """{porcelain status line: (size, mtime_ns) of the file now} for every changed or untracked, not ignored path;
+    None where git or the clone's .git is absent."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "status", "--porcelain=v1", "-z", "--untracked-files=all"], cwd=ROOT,
+                             capture_output=True, check=True, timeout=60).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    state, entries = {}, iter(out.split("\0"))
+    for entry in entries:
+        if not entry:
+            continue
+        if entry[0] in "RC":  # a rename or copy: the next field is the source path
+            next(entries, None)
+        path = ROOT / entry[3:]
+        try:
+            st = path.stat()
+            state[entry] = (st.st_size, st.st_mtime_ns)
+        except OSError:  # deleted
+            state[entry] = None
+    return state
+
+
+def pytest_sessionstart(session):
+    session.config._worktree_at_start = _worktree_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import pytest
+
+    before = getattr(session.config, "_worktree_at_start", None)
+    if before is None or os.environ.get("CAPTIONER_ALLOW_WORKTREE_CHANGES"):
+        return
+    after = _worktree_state()
+    if after is None:
+        return
+    # What the run wrote: entries that are new, or whose file changed. (An entry that went away is a file committed or
+    # restored meanwhile, by a person, not a test.)
+    changed = sorted(e for e in after if before.get(e, "absent") != after[e])
+    if not changed:
+        return
+    lines = ["The test run changed the working tree (tests must write only to temporary folders):"]
+    lines += [f"  {e}" for e in changed]
+    lines.append("  (files edited by hand while the tests ran show up here too: CAPTIONER_ALLOW_WORKTREE_CHANGES=1 "
+                 "skips this check)")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write("\n")  # after the progress line, which pytest has not ended yet
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line, red=True, bold=line is lines[0])
+        else:
+            print(line)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
