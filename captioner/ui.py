@@ -242,7 +242,7 @@ class Handlers:
         rows: list[Step] = []
         last = 0.0
         try:
-            for step in stream(self.model, settings, features=cache.features, prefix=prefix):
+            for step in stream(self.model, config=settings, features=cache.features, prefix=prefix):
                 decoding = None
                 if step.stop is None:
                     rows.append(step)

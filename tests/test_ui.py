@@ -1,4 +1,5 @@
 """The Gradio app's handlers (captioner/ui.py), called directly: streaming, inspector, branching, bad input."""
+import dataclasses
 import io
 import json
 import struct
@@ -12,8 +13,9 @@ import torch
 from PIL import Image
 
 from captioner import load
-from captioner.decode import caption, stream
-from captioner.ui import Handlers, build_demo, highlighted
+from captioner.decode import Step, caption, stream
+from captioner.generation import GenerationConfig
+from captioner.ui import Decoding, Handlers, ImageCache, build_demo, highlighted
 from tiny import tiny_model
 
 SETTINGS = [
@@ -25,13 +27,16 @@ SETTINGS = [
 
 
 def ui_kwargs(s, max_len, k=5):
-    """The same settings as the handlers' arguments (their defaults fill the rest, as in the app)."""
+    """The same settings as the app's control values (as the controls send them: the seed -1 = a new one each run)."""
     return dict(strategy=s["strategy"], beam_size=s.get("beam_size", 3), max_len=max_len, num_alternatives=k,
-                temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0), top_p=s.get("top_p", 0.9), seed=s.get("seed", 0))
+                temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0), top_p=s.get("top_p", 0.9), seed=s.get("seed", -1))
 
 
 def core_kwargs(s, max_len, k=5):
-    return dict(ui_kwargs(s, max_len, k))
+    """The same settings for decode.stream (GenerationConfig's fields: no seed = None)."""
+    kw = ui_kwargs(s, max_len, k)
+    kw["seed"] = None if kw["seed"] < 0 else kw["seed"]
+    return kw
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +64,31 @@ def handlers(model):
     return Handlers(model, word_delay=0)
 
 
-class EncodeCounter:
-    """Counts the model's encoder runs."""
+def cap(handlers, image, cache=None, **controls):
+    """Every update of /caption for `image`, the settings given as the app's control values."""
+    return list(handlers.caption(image, handlers.settings(**controls), cache))
 
-    def __init__(self, model, monkeypatch):
+
+def branch(handlers, decoding, step_number, choice, cache=None, **controls):
+    return list(handlers.redecode(decoding, step_number, choice, handlers.settings(**controls), cache))
+
+
+class CallCounter:
+    """Counts calls of one of the model's methods (the encoder's runs: `encode`; decodes: `decoder.start`)."""
+
+    def __init__(self, owner, name, monkeypatch):
         self.n = 0
-        original = model.encode
+        original = getattr(owner, name)
 
-        def encode(x):
+        def counted(*args, **kw):
             self.n += 1
-            return original(x)
+            return original(*args, **kw)
 
-        monkeypatch.setattr(model, "encode", encode)
+        monkeypatch.setattr(owner, name, counted)
 
 
-def run(gen):
-    return list(gen)
+def EncodeCounter(model, monkeypatch):
+    return CallCounter(model, "encode", monkeypatch)
 
 
 # ---------------------------------------------------------------- streaming
@@ -82,7 +96,7 @@ def run(gen):
 
 @pytest.mark.parametrize("s", SETTINGS, ids=lambda s: s["strategy"] + str(s.get("beam_size", "")))
 def test_caption_streams_the_texts_of_decode_stream(handlers, model, photo_path, s):
-    outs = run(handlers.caption(photo_path, **ui_kwargs(s, 8)))
+    outs = cap(handlers, photo_path, **ui_kwargs(s, 8))
     steps = list(stream(model, photo_path, **core_kwargs(s, 8)))
     assert [o[0] for o in outs] == [st.text for st in steps]
     assert len(outs) >= 3
@@ -100,129 +114,149 @@ def test_caption_streams_the_texts_of_decode_stream(handlers, model, photo_path,
 
 
 @pytest.mark.parametrize("s", SETTINGS, ids=lambda s: s["strategy"] + str(s.get("beam_size", "")))
-def test_finished_decode_state_is_json_and_matches_the_core(handlers, model, photo_path, s):
-    outs = run(handlers.caption(photo_path, **ui_kwargs(s, 8)))
+def test_finished_decoding_holds_decodes_own_records(handlers, model, photo_path, s, monkeypatch):
+    decodes = CallCounter(model.decoder, "start", monkeypatch)
+    outs = cap(handlers, photo_path, **ui_kwargs(s, 8))
+    assert decodes.n == 1  # the inspector's records come with the decode: beam search is not decoded again
     assert all(o[3] is None for o in outs[:-1])  # the state is only set when the decode is finished
-    state = outs[-1][3]
-    json.dumps(state)  # plain JSON-able data
+    decoding = outs[-1][3]
+    assert isinstance(decoding, Decoding) and all(isinstance(st, Step) for st in decoding.steps)
+    for st in decoding.steps:
+        json.dumps(dataclasses.asdict(st))  # plain JSON-able data at the Gradio boundary
     steps = list(stream(model, photo_path, **core_kwargs(s, 8)))
     final = steps[-1]
-    assert state["tokens"] == list(final.tokens) and state["text"] == final.text and state["stop"] == final.stop
-    assert [st["word"] for st in state["steps"]] == [model.vocab.itos[t] for t in final.tokens]
-    # The per-step records are those of the final caption: what rescoring its words gives.
+    assert decoding.tokens == final.tokens and decoding.text == final.text and decoding.stop == final.stop
+    assert decoding.settings == GenerationConfig(**core_kwargs(s, 8)) and decoding.prefix == () and decoding.focus == 0
+    assert [st.word for st in decoding.steps] == [model.vocab.itos[t] for t in final.tokens]
+    assert [st.t for st in decoding.steps] == list(range(len(final.tokens)))
+    # The per-step records are those of the final caption (for beam search the winner's, which the stream may not
+    # have shown): what rescoring its words gives.
     ref = list(stream(model, photo_path, strategy="greedy", prefix=list(final.tokens), max_len=len(final.tokens)))
-    for got, want in zip(state["steps"], ref, strict=True):
-        assert got["text"] == want.text and got["token"] == want.token
-        assert got["prob"] == pytest.approx(want.prob, abs=1e-5) and got["eos_prob"] == pytest.approx(want.eos_prob, abs=1e-5)
-        assert [a["word"] for a in got["alternatives"]] == [a.word for a in want.alternatives]
+    for got, want in zip(decoding.steps, ref, strict=True):
+        assert got.text == want.text and got.token == want.token and got.tokens == want.tokens
+        assert got.prob == pytest.approx(want.prob, abs=1e-5) and got.eos_prob == pytest.approx(want.eos_prob, abs=1e-5)
+        assert [a.word for a in got.alternatives] == [a.word for a in want.alternatives]
     table = outs[-1][2]
-    assert [row[1] for row in table["data"]] == [st["word"] for st in state["steps"]]
+    assert [row[1] for row in table["data"]] == [st.word for st in decoding.steps]
     assert table["headers"][:4] == ["#", "word", "p", "p(<EOS>)"]
 
 
 def test_stream_with_eos_possible_ends_on_eos_somewhere(handlers, photo_path):
     """Sanity of the fixture: not every caption runs to max_len, so 'stop' takes both values across settings."""
-    stops = {run(handlers.caption(photo_path, strategy="sample", seed=i, top_p=1.0, max_len=8))[-1][3]["stop"] for i in range(30)}
+    stops = {cap(handlers, photo_path, strategy="sample", seed=i, top_p=1.0, max_len=8)[-1][3].stop for i in range(30)}
     assert "eos" in stops
 
 
 def test_settings_change_never_reruns_the_encoder(handlers, model, photo_path, monkeypatch):
     counter = EncodeCounter(model, monkeypatch)
-    outs = run(handlers.caption(photo_path, strategy="greedy", max_len=8))
+    outs = cap(handlers, photo_path, strategy="greedy", max_len=8)
     cache = outs[-1][4]
-    assert counter.n == 1 and cache["feature"].shape == (1, model.config.embed_size)
+    assert counter.n == 1 and isinstance(cache, ImageCache) and cache.features.vector.shape == (1, model.config.embed_size)
     for s in SETTINGS:
-        outs = run(handlers.caption(photo_path, **ui_kwargs(s, 6), cache=cache))
+        outs = cap(handlers, photo_path, cache, **ui_kwargs(s, 6))
         assert outs[-1][4] is cache
-    state = outs[-1][3]
-    run(handlers.redecode(state, 2, state["steps"][1]["alternatives"][-1]["token"], cache=cache))
+    decoding = outs[-1][3]
+    branch(handlers, decoding, 2, decoding.steps[1].alternatives[-1].token, cache)
     assert counter.n == 1
     # Another image (or another user's cache) is encoded anew; the cache follows the image, not the session.
     other = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
-    outs2 = run(handlers.caption(other, strategy="greedy", cache=cache))
-    assert counter.n == 2 and outs2[-1][4]["key"] != cache["key"]
+    outs2 = cap(handlers, other, cache, strategy="greedy")
+    assert counter.n == 2 and outs2[-1][4].key != cache.key
 
 
 def test_defaults_are_greedy_and_the_models_max_len(handlers, model, photo_path):
-    outs = run(handlers.caption(photo_path))
+    outs = list(handlers.caption(photo_path))
     assert outs[-1][0] == caption(model, photo_path, strategy="greedy", max_len=model.config.max_len)
-    assert outs[-1][3]["settings"]["strategy"] == "greedy" and outs[-1][3]["settings"]["max_len"] == model.config.max_len
+    assert outs[-1][3].settings.strategy == "greedy" and outs[-1][3].settings.max_len == model.config.max_len
+    assert handlers.settings() == GenerationConfig(max_len=model.config.max_len)
+
+
+def test_settings_from_control_values(handlers, model):
+    """Sliders send floats, an API client may leave a setting out or send None; the seed -1 means a new one."""
+    got = handlers.settings(strategy="sample", beam_size=3.0, max_len=7.0, top_k=2.6, top_p=0.5, seed=-1, temperature=None)
+    assert got == GenerationConfig(strategy="sample", beam_size=3, max_len=7, top_k=3, top_p=0.5, seed=None)
+    assert isinstance(got.beam_size, int) and isinstance(got.top_k, int)
+    assert handlers.settings(seed=12.0).seed == 12 and handlers.settings(seed="").seed is None
+    assert handlers.settings(top_p=None).top_p == GenerationConfig().top_p == 0.9
 
 
 # ---------------------------------------------------------------- inspector and branching
 
 
 def test_inspector_step_view_equals_the_core_records(handlers, model, photo_path):
-    state = run(handlers.caption(photo_path, strategy="greedy", max_len=8, num_alternatives=4))[-1][3]
+    decoding = cap(handlers, photo_path, strategy="greedy", max_len=8, num_alternatives=4)[-1][3]
     steps = list(stream(model, photo_path, strategy="greedy", max_len=8, num_alternatives=4))
     for t, st in enumerate(steps):
-        slider, prefix, info, alts, words, branch = handlers.inspect(state, t + 1)
+        slider, prefix, info, alts, words, radio = handlers.inspect(decoding, t + 1)[:6]
         assert slider.value == t + 1 and slider.maximum == max(len(steps), 2)
         assert prefix == (steps[t - 1].text if t else "")
         assert alts == {a.word: a.prob for a in st.alternatives}
         assert f"**{st.word}**" in info and f"p(`<EOS>`) here = {st.eos_prob:.1%}" in info and f"p = {st.prob:.1%}" in info
-        assert [value for _, value in branch.choices] == [a.token for a in st.alternatives]
+        assert [value for _, value in radio.choices] == [a.token for a in st.alternatives]
         assert "".join(text for text, _ in words) == steps[-1].text
     # Out of range steps are clamped; prev/next move by one.
-    assert handlers.inspect(state, 99)[0].value == len(steps)
-    assert handlers.inspect(state, -3)[0].value == 1
-    assert handlers.move(state, 2, +1)[0].value == 3 and handlers.move(state, 1, -1)[0].value == 1
+    assert handlers.inspect(decoding, 99)[0].value == len(steps)
+    assert handlers.inspect(decoding, -3)[0].value == 1
+    assert handlers.move(decoding, 2, +1)[0].value == 3 and handlers.move(decoding, 1, -1)[0].value == 1
+
+
+def _step(t, word, text, prob):
+    return Step(t, 4 + t, word, prob, 0.0, (), 0.0, tuple(range(4, 5 + t)), text)
 
 
 def test_confidence_colouring_follows_each_words_probability():
-    steps = [{"word": "a", "text": "A", "prob": 0.9}, {"word": "dog", "text": "A dog", "prob": 0.3},
-             {"word": ".", "text": "A dog.", "prob": 0.05}]
+    steps = [_step(0, "a", "A", 0.9), _step(1, "dog", "A dog", 0.3), _step(2, ".", "A dog.", 0.05)]
     assert highlighted(steps) == [("A", "confident (≥ 50%)"), (" ", None), ("dog", "unsure (20–50%)"), (".", "guess (< 20%)")]
 
 
 @pytest.mark.parametrize("s", SETTINGS, ids=lambda s: s["strategy"] + str(s.get("beam_size", "")))
 def test_branching_equals_stream_with_a_prefix(handlers, model, photo_path, s, monkeypatch):
-    first = run(handlers.caption(photo_path, **ui_kwargs(s, 8)))
-    state, cache = first[-1][3], first[-1][4]
-    t = min(2, len(state["steps"]) - 1)  # branch at the third word (or the last)
-    original = state["steps"][t]
-    alt = next(a for a in original["alternatives"] if a["token"] != original["token"] and a["word"] != "<EOS>")
+    first = cap(handlers, photo_path, **ui_kwargs(s, 8))
+    decoding, cache = first[-1][3], first[-1][4]
+    t = min(2, len(decoding.steps) - 1)  # branch at the third word (or the last)
+    original = decoding.steps[t]
+    alt = next(a for a in original.alternatives if a.token != original.token and a.word != "<EOS>")
     counter = EncodeCounter(model, monkeypatch)
-    outs = run(handlers.redecode(state, t + 1, alt["token"], **ui_kwargs(s, 8), cache=cache))
-    assert counter.n == 0  # the cached feature is used
-    prefix = state["tokens"][:t] + [alt["token"]]
+    outs = branch(handlers, decoding, t + 1, alt.token, cache, **ui_kwargs(s, 8))
+    assert counter.n == 0  # the cached features are used
+    prefix = (*decoding.tokens[:t], alt.token)
     want = list(stream(model, photo_path, prefix=prefix, **core_kwargs(s, 8)))
     assert [o[0] for o in outs] == [w.text for w in want]
     new = outs[-1][3]
-    assert new["tokens"] == list(want[-1].tokens) and new["tokens"][: t + 1] == prefix
-    assert new["prefix"] == prefix and new["focus"] == t
+    assert new.tokens == want[-1].tokens and new.tokens[: t + 1] == prefix
+    assert new.prefix == prefix and new.focus == t
     # The inspector then shows the new caption, at the step where it branched.
-    slider, prefix_text, info, alts, words, _ = handlers.inspect_focus(new)
+    slider, prefix_text, info, alts, words = handlers.inspect_focus(new)[:5]
     assert slider.value == t + 1 and "".join(w for w, _ in words) == want[-1].text
-    assert prefix_text == (new["steps"][t - 1]["text"] if t else "") and f"**{alt['word']}**" in info
+    assert prefix_text == (new.steps[t - 1].text if t else "") and f"**{alt.word}**" in info
 
 
 def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
-    first = run(handlers.caption(photo_path, strategy="greedy", max_len=8))
-    state, cache = first[-1][3], first[-1][4]
-    eos = next((a for a in state["steps"][3]["alternatives"] if a["word"] == "<EOS>"), None)
+    first = cap(handlers, photo_path, strategy="greedy", max_len=8)
+    decoding, cache = first[-1][3], first[-1][4]
+    eos = next((a for a in decoding.steps[3].alternatives if a.word == "<EOS>"), None)
     if eos is None:
         pytest.skip("<EOS> not among this step's alternatives")
-    outs = run(handlers.redecode(state, 4, eos["token"], strategy="greedy", max_len=8, cache=cache))
-    assert outs[-1][3]["tokens"] == state["tokens"][:3] and outs[-1][3]["stop"] == "eos"
+    outs = branch(handlers, decoding, 4, eos.token, cache, strategy="greedy", max_len=8)
+    assert outs[-1][3].tokens == decoding.tokens[:3] and outs[-1][3].stop == "eos"
 
 
 def test_redecode_without_a_caption_or_a_word_is_a_clear_error(handlers, photo_path):
     with pytest.raises(gr.Error, match="Caption an image first"):
-        run(handlers.redecode(None, 1, 5))
-    first = run(handlers.caption(photo_path, strategy="greedy"))
-    state, cache = first[-1][3], first[-1][4]
+        branch(handlers, None, 1, 5)
+    first = cap(handlers, photo_path, strategy="greedy")
+    decoding, cache = first[-1][3], first[-1][4]
     with pytest.raises(gr.Error, match="Pick one of this step's words"):
-        run(handlers.redecode(state, 1, None, cache=cache))
+        branch(handlers, decoding, 1, None, cache)
     with pytest.raises(gr.Error, match="not among step 1's alternatives"):
-        run(handlers.redecode(state, 1, 1, cache=cache))  # <SOS> is never an alternative
+        branch(handlers, decoding, 1, 1, cache)  # <SOS> is never an alternative
     with pytest.raises(gr.Error, match="image changed"):
-        run(handlers.redecode(state, 1, state["tokens"][0], cache={"key": "other", "feature": cache["feature"]}))
+        branch(handlers, decoding, 1, decoding.tokens[0], ImageCache("other", cache.features))
 
 
 def test_inspector_before_any_caption_is_empty_not_an_error(handlers):
-    slider, prefix, info, alts, words, branch = handlers.inspect(None, 3)
-    assert slider.value == 1 and prefix == "" and "Caption an image" in info and alts is None and branch.choices == []
+    slider, prefix, info, alts, words, radio = handlers.inspect(None, 3)[:6]
+    assert slider.value == 1 and prefix == "" and "Caption an image" in info and alts is None and radio.choices == []
 
 
 # ---------------------------------------------------------------- bad input
@@ -237,11 +271,11 @@ def png_header(w, h):
 
 def test_no_image_is_a_clear_error(handlers):
     with pytest.raises(gr.Error, match="No image yet"):
-        run(handlers.caption(None))
+        cap(handlers, None)
 
 
 def test_cleared_image_just_clears_the_outputs(handlers):
-    outs = run(handlers.auto_caption(None, "beam", 3, 8, 5, 1.0, 0, 0.9, 0, None))
+    outs = list(handlers.auto_caption(None, handlers.settings(strategy="beam"), None))
     assert outs == [("", None, {"headers": outs[0][2]["headers"], "data": []}, None, None)]
 
 
@@ -261,7 +295,7 @@ def test_bad_files_are_clear_errors_naming_the_file(handlers, tmp_path, name, da
     path.parent.mkdir()
     path.write_bytes(data)
     with pytest.raises(gr.Error) as e:
-        run(handlers.caption(str(path)))
+        cap(handlers, str(path))
     assert e.value.message.startswith(message)
     assert str(tmp_path) not in e.value.message  # the user's file name, not the server's temporary path
     assert e.value.print_exception is False
@@ -276,7 +310,7 @@ def test_bad_files_are_clear_errors_naming_the_file(handlers, tmp_path, name, da
 ])
 def test_bad_settings_are_clear_errors(handlers, photo_path, kwargs, message):
     with pytest.raises(gr.Error, match=message):
-        run(handlers.caption(photo_path, **kwargs))
+        cap(handlers, photo_path, **kwargs)
 
 
 # ---------------------------------------------------------------- the Blocks
@@ -295,7 +329,7 @@ def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
     assert all(p["parameter_has_default"] for p in params[1:])
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params[1:]}
     assert defaults["strategy"] == "greedy" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
-    assert defaults["temperature"] == 1.0 and defaults["top_k"] == 0 and defaults["top_p"] == 0.9
+    assert defaults["temperature"] == 1.0 and defaults["top_k"] == 0 and defaults["top_p"] == 0.9 and defaults["seed"] == -1
     assert demo._queue.default_concurrency_limit == 4 and demo._queue.max_size == 64
     assert any("tiny @ test" in str(c.get("props", {}).get("value")) for c in demo.config["components"])
 
@@ -306,8 +340,8 @@ def test_gradio_upload_payloads_are_opened_by_the_handler(handlers, model, photo
 
     want = caption(model, photo_path, strategy="greedy", max_len=model.config.max_len)
     payload = {"path": photo_path, "url": None, "orig_name": "photo.jpg", "meta": {"_type": "gradio.FileData"}}
-    assert run(handlers.caption(payload, strategy="greedy"))[-1][0] == want
+    assert cap(handlers, payload, strategy="greedy")[-1][0] == want
     data = base64.b64encode(open(photo_path, "rb").read()).decode()
-    assert run(handlers.caption({"path": None, "url": "data:image/jpeg;base64," + data}, strategy="greedy"))[-1][0] == want
+    assert cap(handlers, {"path": None, "url": "data:image/jpeg;base64," + data}, strategy="greedy")[-1][0] == want
     with pytest.raises(gr.Error, match="not an image file"):
-        run(handlers.caption({"path": None, "url": "data:image/jpeg;base64," + base64.b64encode(b"nope").decode()}))
+        cap(handlers, {"path": None, "url": "data:image/jpeg;base64," + base64.b64encode(b"nope").decode()})
