@@ -360,7 +360,7 @@ def test_sweep_runs_each_combination_once_and_tabulates_them(tmp_path):
 
 
 def test_embed_init_sets_the_scale_of_the_word_vectors(tmp_path):
-    from captioner.hub import load
+    from captioner.loading import load
 
     data = write_dataset(tmp_path / "data")
     stds = {}

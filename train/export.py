@@ -10,7 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from captioner.hub import MODEL_FILES, load
+from captioner.hub import MODEL_FILES
+from captioner.loading import load
 from train.backbones import weights_source
 
 CITATION = """M. Hodosh, P. Young and J. Hockenmaier (2013). "Framing Image Description as a Ranking Task: Data,

@@ -156,7 +156,7 @@ def trainer_state(out: Path) -> dict:
 def load_checkpoint(folder: Path):
     from safetensors.torch import load_file
 
-    from captioner.hub import load
+    from captioner.loading import load
 
     if not folder.exists() and folder.with_name(folder.name + ".old").exists():
         folder = folder.with_name(folder.name + ".old")  # interrupted during the swap
@@ -268,8 +268,8 @@ def val_loss(model, feats, val, vocab, cfg, device) -> float:
 def decode_val(model, feats, device, **kw) -> list[str]:
     model.eval()
     with torch.inference_mode():
-        e = model.encoder.project(feats.to(device))  # (N, E)
-    return caption_batch(model, e, batch_size=128, **kw)
+        features = model.encoder.from_backbone(feats.to(device))
+    return caption_batch(model, features=features, batch_size=128, **kw)
 
 
 def scst_batch(model, wrapped, feats, refs_tok, keys, cider, cfg, vocab, device, gen) -> tuple[torch.Tensor, float]:
@@ -281,7 +281,7 @@ def scst_batch(model, wrapped, feats, refs_tok, keys, cider, cfg, vocab, device,
     with torch.no_grad():
         x = wrapped.module.pooled(feats) if hasattr(wrapped, "module") else wrapped.pooled(feats)  # (B, F)
         x = x.repeat_interleave(n, dim=0)  # (B*n, F)
-        seqs = generate_batch(model, model.encoder.project(x), cfg.max_tokens - 2, sample=True, top_k=cfg.scst_top_k,
+        seqs = generate_batch(model, model.encoder.from_backbone(x), cfg.max_tokens - 2, sample=True, top_k=cfg.scst_top_k,
                               generator=gen)  # (B*n, T)
     rows = []
     rewards = []
@@ -383,7 +383,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             print(f"--resume: no checkpoint in {ckpt}, starting fresh", file=sys.stderr)
         meta = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}
         if cfg.init:
-            from captioner.hub import load
+            from captioner.loading import load
 
             model = load(cfg.init)  # its vocabulary, sizes and backbone weights carry on
             vocab, c = model.vocab, model.config
@@ -587,7 +587,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         # ---- final: greedy and beam of the best model
         result = {"best": meta["best"], "history": meta["history"]}
         if is_main and meta["best"] is not None and cfg.eval_beam:
-            from captioner.hub import load
+            from captioner.loading import load
 
             best = load(out / "best").to(device)
             best_val = pooled_features(best, val_feats, cfg.tune_top_stages, device)  # (N, F)
