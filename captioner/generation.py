@@ -78,7 +78,8 @@ def add_arguments(parser, *, only: tuple[str, ...] | None = None) -> None:
         if only is not None and f.name not in only:
             continue
         default = f.default if f.default is not MISSING else None
-        kw: dict[str, Any] = dict(type=hints[f.name], default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
+        shown = "" if default is None else f" (default: {default})"
+        kw: dict[str, Any] = dict(type=hints[f.name], default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
         if f.name == "strategy":
             kw["choices"] = list(STRATEGIES)
         flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ())]

@@ -48,8 +48,33 @@ def test_cli_folder_json_steps_and_bad_files(tmp_path):
 
 
 def test_cli_bad_model_and_settings(tmp_path):
+    Image.new("RGB", (20, 20)).save(tmp_path / "p.png")
     r = run_cli(tmp_path, "--model", tmp_path / "missing")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     tiny_model().save_pretrained(tmp_path / "m")
     r = run_cli(tmp_path, "--model", tmp_path / "m", "--strategy", "beam", "--beam-size", "0")
     assert r.returncode == 2 and "beam_size=0" in r.stderr
+
+
+def test_cli_empty_folder_order_and_help(tmp_path):
+    model = tiny_model(2, max_len=6)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "empty").mkdir()
+    r = run_cli(tmp_path / "empty", "--model", tmp_path / "model")
+    assert r.returncode == 2 and "no images found" in r.stderr and not r.stdout
+    # --json keeps the order of the inputs, bad files in their place
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_text("not a jpeg")
+    Image.new("RGB", (20, 20), (10, 10, 200)).save(tmp_path / "c.png")
+    r = run_cli(tmp_path / "c.png", tmp_path / "b.jpg", tmp_path / "a.png", "--model", tmp_path / "model", "--json")
+    names = [os.path.basename(json.loads(line)["image"]) for line in r.stdout.splitlines()]
+    assert r.returncode == 1 and names == ["c.png", "b.jpg", "a.png"]
+    # every flag has help text
+    r = run_cli("--help")
+    import re
+
+    flags = re.findall(r"^  (--[a-z-]+)", r.stdout, flags=re.M)
+    assert {"--beam-size", "--length-penalty", "--temperature", "--max-len", "--no-repeat-ngram", "--batch-size"} <= set(flags)
+    for flag in ("--beam-size", "--length-penalty", "--temperature", "--max-len", "--no-repeat-ngram", "--batch-size"):
+        assert re.search(re.escape(flag) + r" [A-Z_]+\s+[a-z]", r.stdout), f"{flag} has no help text"
+    assert all(len(b.split(None, 1)) > 1 and len(b.strip().splitlines()) >= 1 and ("  " in b.strip() or "\n" in b.strip()) for b in blocks[1:])
