@@ -1,5 +1,6 @@
 """The command line on a tiny model: captions, JSON lines, per-step output, bad files reported per file."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def test_cli_empty_folder_order_and_help(tmp_path):
     assert r.returncode == 1 and names == ["c.png", "b.jpg", "a.png"]
     # every flag has help text
     r = run_cli("--help")
-    import re
+
 
     flags = re.findall(r"^  (--[a-z-]+)", r.stdout, flags=re.M)
     assert {"--beam-size", "--length-penalty", "--temperature", "--max-len", "--no-repeat-ngram", "--batch-size"} <= set(flags)
