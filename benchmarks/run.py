@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-SECTIONS = ("latency", "batch", "peers", "app", "train")
+SECTIONS = ("latency", "batch", "peers", "app", "train", "decoders")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 # Targets of the issue "Fast on a laptop CPU, measured against the alternatives users would pick".
@@ -32,6 +32,8 @@ TARGETS = [
     ("app_cold_start_s", "app cold start to first page (s)", 6.0, "<="),
     ("app_rss_mb", "server memory after 100 captions (MB)", 700.0, "<="),
     ("app_rss_growth_mb", "server memory growth, 2nd half of the 100 captions (MB)", 20.0, "<="),
+    ("attend_greedy_x", "attention decoder / Show-and-Tell, whole greedy caption (x)", 1.3, "<="),
+    ("attend_first_word_x", "attention decoder / Show-and-Tell, first streamed word (x)", 1.2, "<="),
 ]
 
 
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results (default: benchmarks/results.json)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--attend-model", default=None,
+                   help="decoders section: a trained attention model to time against --model (default: both random)")
     p.add_argument("--peer-scale", choices=["full", "tiny"], default="full", help="tiny: toy peer configs (smoke tests)")
     args = p.parse_args(argv)
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
@@ -192,6 +196,20 @@ def main(argv=None) -> int:
                       [[r["stage"], r.get("images_per_s"), r.get("captions_per_s"), r["median_ms"], r["note"]] for r in sec["rows"]]))
         emit(f"\n{sec['note']}")
 
+    if "decoders" in sections:
+        from . import decoders
+
+        log("section 7: the two decoders")
+        attend = common.load_bench_model(args.attend_model)[0] if args.attend_model else None
+        show_tell = common.load_bench_model(args.model)[0] if args.attend_model and model.config.decoder == "show-tell" else None
+        sec = decoders.run(s, images[0], show_tell=show_tell, attend=attend)
+        results["sections"]["decoders"] = sec
+        weights = "trained weights" if attend is not None else "random weights, default sizes"
+        emit(f"\n## 7. Show-and-Tell against the attention decoder ({weights}; exactly {sec['words']} words each, interleaved)\n")
+        emit(md_table(["stage", "show-tell ms", "attend ms", "attend / show-tell", "n"],
+                      [[r["stage"], r["show_tell_ms"], r["attend_ms"], r["ratio"], r["n"]] for r in sec["rows"]]))
+        emit(f"\ndecoder parameters (M): {sec['decoder_params_m']}")
+
     # ---------------------------------------------------------------- targets
     measured = {"greedy_ms": ours_greedy, "first_word_ms": ours_first,
                 "beam_over_greedy": round(ours_beam / ours_greedy, 2) if ours_beam and ours_greedy else None}
@@ -204,6 +222,9 @@ def main(argv=None) -> int:
     measured["app_cold_start_s"] = app.get("cold_start_s")
     measured["app_rss_mb"] = app.get("rss_after_many_mb")
     measured["app_rss_growth_mb"] = app.get("rss_growth_second_half_mb")
+    dec = {r["stage"]: r["ratio"] for r in results["sections"].get("decoders", {}).get("rows", [])}
+    measured["attend_greedy_x"] = dec.get("whole greedy caption (encoder included)")
+    measured["attend_first_word_x"] = dec.get("time to first streamed word")
 
     rows, target_json = [], []
     for key, desc, goal, op in TARGETS:

@@ -23,7 +23,7 @@ def bench(tmp_path_factory):
     buf = io.StringIO()
     with redirect_stdout(buf):
         rc = run.main(["--quick", "--model", str(model_dir), "--threads", "1", "--json", str(out), "--peer-scale", "tiny",
-                       "--sections", "latency,batch,peers,app,train"])
+                       "--sections", "latency,batch,peers,app,train,decoders"])
     return rc, buf.getvalue(), json.loads(out.read_text())
 
 
@@ -31,7 +31,7 @@ def test_runs_and_prints_tables(bench):
     rc, text, _ = bench
     assert rc == 0
     for heading in ("# Captioner benchmarks", "## 1. Per-image latency", "## 2. Batch throughput", "## 3. Peers", "## 4. App",
-                    "## 5. Training", "## Targets"):
+                    "## 5. Training", "## 7. Show-and-Tell against the attention decoder", "## Targets"):
         assert heading in text, heading
     assert "## 6. Levers" not in text and "with proposed levers" not in text
     assert "| stage | median ms |" in text
@@ -63,7 +63,11 @@ def test_json_structure(bench):
     assert {r["stage"].split(",")[0] for r in res["sections"]["train"]["rows"]} >= {"encoder.backbone_features", "training step on cached features"}
     tuned = [r for r in res["sections"]["train"]["rows"] if r["note"].startswith("--tune-top-stages")]
     assert [r["note"] for r in tuned] == ["--tune-top-stages 1", "--tune-top-stages 2"] and all(r["captions_per_s"] > 0 for r in tuned)
-    assert set(res["sections"]) == {"latency", "batch", "peers", "app", "train"}
+    assert set(res["sections"]) == {"latency", "batch", "peers", "app", "train", "decoders"}
+    dec = res["sections"]["decoders"]
+    assert [r["stage"] for r in dec["rows"]][:2] == ["whole greedy caption (encoder included)", "time to first streamed word"]
+    assert all(r["show_tell_ms"] > 0 and r["attend_ms"] > 0 and r["ratio"] > 0 for r in dec["rows"])
+    assert dec["decoder_params_m"]["attend"] > dec["decoder_params_m"]["show-tell"]
     assert [t["key"] for t in res["targets"]][:2] == ["greedy_ms", "first_word_ms"]
     assert all(set(t) == {"key", "target", "goal", "op", "measured", "status"} for t in res["targets"])
     assert all(t["status"] in ("pass", "MISS", "n/a") for t in res["targets"])

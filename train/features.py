@@ -89,6 +89,8 @@ def cache_key(model, images: list[str], view: int = 0, top_stages: int = 0) -> s
         spec["view"] = view
     if top_stages:  # feature maps before the last stages, not pooled features
         spec["maps_below_top_stages"] = top_stages
+    elif model.encoder.spatial:  # the last map as regions (N, F), for a decoder that attends; stored in half precision
+        spec["regions_fp16"] = True
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -102,7 +104,8 @@ def _atomic_save(array: np.ndarray, path: Path) -> None:
 def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, batch_size: int = 32, progress: bool = True,
                      view: int = 0, top_stages: int = 0) -> torch.Tensor:
     """Backbone features (N, F) for the image paths (or for their augmented view `view`), from the cache where present.
-    With `top_stages`, the feature maps (N, C, H, W) below the backbone's last `top_stages` stages instead."""
+    With `top_stages`, the feature maps (N, C, H, W) below the backbone's last `top_stages` stages instead; for a
+    decoder that attends, the last map's regions (N, R, F) in half precision (7,000 images of 49 x 1,280 take 0.9 GB)."""
     folder = Path(cache_dir) / cache_key(model, images, view, top_stages)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / "features.npy"
@@ -112,6 +115,7 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
     had = encoder.__dict__.get("_fast")
     encoder.optimize_for_inference(model.config.image_size)  # batch norm folded: same features, ~1.8x faster
     run = encoder.backbone_features
+    half = encoder.spatial and not top_stages
     if top_stages:
         bottom = split_backbone(encoder.__dict__["_fast"][0], top_stages)[0]
         run = lambda x: bottom(x.contiguous(memory_format=torch.channels_last)).contiguous()  # noqa: E731
@@ -128,7 +132,8 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
             for b in range(0, len(part), batch_size):
                 batch = torch.stack([preprocess(augmented_view(p, view) if view else p, model.config)
                                      for p in part[b : b + batch_size]])  # (b, 3, S, S)
-                out.append(run(batch).float().numpy())  # (b, F) or (b, C, H, W)
+                x = run(batch)  # (b, F), (b, C, H, W) or (b, R, F)
+                out.append((x.half() if half else x.float()).numpy())
                 bar.update(len(batch))
             _atomic_save(np.concatenate(out), path)
     finally:
