@@ -208,3 +208,23 @@ def test_cli_flags_come_from_the_settings_object():
     args = p.parse_args(["--strategy", "beam", "--beam-size", "4", "--alternatives", "2"])
     assert from_arguments(args) == GenerationConfig(strategy="beam", beam_size=4, num_alternatives=2)
     assert from_arguments(p.parse_args([])) == GenerationConfig()
+
+
+# ---------------------------------------------------------------- the inspector's heatmap
+
+
+def test_attention_overlay_puts_the_heat_where_the_weights_are():
+    from captioner.heatmap import attention_overlay
+
+    img = Image.new("RGB", (140, 140), (128, 128, 128))
+    weights = [0.0] * 49
+    weights[0] = 1.0  # top-left region
+    out = np.asarray(attention_overlay(img, weights), dtype=np.float32)
+    assert out.shape == (140, 140, 3)
+    top_left, bottom_right = out[:20, :20].mean(axis=(0, 1)), out[-20:, -20:].mean(axis=(0, 1))
+    assert top_left[0] > bottom_right[0] + 40 and top_left[1] > bottom_right[1] + 40  # yellow against dark blue
+    moved = list(reversed(weights))  # now bottom-right
+    out2 = np.asarray(attention_overlay(img, moved), dtype=np.float32)
+    assert not np.allclose(out, out2)
+    with pytest.raises(ValueError, match="48 attention weights"):
+        attention_overlay(img, [1.0] * 48)
