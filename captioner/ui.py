@@ -4,21 +4,31 @@ One model is loaded at start-up and shared by every user; everything per user li
 values of that user's session: an ImageCache (the last image's encoder output, so re-decoding with other
 settings or branching never re-runs the CNN) and the finished Decoding (decode's own Step records) that the
 inspector reads. Decoding settings are one GenerationConfig, built from the controls by field name.
+
+The page's events (upload, example, Caption, Re-decode) each update the whole page: they clear what belonged
+to the previous caption first, stream the new one, and end with the inspector and the download at the focus
+step. The API endpoints (/caption, /branch, /caption_files) stream only the caption, its words and its history.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import inspect
+import io
+import json
 import os
+import re
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import gradio as gr
 import torch
 
-from .decode import Step, encode, stream
+from .decode import Step, caption_batch, encode, stream
 from .generation import STRATEGIES, GenerationConfig
 from .model import ImageFeatures
 from .preprocess import ImageError, open_image
@@ -26,31 +36,107 @@ from .preprocess import ImageError, open_image
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
-CONCURRENCY = 4  # decodes running at once (shared by /caption, auto-caption and /redecode)
+CONCURRENCY = 4  # decodes running at once (shared by every decoding event: one concurrency group)
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
+MAX_FILES = 64  # photos per request of the "Several photos" tab
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
+DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered for download (Gradio copies them)
+DOWNLOAD_MAX_AGE = 3600  # seconds a download file is kept here
 
 TABLE_HEADERS = ["#", "word", "p", "p(<EOS>)", "alternatives (p)"]
+FILES_HEADERS = ["image", "caption", "error"]
 CONFIDENCE = {  # HighlightedText categories of per-word probability, most confident first
     "confident (≥ 50%)": (0.5, "#86efac"),
     "unsure (20–50%)": (0.2, "#fde68a"),
     "guess (< 20%)": (0.0, "#fca5a5"),
 }
 INSPECTOR_EMPTY = "Caption an image, then step through its decoding here."
+STEP_HEADING = "**This step:** the words the model weighed"
+PHONE = "640px"  # at this width and below the two columns stack: the caption comes right after the photo
 
 CSS = """
 #title { margin-bottom: 0; }
 #caption textarea { font-size: 1.35rem !important; line-height: 1.5 !important; font-weight: 500; }
+#step-heading { margin-bottom: -0.5rem; }
 #inspector { margin-top: 1.2rem; }
 #step-nav { align-items: center; }
 #step-nav button { max-width: 7rem; }
-"""
+#history th, #history th * { white-space: nowrap !important; }  /* "p(<EOS>)", not "p(<EOS>" over ")" */
+@media (max-width: %(phone)s) {
+  /* Phones: one column, in the order a phone user needs: the photo, the Caption button, then the caption
+     itself (so it streams in view right after an upload), this step's words and the history; the examples,
+     the settings and the model line after them. The photo box is shorter, so the caption stays on screen. */
+  #main-row > .column { display: contents; }
+  #main-row > .column > * { flex: 1 1 100%; min-width: 100%; }
+  #photo { order: 1; }
+  #caption-btn { order: 2; }
+  #main-row .form:has(#caption), #caption { order: 3; }
+  #step-heading { order: 4; }
+  #current-step { order: 5; }
+  #history { order: 6; }
+  #download-decoding { order: 7; }
+  #examples { order: 8; }
+  #settings { order: 9; }
+  #model-info { order: 10; }
+  #photo, #photo .image-container { height: 230px !important; max-height: 230px !important; }
+  #photo .upload-container { height: 190px !important; }
+  #photo img { max-height: 190px; object-fit: contain; }
+  #caption textarea { font-size: 1.15rem !important; }
+  /* The history table keeps its columns' widths in px (whole words and numbers, never "wor d" or "62 .4 %")
+     and scrolls sideways to the alternatives. */
+}
+""".replace("%(phone)s", PHONE)
+
+# Run once in the page: accessible names for the example thumbnails and the photo (Gradio leaves alt=""), "<1%"
+# for probabilities that gr.Label would round to "0%" (every word it shows has p > 0), and on a phone a tapped
+# example scrolls the page back to the photo, so the caption streams in view.
+JS = """
+(examples) => {
+  const fix = () => {
+    document.querySelectorAll('button.gallery-item img').forEach(img => {
+      if (img.getAttribute('alt')) return;
+      const name = decodeURIComponent((img.getAttribute('src') || '').split('?')[0].split('/').pop());
+      img.setAttribute('alt', 'Example photo: ' + (examples[name] || name.replace(/\\.[^.]+$/, '').replace(/[_-]+/g, ' ')));
+    });
+    document.querySelectorAll('#photo img').forEach(img => {
+      if (!img.getAttribute('alt')) img.setAttribute('alt', 'The photo to caption');
+    });
+    document.querySelectorAll('dd.confidence').forEach(dd => {
+      const t = dd.firstChild;  // change the text node itself: the label component keeps a reference to it
+      if (t && t.nodeType === 3 && t.data.trim() === '0%') t.data = '<1%';
+    });
+  };
+  new MutationObserver(fix).observe(document.body, {subtree: true, childList: true, characterData: true,
+                                                    attributes: true, attributeFilter: ['src', 'alt']});
+  fix();
+  document.addEventListener('click', e => {
+    if (e.target.closest && e.target.closest('button.gallery-item') && window.matchMedia('(max-width: %(phone)s)').matches) {
+      const photo = document.querySelector('#photo');
+      if (photo) photo.scrollIntoView({block: 'start'});
+    }
+  }, true);
+}
+""".replace("%(phone)s", PHONE)
+
+
+def example_descriptions() -> dict[str, str]:
+    """file name -> what the example photo shows, from the table in examples/README.md ({} if it is missing)."""
+    try:
+        text = (EXAMPLES_DIR / "README.md").read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    out = {}
+    for m in re.finditer(r"^\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", text, re.M):
+        out[m.group(1)] = m.group(2).replace("`", "")
+    return out
 
 
 def launch_options() -> dict[str, Any]:
-    """Keyword arguments for demo.launch() shared by app.py and the tests (Gradio 6: theme and css live here)."""
-    return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=CSS, max_file_size=MAX_FILE_SIZE, show_error=False)
+    """Keyword arguments for demo.launch() shared by app.py and the tests (Gradio 6: theme, css and js live here)."""
+    js = "() => (" + JS.strip() + ")(" + json.dumps(example_descriptions()) + ")"
+    return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=CSS, js=js,
+                max_file_size=MAX_FILE_SIZE, show_error=False)
 
 
 def configure_torch(threads: int | None = None) -> int:
@@ -87,7 +173,7 @@ class Decoding:
     stop: str  # "eos" or "max_len"
     settings: GenerationConfig
     prefix: tuple[int, ...]  # forced first words (a branch), else ()
-    focus: int  # the step the inspector opens at (0-based): the first, or where a branch was made
+    focus: int  # the selected step after the decode (0-based): the first, or where a branch was made
     image_key: str  # ImageCache.key of the image it describes
 
     @property
@@ -103,14 +189,23 @@ class Decoding:
 # Views of the decoder's records
 
 
+def percent(p: float, digits: int = 0) -> str:
+    """A probability as a percentage with `digits` decimals; one above 0 that would round to 0 reads "<1%"
+    (or "<0.1%"), never "0%", which would say the model ruled the word out."""
+    if 0 < p and round(p * 100, digits) == 0:
+        return f"<{10 ** -digits:g}%"
+    return f"{p * 100:.{digits}f}%"
+
+
 def top_words(step: Step) -> dict[str, float]:
     """A step's alternatives as gr.Label data: word -> probability."""
     return {a.word: a.prob for a in step.alternatives}
 
 
 def table_row(step: Step) -> list:
-    alts = ", ".join(f"{a.word} {a.prob:.0%}" for a in step.alternatives)
-    return [step.t + 1, step.word, f"{step.prob:.1%}", f"{step.eos_prob:.1%}", alts]
+    # a no-break space inside "word 12%": a narrow column wraps between alternatives, not inside one
+    alts = ", ".join(f"{a.word}\u00a0{percent(a.prob)}" for a in step.alternatives)
+    return [step.t + 1, step.word, percent(step.prob, 1), percent(step.eos_prob, 1), alts]
 
 
 def history_table(steps: Sequence[Step]) -> dict:
@@ -136,6 +231,36 @@ def highlighted(steps: Sequence[Step]) -> list[tuple[str, str | None]]:
             out.append((piece[: len(piece) - len(stripped)], None))
         out.append((stripped, confidence_of(s.prob)))
     return out
+
+
+def step_record(step: Step) -> dict:
+    """One Step as plain JSON data (its fields, without the last record's copy of the caption's history)."""
+    d = asdict(replace(step, history=()))
+    d.pop("history")
+    return d
+
+
+def decoding_record(decoding: Decoding, model_id: str) -> dict:
+    """What "Download decoding (JSON)" holds: the caption, every step's word, probabilities and alternatives,
+    the settings and the model."""
+    return {"model": model_id, "caption": decoding.text, "stop": decoding.stop, "settings": asdict(decoding.settings),
+            "prefix": list(decoding.prefix), "steps": [step_record(s) for s in decoding.steps]}
+
+
+def write_download(name: str, text: str) -> str:
+    """Write `text` to a fresh temporary folder as `name` (the name the browser saves it under); returns the path.
+    Gradio copies returned files into its own cache, so these are pruned after DOWNLOAD_MAX_AGE."""
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in DOWNLOADS.iterdir():
+        try:
+            if now - old.stat().st_mtime > DOWNLOAD_MAX_AGE:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    path = Path(tempfile.mkdtemp(dir=DOWNLOADS)) / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,13 +320,27 @@ def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationCon
         raise gr.Error(f"bad decoding setting: {e}", title="Bad decoding setting", print_exception=False) from None
 
 
+class Inspector(NamedTuple):
+    """The selected step, as the page shows it: "This step" (its words and heading) and the inspector."""
+
+    current: Any  # "This step": the step's alternatives (gr.Label data)
+    heading: str  # "This step"'s heading: which step it is
+    slider: Any  # gr.Slider update: the step number
+    prefix: str  # the caption before this step
+    info: str  # the step's word, its probability and p(<EOS>)
+    alternatives: Any  # the inspector's alternatives (gr.Label data)
+    confidence: Any  # the caption, coloured by confidence
+    branch: Any  # gr.Radio update: the words to branch on
+
+
 class Handlers:
     """The app's event handlers around one shared, read-only model. Per-user data only passes through
     arguments and return values (gr.State), never through attributes, so nothing leaks between users."""
 
-    def __init__(self, model, *, word_delay: float = WORD_DELAY):
+    def __init__(self, model, *, word_delay: float = WORD_DELAY, model_id: str = "captioner"):
         self.model = model
         self.word_delay = word_delay
+        self.model_id = model_id
 
     def settings(self, **values) -> GenerationConfig:
         return settings_from(values, self.model.config.max_len)
@@ -234,7 +373,7 @@ class Handlers:
         with torch.inference_mode():
             return ImageCache(key, encode(self.model, img))
 
-    # --- decoding, streamed ---
+    # --- decoding, streamed: the API's outputs (caption, words, history) and the states ---
 
     def _decode(self, cache: ImageCache, settings: GenerationConfig, prefix: tuple[int, ...], focus: int) -> Iterator[tuple]:
         """Yield (caption, top words, table, decoding, cache) once per Step of decode.stream; the last yield
@@ -265,12 +404,12 @@ class Handlers:
         settings = settings or self.settings()
         yield from self._decode(self.features(image, cache), settings, (), 0)
 
-    def auto_caption(self, image, settings: GenerationConfig | None = None, cache: ImageCache | None = None) -> Iterator[tuple]:
-        """A new image (upload, paste, webcam, example): caption it; a cleared image clears the outputs."""
-        if image is None:
-            yield "", None, history_table([]), None, cache
-            return
-        yield from self.caption(image, settings, cache)
+    def _branched(self, decoding: Decoding, t: int, token: int, settings: GenerationConfig | None,
+                  cache: ImageCache) -> Iterator[tuple]:
+        settings = settings or self.settings()
+        prefix = (*decoding.tokens[:t], int(token))
+        settings = replace(settings, max_len=max(settings.resolved_max_len(self.model.config.max_len), len(prefix)))
+        yield from self._decode(cache, settings, prefix, t)
 
     def redecode(self, decoding: Decoding | None, step_number, choice, settings: GenerationConfig | None = None,
                  cache: ImageCache | None = None) -> Iterator[tuple]:
@@ -285,12 +424,93 @@ class Handlers:
         t = self._index(decoding, step_number)
         if int(choice) not in {a.token for a in decoding.steps[t].alternatives}:
             raise gr.Error(f"word id {choice} is not among step {t + 1}'s alternatives", print_exception=False)
-        settings = settings or self.settings()
-        prefix = (*decoding.tokens[:t], int(choice))
-        settings = replace(settings, max_len=max(settings.resolved_max_len(self.model.config.max_len), len(prefix)))
-        yield from self._decode(cache, settings, prefix, t)
+        yield from self._branched(decoding, t, int(choice), settings, cache)
 
-    # --- the inspector ---
+    def word_id(self, word) -> int:
+        """A word of the model's vocabulary (or its id, as a number or a string of digits) -> its token id."""
+        vocab = self.model.vocab
+        text = str(word).strip() if word is not None else ""
+        if re.fullmatch(r"\d+(\.0*)?", text):
+            token = int(float(text))
+            if not 0 <= token < len(vocab):
+                raise gr.Error(f"word id {token} is not in the model's vocabulary (ids 0 to {len(vocab) - 1})", print_exception=False)
+        elif text in vocab.stoi or text.lower() in vocab.stoi:
+            token = vocab.stoi.get(text, vocab.stoi.get(text.lower()))
+        else:
+            raise gr.Error(f"{text!r} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
+                           title="Unknown word", print_exception=False)
+        if token in (vocab.pad_id, vocab.sos_id, vocab.unk_id):
+            raise gr.Error(f"{vocab.itos[token]!r} cannot be part of a caption; give a word (or <EOS> to end it there)",
+                           print_exception=False)
+        return token
+
+    def branch(self, image, step, word, settings: GenerationConfig | None = None, cache: ImageCache | None = None) -> Iterator[tuple]:
+        """/branch: caption `image` with the settings, then make word number `step` (from 1) `word` (a word, or its
+        id; "<EOS>" ends the caption there), keep the words before it, and stream the caption decoded from there."""
+        settings = settings or self.settings()
+        cache = self.features(image, cache)
+        token = self.word_id(word)
+        decoding = self._decoded(cache, settings)
+        try:
+            n = int(round(float(step)))
+        except (TypeError, ValueError):
+            raise gr.Error(f"step={step!r}: give the number of the word to change, from 1 to {len(decoding.steps)}",
+                           print_exception=False) from None
+        if not 1 <= n <= len(decoding.steps):
+            raise gr.Error(f"step={n}: this caption has {len(decoding.steps)} words ({decoding.text!r}); give 1 to "
+                           f"{len(decoding.steps)}", print_exception=False)
+        yield from self._branched(decoding, n - 1, token, settings, cache)
+
+    def _decoded(self, cache: ImageCache, settings: GenerationConfig) -> Decoding:
+        """The finished Decoding of the image with these settings, unpaced (what /branch branches from)."""
+        last = None
+        try:
+            for last in stream(self.model, config=settings, features=cache.features):
+                pass
+        except ValueError as e:
+            raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
+        return Decoding(last.caption_steps(), last.stop, settings, (), 0, cache.key)
+
+    # --- the page: every decoding event updates the whole page (the API's outputs, the inspector, the download) ---
+
+    def cleared(self) -> tuple:
+        """The page with nothing from an earlier caption: empty caption, history, inspector; no download."""
+        return ("", history_table([]), None, gr.skip(), *self.inspect(None), gr.DownloadButton(value=None, interactive=False))
+
+    def _page(self, updates: Iterator[tuple], *, clear_first: bool) -> Iterator[tuple]:
+        """The updates of a decode (caption, words, table, decoding, cache) as page updates: (caption, table,
+        decoding, cache, *Inspector, download). The page is cleared first (`clear_first`: before the work starts,
+        so a failure leaves nothing stale behind; else with the first word, after the request was checked), and
+        the last update selects the focus step in "This step" and the inspector and offers the download."""
+        cleared = self.cleared()
+        if clear_first:
+            yield cleared
+        first = True
+        for text, words, table, decoding, cache in updates:
+            if decoding is not None:
+                yield (text, table, decoding, cache, *self.finished(decoding))
+            elif first and not clear_first:
+                yield (text, table, *cleared[2:4], words, *cleared[5:])
+            else:
+                yield (text, table, gr.skip(), gr.skip(), words, *[gr.skip()] * (len(Inspector._fields) - 1), gr.skip())
+            first = False
+
+    def page_caption(self, image, settings: GenerationConfig | None = None, cache: ImageCache | None = None) -> Iterator[tuple]:
+        """The Caption button, an upload, a pasted photo, an example: clear the page, then caption the image
+        (so a file that fails leaves no caption of the photo before it beside it)."""
+        yield from self._page(self.caption(image, settings, cache), clear_first=True)
+
+    def page_redecode(self, decoding: Decoding | None, step_number, choice, settings: GenerationConfig | None = None,
+                      cache: ImageCache | None = None) -> Iterator[tuple]:
+        """Re-decode from here: the branch replaces the caption; a request that cannot be done changes nothing."""
+        yield from self._page(self.redecode(decoding, step_number, choice, settings, cache), clear_first=False)
+
+    def finished(self, decoding: Decoding) -> tuple:
+        """After a decode: "This step" and the inspector at its focus step, and the decoding offered as JSON."""
+        path = write_download("decoding.json", json.dumps(decoding_record(decoding, self.model_id), indent=1))
+        return (*self.inspect(decoding, decoding.focus + 1), gr.DownloadButton(value=path, interactive=True))
+
+    # --- the selected step: "This step" and the inspector show the same one ---
 
     @staticmethod
     def _index(decoding: Decoding, step_number) -> int:
@@ -301,41 +521,97 @@ class Handlers:
             t = 0
         return min(max(t, 0), n - 1)
 
-    def inspect(self, decoding: Decoding | None, step_number=1) -> tuple:
-        """The inspector at step `step_number` (1-based): slider, prefix, chosen word and <EOS> probability,
-        alternatives, confidence-coloured caption, branch choices."""
+    def inspect(self, decoding: Decoding | None, step_number=1) -> Inspector:
+        """Step `step_number` (1-based, clamped) selected: "This step" (its words and heading) and the inspector
+        (slider, prefix, chosen word and <EOS> probability, alternatives, confidence-coloured caption, branch choices)."""
         if not decoding:
-            return (gr.Slider(minimum=1, maximum=2, value=1, interactive=False), "", INSPECTOR_EMPTY, None, None,
-                    gr.Radio(choices=[], value=None))
+            return Inspector(None, STEP_HEADING, gr.Slider(minimum=1, maximum=2, value=1, interactive=False), "",
+                             INSPECTOR_EMPTY, None, None, gr.Radio(choices=[], value=None))
         steps = decoding.steps
         t = self._index(decoding, step_number)
         s = steps[t]
         prefix = steps[t - 1].text if t else ""
         ended = {"eos": "the model ended it (`<EOS>` won)", "max_len": "it reached the maximum length"}.get(decoding.stop, "")
         info = (
-            f"**Step {t + 1} of {len(steps)}** · chose **{s.word}** with p = {s.prob:.1%} · "
-            f"p(`<EOS>`) here = {s.eos_prob:.1%} (the chance the model ends the caption instead)"
+            f"**Step {t + 1} of {len(steps)}** · chose **{s.word}** with p = {percent(s.prob, 1)} · "
+            f"p(`<EOS>`) here = {percent(s.eos_prob, 1)} (the chance the model ends the caption instead)"
         )
         if t == len(steps) - 1 and ended:
             info += f"  \nThe caption stops after this word: {ended}."
-        if decoding.prefix:
+        if decoding.prefix and len(decoding.prefix) <= len(steps):
             info += f"  \nBranched: word {len(decoding.prefix)} was forced to **{steps[len(decoding.prefix) - 1].word}**."
-        choices = [(f"{a.word}  ({a.prob:.0%})", a.token) for a in s.alternatives]
-        return (
+        elif decoding.prefix:  # the branch picked <EOS>: the caption was made to end there
+            info += f"  \nBranched: the caption was made to end after word {len(steps)} (`<EOS>` forced)."
+        choices = [(f"{a.word}  ({percent(a.prob)})", a.token) for a in s.alternatives]
+        words = top_words(s)
+        return Inspector(
+            words,
+            f"**This step: {t + 1} of {len(steps)}** (“{s.word}”): the words the model weighed",
             gr.Slider(minimum=1, maximum=max(len(steps), 2), value=t + 1, step=1, interactive=len(steps) > 1),
             prefix,
             info,
-            top_words(s),
+            words,
             highlighted(steps),
             gr.Radio(choices=choices, value=None),
         )
 
-    def inspect_focus(self, decoding: Decoding | None) -> tuple:
-        """After a decode: the inspector at its focus (step 1, or the step a branch was made at)."""
-        return self.inspect(decoding, (decoding.focus if decoding else 0) + 1)
+    def move(self, decoding: Decoding | None, step_number, delta: int) -> Inspector:
+        """Prev / Next."""
+        try:
+            n = float(step_number)
+        except (TypeError, ValueError):
+            n = 1
+        return self.inspect(decoding, n + delta)
 
-    def move(self, decoding: Decoding | None, step_number, delta: int) -> tuple:
-        return self.inspect(decoding, (step_number or 1) + delta)
+    def select(self, decoding: Decoding | None, step_number) -> Inspector:
+        """The step slider moved (dragged, arrow keys, a typed number): select that step. The slider itself is left
+        as the user has it (no update that could fight a drag in progress) unless the number had to be clamped;
+        a box being typed into (empty, not a number) changes nothing."""
+        try:
+            n = float(step_number)
+        except (TypeError, ValueError):
+            return Inspector(*[gr.skip()] * len(Inspector._fields))
+        view = self.inspect(decoding, n)
+        if decoding and self._index(decoding, n) + 1 == n:
+            view = view._replace(slider=gr.skip())
+        return view
+
+    # --- several photos at once ---
+
+    def caption_files(self, files, settings: GenerationConfig | None = None) -> tuple[dict, list[str] | None]:
+        """/caption_files: caption several images. Returns the table (image, caption, error: a bad file is named with
+        its reason and the rest still get captions, as the CLI does) and the same as captions.csv and captions.json."""
+        if not files:
+            raise gr.Error("No photos yet: choose or drop several image files first.", title="No photos", print_exception=False)
+        if len(files) > MAX_FILES:
+            raise gr.Error(f"{len(files)} files: at most {MAX_FILES} at a time here (the command line takes any number)",
+                           print_exception=False)
+        settings = settings or self.settings()
+        records: list[dict] = []
+        good: list[tuple[dict, Any]] = []
+        for f in files:
+            path = f.get("path") if isinstance(f, dict) else os.fspath(f)
+            name = (f.get("orig_name") if isinstance(f, dict) else None) or os.path.basename(path)
+            rec = {"image": name}
+            try:
+                good.append((rec, open_image(path)))
+            except ImageError as e:
+                rec["error"] = str(e).removeprefix(path + ": ").replace(path, name)
+            records.append(rec)
+        if good:
+            try:
+                with torch.inference_mode():
+                    texts = caption_batch(self.model, [img for _, img in good], replace(settings, num_alternatives=0))
+            except ValueError as e:
+                raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
+            for (rec, _), text in zip(good, texts):
+                rec["caption"] = text
+        rows = [[r["image"], r.get("caption", ""), r.get("error", "")] for r in records]
+        out = io.StringIO()
+        csv.writer(out).writerows([FILES_HEADERS, *rows])
+        folder = Path(write_download("captions.csv", out.getvalue())).parent
+        (folder / "captions.json").write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+        return {"headers": FILES_HEADERS, "data": rows}, [str(folder / "captions.csv"), str(folder / "captions.json")]
 
 
 def with_settings(fn: Callable, settings_of: Callable[..., GenerationConfig], before: Sequence[str],
@@ -344,9 +620,16 @@ def with_settings(fn: Callable, settings_of: Callable[..., GenerationConfig], be
     Its signature names every setting, with the control's value as default, so the API documents them."""
     names = list(controls)
 
-    def handler(*args):
+    def call(args):
         head, values, tail = args[: len(before)], args[len(before) : len(before) + len(names)], args[len(before) + len(names) :]
-        yield from fn(*head, settings_of(**dict(zip(names, values))), *tail)
+        return fn(*head, settings_of(**dict(zip(names, values))), *tail)
+
+    if inspect.isgeneratorfunction(fn):
+        def handler(*args):
+            yield from call(args)
+    else:
+        def handler(*args):
+            return call(args)
 
     P = inspect.Parameter
     params = [P(n, P.POSITIONAL_OR_KEYWORD) for n in before]
@@ -373,7 +656,7 @@ def model_markdown(model, model_label: str) -> str:
 
 def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr.Blocks:
     """The whole app around one loaded model, with its queue set up; launch it with demo.launch(**launch_options())."""
-    h = Handlers(model, word_delay=word_delay)
+    h = Handlers(model, word_delay=word_delay, model_id=model_label)
     default_max_len = model.config.max_len
     with gr.Blocks(title="Captioner: watch a CNN+LSTM caption a photo") as demo:
         gr.Markdown("# Captioner", elem_id="title")
@@ -383,88 +666,121 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         )
         cache = gr.State(None)  # ImageCache: this session's last image and its encoder output
         decode_state = gr.State(None)  # Decoding: the finished decode the inspector reads
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=5):
-                image = gr.Image(label="Photo", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
-                                 placeholder="Drop a photo here, click to upload, or paste one\n"
-                                             "Webcam: take a photo, then press Caption", height=340, elem_id="photo")
-                caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
-                paths = example_paths()
-                examples = None
-                if paths:
-                    examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public-domain and CC0 photos)",
-                                           examples_per_page=8, cache_examples=False)
-                with gr.Accordion("Decoding settings", open=False):
-                    d = GenerationConfig()  # every default comes from the one settings object
-                    strategy = gr.Radio(list(STRATEGIES), value=d.strategy, label="Strategy",
-                                        info="greedy: most likely word each step · beam: keeps several candidate captions · sample: random, varied")
-                    with gr.Row():
-                        beam_size = gr.Slider(1, 10, value=d.beam_size, step=1, label="Beam size", info="beam search")
-                        max_len = gr.Slider(1, max(50, default_max_len), value=default_max_len, step=1, label="Max length (words)")
-                    num_alternatives = gr.Slider(1, 10, value=d.num_alternatives, step=1, label="Alternatives shown per step")
-                    with gr.Row():
-                        temperature = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05, label="Temperature", info="sampling")
-                        top_k = gr.Slider(0, 100, value=d.top_k, step=1, label="Top-k", info="sampling; 0 = all words")
-                    with gr.Row():
-                        top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p", info="sampling (nucleus)")
-                        seed = gr.Number(value=-1 if d.seed is None else d.seed, precision=0, label="Seed", info="sampling; -1 = new each run")
-                gr.Markdown(model_markdown(model, model_label), elem_id="model-info")
-            with gr.Column(scale=6):
-                caption = gr.Textbox(label="Caption", lines=2, interactive=False, buttons=["copy"], elem_id="caption",
-                                     placeholder="The caption appears here, word by word.")
-                current = gr.Label(label="This step: the words the model weighed", show_heading=False, elem_id="current-step")
-                table = gr.Dataframe(value=history_table([]), label="Decoding history: each word, its probability, the chance of "
-                                     "ending there, and the words it beat", interactive=False, wrap=True, max_height=440,
-                                     column_widths=["7%", "15%", "11%", "14%", "53%"], elem_id="history")
+        with gr.Tabs():
+            with gr.Tab("One photo", id="one", elem_id="tab-one"):
+                with gr.Row(equal_height=False, elem_id="main-row"):
+                    with gr.Column(scale=5):
+                        image = gr.Image(label="Photo", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
+                                         placeholder="Drop a photo here, click to upload, or paste one\n"
+                                                     "Webcam: take a photo, then press Caption", height=340, elem_id="photo")
+                        caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
+                        paths = example_paths()
+                        examples = None
+                        if paths:
+                            examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public-domain and CC0 photos)",
+                                                   examples_per_page=8, cache_examples=False, elem_id="examples")
+                        with gr.Accordion("Decoding settings", open=False, elem_id="settings"):
+                            d = GenerationConfig()  # every default comes from the one settings object
+                            strategy = gr.Radio(list(STRATEGIES), value=d.strategy, label="Strategy",
+                                                info="greedy: most likely word each step · beam: keeps several candidate captions · sample: random, varied")
+                            with gr.Row():
+                                beam_size = gr.Slider(1, 10, value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search")
+                                max_len = gr.Slider(1, max(50, default_max_len), value=default_max_len, step=1, precision=0,
+                                                    label="Max length (words)")
+                            num_alternatives = gr.Slider(1, 10, value=d.num_alternatives, step=1, precision=0, label="Alternatives shown per step")
+                            with gr.Row():
+                                temperature = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05, label="Temperature", info="sampling")
+                                top_k = gr.Slider(0, 100, value=d.top_k, step=1, precision=0, label="Top-k", info="sampling; 0 = all words")
+                            with gr.Row():
+                                top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p", info="sampling (nucleus)")
+                                seed = gr.Number(value=-1 if d.seed is None else d.seed, precision=0, label="Seed", info="sampling; -1 = new each run")
+                        gr.Markdown(model_markdown(model, model_label), elem_id="model-info")
+                    with gr.Column(scale=6):
+                        caption = gr.Textbox(label="Caption", lines=2, interactive=False, buttons=["copy"], elem_id="caption",
+                                             placeholder="The caption appears here, word by word.")
+                        heading = gr.Markdown(STEP_HEADING, elem_id="step-heading")
+                        current = gr.Label(label="Words", show_label=False, show_heading=False, elem_id="current-step")
+                        table = gr.Dataframe(value=history_table([]), label="History", interactive=False, wrap=True, max_height=440,
+                                             column_widths=["44px", "118px", "70px", "92px", "330px"], elem_id="history")
+                        download = gr.DownloadButton("Download decoding (JSON)", value=None, interactive=False, size="sm",
+                                                     elem_id="download-decoding")
 
-        with gr.Column(elem_id="inspector"):
-            gr.Markdown("## Step-by-step inspector\nEach word coloured by how sure the model was; pick a step to see what "
-                        "it weighed there, then pick another word and re-decode from that point.")
-            confidence = gr.HighlightedText(label="Caption by confidence", color_map={k: v[1] for k, v in CONFIDENCE.items()},
-                                            show_legend=True, show_inline_category=False, combine_adjacent=False, elem_id="confidence")
-            with gr.Row(elem_id="step-nav"):
-                prev_btn = gr.Button("◀ Prev", size="sm", elem_id="prev-step", scale=0, min_width=90)
-                step = gr.Slider(1, 2, value=1, step=1, label="Step", interactive=False, buttons=[], elem_id="step-slider", scale=1)
-                next_btn = gr.Button("Next ▶", size="sm", elem_id="next-step", scale=0, min_width=90)
-            with gr.Row(equal_height=False):
-                with gr.Column(scale=3):
-                    prefix = gr.Textbox(label="Prefix so far (the words before this step)", interactive=False, elem_id="prefix",
-                                        placeholder="(the start of the caption)")
-                    step_info = gr.Markdown(INSPECTOR_EMPTY, elem_id="step-info")
-                with gr.Column(scale=3):
-                    step_alts = gr.Label(label="Alternatives at this step", show_heading=False, elem_id="step-alternatives")
-                with gr.Column(scale=3):
-                    branch = gr.Radio(choices=[], label="Branch: use this word here instead", elem_id="branch")
-                    redecode_btn = gr.Button("Re-decode from here", variant="primary", elem_id="redecode-btn")
+                with gr.Column(elem_id="inspector"):
+                    gr.Markdown("## Step-by-step inspector\nEach word coloured by how sure the model was; pick a step to see what "
+                                "it weighed there, then pick another word and re-decode from that point.")
+                    confidence = gr.HighlightedText(label="Caption by confidence", color_map={k: v[1] for k, v in CONFIDENCE.items()},
+                                                    show_legend=True, show_inline_category=False, combine_adjacent=False, elem_id="confidence")
+                    with gr.Row(elem_id="step-nav"):
+                        prev_btn = gr.Button("◀ Prev", size="sm", elem_id="prev-step", scale=0, min_width=90)
+                        step = gr.Slider(1, 2, value=1, step=1, precision=0, label="Step", interactive=False, buttons=[],
+                                         elem_id="step-slider", scale=1)
+                        next_btn = gr.Button("Next ▶", size="sm", elem_id="next-step", scale=0, min_width=90)
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3):
+                            prefix = gr.Textbox(label="Prefix so far (the words before this step)", interactive=False, elem_id="prefix",
+                                                placeholder="(the start of the caption)")
+                            step_info = gr.Markdown(INSPECTOR_EMPTY, elem_id="step-info")
+                        with gr.Column(scale=3):
+                            step_alts = gr.Label(label="Alternatives at this step", show_heading=False, elem_id="step-alternatives")
+                        with gr.Column(scale=3):
+                            branch = gr.Radio(choices=[], label="Branch: use this word here instead", elem_id="branch")
+                            redecode_btn = gr.Button("Re-decode from here", variant="primary", elem_id="redecode-btn")
+
+            with gr.Tab("Several photos", id="many", elem_id="tab-many"):
+                gr.Markdown("Caption a folder's worth of photos at once (up to %d), with the decoding settings of the "
+                            "*One photo* tab. A file that is not a readable image is listed with the reason; the others "
+                            "still get their captions." % MAX_FILES)
+                files = gr.File(label="Photos", file_count="multiple", file_types=["image"], type="filepath", elem_id="files")
+                files_btn = gr.Button("Caption all", variant="primary", elem_id="files-btn")
+                files_table = gr.Dataframe(value={"headers": FILES_HEADERS, "data": []}, label="Captions", interactive=False,
+                                           wrap=True, column_widths=["22%", "43%", "35%"], elem_id="files-table")
+                files_out = gr.File(label="Download (CSV, JSON)", file_count="multiple", interactive=False, elem_id="files-download")
+
+        # API-only inputs and trigger: /caption and /branch stream (caption, words, history), as clients want them
+        with gr.Row(visible=False):
+            api_step = gr.Number(label="step", precision=0, value=None)
+            api_word = gr.Textbox(label="word", value=None)
+            api_trigger = gr.Button("api")
 
         # Keyed by GenerationConfig's field names: a new decoding setting is its field plus its control here.
         controls = dict(strategy=strategy, beam_size=beam_size, max_len=max_len, num_alternatives=num_alternatives,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        caption_fn = with_settings(h.caption, h.settings, ["image"], controls, ["cache"])
-        auto_fn = with_settings(h.auto_caption, h.settings, ["image"], controls, ["cache"])
-        redecode_fn = with_settings(h.redecode, h.settings, ["decoding", "step_number", "choice"], controls, ["cache"])
+        settings_in = list(controls.values())
         streamed = [caption, current, table, decode_state, cache]
-        inspector = [step, prefix, step_info, step_alts, confidence, branch]
+        inspector = [current, heading, step, prefix, step_info, step_alts, confidence, branch]
+        page = [caption, table, decode_state, cache, *inspector, download]
         # preprocess=False: the handlers get the upload undecoded and open it themselves (see image_source)
         common = dict(concurrency_id="decode", show_progress="minimal", preprocess=False)
+        private = dict(api_visibility="private")
 
-        caption_btn.click(caption_fn, [image, *controls.values(), cache], streamed, api_name="caption", **common).success(
-            h.inspect_focus, [decode_state], inspector, api_visibility="private")
-        # A new photo captions itself: on upload, drop or paste, and on picking an example. (Not on .change:
+        # The API: /caption and /branch (streamed), /caption_files (several photos: the tab's button).
+        api_trigger.click(with_settings(h.caption, h.settings, ["image"], controls, ["cache"]), [image, *settings_in, cache],
+                          streamed, api_name="caption", **common)
+        api_trigger.click(with_settings(h.branch, h.settings, ["image", "step", "word"], controls, ["cache"]),
+                          [image, api_step, api_word, *settings_in, cache], streamed, api_name="branch", **common)
+        files_btn.click(with_settings(h.caption_files, h.settings, ["files"], controls, []), [files, *settings_in],
+                        [files_table, files_out], api_name="caption_files", concurrency_id="decode", show_progress="full")
+
+        # The page: a new photo captions itself, on upload, drop or paste, and on picking an example. (Not on .change:
         # Gradio's frontend fires it twice when a photo replaces another, which would run two decodes. A webcam
-        # snapshot only fires .change, so there the Caption button does it.)
-        auto = dict(fn=auto_fn, inputs=[image, *controls.values(), cache], outputs=streamed, api_visibility="private",
-                    trigger_mode="always_last", **common)
-        image.upload(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
-        image.clear(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")  # clears the outputs
+        # snapshot only fires .change, so there the Caption button does it.) Each clears the previous caption first.
+        page_caption = with_settings(h.page_caption, h.settings, ["image"], controls, ["cache"])
+        # The progress (and a failure's "Error" badge) shows on the caption alone, not on every output of the page.
+        on_page = dict(common, show_progress_on=[caption])
+        auto = dict(fn=page_caption, inputs=[image, *settings_in, cache], outputs=page, trigger_mode="always_last", **on_page, **private)
+        caption_btn.click(**auto)
+        image.upload(**auto)
+        image.clear(lambda: h.cleared(), None, page, queue=False, **private)
         if examples is not None:
-            examples.load_input_event.then(**auto).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
-        # Branching reads choices the inspector put in this page's session: a page action, not an API endpoint.
-        redecode_btn.click(redecode_fn, [decode_state, step, branch, *controls.values(), cache], streamed, api_visibility="private",
-                           **common).success(h.inspect_focus, [decode_state], inspector, api_visibility="private")
-        step.release(h.inspect, [decode_state, step], inspector, api_visibility="private", trigger_mode="always_last")
-        prev_btn.click(lambda d, s: h.move(d, s, -1), [decode_state, step], inspector, api_visibility="private")
-        next_btn.click(lambda d, s: h.move(d, s, +1), [decode_state, step], inspector, api_visibility="private")
+            examples.load_input_event.then(**auto)
+        # Branching reads choices the inspector put in this page's session (the API has /branch).
+        redecode_btn.click(with_settings(h.page_redecode, h.settings, ["decoding", "step_number", "choice"], controls, ["cache"]),
+                           [decode_state, step, branch, *settings_in, cache], page, **on_page, **private)
+        # One selected step: "This step" follows the slider (mouse, arrow keys, a typed number) and Prev / Next.
+        # .input fires on the user's changes only, never on the updates these handlers send, so nothing loops.
+        step.input(h.select, [decode_state, step], inspector, trigger_mode="always_last", show_progress="hidden", **private)
+        prev_btn.click(lambda d, s: h.move(d, s, -1), [decode_state, step], inspector, show_progress="hidden", **private)
+        next_btn.click(lambda d, s: h.move(d, s, +1), [decode_state, step], inspector, show_progress="hidden", **private)
 
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
     return demo

@@ -103,6 +103,48 @@ def test_bad_uploads_are_clear_errors_and_the_server_goes_on(server, model, file
     assert client.predict(handle_file(str(files["photo2"])), api_name="/caption")[0] == expected(model, files["photo2"])
 
 
+def test_branch_streams_the_caption_decoded_from_the_changed_word(server, model, files):
+    client = Client(server, verbose=False)
+    path = str(files["photo0"])
+    final = list(stream(model, path, strategy="greedy", max_len=MAX_LEN))[-1]
+    alt = next(a for a in final.caption_steps()[2].alternatives if a.token != final.tokens[2] and a.word != "<EOS>")
+    want = list(stream(model, path, strategy="greedy", max_len=MAX_LEN, prefix=[*final.tokens[:2], alt.token]))
+    for word in (alt.word, alt.token):
+        job = client.submit(handle_file(path), 3, word, api_name="/branch")
+        texts = [out[0] for out in job]
+        assert texts == [w.text for w in want], (word, texts)
+        text, bars, table = job.result()
+        assert [row[1] for row in table["data"]] == [w.word for w in want[-1].caption_steps()]
+    with pytest.raises(AppError, match="not a word of the model's vocabulary"):
+        client.predict(handle_file(path), 3, "zebrafish-unicorn", api_name="/branch")
+    with pytest.raises(AppError, match="step=9: this caption has 8 words"):
+        client.predict(handle_file(path), 9, alt.word, api_name="/branch")
+
+
+def test_caption_files_names_bad_files_and_captions_the_rest(server, model, files):
+    import csv
+    import json
+
+    client = Client(server, verbose=False)
+    names = ["photo0", "text", "photo1", "truncated"]
+    table, downloads = client.predict([handle_file(str(files[n])) for n in names], api_name="/caption_files")
+    assert table["headers"] == ["image", "caption", "error"]
+    rows = table["data"]
+    assert [r[0] for r in rows] == [files[n].name for n in names]
+    assert rows[0][1] == expected(model, files["photo0"]) and rows[2][1] == expected(model, files["photo1"])
+    assert rows[1][1] == "" and rows[1][2].startswith("not an image file PIL can read")
+    assert rows[3][1] == "" and rows[3][2].startswith("the image data is damaged or truncated")
+    assert not any("/tmp" in cell for r in rows for cell in r)
+    by_name = {os.path.basename(d): d for d in downloads}
+    assert set(by_name) == {"captions.csv", "captions.json"}
+    with open(by_name["captions.csv"], newline="", encoding="utf-8") as f:
+        assert list(csv.reader(f)) == [table["headers"], *rows]
+    with open(by_name["captions.json"], encoding="utf-8") as f:
+        records = json.load(f)
+    assert [r["image"] for r in records] == [r[0] for r in rows] and records[0]["caption"] == rows[0][1]
+    assert "caption" not in records[1] and records[1]["error"] == rows[1][2]
+
+
 def test_uploads_over_20mb_are_refused(server, tmp_path):
     import httpx
 

@@ -5,12 +5,14 @@ Serves the real model when there is one, $CAPTIONER_MODEL or else the bundled ca
 /usr/bin/chromium is missing (CI installs it with `apt-get install -y chromium`). Tests write only to temporary
 folders: `bash scripts/screenshots.sh` refreshes the README's assets/screenshot.png on purpose.
 """
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from captioner.decode import stream
+from captioner.ui import percent
 from tiny import endless_model_dir, serve_demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +80,39 @@ def toasts(page) -> str:
     return "\n".join(page.locator(".toast-body").all_inner_texts())
 
 
+def dismiss_toasts(page):
+    page.evaluate("() => document.querySelectorAll('[data-testid=toast-close]').forEach(b => b.click())")
+    page.wait_for_function("() => !document.querySelector('[data-testid=toast-body]')")
+
+
+def wait_toast(page, text):
+    page.wait_for_function("t => [...document.querySelectorAll('.toast-body')].some(e => e.innerText.includes(t))", arg=text)
+
+
+def step_info(page) -> str:
+    return page.locator("#step-info").inner_text()
+
+
+def wait_step(page, n):
+    page.wait_for_function("n => document.querySelector('#step-info').innerText.startsWith(`Step ${n} of`)", arg=n)
+
+
+def this_step_words(page) -> list[str]:
+    """The words "This step" shows (the labels of its bars, likeliest first)."""
+    return page.locator("#current-step dt").all_inner_texts()
+
+
+def inspector_words(page) -> list[str]:
+    return page.locator("#step-alternatives dt").all_inner_texts()
+
+
+def no_zero_percent(page):
+    """Probabilities of words the model could pick never read "0%" (bars, radio, table)."""
+    shown = page.locator("#current-step dd, #step-alternatives dd").all_inner_texts() + page.locator("#branch label").all_inner_texts()
+    assert shown and not any(t.strip() == "0%" or t.strip().endswith("(0%)") for t in shown), shown
+    assert " 0%" not in page.locator("#history").inner_text()
+
+
 def test_upload_stream_inspect_branch(served, browser, tmp_path):
     url, model, real = served
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -88,22 +123,25 @@ def test_upload_stream_inspect_branch(served, browser, tmp_path):
     page.wait_for_selector("#photo input[type=file]", state="attached")
     assert "Captioner" in page.title()
     assert "vocabulary" in page.locator("#model-info").inner_text()
+    # Accessible names: every example thumbnail says what it shows.
+    page.wait_for_selector("button.gallery-item img")
+    alts = page.eval_on_selector_all("button.gallery-item img", "imgs => imgs.map(i => i.alt)")
+    assert alts and all(a.startswith("Example photo: ") and len(a) > len("Example photo: ") + 2 for a in alts), alts
 
     # 0. No image, then a text file named .jpg: clear messages, and the page goes on working.
     page.click("#caption-btn")
-    page.wait_for_function("() => [...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('No image yet'))")
+    wait_toast(page, "No image yet")
     bad = tmp_path / "notes.jpg"
     bad.write_text("a shopping list, not a photo\n")
     page.set_input_files("#photo input[type=file]", str(bad))
-    page.wait_for_function("() => [...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('notes.jpg: not an image file'))")
+    wait_toast(page, "notes.jpg: not an image file")
     assert "Traceback" not in toasts(page)
-    page.evaluate("() => document.querySelectorAll('[data-testid=toast-close]').forEach(b => b.click())")  # dismiss them
-    page.wait_for_function("() => !document.querySelector('[data-testid=toast-body]')")
+    dismiss_toasts(page)
 
     # 1. Upload (drag-and-drop and the file picker both end in this input); the caption streams in.
     page.evaluate(RECORD_CAPTIONS)
     page.set_input_files("#photo input[type=file]", str(PHOTO))
-    page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Step 1 of')")
+    wait_step(page, 1)
     want = default_steps(model, PHOTO)
     final = want[-1]
     assert caption_value(page) == final.text
@@ -115,19 +153,48 @@ def test_upload_stream_inspect_branch(served, browser, tmp_path):
     history = page.locator("#history").inner_text()
     for word in {model.vocab.itos[t] for t in final.tokens} - {"<EOS>"}:
         assert word in history
+    assert page.eval_on_selector("#photo img", "i => i.alt"), "the photo has no accessible name"
+    no_zero_percent(page)
 
-    # 2. The inspector: the confidence-coloured caption, then step 2 via "Next".
+    # 2. One selected step: after the decode "This step" and the inspector both show step 1; "Next" moves both.
+    steps = [s for s in stream(model, str(PHOTO), strategy="greedy", prefix=list(final.tokens), max_len=len(final.tokens))]
+    first_words = [a.word for a in steps[0].alternatives]
+    assert this_step_words(page) == inspector_words(page) == first_words
+    assert "1 of" in page.locator("#step-heading").inner_text()
     assert "".join(page.locator("#confidence").inner_text().split()).endswith("".join(final.text.split()))
     page.click("#next-step")
-    page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Step 2 of')")
-    steps = [s for s in stream(model, str(PHOTO), strategy="greedy", prefix=list(final.tokens), max_len=len(final.tokens))]
+    wait_step(page, 2)
+    page.wait_for_function("() => document.querySelector('#step-heading').innerText.includes('2 of')")
+    assert this_step_words(page) == inspector_words(page) == [a.word for a in steps[1].alternatives]
     assert page.locator("#prefix textarea, #prefix input").first.input_value() == steps[0].text
-    info = page.locator("#step-info").inner_text()
-    assert f"{steps[1].eos_prob:.1%}" in info and steps[1].word in info
+    info = step_info(page)
+    assert f"p(<EOS>) here = {percent(steps[1].eos_prob, 1)}" in info and steps[1].word in info
     alternatives = page.locator("#step-alternatives").inner_text()
     assert all(a.word in alternatives for a in steps[1].alternatives)
 
-    # 3. Branch: pick another word for step 2 and re-decode from there.
+    # 3. The keyboard: arrow keys on the slider, and a typed step number, move the inspector (and "This step").
+    if len(steps) >= 3:
+        page.focus("#step-slider input[type=range]")
+        page.keyboard.press("ArrowRight")
+        wait_step(page, 3)
+        assert this_step_words(page) == [a.word for a in steps[2].alternatives]
+        page.keyboard.press("ArrowLeft")
+        wait_step(page, 2)
+    page.fill("#step-slider input[type=number]", "1")
+    wait_step(page, 1)
+    assert this_step_words(page) == first_words
+    page.fill("#step-slider input[type=number]", "2")
+    wait_step(page, 2)
+
+    # 4. Download the decoding as JSON: every step's word, probabilities and alternatives, the settings, the model.
+    with page.expect_download() as dl:
+        page.click("#download-decoding")
+    record = json.loads(Path(dl.value.path()).read_text())
+    assert record["caption"] == final.text and record["settings"]["strategy"] == "greedy" and record["model"]
+    assert [s["word"] for s in record["steps"]] == [s.word for s in steps]
+    assert [a["word"] for a in record["steps"][1]["alternatives"]] == [a.word for a in steps[1].alternatives]
+
+    # 5. Branch: pick another word for step 2 and re-decode from there.
     labels = page.locator("#branch label")
     assert labels.count() == len(steps[1].alternatives)
     choice = next(i for i in range(labels.count())
@@ -142,13 +209,91 @@ def test_upload_stream_inspect_branch(served, browser, tmp_path):
     branched = default_steps(model, PHOTO, prefix=[final.tokens[0], token])[-1]
     after = caption_value(page)
     assert after == branched.text and after != before
-    assert page.locator("#step-info").inner_text().startswith("Step 2 of")
-    assert model.vocab.itos[token] in page.locator("#step-info").inner_text()
+    assert step_info(page).startswith("Step 2 of")
+    assert model.vocab.itos[token] in step_info(page)
     assert "".join(page.locator("#confidence").inner_text().split()).endswith("".join(after.split()))
+    assert this_step_words(page) == inspector_words(page)  # both at the branch point
 
-    # 4. An example from the gallery captions too.
+    # 6. An example from the gallery captions too.
     page.locator(f"button.gallery-item:has(img[src*='{SECOND_PHOTO.name}'])").click()
     expected = default_steps(model, SECOND_PHOTO)[-1].text
     page.wait_for_function("t => document.querySelector('#caption textarea').value === t", arg=expected)
+    wait_step(page, 1)
+
+    # 7. A failed upload after a good one leaves nothing of the good one's: caption, step, history, inspector, download.
+    page.set_input_files("#photo input[type=file]", str(bad))
+    wait_toast(page, "notes.jpg: not an image file")
+    page.wait_for_function("() => document.querySelector('#caption textarea').value === ''")
+    assert this_step_words(page) == [] and inspector_words(page) == []
+    assert step_info(page).startswith("Caption an image")
+    assert page.locator("#prefix textarea, #prefix input").first.input_value() == ""
+    assert page.locator("#branch label").count() == 0
+    assert not any(w in page.locator("#history").inner_text().split() for w in expected.lower().split() if len(w) > 2)
+    assert page.locator("#confidence").inner_text().strip() == "Caption by confidence"  # its label, no words
+    assert page.locator("#download-decoding").is_disabled()
     assert not errors, errors
+    page.close()
+
+
+def test_phone_the_caption_streams_in_view(served, browser, tmp_path):
+    """At 390 x 844 the caption box is on screen, without scrolling, every moment its caption grows; the history
+    table keeps words and numbers whole."""
+    url, model, real = served
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.set_default_timeout(TIMEOUT)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#photo input[type=file]", state="attached")
+    page.evaluate("""() => {
+        window.__boxes = [];
+        const box = document.querySelector('#caption textarea');
+        window.__recorder = setInterval(() => {
+            const r = box.getBoundingClientRect(), last = window.__boxes[window.__boxes.length - 1];
+            if (!last || last.text !== box.value)
+                window.__boxes.push({text: box.value, top: r.top, bottom: r.bottom, left: r.left, right: r.right,
+                                     vh: window.innerHeight, vw: window.innerWidth, scroll: window.scrollY});
+        }, 5);
+    }""")
+    page.set_input_files("#photo input[type=file]", str(PHOTO))
+    wait_step(page, 1)
+    final = default_steps(model, PHOTO)[-1].text
+    boxes = [b for b in page.evaluate("window.__boxes") if b["text"]]
+    assert len(boxes) >= 3 and boxes[-1]["text"] == final, boxes  # several moments while the caption grew
+    for b in boxes:
+        assert b["scroll"] == 0 and 0 <= b["top"] and b["bottom"] <= b["vh"] and 0 <= b["left"] and b["right"] <= b["vw"], b
+    # The history: no word or number broken over two lines ("wor d", "62 .4 %"): each cell of the first four
+    # columns is one line of text.
+    broken = page.evaluate("""() => [...document.querySelectorAll('#history .virtual-row')].flatMap(row =>
+        [...row.querySelectorAll('.body-cell')].slice(0, 4).map(c => c.querySelector('span') || c)
+          .filter(s => s.innerText.trim() && s.getClientRects().length !== 1 ||
+                       s.getBoundingClientRect().height > 1.6 * parseFloat(getComputedStyle(s).lineHeight))
+          .map(s => s.innerText))""")
+    assert not broken, broken
+    assert page.locator("#history .virtual-row").count() >= 1
+    if real:
+        page.screenshot(path=str(tmp_path / "screenshot-phone.png"))
+    assert not errors, errors
+    page.close()
+
+
+def test_several_photos_tab(served, browser, tmp_path):
+    url, model, real = served
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(TIMEOUT)
+    page.goto(url)
+    page.get_by_role("tab", name="Several photos").click()
+    page.wait_for_selector("#files input[type=file]", state="attached")
+    bad = tmp_path / "list.png"
+    bad.write_text("not a photo")
+    page.set_input_files("#files input[type=file]", [str(PHOTO), str(bad), str(SECOND_PHOTO)])
+    page.wait_for_function("() => document.querySelectorAll('#files .file-name, #files tr').length >= 3")
+    page.click("#files-btn")
+    page.wait_for_function("() => document.querySelector('#files-table').innerText.includes('not an image file')")
+    table = page.locator("#files-table").inner_text()
+    for path in (PHOTO, SECOND_PHOTO):
+        assert default_steps(model, path)[-1].text in table
+    assert "list.png" in table
+    page.wait_for_function("() => document.querySelector('#files-download').innerText.replace(/\\s/g, '').includes('captions.json')")
+    assert "captions.csv" in "".join(page.locator("#files-download").inner_text().split())
     page.close()

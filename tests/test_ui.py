@@ -14,8 +14,8 @@ from PIL import Image
 
 from captioner import load
 from captioner.decode import Step, caption, stream
-from captioner.generation import GenerationConfig
-from captioner.ui import Decoding, Handlers, ImageCache, build_demo, highlighted
+from captioner.generation import STRATEGIES, GenerationConfig
+from captioner.ui import Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, percent, table_row
 from tiny import tiny_model
 
 SETTINGS = [
@@ -187,17 +187,21 @@ def test_inspector_step_view_equals_the_core_records(handlers, model, photo_path
     decoding = cap(handlers, photo_path, strategy="greedy", max_len=8, num_alternatives=4)[-1][3]
     steps = list(stream(model, photo_path, strategy="greedy", max_len=8, num_alternatives=4))
     for t, st in enumerate(steps):
-        slider, prefix, info, alts, words, radio = handlers.inspect(decoding, t + 1)[:6]
-        assert slider.value == t + 1 and slider.maximum == max(len(steps), 2)
-        assert prefix == (steps[t - 1].text if t else "")
-        assert alts == {a.word: a.prob for a in st.alternatives}
-        assert f"**{st.word}**" in info and f"p(`<EOS>`) here = {st.eos_prob:.1%}" in info and f"p = {st.prob:.1%}" in info
-        assert [value for _, value in radio.choices] == [a.token for a in st.alternatives]
-        assert "".join(text for text, _ in words) == steps[-1].text
+        view = handlers.inspect(decoding, t + 1)
+        assert view.slider.value == t + 1 and view.slider.maximum == max(len(steps), 2)
+        assert view.prefix == (steps[t - 1].text if t else "")
+        assert view.alternatives == {a.word: a.prob for a in st.alternatives}
+        assert f"**{st.word}**" in view.info and f"p(`<EOS>`) here = {percent(st.eos_prob, 1)}" in view.info
+        assert f"p = {percent(st.prob, 1)}" in view.info
+        assert [value for _, value in view.branch.choices] == [a.token for a in st.alternatives]
+        assert [label for label, _ in view.branch.choices] == [f"{a.word}  ({percent(a.prob)})" for a in st.alternatives]
+        assert "".join(text for text, _ in view.confidence) == steps[-1].text
+        # One selected step: "This step" shows the same step's words, and says which step it is.
+        assert view.current == view.alternatives and f"{t + 1} of {len(steps)}" in view.heading
     # Out of range steps are clamped; prev/next move by one.
-    assert handlers.inspect(decoding, 99)[0].value == len(steps)
-    assert handlers.inspect(decoding, -3)[0].value == 1
-    assert handlers.move(decoding, 2, +1)[0].value == 3 and handlers.move(decoding, 1, -1)[0].value == 1
+    assert handlers.inspect(decoding, 99).slider.value == len(steps)
+    assert handlers.inspect(decoding, -3).slider.value == 1
+    assert handlers.move(decoding, 2, +1).slider.value == 3 and handlers.move(decoding, 1, -1).slider.value == 1
 
 
 def _step(t, word, text, prob):
@@ -226,9 +230,9 @@ def test_branching_equals_stream_with_a_prefix(handlers, model, photo_path, s, m
     assert new.tokens == want[-1].tokens and new.tokens[: t + 1] == prefix
     assert new.prefix == prefix and new.focus == t
     # The inspector then shows the new caption, at the step where it branched.
-    slider, prefix_text, info, alts, words = handlers.inspect_focus(new)[:5]
-    assert slider.value == t + 1 and "".join(w for w, _ in words) == want[-1].text
-    assert prefix_text == (new.steps[t - 1].text if t else "") and f"**{alt.word}**" in info
+    view = Inspector(*handlers.finished(new)[:-1])
+    assert view.slider.value == t + 1 and "".join(w for w, _ in view.confidence) == want[-1].text
+    assert view.prefix == (new.steps[t - 1].text if t else "") and f"**{alt.word}**" in view.info
 
 
 def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
@@ -239,6 +243,192 @@ def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
         pytest.skip("<EOS> not among this step's alternatives")
     outs = branch(handlers, decoding, 4, eos.token, cache, strategy="greedy", max_len=8)
     assert outs[-1][3].tokens == decoding.tokens[:3] and outs[-1][3].stop == "eos"
+    view = Inspector(*handlers.finished(outs[-1][3])[:-1])
+    assert view.slider.value == 3 and "made to end after word 3" in view.info
+
+
+# ---------------------------------------------------------------- the page: one selected step, nothing stale
+
+PAGE = ["caption", "table", "decoding", "cache", *Inspector._fields, "download"]
+
+
+def apply(page: dict, update: tuple) -> dict:
+    """A page event's update applied to the page's values (gr.skip(): that output keeps its value)."""
+    assert len(update) == len(PAGE)
+    return {**page, **{name: value for name, value in zip(PAGE, update) if value != {"__type__": "update"}}}
+
+
+def run_page(page: dict, events) -> tuple[dict, list[dict]]:
+    """Apply every update of a page event; returns the final page and each intermediate one."""
+    seen = []
+    for update in events:
+        page = apply(page, update)
+        seen.append(page)
+    return page, seen
+
+
+def test_a_page_decode_clears_then_streams_then_selects_the_focus_step(handlers, model, photo_path):
+    page, seen = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    assert seen[0]["caption"] == "" and seen[0]["decoding"] is None and seen[0]["current"] is None  # cleared first
+    steps = list(stream(model, photo_path, max_len=8))
+    assert [p["caption"] for p in seen[1:]] == [st.text for st in steps]
+    for p, st in zip(seen[1:-1], steps):  # while it streams, "This step" is the word being decoded
+        assert p["current"] == {a.word: a.prob for a in st.alternatives} and p["decoding"] is None
+    decoding = page["decoding"]
+    assert decoding.tokens == steps[-1].tokens and page["cache"].key
+    # After the decode both "This step" and the inspector show the focus step (the first).
+    first = {a.word: a.prob for a in steps[0].alternatives}
+    assert page["current"] == page["alternatives"] == first and page["slider"].value == 1 and "1 of" in page["heading"]
+
+
+def test_moving_the_inspector_moves_this_step_too(handlers, photo_path):
+    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    decoding = page["decoding"]
+    for n in (3, 2, len(decoding.steps)):
+        view = handlers.select(decoding, n)  # the slider: dragged, arrow keys, a typed number
+        words = {a.word: a.prob for a in decoding.steps[n - 1].alternatives}
+        assert view.current == view.alternatives == words and f"{n} of {len(decoding.steps)}" in view.heading
+        assert view.slider == {"__type__": "update"}  # the slider is where the user put it: no update to fight a drag
+    assert handlers.select(decoding, 99).slider.value == len(decoding.steps)  # a typed number beyond the end: clamped
+    assert all(v == {"__type__": "update"} for v in handlers.select(decoding, ""))  # a box being typed into: no change
+    assert handlers.move(decoding, 2, +1).current == {a.word: a.prob for a in decoding.steps[2].alternatives}
+
+
+def test_a_failed_upload_after_a_good_one_leaves_empty_outputs(handlers, photo_path, tmp_path):
+    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    assert page["caption"] and page["table"]["data"] and page["decoding"] and page["current"]
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("a shopping list, not a photo\n")
+    events = handlers.page_caption(str(bad), handlers.settings(max_len=8), page["cache"])
+    page = apply(page, next(events))  # the first update clears the page, before the file is read
+    with pytest.raises(gr.Error, match="notes.jpg: not an image file"):
+        next(events)
+    assert page["caption"] == "" and page["table"]["data"] == [] and page["decoding"] is None
+    assert page["current"] is None and page["alternatives"] is None and page["confidence"] is None
+    assert page["prefix"] == "" and page["branch"].choices == [] and "Caption an image" in page["info"]
+    assert page["download"].value is None
+
+
+def test_a_branch_that_cannot_be_done_changes_nothing(handlers, photo_path):
+    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    events = handlers.page_redecode(page["decoding"], 1, None, handlers.settings(max_len=8), page["cache"])
+    with pytest.raises(gr.Error, match="Pick one of this step's words"):
+        next(events)  # raised before any update: the caption and its inspector stay
+    t = 1
+    alt = next(a for a in page["decoding"].steps[t].alternatives[::-1] if a.word != "<EOS>")
+    new, seen = run_page(page, handlers.page_redecode(page["decoding"], t + 1, alt.token, handlers.settings(max_len=8), page["cache"]))
+    assert seen[0]["decoding"] is None and seen[0]["current"] is not None  # the old decoding goes with the first new word
+    assert new["decoding"].prefix == (*page["decoding"].tokens[:t], alt.token) and new["slider"].value == t + 1
+
+
+# ---------------------------------------------------------------- formatting, downloads
+
+
+@pytest.mark.parametrize("p,digits,text", [
+    (0.0, 0, "0%"), (0.004, 0, "<1%"), (0.005, 0, "<1%"), (0.0051, 0, "1%"), (0.012, 0, "1%"), (0.5, 0, "50%"),
+    (1.0, 0, "100%"), (0.0004, 1, "<0.1%"), (0.0006, 1, "0.1%"), (0.624, 1, "62.4%"), (0.0, 1, "0.0%"),
+])
+def test_percent_never_rounds_a_possible_word_to_zero(p, digits, text):
+    assert percent(p, digits) == text
+
+
+def test_table_and_radio_show_small_probabilities_as_less_than_one_percent(handlers):
+    from captioner.decode import Candidate
+
+    alts = (Candidate(5, "dog", 0.62), Candidate(4, "a", 0.012), Candidate(6, "runs", 0.004))
+    st = Step(0, 5, "dog", 0.62, -0.5, alts, 0.0004, (5,), "Dog", stop="eos")
+    row = table_row(st)
+    assert row == [1, "dog", "62.0%", "<0.1%", "dog\u00a062%, a\u00a01%, runs\u00a0<1%"]
+    decoding = Decoding((st,), "eos", GenerationConfig(), (), 0, "key")
+    view = handlers.inspect(decoding, 1)
+    assert [label for label, _ in view.branch.choices] == ["dog  (62%)", "a  (1%)", "runs  (<1%)"]
+    assert "p(`<EOS>`) here = <0.1%" in view.info
+
+
+def test_the_decoding_download_holds_steps_words_probabilities_alternatives_settings_and_model(handlers, model, photo_path):
+    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(strategy="beam", max_len=8)))
+    decoding = page["decoding"]
+    assert page["download"].interactive
+    path = page["download"].value["path"]
+    assert path.endswith(".json")
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    assert record["model"] == handlers.model_id and record["caption"] == decoding.text and record["stop"] == decoding.stop
+    assert record["settings"] == dataclasses.asdict(decoding.settings) and record["settings"]["strategy"] == "beam"
+    assert [s["word"] for s in record["steps"]] == [s.word for s in decoding.steps]
+    for got, st in zip(record["steps"], decoding.steps, strict=True):
+        assert got["prob"] == st.prob and got["eos_prob"] == st.eos_prob and got["tokens"] == list(st.tokens)
+        assert [(a["word"], a["token"], a["prob"]) for a in got["alternatives"]] == [(a.word, a.token, a.prob) for a in st.alternatives]
+        assert "history" not in got
+
+
+# ---------------------------------------------------------------- the API's /branch
+
+
+def test_branch_api_equals_stream_with_a_prefix(handlers, model, photo_path):
+    final = list(stream(model, photo_path, max_len=8))[-1]
+    alt = next(a for a in final.caption_steps()[1].alternatives if a.token != final.tokens[1] and a.word != "<EOS>")
+    want = list(stream(model, photo_path, prefix=[final.tokens[0], alt.token], max_len=8))
+    for word in (alt.word, alt.token, str(alt.token), alt.word.upper()):
+        outs = list(handlers.branch(photo_path, 2, word, handlers.settings(max_len=8)))
+        assert [o[0] for o in outs] == [w.text for w in want], word
+        assert outs[-1][3].prefix == (final.tokens[0], alt.token) and outs[-1][3].focus == 1
+    # "<EOS>" ends the caption there
+    outs = list(handlers.branch(photo_path, 3, "<EOS>", handlers.settings(max_len=8)))
+    assert outs[-1][3].tokens == final.tokens[:2] and outs[-1][3].stop == "eos"
+
+
+@pytest.mark.parametrize("step,word,message", [
+    (2, "zebrafish-unicorn", "not a word of the model's vocabulary"),
+    (2, 99999, "not in the model's vocabulary"),
+    (2, "<UNK>", "cannot be part of a caption"),
+    (2, "", "Give the word"),
+    (0, "dog", "step=0: this caption has"),
+    (99, "dog", "step=99: this caption has"),
+    (None, "dog", "give the number of the word"),
+])
+def test_branch_api_errors_are_clear(handlers, photo_path, step, word, message):
+    with pytest.raises(gr.Error, match=message):
+        list(handlers.branch(photo_path, step, word, handlers.settings(max_len=8)))
+
+
+# ---------------------------------------------------------------- several photos at once
+
+
+def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, model, photo_path, tmp_path):
+    import csv
+
+    from captioner.decode import caption_batch
+
+    other = tmp_path / "grey.png"
+    Image.fromarray(np.full((40, 30, 3), 90, np.uint8)).save(other)
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a photo\n")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    files = [photo_path, str(bad), str(other), str(empty)]
+    table, downloads = handlers.caption_files(files, handlers.settings(max_len=8))
+    want = caption_batch(model, [photo_path, str(other)], max_len=8)
+    assert table["headers"] == ["image", "caption", "error"]
+    assert [row[0] for row in table["data"]] == ["photo.jpg", "notes.jpg", "grey.png", "empty.png"]  # the input order
+    assert [row[1] for row in table["data"]] == [want[0], "", want[1], ""]
+    assert table["data"][1][2].startswith("not an image file PIL can read") and table["data"][3][2].startswith("the file is empty")
+    assert all(str(tmp_path) not in cell for row in table["data"] for cell in row)
+    csv_path, json_path = downloads
+    assert csv_path.endswith("captions.csv") and json_path.endswith("captions.json")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        assert list(csv.reader(f)) == [table["headers"], *table["data"]]
+    with open(json_path, encoding="utf-8") as f:
+        records = json.load(f)
+    assert records[0] == {"image": "photo.jpg", "caption": want[0]} and set(records[1]) == {"image", "error"}
+    # Gradio's upload payloads (file dicts with the original name) work too
+    table2, _ = handlers.caption_files([{"path": str(bad), "orig_name": "my notes.jpg"}], handlers.settings(max_len=8))
+    assert table2["data"][0][0] == "my notes.jpg" and table2["data"][0][2].startswith("not an image file")
+
+
+def test_caption_files_without_files_is_a_clear_error(handlers):
+    with pytest.raises(gr.Error, match="No photos yet"):
+        handlers.caption_files([], handlers.settings())
 
 
 def test_redecode_without_a_caption_or_a_word_is_a_clear_error(handlers, photo_path):
@@ -255,8 +445,9 @@ def test_redecode_without_a_caption_or_a_word_is_a_clear_error(handlers, photo_p
 
 
 def test_inspector_before_any_caption_is_empty_not_an_error(handlers):
-    slider, prefix, info, alts, words, radio = handlers.inspect(None, 3)[:6]
-    assert slider.value == 1 and prefix == "" and "Caption an image" in info and alts is None and radio.choices == []
+    view = handlers.inspect(None, 3)
+    assert view.slider.value == 1 and view.prefix == "" and "Caption an image" in view.info
+    assert view.alternatives is None and view.current is None and view.branch.choices == []
 
 
 # ---------------------------------------------------------------- bad input
@@ -275,8 +466,10 @@ def test_no_image_is_a_clear_error(handlers):
 
 
 def test_cleared_image_just_clears_the_outputs(handlers):
-    outs = list(handlers.auto_caption(None, handlers.settings(strategy="beam"), None))
-    assert outs == [("", None, {"headers": outs[0][2]["headers"], "data": []}, None, None)]
+    page = apply({}, handlers.cleared())
+    assert page["caption"] == "" and page["table"]["data"] == [] and page["decoding"] is None and "cache" not in page
+    assert page["current"] is None and page["alternatives"] is None and page["confidence"] is None and page["prefix"] == ""
+    assert page["download"].value is None and page["download"].interactive is False
 
 
 @pytest.mark.parametrize("name,data,message", [
@@ -316,6 +509,10 @@ def test_bad_settings_are_clear_errors(handlers, photo_path, kwargs, message):
 # ---------------------------------------------------------------- the Blocks
 
 
+SETTING_TYPES = {"strategy": f"Literal[{', '.join(map(repr, STRATEGIES))}]", "beam_size": "int", "max_len": "int",
+                 "num_alternatives": "int", "temperature": "float", "top_k": "int", "top_p": "float", "seed": "int"}
+
+
 def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -345,3 +542,26 @@ def test_gradio_upload_payloads_are_opened_by_the_handler(handlers, model, photo
     assert cap(handlers, {"path": None, "url": "data:image/jpeg;base64," + data}, strategy="greedy")[-1][0] == want
     with pytest.raises(gr.Error, match="not an image file"):
         cap(handlers, {"path": None, "url": "data:image/jpeg;base64," + base64.b64encode(b"nope").decode()})
+
+
+def test_the_apis_shape(model):
+    """What view_api() shows a client: three endpoints, their parameters' names and types, short output names."""
+    api = build_demo(model, "tiny").get_api_info()
+    assert set(api["named_endpoints"]) == {"/caption", "/branch", "/caption_files"} and not api["unnamed_endpoints"]
+
+    def shape(name):
+        e = api["named_endpoints"][name]
+        return ([(p["parameter_name"], p["python_type"]["type"], p["component"]) for p in e["parameters"]],
+                [(r["label"], r["component"]) for r in e["returns"]])
+
+    settings = [(name, kind, "Radio" if name == "strategy" else "Number" if name == "seed" else "Slider")
+                for name, kind in SETTING_TYPES.items()]
+    outputs = [("Caption", "Textbox"), ("Words", "Label"), ("History", "Dataframe")]
+    assert shape("/caption") == ([("image", "filepath", "Image"), *settings], outputs)
+    assert shape("/branch") == ([("image", "filepath", "Image"), ("step", "int", "Number"), ("word", "str", "Textbox"), *settings],
+                                outputs)
+    assert shape("/caption_files") == ([("files", "list[filepath]", "File"), *settings],
+                                       [("Captions", "Dataframe"), ("Download (CSV, JSON)", "File")])
+    branch = {p["parameter_name"]: p for p in api["named_endpoints"]["/branch"]["parameters"]}
+    assert not any(branch[n]["parameter_has_default"] for n in ("image", "step", "word"))
+    assert all(branch[n]["parameter_has_default"] for n in SETTING_TYPES)
