@@ -1,6 +1,10 @@
 """Command line: caption images and folders.
 
-    python -m captioner photo.jpg photos/ [--model SRC] [--strategy greedy|beam|sample] [--json] [--steps]
+    python -m captioner photo.jpg photos/ [--model SRC] [--strategy greedy|beam|sample|guided] [--json] [--steps]
+
+With a model that keeps its ImageNet head, --steps prints what the CNN sees ("the CNN sees: Egyptian cat 81%, ...")
+and --json adds it as "imagenet": [[label, probability], ...]; with --strategy guided, "constraint" says which word
+was required and why.
 """
 from __future__ import annotations
 
@@ -27,9 +31,23 @@ def expand(paths: list[str]) -> list[str]:
 
 
 def step_record(s) -> dict:
-    """One Step as the JSON the CLI prints."""
+    """One Step as the JSON the CLI prints; "attention": the weight on each image region (decoders that attend),
+    else null."""
     return {"word": s.word, "prob": round(s.prob, 4), "eos_prob": round(s.eos_prob, 4),
-            "alternatives": [[a.word, round(a.prob, 4)] for a in s.alternatives]}
+            "alternatives": [[a.word, round(a.prob, 4)] for a in s.alternatives],
+            "attention": None if s.attention is None else [round(a, 4) for a in s.attention]}
+
+
+def _met(constraint, text: str):
+    """A constraint as it ended for a caption (known from its words, when only the caption was kept)."""
+    from dataclasses import replace
+
+    from .vocab import tokenize
+
+    if not constraint.words:
+        return constraint
+    used = next((w for w in tokenize(text) if w in constraint.words), None)
+    return replace(constraint, met=used is not None, used=used)
 
 
 def main(argv=None) -> int:
@@ -39,19 +57,25 @@ def main(argv=None) -> int:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     add_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line, in the order of the inputs")
-    p.add_argument("--steps", action="store_true", help="include each step's word, probability and top alternatives")
+    p.add_argument("--steps", action="store_true", help="include each step's word, probability and top alternatives "
+                                                         "(and the CNN's top ImageNet labels)")
+    p.add_argument("--labels", type=int, default=5, metavar="K",
+                   help="ImageNet labels shown per image, for a model with an ImageNet head (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default: 32)")
     args = p.parse_args(argv)
 
-    from .decode import caption_batch, stream
+    from .decode import caption_batch, encode, stream
     from .hub import ModelLoadError
+    from .imagenet import constraint_for, describe_labels, labels
     from .loading import load_model
-    from .preprocess import ImageError, open_image
+    from .preprocess import ImageError, open_image, preprocess_batch
 
     try:
         settings = from_arguments(args)
         if args.batch_size < 1:
             raise ValueError(f"batch_size={args.batch_size}: expected 1 or more")
+        if args.labels < 0:
+            raise ValueError(f"labels={args.labels}: expected 0 or more")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -64,20 +88,32 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    guided = settings.strategy == "guided"
 
-    def report(path, text=None, steps=None, error=None):
+    def report(path, text=None, steps=None, error=None, seen=None, constraint=None):
         if args.json:
             rec = {"image": path, "caption": text} if error is None else {"image": path, "error": error}
             if steps is not None:
                 rec["steps"] = [step_record(s) for s in steps]
+            if seen is not None:
+                rec["imagenet"] = [[name, round(p, 4)] for name, p in seen]
+            if constraint is not None:
+                rec["constraint"] = constraint.record()
             print(json.dumps(rec), flush=True)
         elif error is None:
             print(f"{path}\t{text}", flush=True)
+            if steps is not None and seen:
+                print(f"    the CNN sees: {describe_labels(seen)}", flush=True)
+            if steps is not None and constraint is not None:
+                print(f"    {constraint.describe()}", flush=True)
             for s in steps or ():
                 alts = ", ".join(f"{a.word} {a.prob:.2f}" for a in s.alternatives)
                 print(f"    {s.t + 1:2d}. {s.word:<12} p={s.prob:.2f}  <EOS> {s.eos_prob:.2f}  [{alts}]", flush=True)
         else:
             print(f"{path}\terror: {error}", file=sys.stderr, flush=True)
+
+    def seen_of(features):
+        return labels(features, args.labels) if features.labels is not None and args.labels else None
 
     # Open every file first: bad ones are reported by name (in their place in the input order) and the rest still
     # get captions.
@@ -88,20 +124,28 @@ def main(argv=None) -> int:
         except ImageError as e:
             opened.append((f, None, str(e).removeprefix(f + ": ")))
     good = [(f, img) for f, img, err in opened if err is None]
+    results = {}
     if args.steps:
-        results = {}
         for f, img in good:
+            features = encode(model, img)
             last = None
-            for last in stream(model, img, settings):
+            for last in stream(model, config=settings, features=features):
                 pass
             steps = last.caption_steps() if last is not None else ()
-            results[f] = (last.text if last is not None else "", steps)
+            constraint = last.constraint if last is not None else (constraint_for(features, model.vocab, settings.guide_threshold) if guided else None)
+            results[f] = dict(text=last.text if last is not None else "", steps=steps, seen=seen_of(features), constraint=constraint)
     else:
-        captions = caption_batch(model, [img for _, img in good], settings, batch_size=args.batch_size)
-        results = {f: (text, None) for (f, _), text in zip(good, captions)}
+        for start in range(0, len(good), args.batch_size):  # as caption_batch batches, keeping each batch's features
+            part = good[start : start + args.batch_size]
+            features = model.encode(preprocess_batch([img for _, img in part], model.config).to(next(model.parameters()).device))
+            captions = caption_batch(model, config=settings, features=features, batch_size=args.batch_size)
+            for i, ((f, _), text) in enumerate(zip(part, captions)):
+                one = features.select(slice(i, i + 1))
+                constraint = _met(constraint_for(one, model.vocab, settings.guide_threshold), text) if guided else None
+                results[f] = dict(text=text, seen=seen_of(one), constraint=constraint)
     for f, _, err in opened:
         if err is None:
-            report(f, *results[f])
+            report(f, **results[f])
         else:
             report(f, error=err)
     return 1 if any(err for _, _, err in opened) else 0

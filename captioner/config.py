@@ -15,6 +15,8 @@ class CaptionerConfig:
     backbone: str = "tf_efficientnet_lite0"  # any timm model name; built without downloading weights
     embed_size: int = 512  # size of the image feature and of the word embeddings
     train_backbone: bool = False  # False freezes the CNN (and its batch-norm statistics)
+    imagenet_head: bool = False  # keep the backbone's 1000-class ImageNet classifier (encoder.classifier): the
+    #                              labels the CNN sees, and guided decoding's evidence; never trained
     # --- decoder ---
     decoder: str = "show-tell"  # "show-tell": the image at t=0 only (the seed's reference design); "attend": soft
     #                             attention over the backbone's spatial map at every word (Xu et al. 2015)
@@ -62,7 +64,7 @@ class CaptionerConfig:
                 f"(reads up to {FORMAT_VERSION}); upgrade captioner (pip install -U -r requirements.txt)"
             )
         names = {f.name for f in fields(cls)}
-        required = names - {"extra", "format_version", "decoder", "attention_size"}  # added later, with defaults: older configs are show-tell
+        required = names - {"extra", "format_version", "decoder", "attention_size", "imagenet_head"}  # added later, with defaults: older configs are show-tell
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"config.json is missing field(s) {missing}; the model folder is incomplete or not a captioner")

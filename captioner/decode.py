@@ -1,9 +1,14 @@
 """Decoding as a generator of small frozen Step records.
 
 `encode` runs the CNN once per image; `stream` decodes from its ImageFeatures through the decoder's own seam
-(`start`, `step`) with the settings of one GenerationConfig. Greedy, sampling, beam search, branching, the CLI,
-the app and self-critical training's rollouts (`generate_batch`) all go through that seam; `caption()` just
-drains `stream()`.
+(`start`, `step`) with the settings of one GenerationConfig. Greedy, sampling, beam search, guided decoding,
+branching, the CLI, the app and self-critical training's rollouts (`generate_batch`) all go through that seam;
+`caption()` just drains `stream()`.
+
+Guided decoding is constrained beam search (Anderson et al., "Guided Open Vocabulary Image Captioning with
+Constrained Beam Search", EMNLP 2017) with one disjunctive constraint: the caption must use one of the words that
+the CNN's confident ImageNet labels map to (captioner.imagenet.constraint_for). Hypotheses are kept in two beams,
+without and with a required word; the caption returned is the best that has one, else the unconstrained best.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .generation import STRATEGIES, GenerationConfig  # noqa: F401  (STRATEGIES re-exported for callers)
+from .imagenet import Constraint, constraint_for
 from .model import ImageFeatures
 from .preprocess import preprocess, preprocess_batch
 from .vocab import detokenize
@@ -43,6 +49,9 @@ class Step:
     # On the last record: the records of the final caption's earlier words, so [*last.history, last] is the whole
     # caption, word by word (beam search: the winning hypothesis, which may differ from what was streamed).
     history: tuple["Step", ...] = ()
+    # Guided decoding, on every record: the word required and why (the ImageNet labels, how confident); on the last
+    # record also whether the caption meets it (constraint.met; False: it fell back to the unconstrained best).
+    constraint: Constraint | None = None
 
     def caption_steps(self) -> tuple["Step", ...]:
         """On the last record: every word's record of the final caption."""
@@ -148,6 +157,9 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
     if config.strategy == "beam":
         yield from _beam(model, features, config, max_len, prefix)
         return
+    if config.strategy == "guided":
+        yield from _beam(model, features, config, max_len, prefix, constraint_for(features, vocab, config.guide_threshold))
+        return
     generator = None
     if config.strategy == "sample":
         generator = torch.Generator(device=features.vector.device)
@@ -182,14 +194,27 @@ class _Hyp:
                 for t, (row, cum, att) in enumerate(self.rows) if t >= first]
 
 
-def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int, prefix: list[int]) -> Iterator[Step]:
-    """Beam search, beams batched through one decoder step; never fails when no beam ends."""
+def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int, prefix: list[int],
+          constraint: Constraint | None = None) -> Iterator[Step]:
+    """Beam search, beams batched through one decoder step; never fails when no beam ends.
+
+    With a `constraint` (guided decoding) that requires words, hypotheses are grouped by whether they have used a
+    required word yet, and each group keeps its own `beam_size` best: the unmet group's hypotheses move to the met
+    group by taking a required word. The caption is the best finished one of the met group, else (no candidate
+    could) the best of the unmet one. Without required words this is plain beam search, step for step."""
     vocab, k, beam_size = model.vocab, config.num_alternatives, config.beam_size
     device = features.vector.device
+    required = sorted({vocab.stoi[w] for w in constraint.words}) if constraint is not None else []
+    groups = (0, 1) if required else (0,)
+    is_required = torch.zeros(len(vocab), dtype=torch.bool, device=device)
+    is_required[required] = True
+    is_required[vocab.eos_id] = False  # ending keeps a hypothesis in its own group
     logits, state = model.decoder.start(features)
     live = [_Hyp([], [], 0.0)]
-    finished: list[_Hyp] = []
+    met = [False]  # per live hypothesis: has it used a required word?
+    finished: dict[int, list[_Hyp]] = {g: [] for g in groups}
     norm = lambda h: h.score / max(1, len(h.tokens)) ** config.length_penalty  # noqa: E731
+    tag = (lambda r: r) if constraint is None else (lambda r: replace(r, constraint=constraint))  # noqa: E731
     pending: Step | None = None
     for t in range(max_len):
         logp = F.log_softmax(_mask(logits, vocab, [h.tokens for h in live], config.no_repeat_ngram), dim=-1)  # (n, V)
@@ -198,35 +223,56 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
             forced = torch.full_like(total, -math.inf)
             forced[:, prefix[t]] = total[:, prefix[t]]
             total = forced
-        width = min(2 * beam_size, total.numel())
-        scores, flat = torch.topk(total.reshape(-1), width)  # (width,)
-        survivors, parents = [], []
-        for score, index in zip(scores.tolist(), flat.tolist()):
-            if score == -math.inf:
-                break
-            parent, token = divmod(index, logp.size(1))
-            h = live[parent]
-            if token == vocab.eos_id:
-                finished.append(_Hyp(h.tokens, h.rows, h.score))
-            else:
-                survivors.append(_Hyp(h.tokens + [token], h.rows + [(logp[parent], score, _attention(state, parent))], score))
-                parents.append(parent)
-            if len(survivors) == beam_size:
-                break
-        if len(finished) >= beam_size or not survivors:
+        # The group each expansion lands in: met already, or meeting it with this word.
+        dest = torch.tensor(met, device=device).unsqueeze(1) | is_required.unsqueeze(0) if required else None  # (n, V)
+        survivors, parents, survivor_met = [], [], []
+        for g in groups:
+            scores_g = total if dest is None else total.masked_fill(dest != bool(g), -math.inf)
+            width = min(2 * beam_size, scores_g.numel())
+            scores, flat = torch.topk(scores_g.reshape(-1), width)  # (width,)
+            kept = 0
+            for score, index in zip(scores.tolist(), flat.tolist()):
+                if score == -math.inf:
+                    break
+                parent, token = divmod(index, logp.size(1))
+                h = live[parent]
+                if token == vocab.eos_id:
+                    finished[g].append(_Hyp(h.tokens, h.rows, h.score))
+                else:
+                    survivors.append(_Hyp(h.tokens + [token], h.rows + [(logp[parent], score, _attention(state, parent))], score))
+                    parents.append(parent)
+                    survivor_met.append(bool(g))
+                    kept += 1
+                if kept == beam_size:
+                    break
+        if len(finished[groups[-1]]) >= beam_size or not survivors:
             break
         if pending is not None:
             yield pending
-        pending = survivors[0].records(vocab, k, first=t)[0]  # the best live hypothesis so far
-        live = survivors
+        shown = max(range(len(survivors)), key=lambda i: (survivor_met[i], survivors[i].score))  # the best, met first
+        pending = tag(survivors[shown].records(vocab, k, first=t)[0])
+        live, met = survivors, survivor_met
         state = state.select(torch.tensor(parents, device=device))
         logits, state = model.decoder.step(torch.tensor([h.tokens[-1] for h in live], device=device), state)
-    ended = [h for h in finished if h.tokens]
-    pool = ended or live  # no beam ended: take the best live one rather than fail
+    ended = {g: [h for h in finished[g] if h.tokens] for g in groups}
+    if ended[groups[-1]]:  # the best caption that meets the constraint (plain beam: the best ended one)
+        pool, stop, ok = ended[groups[-1]], "eos", True
+    elif ended[0]:  # guided, and no caption with a required word ended: the unconstrained best
+        pool, stop, ok = ended[0], "eos", False
+    else:  # no beam ended: take the best live one rather than fail (one that meets the constraint first)
+        live_met = [h for h, m in zip(live, met) if m]
+        pool, stop, ok = live_met or live, "max_len", bool(live_met)
     best = max(pool, key=norm)
     if best.tokens:
         steps = best.records(vocab, k)
-        yield replace(steps[-1], stop="eos" if ended else "max_len", history=tuple(steps[:-1]))
+        last = replace(steps[-1], stop=stop, history=tuple(tag(r) for r in steps[:-1]))
+        if constraint is not None:
+            final = constraint
+            if required:
+                used = next((vocab.itos[tok] for tok in best.tokens if tok in set(required)), None)
+                final = replace(constraint, met=ok, used=used if ok else None)
+            last = replace(last, constraint=final)
+        yield last
 
 
 def caption(model, image=None, config: GenerationConfig | None = None, *, features: ImageFeatures | None = None,

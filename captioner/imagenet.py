@@ -1,0 +1,213 @@
+"""What the CNN sees: the backbone's own ImageNet labels, and the caption words they vouch for.
+
+A model saved with its backbone's ImageNet head (config.imagenet_head) gives every image its 1000 ImageNet class
+probabilities with its features (`ImageFeatures.labels`, one small matrix product on the pooled feature).
+This module names them (`top_labels`: "Egyptian cat 81%, tiger cat 8%, ...") and turns the confident ones into a
+decoding constraint for guided decoding (`constraint_for`): the caption must use one of the words that the
+confident labels map to. The class names and the class -> word mapping are data in captioner/data/ (no
+torchvision at run time); captioner/data/README.md gives the mapping's reasoning.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parent / "data"
+CLASSES_FILE = DATA / "imagenet_classes.json"
+WORDS_FILE = DATA / "imagenet_words.json"
+NUM_CLASSES = 1000
+
+
+@functools.lru_cache(maxsize=1)
+def class_names() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names in the classifier's order (torchvision's weights meta, stored as data)."""
+    names = json.loads(CLASSES_FILE.read_text(encoding="utf-8"))
+    if len(names) != NUM_CLASSES:
+        raise ValueError(f"{CLASSES_FILE} has {len(names)} names, expected {NUM_CLASSES}")
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A group of ImageNet classes and the caption words that name what they show."""
+
+    name: str
+    classes: tuple[int, ...]
+    words: tuple[str, ...]
+
+
+def parse_classes(items) -> tuple[int, ...]:
+    """[281, "151-268", ...] -> the class indices, ranges inclusive; anything outside 0..999 is a ValueError."""
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            lo = hi = item
+        elif isinstance(item, str) and re.fullmatch(r"\d+-\d+", item):
+            lo, hi = map(int, item.split("-"))
+        else:
+            raise ValueError(f"class {item!r}: expected an index or a range 'first-last'")
+        if not 0 <= lo <= hi < NUM_CLASSES:
+            raise ValueError(f"class {item!r}: outside 0..{NUM_CLASSES - 1} (or an empty range)")
+        out.extend(range(lo, hi + 1))
+    return tuple(dict.fromkeys(out))
+
+
+def load_concepts(path: Path | str = WORDS_FILE) -> tuple[Concept, ...]:
+    """The class -> word mapping (imagenet_words.json), checked: words lower-case single tokens, classes in range."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    out = []
+    for entry in data["concepts"]:
+        words = tuple(entry["words"])
+        bad = [w for w in words if not re.fullmatch(r"[a-z]+", w)]
+        if bad or not words:
+            raise ValueError(f"concept {entry.get('name')!r}: words must be lower-case single words, got {bad or words}")
+        out.append(Concept(entry["name"], parse_classes(entry["classes"]), words))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def concepts() -> tuple[Concept, ...]:
+    return load_concepts()
+
+
+@functools.lru_cache(maxsize=1)
+def word_classes() -> dict[str, tuple[int, ...]]:
+    """Each mapped word -> every class that maps to it (over all concepts): its confidence is their summed probability."""
+    out: dict[str, dict[int, None]] = {}
+    for c in concepts():
+        for w in c.words:
+            out.setdefault(w, {}).update(dict.fromkeys(c.classes))
+    return {w: tuple(cs) for w, cs in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+
+
+def _probs(features) -> torch.Tensor:
+    """ImageFeatures (batch 1) or a (1000,) / (1, 1000) probability tensor -> (1000,) probabilities on the CPU."""
+    probs = getattr(features, "labels", features)
+    if probs is None:
+        raise ValueError("these features carry no ImageNet labels: the model has no ImageNet head (config.imagenet_head)")
+    probs = probs.detach().float().cpu()
+    if probs.dim() == 2:
+        if probs.size(0) != 1:
+            raise ValueError(f"labels of one image expected, got a batch of {probs.size(0)} (select a row first)")
+        probs = probs[0]
+    return probs
+
+
+def labels(features, k: int = 5) -> list[tuple[str, float]]:
+    """The top-k ImageNet labels of one image's features: [(class name, probability), ...], likeliest first."""
+    probs = _probs(features)
+    top = torch.topk(probs, min(k, probs.numel()))
+    names = class_names()
+    return [(names[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def top_labels(model, image_or_features, k: int = 5) -> list[tuple[str, float]]:
+    """What the CNN sees in an image (a path, bytes, a PIL image, a preprocessed tensor) or in its ImageFeatures
+    (from decode.encode): the top-k ImageNet labels with probabilities. [] for a model without an ImageNet head."""
+    from .decode import encode
+    from .model import ImageFeatures
+
+    features = image_or_features if isinstance(image_or_features, ImageFeatures) else encode(model, image_or_features)
+    if features.labels is None:
+        return []
+    return labels(features, k)
+
+
+def describe_labels(pairs, digits: int = 0) -> str:
+    """[(name, p), ...] -> "tabby cat 62%, Egyptian cat 21%" (what the app and the CLI print)."""
+    return ", ".join(f"{name} {_percent(p, digits)}" for name, p in pairs)
+
+
+def _percent(p: float, digits: int = 0) -> str:
+    if 0 < p and round(p * 100, digits) == 0:
+        return f"<{10 ** -digits:g}%"
+    return f"{p * 100:.{digits}f}%"
+
+
+# ---------------------------------------------------------------------------------------------------- guidance
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Why a word is required: its confidence (the summed probability of the classes mapping to it) and those
+    classes' top labels."""
+
+    word: str
+    confidence: float
+    labels: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Guided decoding's requirement for one image: the caption must use one of `words` (empty: nothing is
+    required and guided decoding is beam search). On a guided stream's records; on the last one `met` says
+    whether the caption meets it (False: no candidate caption could, the unconstrained best was kept)."""
+
+    words: tuple[str, ...]  # any one of these (the model's vocabulary's words for the confident labels)
+    evidence: tuple[Evidence, ...]  # one per required word, most confident first
+    threshold: float  # a word is required when its confidence reaches this
+    note: str = ""  # why nothing is required (no head, nothing confident, words outside the vocabulary)
+    met: bool | None = None  # on the last record: True met, False fell back; None while decoding or nothing required
+    used: str | None = field(default=None)  # on the last record: the required word the caption uses
+
+    def record(self) -> dict:
+        """As plain JSON data (the CLI's --json), with the one-line description as "text"."""
+        return {"words": list(self.words), "threshold": self.threshold, "met": self.met, "used": self.used,
+                "evidence": [{"word": e.word, "confidence": round(e.confidence, 4),
+                              "labels": [[n, round(p, 4)] for n, p in e.labels]} for e in self.evidence],
+                "note": self.note, "text": self.describe()}
+
+    def describe(self) -> str:
+        """One line for the inspector: which word was required and why, and how it ended."""
+        if not self.words:
+            return f"guided: nothing required ({self.note})" if self.note else "guided: nothing required"
+        groups: dict[tuple, list[str]] = {}
+        for e in self.evidence:
+            groups.setdefault((round(e.confidence, 4), e.labels), []).append(e.word)
+        why = "; ".join(f"{'/'.join(ws)} {_percent(conf)} from {describe_labels(lbls)}" for (conf, lbls), ws in groups.items())
+        text = f"guided: required one of {', '.join(self.words)} ({why})"
+        if self.met is True:
+            text += f"; the caption uses \"{self.used}\"" if self.used else "; met"
+        elif self.met is False:
+            text += "; no candidate caption could use one: kept the unconstrained best"
+        if self.note:
+            text += f"; {self.note}"
+        return text
+
+
+def word_confidence(features) -> dict[str, float]:
+    """Every mapped word's confidence for one image: the sum of the probabilities of the classes mapping to it."""
+    probs = _probs(features)
+    return {w: float(probs[list(cs)].sum()) for w, cs in word_classes().items()}
+
+
+def constraint_for(features, vocab, threshold: float) -> Constraint:
+    """The requirement guided decoding puts on one image's caption: the words (in `vocab`) whose confidence reaches
+    `threshold`, with the labels behind them; no requirement for features without ImageNet labels."""
+    if getattr(features, "labels", None) is None:
+        return Constraint((), (), threshold, note="this model has no ImageNet head, so nothing to be sure of")
+    probs = _probs(features)
+    names = class_names()
+    conf = word_confidence(probs)
+    confident = sorted((w for w, c in conf.items() if c >= threshold), key=lambda w: (-conf[w], w))
+    known = [w for w in confident if w in vocab.stoi]
+    missing = [w for w in confident if w not in vocab.stoi]
+    evidence = []
+    for w in known:
+        cs = sorted(word_classes()[w], key=lambda c: -float(probs[c]))[:3]
+        evidence.append(Evidence(w, conf[w], tuple((names[c], float(probs[c])) for c in cs if probs[c] >= 0.005)))
+    note = ""
+    if missing and not known:
+        note = f"{', '.join(missing)} confident, but not in this model's vocabulary"
+    if not confident:
+        best = max(conf, key=conf.get)
+        note = f"no mapped word reaches {_percent(threshold)} (likeliest: {best} {_percent(conf[best])})"
+    return Constraint(tuple(known), tuple(evidence), threshold, note=note)

@@ -1,0 +1,145 @@
+"""Guided decoding (constrained beam search) on tiny random models: the required word appears when it can, streaming
+and caption() agree, branching works, and it falls back cleanly (nothing confident, the word not in the vocabulary,
+no ImageNet head, no caption that can meet it)."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner import GenerationConfig
+from captioner.decode import caption, caption_batch, encode, rescore, stream
+from tiny import WORDS, tiny_model
+
+DECODERS = ["show-tell", "attend"]
+DOG = WORDS.index("dog")
+DOG_CLASSES = list(range(151, 269))
+CAT_CLASSES = list(range(281, 286))
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+def photo(seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (30, 40, 3), dtype=np.uint8))
+
+
+def model_of(decoder="show-tell", seed=0, hot=DOG_CLASSES, dog_bias=-4.0, head=True, **kw):
+    """A tiny model whose ImageNet head is sure of the classes `hot` and whose decoder rarely says "dog"."""
+    m = tiny_model(seed, decoder=decoder, imagenet_head=head, max_len=kw.pop("max_len", 8), **kw)
+    m.decoder.head.bias[2] -= 1.0  # <EOS> rarer: captions run several words
+    m.decoder.head.bias[DOG] += dog_bias
+    if head:
+        m.encoder.classifier.bias[list(hot)] = 10.0
+    return m
+
+
+def words_of(step):
+    return [WORDS[t] for t in step.tokens]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_the_required_word_appears(decoder):
+    m = model_of(decoder, 1)
+    img = photo()
+    assert "dog" not in words_of(list(stream(m, img, strategy="beam", beam_size=3))[-1])  # unguided: no dog
+    steps = list(stream(m, img, strategy="guided", beam_size=3))
+    last = steps[-1]
+    assert "dog" in words_of(last) and last.stop in ("eos", "max_len")
+    c = last.constraint
+    assert c.words == ("dog",) and c.met is True and c.used == "dog"
+    assert c.evidence[0].confidence > 0.9 and c.evidence[0].labels[0][0] in ("Chihuahua", "Japanese spaniel", "Maltese dog")
+    assert "required one of dog" in c.describe() and 'uses "dog"' in c.describe()
+    # every record says what is required; the end (met) only on the last
+    assert all(s.constraint is not None and s.constraint.words == ("dog",) and s.constraint.met is None for s in steps[:-1])
+    assert all(s.constraint is not None for s in last.caption_steps())
+    json.dumps(dataclasses.asdict(last))  # plain data for the app
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_streaming_equals_caption_and_batches(decoder):
+    m = model_of(decoder, 2)
+    img = photo(1)
+    s = dict(strategy="guided", beam_size=2)
+    steps = list(stream(m, img, **s))
+    assert caption(m, img, **s) == steps[-1].text == caption(m, img, GenerationConfig(**s))
+    assert caption_batch(m, [img, photo(2)], **s)[0] == steps[-1].text
+    f = encode(m, img)
+    assert caption(m, features=f, **s) == steps[-1].text
+    final = steps[-1].caption_steps()
+    assert [x.token for x in final] == list(steps[-1].tokens)
+    again = rescore(m, img, list(steps[-1].tokens))  # the records are the model's own probabilities of that caption
+    assert [round(x.prob, 5) for x in again] == [round(x.prob, 5) for x in final]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_branching_with_a_prefix(decoder):
+    m = model_of(decoder, 3)
+    img = photo(2)
+    base = list(stream(m, img, strategy="guided"))[-1]
+    first = base.caption_steps()[0]
+    alt = next(a.token for a in first.alternatives if a.token not in (first.token, DOG))
+    branched = list(stream(m, img, strategy="guided", prefix=[alt]))[-1]
+    assert branched.tokens[0] == alt and "dog" in words_of(branched) and branched.constraint.met
+    # a prefix that already says the word meets the constraint
+    said = list(stream(m, img, strategy="guided", prefix=[WORDS.index("a"), DOG]))[-1]
+    assert said.tokens[:2] == (WORDS.index("a"), DOG) and said.constraint.met and said.constraint.used == "dog"
+
+
+def test_falls_back_when_no_caption_can_meet_it():
+    m = model_of("show-tell", 4)
+    a, runs, eos = WORDS.index("a"), WORDS.index("runs"), WORDS.index("<EOS>")
+    last = list(stream(m, photo(), strategy="guided", prefix=[a, runs, eos]))[-1]  # forced to end before "dog"
+    assert last.text == "A runs" and last.constraint.met is False and last.constraint.used is None
+    assert "kept the unconstrained best" in last.constraint.describe()
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_nothing_required_is_beam_search(decoder):
+    """No confident label (or none the vocabulary has, or no head): guided decoding is beam search, record for record."""
+    cases = {
+        "nothing confident": model_of(decoder, 5, hot=[]),
+        "word not in the vocabulary": model_of(decoder, 5, hot=CAT_CLASSES),  # "cat": not in the tiny vocabulary
+        "no ImageNet head": model_of(decoder, 5, head=False),
+    }
+    notes = {}
+    for why, m in cases.items():
+        for size in (1, 3):
+            guided = list(stream(m, photo(3), strategy="guided", beam_size=size))
+            beam = list(stream(m, photo(3), strategy="beam", beam_size=size))
+            assert [dataclasses.replace(s, constraint=None, history=()) for s in guided] == \
+                   [dataclasses.replace(s, history=()) for s in beam], why
+            c = guided[-1].constraint
+            assert c.words == () and c.met is None
+            notes[why] = c.describe()
+        # beam size 1 without a requirement is greedy
+        assert caption(m, photo(3), strategy="guided", beam_size=1) == caption(m, photo(3))
+    assert "no mapped word reaches 50%" in notes["nothing confident"]
+    assert "cat, cats, kitten confident, but not in this model's vocabulary" in notes["word not in the vocabulary"]
+    assert "no ImageNet head" in notes["no ImageNet head"]
+
+
+def test_the_threshold_decides():
+    m = model_of("show-tell", 6, hot=[])
+    m.encoder.classifier.bias[DOG_CLASSES] = 3.0  # dog classes together: about 0.6 with this head
+    conf = float(encode(m, photo()).labels[0, DOG_CLASSES].sum())
+    assert 0.2 < conf < 0.95
+    below = list(stream(m, photo(), strategy="guided", guide_threshold=conf + 0.01))[-1]
+    above = list(stream(m, photo(), strategy="guided", guide_threshold=conf - 0.01))[-1]
+    assert below.constraint.words == () and above.constraint.words == ("dog",) and "dog" in words_of(above)
+
+
+def test_settings():
+    from captioner.generation import STRATEGIES
+
+    assert "guided" in STRATEGIES
+    with pytest.raises(ValueError, match="guide_threshold"):
+        GenerationConfig(guide_threshold=0)
+    with pytest.raises(ValueError, match="guide_threshold"):
+        GenerationConfig(guide_threshold=1.5)
+    assert GenerationConfig.make(strategy="guided", guide_threshold=0.3).guide_threshold == 0.3
