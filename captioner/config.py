@@ -20,7 +20,7 @@ class CaptionerConfig:
     # --- decoder ---
     decoder: str = "show-tell"  # "show-tell": the image at t=0 only (the seed's reference design); "attend": soft
     #                             attention over the backbone's spatial map at every word (Xu et al. 2015)
-    attention_size: int = 512  # attend: size of the attention MLP's hidden layer
+    attention_size: int = 512  # attend: size of the attention's keys and queries
     hidden_size: int = 512  # LSTM hidden state size
     num_layers: int = 1  # stacked LSTM layers
     dropout: float = 0.5  # on the image projection, the embeddings and the LSTM output

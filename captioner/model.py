@@ -258,8 +258,11 @@ class AttendState:
 
 class AttendDecoder(nn.Module):
     """Show, Attend and Tell (Xu et al. 2015), soft attention: at every word the LSTM state weighs the image's
-    regions (an MLP score, softmax over the N regions), and the gated weighted sum enters the LSTM with the previous
-    word. The initial state comes from the pooled image vector."""
+    regions (softmax over the N regions), and the gated weighted sum enters the LSTM with the previous word. The
+    initial state comes from the pooled image vector. The score is a scaled dot product of a query from the LSTM
+    state with each region's key (Luong et al. 2015's "general" score) instead of Xu's one-hidden-layer MLP: on this
+    CPU a training batch cost about 30% less (9 s against 13 s, 128 captions, one busy core), as the MLP builds a
+    (B, N, A) tanh activation at every word."""
 
     uses_grid = True
 
@@ -269,7 +272,6 @@ class AttendDecoder(nn.Module):
         self.regions = nn.Linear(feature_size, E)  # each region's backbone feature -> E
         self.key = nn.Linear(E, A)  # region -> attention key
         self.query = nn.Linear(H, A)  # LSTM state -> attention query
-        self.score = nn.Linear(A, 1)
         self.gate = nn.Linear(H, E)  # Xu's beta: how much of the context enters this step
         self.init_h = nn.Linear(E, H)
         self.init_c = nn.Linear(E, H)
@@ -285,7 +287,8 @@ class AttendDecoder(nn.Module):
 
     def advance(self, embedded: torch.Tensor, state: AttendState) -> tuple[torch.Tensor, AttendState]:
         """One step on an embedded word (B, E) -> logits (B, V), state (with this step's attention weights)."""
-        energy = self.score(torch.tanh(state.keys + self.query(state.h).unsqueeze(1))).squeeze(2)  # (B, N)
+        query = self.query(state.h).unsqueeze(2)  # (B, A, 1)
+        energy = torch.bmm(state.keys, query).squeeze(2) * state.keys.size(2) ** -0.5  # (B, N)
         alpha = torch.softmax(energy, dim=1)  # (B, N)
         context = torch.bmm(alpha.unsqueeze(1), state.regions).squeeze(1)  # (B, E)
         context = torch.sigmoid(self.gate(state.h)) * context  # (B, E)
