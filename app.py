@@ -1,6 +1,7 @@
 """Captioner's Gradio app: drop a photo, watch its caption stream word by word, inspect and branch the decoding.
 
-    python app.py [--model FOLDER_OR_REPO_ID] [--revision REV] [--host HOST] [--port PORT] [--threads N] [--word-delay S]
+    python app.py [--model FOLDER_OR_REPO_ID] [--revision REV] [--host HOST] [--port PORT] [--share] [--threads N]
+                  [--word-delay S]
 
 Hugging Face Spaces runs `python app.py` (and sets GRADIO_SERVER_NAME/GRADIO_SERVER_PORT).
 The handlers and the layout are in captioner/ui.py.
@@ -37,7 +38,17 @@ def model_label(model, src, revision) -> str:
     return source + (f" @ {rev}" if rev else "") + (f" (commit {commit[:10]})" if commit and commit != rev else "")
 
 
-def main(argv=None) -> int:
+# One user's caption (open, encode, greedy decode; the bundled model; medians of 20 captions of examples/*.jpg, 1 and 2
+# threads interleaved) on this project's 2-core machine: 1 thread 92-155 ms, 2 threads 0.43-3.2 s in seven runs while
+# training jobs shared the two cores (an OpenMP thread waits on a core someone else holds); on the otherwise idle machine
+# 2 threads were 14% faster (26.2 vs 30.4 ms, benchmarks/RESULTS.md section 6). So the default stays half the cores: it
+# never loses much, and it leaves room for the app's own concurrent decodes (up to 4 at once).
+THREADS_HELP = ("torch threads (default: half the CPU cores, at least 1: on a 2-core machine 1 thread gave one user a caption "
+                "in 92-155 ms while other jobs shared the cores, 2 threads in 0.43-3.2 s; on an idle 2-core machine 2 threads "
+                "are 14%% faster, so give --threads 2 where the app has the machine to itself)")
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python app.py", description="Serve the captioner's Gradio demo.")
     p.add_argument("--model", default=None, help="model folder or Hub repo id (default: $CAPTIONER_MODEL or the bundled model)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
@@ -45,10 +56,17 @@ def main(argv=None) -> int:
                    help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT") or 7860,  # a bad $GRADIO_SERVER_PORT: a usage error
                    help="port (default: $GRADIO_SERVER_PORT or 7860)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per request (default: half the CPU cores)")
+    p.add_argument("--share", action="store_true",
+                   help="also serve it on a temporary public *.gradio.live link, through Gradio's share servers (default: off, "
+                        "this machine only; not on Hugging Face Spaces, which are public already)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--word-delay", type=float, default=None,
                    help="seconds between streamed words, so streaming is visible (default 0.04; 0 = as fast as decoding goes)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
 
     # No phoning home: both must be set before gradio / huggingface_hub are imported.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -77,7 +95,16 @@ def main(argv=None) -> int:
     label = model_label(model, args.model, args.revision)
     print(f"model: {label} ({len(model.vocab)} words); torch threads: {threads}", flush=True)
     demo = build_demo(model, label) if args.word_delay is None else build_demo(model, label, word_delay=max(0.0, args.word_delay))
-    demo.launch(server_name=args.host, server_port=args.port, **launch_options())
+    # quiet: Gradio's own start-up lines end with "To create a public link, set `share=True` in `launch()`", which
+    # this command cannot do; these say the same with the flag that does.
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True, prevent_thread_lock=True,
+                **launch_options())
+    print(f"* Running on local URL:  {demo.local_url}", flush=True)
+    if demo.share_url:
+        print(f"* Running on public URL: {demo.share_url} (temporary; anyone with the link can use it)", flush=True)
+    elif not args.share:
+        print("* For a temporary public link, start it with --share", flush=True)
+    demo.block_thread()
     return 0
 
 

@@ -141,7 +141,7 @@ def launch_options() -> dict[str, Any]:
 
 def configure_torch(threads: int | None = None) -> int:
     """Intra-op threads for inference: by default half the cores (at least 1), since up to CONCURRENCY
-    requests run side by side and an oversubscribed CPU serves everyone more slowly."""
+    requests run side by side and an oversubscribed CPU serves everyone more slowly (measured: app.py's THREADS_HELP)."""
     n = threads or max(1, (os.cpu_count() or 1) // 2)
     torch.set_num_threads(n)
     return n

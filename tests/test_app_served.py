@@ -196,6 +196,15 @@ def test_app_py_serves_the_model_it_is_given(model_dir, model, files):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"model: {model_dir}" in out and "Traceback" not in out
+    # Gradio's hint names a launch() argument this command has no way to set; the app names its own flag instead.
+    assert f"Running on local URL:  {url}" in out and "start it with --share" in out and "share=True" not in out, out
+
+
+def test_share_is_a_flag_and_off_by_default():
+    import app
+
+    assert app.parser().parse_args([]).share is False and app.parser().parse_args(["--share"]).share is True
+    assert "--share" in app.parser().format_help()
 
 
 def test_app_py_has_no_import_side_effects():
