@@ -414,7 +414,7 @@ def test_split_backbone_top_of_bottom_is_the_backbone():
 def test_tune_top_stages_trains_only_the_last_stages_on_cached_maps(tmp_path):
     from captioner import load
     from train.features import cache_key, extract_features, split_backbone, top_parameter_names
-    from train.train import pooled_features
+    from train.inputs import pooled_features
 
     data = write_dataset(tmp_path / "data")
     tuned, plain = tmp_path / "tuned", tmp_path / "plain"

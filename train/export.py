@@ -13,6 +13,7 @@ from pathlib import Path
 from captioner.hub import MODEL_FILES
 from captioner.loading import load
 from train.backbones import weights_source
+from train.checkpoint import trainer_state
 
 CITATION = """M. Hodosh, P. Young and J. Hockenmaier (2013). "Framing Image Description as a Ranking Task: Data,
 Models and Evaluation Metrics". Journal of Artificial Intelligence Research, 47, 853-899."""
@@ -26,8 +27,6 @@ def metrics_table(rows: dict) -> str:
 
 def _train_config(run: Path) -> dict:
     """The settings a run was trained with (from its checkpoint), or {} where it has none."""
-    from train.train import trainer_state
-
     return trainer_state(run).get("train_config", {})
 
 

@@ -17,7 +17,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from train.train import TrainConfig, parse_args, setting_types, train, trainer_state
+from train.checkpoint import trainer_state
+from train.config import TrainConfig, parse_args, setting_types
 
 # Settings that say where or how a run executes, not what it learns: never shown as a difference between runs.
 NOT_SETTINGS = {"out", "threads", "progress", "device", "feature_cache", "data", "images"}
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
                 resume = (run / "checkpoint").exists() or (run / "checkpoint.old").exists()
                 print(f"[{i}/{len(combos)}] {run.name}{' (resuming)' if resume else ''}", file=sys.stderr)
                 cfg, resume = parse_args([*common, *flags(overrides), "--out", str(run), *(["--resume"] if resume else [])])
+                from train.train import train  # the loop, only where a run trains
+
                 if train(cfg, resume=resume).get("interrupted"):
                     print("interrupted: run the same command again to continue the sweep", file=sys.stderr)
                     return 130

@@ -1,0 +1,152 @@
+"""Every training setting in one typed dataclass: its default, its help text (what `--help` prints), its checks.
+
+`python -m train.train` and `python -m train.sweep` build their flags from these fields; a run's checkpoint stores
+them (trainer.json's train_config), so `--resume` continues with the settings it had. Where the runs log
+(docs/experiments.md) found that a setting's other values gave no gain, its help says so.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    data: str = _setting("../shared/data/flickr8k", "dataset folder (or JSON for karpathy/coco)")
+    format: str | None = _setting(None, "flickr8k | flickr8k-token | karpathy | coco; detected when not given")
+    images: str | None = _setting(None, "image folder for the JSON formats")
+    train_split: str = _setting("train", "the split trained on (it alone builds the vocabulary)")
+    val_split: str = _setting("dev", "the split scored every epoch (and that picks the best epoch)")
+    out: str = _setting("runs/default", "run folder: checkpoint/, best/, metrics.jsonl, plot.png, final_metrics.json")
+    limit_train: int = _setting(0, "use only the first N training images (smoke runs; 0 = all)")
+    limit_val: int = _setting(0, "score only the first N validation images (smoke runs; 0 = all)")
+    min_freq: int = _setting(5, "vocabulary: words seen at least this often in the training captions")
+    max_tokens: int = _setting(22, "longest training caption in tokens, <SOS>/<EOS> included (longer ones are cut)")
+    # --- model
+    backbone: str = _setting("tf_efficientnet_lite0", "the CNN (any timm name); tf_efficientnet_lite2 at --image-size 260 "
+                                                      "gave no gain on Flickr8k's 224x224 photos (runs/lite2_plain)")
+    pretrained: bool = _setting(True, "ImageNet init of the backbone (offline for the EfficientNet-Lite family only)")
+    image_size: int = _setting(224, "encoder input side")
+    resize: str = _setting("squash", "squash (the Flickr8k copy here is pre-squashed to 224x224) or crop")
+    embed_size: int = _setting(512, "size of the image feature and of the word embeddings")
+    hidden_size: int = _setting(512, "LSTM hidden size")
+    num_layers: int = _setting(1, "LSTM layers (every run used 1; 2 is tested, not tuned)")
+    dropout: float = _setting(0.5, "dropout on the image feature, word embeddings and LSTM output; 0.3 gave the shipped "
+                                   "model's varied captions (runs/drop03), 0.2 and 0.1 no gain")
+    embed_init: float = _setting(0.0, "std of a normal init of the word embeddings; 0 keeps PyTorch's N(0, 1). "
+                                      "0.1 gave no gain (runs/sweep/embed_init=0.1)")
+    init: str | None = _setting(None, "start from this saved model (folder or Hub id), e.g. self-critical after teacher "
+                                      "forcing; its vocabulary, sizes and backbone carry on")
+    # --- teacher forcing
+    epochs: int = _setting(15, "teacher-forcing epochs")
+    batch_size: int = _setting(128, "captions per teacher-forcing step")
+    lr: float = _setting(1e-3, "teacher-forcing peak learning rate (warm-up, then cosine to 5%); 2e-3 gave a lower dev "
+                               "loss, CIDEr-D no better")
+    weight_decay: float = _setting(1e-4, "AdamW weight decay")
+    warmup_steps: int = _setting(200, "linear warm-up steps of the teacher-forcing learning rate")
+    label_smoothing: float = _setting(0.1, "teacher-forcing label smoothing; 0 was worse (runs/sweep/ls0)")
+    grad_clip: float = _setting(5.0, "gradient norm clipping")
+    # --- self-critical training
+    scst_epochs: int = _setting(0, "self-critical epochs after teacher forcing (reward CIDEr-D)")
+    scst_lr: float = _setting(5e-5, "self-critical learning rate (the shipped model: 1e-4)")
+    scst_schedule: str = _setting("constant", "constant, or cosine: scst_lr decays to 5% of itself over the "
+                                              "self-critical epochs (gave no gain: runs/drop02_scst_cos, drop03_scst_cos)")
+    scst_samples: int = _setting(5, "sampled captions per image; baseline = the mean reward of the others. 10 gave no "
+                                    "gain and diverged later (runs/drop03_scst_n10)")
+    scst_batch_images: int = _setting(64, "images per self-critical step")
+    scst_top_k: int = _setting(5, "rollouts sample from the k likeliest words (label smoothing leaves ~10% on random "
+                                  "words); 10 started lower (runs/drop03_scst_k10)")
+    scst_xe_weight: float = _setting(0.0, "adds this times the teacher-forcing loss of one reference per image to each "
+                                          "self-critical step; 0.1 kept the dev loss and caption variety up but gave no "
+                                          "CIDEr-D gain (runs/drop03_scst_xe01)")
+    # --- what trains of the CNN, and its inputs
+    finetune_backbone: bool = _setting(False, "train the whole CNN too, on raw images (no feature cache; needs a GPU to "
+                                              "be practical; teacher forcing only)")
+    tune_top_stages: int = _setting(0, "train the CNN's last N stages and head conv too, on cached maps of the frozen "
+                                       "stages below. 1 gave no gain (runs/tune1); 2 beat the frozen CNN in teacher "
+                                       "forcing, not after self-critical training (runs/tune2_scst)")
+    tune_lr_scale: float = _setting(0.1, "those stages learn at this times lr (and scst_lr): pretrained weights need "
+                                         "small steps")
+    feature_cache: str = _setting(".cache/features", "folder of cached backbone features, keyed by backbone, weights "
+                                                     "and preprocessing")
+    augment_views: int = _setting(0, "extra cached views of each training image (random crop + mirror); each caption "
+                                     "draws one per step (the shipped model: 4)")
+    # --- evaluation and running
+    eval_beam: int = _setting(3, "beam size scored after the last epoch (0 = none); beam 3 helped teacher-forcing "
+                                 "models, not self-critical ones")
+    sample_images: int = _setting(4, "fixed dev images whose captions are logged every epoch")
+    seed: int = _setting(0, "seeds the initial weights, batch order, view draws and rollouts")
+    device: str = _setting("auto", "auto picks cuda, then mps, then cpu")
+    threads: int = _setting(0, "torch CPU threads; 0 keeps torch's default")
+    progress: bool = _setting(True, "progress bars")
+
+    def check(self) -> None:
+        """Refuse settings that cannot work together, with the flag's name."""
+        if self.scst_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--scst-schedule {self.scst_schedule!r}: choose constant or cosine")
+        if self.scst_epochs and self.finetune_backbone:
+            raise ValueError("--scst-epochs with --finetune-backbone: self-critical training runs on cached features; "
+                             "fine-tune with teacher forcing, then run --scst-epochs with --init on its best model")
+        if self.tune_top_stages and self.finetune_backbone:
+            raise ValueError("--tune-top-stages with --finetune-backbone: the first trains the last stages on cached maps, "
+                             "the second the whole CNN on images; choose one")
+        if self.tune_top_stages < 0:
+            raise ValueError(f"--tune-top-stages {self.tune_top_stages}: must be >= 0")
+        if self.scst_xe_weight < 0:
+            raise ValueError(f"--scst-xe-weight {self.scst_xe_weight}: must be >= 0")
+
+    def check_resume(self, saved: "TrainConfig") -> None:
+        """A --resume keeps what shapes the model and its optimizer's groups."""
+        for name in ("embed_size", "hidden_size", "num_layers", "min_freq", "backbone", "tune_top_stages"):
+            if getattr(saved, name) != getattr(self, name):
+                raise ValueError(f"--resume: {name}={getattr(self, name)!r} differs from the checkpoint's {getattr(saved, name)!r}")
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> "TrainConfig":
+        """Settings as a checkpoint stores them; names this version does not know are dropped."""
+        return cls(**{k: v for k, v in settings.items() if k in cls.names()})
+
+
+
+
+def setting_types() -> dict[str, type]:
+    """Each TrainConfig field and the type its flag parses to (str where the default is None, e.g. --init)."""
+    return {f.name: str if f.default is None else type(f.default) for f in fields(TrainConfig)}
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.train", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        kind = setting_types()[f.name]
+        default = f.default if f.default is not MISSING else None
+        help = f"{f.metadata['help']} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        kw = {"default": argparse.SUPPRESS, "help": help}
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(flag, type=kind, **kw)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with its settings")
+    return p
+
+
+def parse_args(argv=None, description: str | None = None) -> tuple[TrainConfig, bool]:
+    """Flags override the defaults, or on --resume the checkpoint's own settings (so a bare --resume continues as it was)."""
+    from train.checkpoint import trainer_state
+
+    given = vars(build_parser(description).parse_args(argv))
+    resume = given.pop("resume")
+    settings = trainer_state(Path(given.get("out", TrainConfig.out))).get("train_config", {}) if resume else {}
+    return TrainConfig.from_dict({**settings, **given}), resume

@@ -1,0 +1,122 @@
+"""What a training step minimises: one module that knows teacher forcing and self-critical training.
+
+- Teacher forcing: cross-entropy (with label smoothing) of each caption given the image and the caption's previous
+  words, through `model.forward_features`.
+- Self-critical sequence training (Rennie et al. 2017): captions sampled through `generate_batch` from the model's
+  own policy, rewarded with CIDEr-D against the image's references, minus a baseline (the mean reward of the other
+  samples of the same image); optionally plus a weighted teacher-forcing loss (--scst-xe-weight).
+
+Only the decoder's seam is used (`model.forward_features`, `model.encoder.from_backbone`, `generate_batch`), so a new
+decoder trains without an edit here. DistributedDataParallel wraps `CaptionObjective`, so both phases synchronise
+their gradients the same way.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from captioner.decode import generate_batch
+from captioner.model import caption_loss
+
+
+class CiderReward:
+    """CIDEr-D of sampled captions against their training image's references (punctuation dropped, as in scoring);
+    document frequencies over all the training references, counted on first use."""
+
+    def __init__(self, references: Sequence[Sequence[str]], vocab):
+        self.references, self.vocab = references, vocab
+        self.tokens: list | None = None
+        self.cider = None
+
+    def __call__(self, rows: list[list[int]], images: list[int], samples: int) -> torch.Tensor:
+        """Rewards (B, samples) of token rows (B * samples, T), each image's samples consecutive."""
+        from train.evaluate import PUNCT
+
+        if self.cider is None:
+            from train.cider import CiderD
+            from train.evaluate import score_tokens
+
+            self.tokens = [[score_tokens(c).split() for c in refs] for refs in self.references]
+            self.cider = CiderD(self.tokens)
+        rewards = []
+        for r, row in enumerate(rows):
+            words = [w for w in self.vocab.words(row) if w not in PUNCT]  # scored like the references
+            image = images[r // samples]
+            rewards.append(self.cider.score(words, image, self.tokens[image]))
+        return torch.tensor(rewards).view(-1, samples)
+
+
+class CaptionObjective(nn.Module):
+    """`objective(batch, self_critical) -> (loss, value)`: the loss to minimise and what the progress line averages
+    (the teacher-forcing loss, or the mean self-critical reward).
+
+    `pool` turns a batch's rows into backbone features (the input side's module: cached features pass through, cached
+    maps go through the tuned top stages, images through the CNN)."""
+
+    def __init__(self, model: nn.Module, pool: nn.Module, vocab, references: Sequence[Sequence[str]], cfg, *, device):
+        super().__init__()
+        self.model, self.pool, self.vocab = model, pool, vocab
+        self.label_smoothing = cfg.label_smoothing
+        self.samples, self.top_k, self.xe_weight = cfg.scst_samples, cfg.scst_top_k, cfg.scst_xe_weight
+        self.max_len = cfg.max_tokens - 2  # words, without <SOS> and <EOS>
+        self.reward = CiderReward(references, vocab)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the rollouts' draws
+
+    def forward(self, batch, self_critical: bool = False) -> tuple[torch.Tensor, float]:
+        self.model.train(not self_critical)  # self-critical steps sample and learn without dropout
+        return self.self_critical(batch) if self_critical else self.teacher_forcing(batch)
+
+    def logits(self, x: torch.Tensor, captions: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """captions (T, B * repeat) -> logits (T, B * repeat, V); each row of x serves `repeat` consecutive captions."""
+        return self.model.forward_features(self.pool(x).repeat_interleave(repeat, dim=0), captions)
+
+    def cross_entropy(self, x: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        return caption_loss(self.logits(x, captions), captions, pad_id=self.vocab.pad_id, label_smoothing=self.label_smoothing)
+
+    def teacher_forcing(self, batch) -> tuple[torch.Tensor, float]:
+        loss = self.cross_entropy(batch.x, batch.captions)
+        return loss, loss.item()
+
+    def self_critical(self, batch) -> tuple[torch.Tensor, float]:
+        """Sample captions; reward = CIDEr-D minus the mean reward of the other samples of the same image."""
+        from train.data import collate_captions
+
+        n, vocab, device = self.samples, self.vocab, batch.x.device
+        with torch.no_grad():  # the model is in eval mode: rollouts without dropout
+            pooled = self.pool(batch.x).repeat_interleave(n, dim=0)  # (B*n, F)
+            seqs = generate_batch(self.model, self.model.encoder.from_backbone(pooled), self.max_len, sample=True,
+                                  top_k=self.top_k, generator=self.generator)  # (B*n, T)
+        rows = seqs.tolist()
+        reward = self.reward(rows, batch.images, n)  # (B, n)
+        baseline = (reward.sum(1, keepdim=True) - reward) / max(1, n - 1)
+        advantage = (reward - baseline).view(-1).to(device)  # (B*n,)
+        sampled = []  # the sampled captions, as teacher-forcing input
+        for row in rows:
+            end = row.index(vocab.eos_id) if vocab.eos_id in row else len(row)
+            sampled.append([vocab.sos_id, *row[:end], vocab.eos_id])
+        caps = collate_captions(sampled, pad_id=vocab.pad_id).to(device)  # (T, B*n)
+        # Gradients through the same dropout-free policy that sampled (dropout here would score other captions).
+        logp = F.log_softmax(self.logits(batch.x, caps, repeat=n), -1).gather(2, caps.unsqueeze(2)).squeeze(2)  # (T, B*n)
+        mask = (caps != vocab.pad_id).float()
+        mask[0] = 0.0  # position 0 predicts <SOS> from the image: not part of the sampled caption
+        loss = -(advantage.unsqueeze(0) * logp * mask).sum() / mask.sum()
+        if self.xe_weight and batch.captions is not None:  # a little teacher forcing keeps the language model from drifting
+            loss = loss + self.xe_weight * self.cross_entropy(batch.x, batch.captions)
+        return loss, float(reward.mean())
+
+
+def validation_loss(model, features: torch.Tensor, batches, *, pad_id: int, device) -> float:
+    """Per-token teacher-forcing loss (no label smoothing) of (image rows, captions) batches over backbone features."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for rows, captions in batches:
+            c = captions.to(device)  # (T, B)
+            logits = model.forward_features(features[rows].to(device), c)  # (T, B, V)
+            n = int((c != pad_id).sum())
+            total += float(caption_loss(logits, c, pad_id=pad_id)) * n
+            count += n
+    return total / max(1, count)
