@@ -6,7 +6,8 @@ Serves the app in this process with the real model ($CAPTIONER_MODEL, else the b
 opens it in Debian's chromium (/usr/bin/chromium) through Playwright, uploads examples/cameraman.jpg, waits for the
 caption, and saves:
   desktop: screenshot.png, 1400 px wide, the whole page, inspecting step 2 with another word picked to branch on;
-  phone:   screenshot-phone.png, 390 x 844, the screen as a phone shows it once the caption is done.
+  phone:   screenshot-phone.png, 390 x 844, the screen as a phone shows it once the caption is done (the photo,
+           the caption right under it, and this step's words).
 Run it through `bash scripts/screenshots.sh`, which sets up the dev requirements first.
 """
 from __future__ import annotations
@@ -71,10 +72,7 @@ def main(argv=None) -> int:
 
     from playwright.sync_api import sync_playwright
 
-    try:
-        from captioner.loading import load_model
-    except ImportError:  # before load_model moved out of the CLI
-        from captioner.cli import load_model
+    from captioner.loading import load_model
     from tiny import serve_demo
 
     model = load_model()  # $CAPTIONER_MODEL, else the bundled default, as app.py does
