@@ -734,7 +734,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                 files_btn = gr.Button("Caption all", variant="primary", elem_id="files-btn")
                 files_table = gr.Dataframe(value={"headers": FILES_HEADERS, "data": []}, label="Captions", interactive=False,
                                            wrap=True, column_widths=["22%", "43%", "35%"], elem_id="files-table")
-                files_out = gr.File(label="Download (CSV, JSON)", file_count="multiple", interactive=False, elem_id="files-download")
+                files_out = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="files-download")
 
         # API-only inputs and trigger: /caption and /branch stream (caption, words, history), as clients want them
         with gr.Row(visible=False):

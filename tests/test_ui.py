@@ -561,7 +561,7 @@ def test_the_apis_shape(model):
     assert shape("/branch") == ([("image", "filepath", "Image"), ("step", "int", "Number"), ("word", "str", "Textbox"), *settings],
                                 outputs)
     assert shape("/caption_files") == ([("files", "list[filepath]", "File"), *settings],
-                                       [("Captions", "Dataframe"), ("Download (CSV, JSON)", "File")])
+                                       [("Captions", "Dataframe"), ("Downloads", "File")])
     branch = {p["parameter_name"]: p for p in api["named_endpoints"]["/branch"]["parameters"]}
     assert not any(branch[n]["parameter_has_default"] for n in ("image", "step", "word"))
     assert all(branch[n]["parameter_has_default"] for n in SETTING_TYPES)
