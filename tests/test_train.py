@@ -446,3 +446,93 @@ def test_tune_top_stages_trains_only_the_last_stages_on_cached_maps(tmp_path):
     assert changed.returncode == 2 and "tune_top_stages=0 differs from the checkpoint's 1" in changed.stderr
     bad = run_train(tiny_args(data, tmp_path / "bad", **{"tune-top-stages": 1, "finetune-backbone": True}))
     assert bad.returncode == 2 and "choose one" in bad.stderr
+
+
+def test_two_layer_lstm_trains_saves_loads_and_captions_identically(tmp_path):
+    """--num-layers 2: a tiny two-layer model trains (both phases), its checkpoint loads with the same weights and
+    captions, and decoding step by step (start/step, one lstm_cell per layer) gives the teacher-forcing logits."""
+    from captioner.decode import caption_batch
+    from captioner.loading import load
+    from train.config import parse_args
+    from train.train import Trainer
+
+    data = write_dataset(tmp_path / "data")
+    cfg, _ = parse_args(tiny_args(data, tmp_path / "run", **{"num-layers": 2, "epochs": 1, "scst-epochs": 1, "scst-batch-images": 4,
+                                                              "scst-samples": 2, "eval-beam": 2, "progress": False}))
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(cfg)
+        first = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        result = trainer.fit()
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 set it for this process
+    model = trainer.model.eval()
+    assert model.decoder.lstm.num_layers == 2 and set(result["final"]) == {"greedy", "beam 2"}
+    assert not torch.equal(first["decoder.lstm.weight_ih_l1"], model.state_dict()["decoder.lstm.weight_ih_l1"])  # layer 2 learned
+    saved = load(tmp_path / "run" / "checkpoint")
+    assert saved.config.num_layers == 2
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
+    images = sorted(str(p) for p in (data / "Images").iterdir())
+    for settings in ({"strategy": "greedy"}, {"strategy": "beam", "beam_size": 2}):
+        assert caption_batch(saved, images, **settings) == caption_batch(model, images, **settings)
+    from train.data import collate_captions
+
+    caps = collate_captions([saved.vocab.encode("a dog runs on the grass"), saved.vocab.encode("a man rides a bike")])  # (T, 2)
+    with torch.inference_mode():
+        x = saved.encoder.backbone_features(torch.randn(2, 3, 32, 32))
+        logits = saved.forward_features(x, caps)  # (T, 2, V)
+        step, state = saved.decoder.start(saved.encoder.from_backbone(x))
+        stepped = [step]
+        for token in caps[1:-1]:
+            step, state = saved.decoder.step(token, state)
+            stepped.append(step)
+    torch.testing.assert_close(torch.stack(stepped), logits[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_backbone_trains_the_cnn_and_scores_dev_with_it(tmp_path):
+    """--finetune-backbone (raw images, no feature cache): a tiny epoch changes the CNN's weights, the dev loss it logs
+    is the trained CNN's, and the saved model loads. Also --limit-train / --limit-val."""
+    from captioner.loading import load
+    from captioner.preprocess import preprocess_batch
+    from train.data import collate_captions, load_dataset
+    from train.inputs import encode_captions
+    from train.objectives import validation_loss
+
+    data = write_dataset(tmp_path / "data")
+    common = {"epochs": 1, "eval-beam": 0, "limit-train": 4, "limit-val": 2, "lr": 1e-2}
+    tuned, plain = tmp_path / "tuned", tmp_path / "plain"
+    r = run_train(tiny_args(data, tuned, **common, **{"finetune-backbone": True, "augment-views": 1}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data: 4 train images, 2 val images" in r.stderr
+    assert not (tmp_path / "cache").exists()  # images go through the CNN every step: nothing cached
+    assert run_train(tiny_args(data, plain, **common)).returncode == 0
+    a, b = load(tuned / "best"), load(plain / "best")  # same seed: the same initial weights
+    assert a.config.train_backbone and not b.config.train_backbone
+    sa, sb = a.encoder.backbone.state_dict(), b.encoder.backbone.state_dict()
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.endswith("weight") and "conv" in k)  # the CNN learned
+    # the logged dev loss comes from the trained CNN's features of the dev images
+    dev = [s for s in load_dataset(str(data), splits=("train", "dev"))[0] if s.split == "dev"][:2]
+    with torch.inference_mode():
+        feats = a.encoder.backbone_features(preprocess_batch([s.image for s in dev], a.config))
+    rows, caps = encode_captions(a.vocab, dev, 22)
+    expected = validation_loss(a, feats, [(rows, collate_captions(caps))], pad_id=a.vocab.pad_id, device="cpu")
+    assert read_metrics(tuned)[0]["val_loss"] == pytest.approx(expected, rel=1e-6)  # features from the untrained CNN: 3e-5 off
+
+
+def test_attend_decoder_trains_through_the_same_loop(tmp_path):
+    """--decoder attend: the same loop (teacher forcing, self-critical, augmented views, beam eval) trains a decoder
+    that attends over cached spatial maps; no edit to the loop."""
+    from captioner.loading import load
+
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    r = run_train(tiny_args(data, out, **{"decoder": "attend", "attention-size": 8, "image-size": 64, "epochs": 1,
+                                          "scst-epochs": 1, "scst-batch-images": 4, "scst-samples": 2, "scst-xe-weight": 0.5,
+                                          "augment-views": 1}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [h["phase"] for h in read_metrics(out)] == ["xe", "scst"]
+    assert set(json.loads((out / "final_metrics.json").read_text())) == {"greedy", "beam 2"}
+    best = load(out / "best")
+    assert best.config.decoder == "attend" and best.config.attention_size == 8
+    bad = run_train(tiny_args(data, tmp_path / "bad", **{"decoder": "attend", "tune-top-stages": 1}))
+    assert bad.returncode == 2 and "--decoder attend" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]

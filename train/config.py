@@ -35,6 +35,9 @@ class TrainConfig:
     pretrained: bool = _setting(True, "ImageNet init of the backbone (offline for the EfficientNet-Lite family only)")
     image_size: int = _setting(224, "encoder input side")
     resize: str = _setting("squash", "squash (the Flickr8k copy here is pre-squashed to 224x224) or crop")
+    decoder: str = _setting("show-tell", "show-tell: the image enters the LSTM once, at t=0 (the shipped model); attend: "
+                                         "soft attention over the CNN's spatial map at every word (Xu et al. 2015)")
+    attention_size: int = _setting(512, "attend: size of the attention's keys and queries")
     embed_size: int = _setting(512, "size of the image feature and of the word embeddings")
     hidden_size: int = _setting(512, "LSTM hidden size")
     num_layers: int = _setting(1, "LSTM layers (every run used 1; 2 is tested, not tuned)")
@@ -89,6 +92,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse settings that cannot work together, with the flag's name."""
+        from captioner.config import DECODERS
+
+        if self.decoder not in DECODERS:
+            raise ValueError(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
         if self.scst_schedule not in ("constant", "cosine"):
             raise ValueError(f"--scst-schedule {self.scst_schedule!r}: choose constant or cosine")
         if self.scst_epochs and self.finetune_backbone:
@@ -104,7 +111,7 @@ class TrainConfig:
 
     def check_resume(self, saved: "TrainConfig") -> None:
         """A --resume keeps what shapes the model and its optimizer's groups."""
-        for name in ("embed_size", "hidden_size", "num_layers", "min_freq", "backbone", "tune_top_stages"):
+        for name in ("decoder", "embed_size", "hidden_size", "num_layers", "min_freq", "backbone", "tune_top_stages"):
             if getattr(saved, name) != getattr(self, name):
                 raise ValueError(f"--resume: {name}={getattr(self, name)!r} differs from the checkpoint's {getattr(saved, name)!r}")
 

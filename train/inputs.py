@@ -104,6 +104,9 @@ class _Cached:
         from train.features import extract_features
 
         self.top_stages, self.device = cfg.tune_top_stages, device
+        if self.top_stages and model.encoder.spatial:
+            raise ValueError("--tune-top-stages trains the CNN's top on pooled features; a decoder that attends "
+                             "(--decoder attend) reads the spatial map instead: leave it 0")
         feats = extract_features(model.cpu(), train_images + val_images, cfg.feature_cache, progress=progress,
                                  top_stages=self.top_stages)
         model.to(device)

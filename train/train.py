@@ -35,7 +35,7 @@ from train.config import TrainConfig, parse_args
 from train.inputs import TrainInputs, load_splits
 from train.objectives import CaptionObjective, validation_loss
 
-__all__ = ["TrainConfig", "train", "main", "lr_at"]
+__all__ = ["TrainConfig", "Trainer", "train", "main", "lr_at"]
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,9 +93,9 @@ def new_model(cfg: TrainConfig, train_set) -> Captioner:
 
     vocab = Vocabulary.build((c for s in train_set for c in s.captions), min_freq=cfg.min_freq)
     config = CaptionerConfig(
-        backbone=cfg.backbone, embed_size=cfg.embed_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        dropout=cfg.dropout, vocab_size=len(vocab), train_backbone=cfg.finetune_backbone,
-        image_size=cfg.image_size, resize=cfg.resize,
+        backbone=cfg.backbone, decoder=cfg.decoder, attention_size=cfg.attention_size, embed_size=cfg.embed_size,
+        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, dropout=cfg.dropout, vocab_size=len(vocab),
+        train_backbone=cfg.finetune_backbone, image_size=cfg.image_size, resize=cfg.resize,
     )
     model = Captioner(config, vocab)
     if cfg.pretrained:
@@ -123,8 +123,8 @@ def start(cfg: TrainConfig, train_set, ckpt: Path, resume: bool, is_main: bool):
 
     model = load(cfg.init)  # its vocabulary, sizes and backbone weights carry on
     c = model.config
-    cfg = replace(cfg, backbone=c.backbone, embed_size=c.embed_size, hidden_size=c.hidden_size,
-                  num_layers=c.num_layers, image_size=c.image_size, resize=c.resize)
+    cfg = replace(cfg, backbone=c.backbone, decoder=c.decoder, attention_size=c.attention_size, embed_size=c.embed_size,
+                  hidden_size=c.hidden_size, num_layers=c.num_layers, image_size=c.image_size, resize=c.resize)
     say(f"starting from {cfg.init}")
     return cfg, model, None, meta, c.extra.get("trained_epochs")
 
@@ -132,7 +132,8 @@ def start(cfg: TrainConfig, train_set, ckpt: Path, resume: bool, is_main: bool):
 class Trainer:
     """One run: the model, its inputs and objective, the optimizer, and the record that checkpoints carry."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool):
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        cfg.check()
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
@@ -317,7 +318,6 @@ class Trainer:
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or on `resume` continue) the training `cfg` describes -> {"best", "history", "final"} or {"interrupted": True, ...}."""
-    cfg.check()
     return Trainer(cfg, resume).fit()
 
 
