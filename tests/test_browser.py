@@ -273,6 +273,21 @@ def test_phone_the_caption_streams_in_view(served, browser, tmp_path):
     assert page.locator("#history .virtual-row").count() >= 1
     if real:
         page.screenshot(path=str(tmp_path / "screenshot-phone.png"))
+    # The examples sit below the history on a phone: tapping one scrolls back up to the photo, and its caption
+    # streams in view too.
+    example = page.locator(f"button.gallery-item:has(img[src*='{SECOND_PHOTO.name}'])")
+    example.scroll_into_view_if_needed()
+    assert page.evaluate("window.scrollY") > 0
+    page.evaluate("() => { window.__boxes = []; }")
+    example.click()
+    want = default_steps(model, SECOND_PHOTO)[-1].text
+    page.wait_for_function("t => document.querySelector('#caption textarea').value === t", arg=want)
+    boxes = page.evaluate("window.__boxes")
+    cleared = next(i for i, b in enumerate(boxes) if not b["text"])  # the page is cleared, then the new caption streams
+    boxes = [b for b in boxes[cleared:] if b["text"]]
+    assert boxes and boxes[-1]["text"] == want, boxes
+    for b in boxes:
+        assert 0 <= b["top"] and b["bottom"] <= b["vh"], b
     assert not errors, errors
     page.close()
 
