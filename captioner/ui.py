@@ -27,9 +27,12 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import gradio as gr
 import torch
+from PIL import Image
 
 from .decode import Step, caption_batch, encode, stream
 from .generation import STRATEGIES, GenerationConfig
+from .heatmap import attention_overlay
+from .imagenet import Constraint, describe_labels, labels as imagenet_labels
 from .model import ImageFeatures
 from .preprocess import ImageError, open_image
 
@@ -53,12 +56,23 @@ CONFIDENCE = {  # HighlightedText categories of per-word probability, most confi
 }
 INSPECTOR_EMPTY = "Caption an image, then step through its decoding here."
 STEP_HEADING = "**This step:** the words the model weighed"
+HEATMAP_LABEL = "Where the model looked"
+PHOTO_MAX_SIDE = 512  # the photo a session keeps for the inspector's heatmap is at most this many pixels a side
+NUM_LABELS = 5  # ImageNet labels shown under "The CNN sees"
+# What the bundled model learned from, and what that means for other photos (issue 15 §4; the model card says the same).
+TRAINING_NOTE = (
+    "**What it knows:** the bundled model learned to caption from Flickr8k, about 8,000 photos of mostly people, dogs "
+    "and outdoor scenes, so it describes those best and often names other subjects wrongly (a cat may become a dog "
+    "or a boy); *The CNN sees* shows what its image classifier recognises, and the *guided* strategy makes the "
+    "caption use a word for what the classifier is sure of."
+)
 PHONE = "640px"  # at this width and below the two columns stack: the caption comes right after the photo
 
 CSS = """
 #title { margin-bottom: 0; }
 #caption textarea { font-size: 1.35rem !important; line-height: 1.5 !important; font-weight: 500; }
 #step-heading { margin-bottom: -0.5rem; }
+#cnn-labels { margin-top: -0.4rem; }
 #inspector { margin-top: 1.2rem; }
 #step-nav { align-items: center; }
 #step-nav button { max-width: 7rem; }
@@ -72,13 +86,14 @@ CSS = """
   #photo { order: 1; }
   #caption-btn { order: 2; }
   #main-row .form:has(#caption), #caption { order: 3; }
-  #step-heading { order: 4; }
-  #current-step { order: 5; }
-  #history { order: 6; }
-  #download-decoding { order: 7; }
-  #examples { order: 8; }
-  #settings { order: 9; }
-  #model-info { order: 10; }
+  #cnn-labels { order: 4; }
+  #step-heading { order: 5; }
+  #current-step { order: 6; }
+  #history { order: 7; }
+  #download-decoding { order: 8; }
+  #examples { order: 9; }
+  #settings { order: 10; }
+  #model-info { order: 11; }
   #photo, #photo .image-container { height: 230px !important; max-height: 230px !important; }
   #photo .upload-container { height: 190px !important; }
   #photo img { max-height: 190px; object-fit: contain; }
@@ -163,6 +178,12 @@ class ImageCache:
 
     key: str  # sha256 of the image's bytes (or pixels)
     features: ImageFeatures  # batch of 1
+    # What the CNN sees: the top ImageNet labels (name, probability), likeliest first, computed once with the
+    # features; None when the model has no ImageNet head.
+    labels: tuple[tuple[str, float], ...] | None = None
+    # The photo as the encoder saw it (the centre crop for models that crop), at most PHOTO_MAX_SIDE pixels a side:
+    # what the inspector draws a step's attention over. None where it was not kept.
+    photo: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,7 @@ class Decoding:
     prefix: tuple[int, ...]  # forced first words (a branch), else ()
     focus: int  # the selected step after the decode (0-based): the first, or where a branch was made
     image_key: str  # ImageCache.key of the image it describes
+    photo: Image.Image | None = None  # ImageCache.photo of that image: the heatmaps' base (same object, not a copy)
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -231,6 +253,51 @@ def highlighted(steps: Sequence[Step]) -> list[tuple[str, str | None]]:
             out.append((piece[: len(piece) - len(stripped)], None))
         out.append((stripped, confidence_of(s.prob)))
     return out
+
+
+def labels_markdown(cache: "ImageCache | None") -> str:
+    """What the CNN sees in the session's photo, as one line beside the caption ("" before a photo, or without an
+    ImageNet head: then the line is hidden)."""
+    if cache is None or not cache.labels:
+        return ""
+    return f"**The CNN sees:** {describe_labels(cache.labels)}"
+
+
+def inspector_photo(img: Image.Image, config, max_side: int = PHOTO_MAX_SIDE) -> Image.Image:
+    """The part of the photo the encoder saw (all of it when the model squashes; the centre square it crops
+    otherwise), at most `max_side` pixels a side: the base of the attention heatmaps, whose grid covers just that."""
+    photo = img.convert("RGB")
+    if getattr(config, "resize", "squash") == "crop":
+        w, h = photo.size
+        short = max(1, round(config.image_size / config.crop_pct))
+        side = config.image_size * min(w, h) / short  # the crop's side in the photo's own pixels
+        left, top = (w - side) / 2, (h - side) / 2
+        photo = photo.crop((round(left), round(top), round(left + side), round(top + side)))
+    else:
+        photo = photo.copy()
+    photo.thumbnail((max_side, max_side))
+    return photo
+
+
+def heatmap_view(step: Step | None, photo: Image.Image | None) -> dict:
+    """The inspector's heatmap for one step: the photo with the step's attention weights over it, captioned with
+    the word and its probability; hidden for decoders that do not attend (step.attention is None)."""
+    if step is None:
+        return gr.update(value=None, label=HEATMAP_LABEL)
+    if step.attention is None or photo is None:
+        return gr.update(value=None, visible=False)
+    label = f"Where it looked for “{step.word}” (p = {percent(step.prob, 1)})"
+    return gr.update(value=attention_overlay(photo, step.attention), label=label, visible=True,
+                     alt_text=f"The photo with a heatmap of where the model looked when it chose the word {step.word}")
+
+
+def guided_line(constraint: Constraint, step: Step) -> str:
+    """The inspector's line on guided decoding: the word required and why (which labels, how confident), and
+    whether this step's word is the one that meets it."""
+    line = "**Guided:** " + constraint.describe().removeprefix("guided: ")
+    if constraint.used and step.word == constraint.used and step.token not in step.tokens[:-1]:  # its first use
+        line += " · **this step's word is the required one**"
+    return line
 
 
 def step_record(step: Step) -> dict:
@@ -331,6 +398,7 @@ class Inspector(NamedTuple):
     alternatives: Any  # the inspector's alternatives (gr.Label data)
     confidence: Any  # the caption, coloured by confidence
     branch: Any  # gr.Radio update: the words to branch on
+    heatmap: Any  # gr.update of the heatmap image: the photo with this step's attention over it (attend decoders)
 
 
 class Handlers:
@@ -371,7 +439,15 @@ class Handlers:
         except ImageError as e:
             raise _clear_error(e, path) from None
         with torch.inference_mode():
-            return ImageCache(key, encode(self.model, img))
+            features = encode(self.model, img)
+        labels = None if features.labels is None else tuple(imagenet_labels(features, NUM_LABELS))
+        photo = inspector_photo(img, self.model.config) if self.attends else None
+        return ImageCache(key, features, labels, photo)
+
+    @property
+    def attends(self) -> bool:
+        """Whether the model's decoder attends over image regions (its steps carry attention weights to draw)."""
+        return self.model.config.decoder == "attend"
 
     # --- decoding, streamed: the API's outputs (caption, words, history) and the states ---
 
@@ -388,7 +464,7 @@ class Handlers:
                     table = history_table(rows)
                 else:
                     steps = step.caption_steps()  # beam search: the winner's records, which the stream may not have shown
-                    decoding = Decoding(steps, step.stop, settings, prefix, min(focus, len(steps) - 1), cache.key)
+                    decoding = Decoding(steps, step.stop, settings, prefix, min(focus, len(steps) - 1), cache.key, cache.photo)
                     table = history_table(steps)
                 if self.word_delay:
                     wait = self.word_delay - (time.monotonic() - last)
@@ -469,30 +545,32 @@ class Handlers:
                 pass
         except ValueError as e:
             raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
-        return Decoding(last.caption_steps(), last.stop, settings, (), 0, cache.key)
+        return Decoding(last.caption_steps(), last.stop, settings, (), 0, cache.key, cache.photo)
 
     # --- the page: every decoding event updates the whole page (the API's outputs, the inspector, the download) ---
 
     def cleared(self) -> tuple:
-        """The page with nothing from an earlier caption: empty caption, history, inspector; no download."""
-        return ("", history_table([]), None, gr.skip(), *self.inspect(None), gr.DownloadButton(value=None, interactive=False))
+        """The page with nothing from an earlier caption: empty caption, the CNN's labels, history, inspector; no download."""
+        return ("", history_table([]), None, gr.skip(), "", *self.inspect(None), gr.DownloadButton(value=None, interactive=False))
 
     def _page(self, updates: Iterator[tuple], *, clear_first: bool) -> Iterator[tuple]:
         """The updates of a decode (caption, words, table, decoding, cache) as page updates: (caption, table,
-        decoding, cache, *Inspector, download). The page is cleared first (`clear_first`: before the work starts,
-        so a failure leaves nothing stale behind; else with the first word, after the request was checked), and
-        the last update selects the focus step in "This step" and the inspector and offers the download."""
+        decoding, cache, labels, *Inspector, download). The page is cleared first (`clear_first`: before the work
+        starts, so a failure leaves nothing stale behind; else with the first word, after the request was checked);
+        the first word brings what the CNN sees, and the last update selects the focus step in "This step" and the
+        inspector and offers the download."""
         cleared = self.cleared()
         if clear_first:
             yield cleared
         first = True
         for text, words, table, decoding, cache in updates:
+            labels = labels_markdown(cache) if first or decoding is not None else gr.skip()
             if decoding is not None:
-                yield (text, table, decoding, cache, *self.finished(decoding))
+                yield (text, table, decoding, cache, labels, *self.finished(decoding))
             elif first and not clear_first:
-                yield (text, table, *cleared[2:4], words, *cleared[5:])
+                yield (text, table, *cleared[2:4], labels, words, *cleared[6:])
             else:
-                yield (text, table, gr.skip(), gr.skip(), words, *[gr.skip()] * (len(Inspector._fields) - 1), gr.skip())
+                yield (text, table, gr.skip(), gr.skip(), labels, words, *[gr.skip()] * (len(Inspector._fields) - 1), gr.skip())
             first = False
 
     def page_caption(self, image, settings: GenerationConfig | None = None, cache: ImageCache | None = None) -> Iterator[tuple]:
@@ -526,7 +604,7 @@ class Handlers:
         (slider, prefix, chosen word and <EOS> probability, alternatives, confidence-coloured caption, branch choices)."""
         if not decoding:
             return Inspector(None, STEP_HEADING, gr.Slider(minimum=1, maximum=2, value=1, interactive=False), "",
-                             INSPECTOR_EMPTY, None, None, gr.Radio(choices=[], value=None))
+                             INSPECTOR_EMPTY, None, None, gr.Radio(choices=[], value=None), heatmap_view(None, None))
         steps = decoding.steps
         t = self._index(decoding, step_number)
         s = steps[t]
@@ -542,6 +620,9 @@ class Handlers:
             info += f"  \nBranched: word {len(decoding.prefix)} was forced to **{steps[len(decoding.prefix) - 1].word}**."
         elif decoding.prefix:  # the branch picked <EOS>: the caption was made to end there
             info += f"  \nBranched: the caption was made to end after word {len(steps)} (`<EOS>` forced)."
+        constraint = steps[-1].constraint  # guided decoding: the last record says how the requirement ended
+        if constraint is not None:
+            info += "  \n" + guided_line(constraint, s)
         choices = [(f"{a.word}  ({percent(a.prob)})", a.token) for a in s.alternatives]
         words = top_words(s)
         return Inspector(
@@ -553,6 +634,7 @@ class Handlers:
             words,
             highlighted(steps),
             gr.Radio(choices=choices, value=None),
+            heatmap_view(s, decoding.photo),
         )
 
     def move(self, decoding: Decoding | None, step_number, delta: int) -> Inspector:
@@ -648,9 +730,10 @@ def with_settings(fn: Callable, settings_of: Callable[..., GenerationConfig], be
 def model_markdown(model, model_label: str) -> str:
     c = model.config
     vocab = len(model.vocab) if model.vocab is not None else c.vocab_size
+    attends = " with soft attention over the CNN's regions" if c.decoder == "attend" else ""
     return (
         f"**Model:** `{model_label}` · vocabulary {vocab:,} words · `{c.backbone}` encoder + "
-        f"{c.num_layers}-layer LSTM ({c.hidden_size}) · up to {c.max_len} words"
+        f"{c.num_layers}-layer LSTM ({c.hidden_size}){attends} · up to {c.max_len} words"
     )
 
 
@@ -658,12 +741,16 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
     """The whole app around one loaded model, with its queue set up; launch it with demo.launch(**launch_options())."""
     h = Handlers(model, word_delay=word_delay, model_id=model_label)
     default_max_len = model.config.max_len
+    attends = h.attends
+    has_labels = bool(getattr(model.config, "imagenet_head", False))
     with gr.Blocks(title="Captioner: watch a CNN+LSTM caption a photo") as demo:
         gr.Markdown("# Captioner", elem_id="title")
         gr.Markdown(
-            "Drop a photo and a CNN+LSTM (Show and Tell) writes its caption word by word; then step through "
-            "its decoding, see which words it weighed at each step, and branch from any word."
+            f"Drop a photo and a CNN+LSTM ({'Show, Attend and Tell' if attends else 'Show and Tell'}) writes its caption "
+            "word by word; then step through its decoding, see which words it weighed at each step"
+            f"{' and where in the photo it looked' if attends else ''}, and branch from any word."
         )
+        gr.Markdown(TRAINING_NOTE, elem_id="training-note")
         cache = gr.State(None)  # ImageCache: this session's last image and its encoder output
         decode_state = gr.State(None)  # Decoding: the finished decode the inspector reads
         with gr.Tabs():
@@ -682,11 +769,16 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                         with gr.Accordion("Decoding settings", open=False, elem_id="settings"):
                             d = GenerationConfig()  # every default comes from the one settings object
                             strategy = gr.Radio(list(STRATEGIES), value=d.strategy, label="Strategy",
-                                                info="greedy: most likely word each step · beam: keeps several candidate captions · sample: random, varied")
+                                                info="greedy: most likely word each step · beam: keeps several candidate captions · "
+                                                     "sample: random, varied · guided: beam search that must use a word for what "
+                                                     "the CNN is sure of")
                             with gr.Row():
-                                beam_size = gr.Slider(1, 10, value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search")
+                                beam_size = gr.Slider(1, 10, value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search and guided")
                                 max_len = gr.Slider(1, max(50, default_max_len), value=default_max_len, step=1, precision=0,
                                                     label="Max length (words)")
+                            guide_threshold = gr.Slider(0.05, 1.0, value=d.guide_threshold, step=0.05, label="Guidance threshold",
+                                                        info="guided: a word is required when the CNN's ImageNet labels for it add up "
+                                                             "to this probability", elem_id="guide-threshold")
                             num_alternatives = gr.Slider(1, 10, value=d.num_alternatives, step=1, precision=0, label="Alternatives shown per step")
                             with gr.Row():
                                 temperature = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05, label="Temperature", info="sampling")
@@ -698,6 +790,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                     with gr.Column(scale=6):
                         caption = gr.Textbox(label="Caption", lines=2, interactive=False, buttons=["copy"], elem_id="caption",
                                              placeholder="The caption appears here, word by word.")
+                        # What the CNN's own ImageNet classifier sees in the photo (models saved with its head only).
+                        cnn_labels = gr.Markdown("", visible=has_labels, elem_id="cnn-labels")
                         heading = gr.Markdown(STEP_HEADING, elem_id="step-heading")
                         current = gr.Label(label="Words", show_label=False, show_heading=False, elem_id="current-step")
                         table = gr.Dataframe(value=history_table([]), label="History", interactive=False, wrap=True, max_height=440,
@@ -707,7 +801,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
 
                 with gr.Column(elem_id="inspector"):
                     gr.Markdown("## Step-by-step inspector\nEach word coloured by how sure the model was; pick a step to see what "
-                                "it weighed there, then pick another word and re-decode from that point.")
+                                "it weighed there" + (" and where in the photo it looked" if attends else "") +
+                                ", then pick another word and re-decode from that point.")
                     confidence = gr.HighlightedText(label="Caption by confidence", color_map={k: v[1] for k, v in CONFIDENCE.items()},
                                                     show_legend=True, show_inline_category=False, combine_adjacent=False, elem_id="confidence")
                     with gr.Row(elem_id="step-nav"):
@@ -716,6 +811,10 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                          elem_id="step-slider", scale=1)
                         next_btn = gr.Button("Next ▶", size="sm", elem_id="next-step", scale=0, min_width=90)
                     with gr.Row(equal_height=False):
+                        # The photo with the selected step's attention over it: only for decoders that attend.
+                        with gr.Column(scale=3, visible=attends, elem_id="heatmap-column"):
+                            heatmap = gr.Image(label=HEATMAP_LABEL, type="pil", interactive=False, height=300,
+                                               buttons=["fullscreen"], visible=attends, elem_id="heatmap")
                         with gr.Column(scale=3):
                             prefix = gr.Textbox(label="Prefix so far (the words before this step)", interactive=False, elem_id="prefix",
                                                 placeholder="(the start of the caption)")
@@ -743,12 +842,14 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
             api_trigger = gr.Button("api")
 
         # Keyed by GenerationConfig's field names: a new decoding setting is its field plus its control here.
+        # (guide_threshold last: API clients that pass the settings by position keep working.)
         controls = dict(strategy=strategy, beam_size=beam_size, max_len=max_len, num_alternatives=num_alternatives,
-                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, guide_threshold=guide_threshold)
         settings_in = list(controls.values())
         streamed = [caption, current, table, decode_state, cache]
-        inspector = [current, heading, step, prefix, step_info, step_alts, confidence, branch]
-        page = [caption, table, decode_state, cache, *inspector, download]
+        inspector = [current, heading, step, prefix, step_info, step_alts, confidence, branch, heatmap]
+        assert len(inspector) == len(Inspector._fields)
+        page = [caption, table, decode_state, cache, cnn_labels, *inspector, download]
         # preprocess=False: the handlers get the upload undecoded and open it themselves (see image_source)
         common = dict(concurrency_id="decode", show_progress="minimal", preprocess=False)
         private = dict(api_visibility="private")

@@ -15,8 +15,11 @@ from PIL import Image
 from captioner import load
 from captioner.decode import Step, caption, stream
 from captioner.generation import STRATEGIES, GenerationConfig
-from captioner.ui import Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, percent, table_row
-from tiny import tiny_model
+from captioner.heatmap import attention_overlay
+from captioner.imagenet import describe_labels, top_labels
+from captioner.ui import (PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, inspector_photo,
+                          percent, table_row)
+from tiny import attend_model, tiny_model
 
 SETTINGS = [
     dict(strategy="greedy"),
@@ -178,6 +181,8 @@ def test_settings_from_control_values(handlers, model):
     assert isinstance(got.beam_size, int) and isinstance(got.top_k, int)
     assert handlers.settings(seed=12.0).seed == 12 and handlers.settings(seed="").seed is None
     assert handlers.settings(top_p=None).top_p == GenerationConfig().top_p == 0.9
+    assert handlers.settings(strategy="guided", guide_threshold=0.35) == GenerationConfig(strategy="guided", guide_threshold=0.35,
+                                                                                            max_len=model.config.max_len)
 
 
 # ---------------------------------------------------------------- inspector and branching
@@ -249,7 +254,7 @@ def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
 
 # ---------------------------------------------------------------- the page: one selected step, nothing stale
 
-PAGE = ["caption", "table", "decoding", "cache", *Inspector._fields, "download"]
+PAGE = ["caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download"]
 
 
 def apply(page: dict, update: tuple) -> dict:
@@ -306,7 +311,7 @@ def test_a_failed_upload_after_a_good_one_leaves_empty_outputs(handlers, photo_p
     assert page["caption"] == "" and page["table"]["data"] == [] and page["decoding"] is None
     assert page["current"] is None and page["alternatives"] is None and page["confidence"] is None
     assert page["prefix"] == "" and page["branch"].choices == [] and "Caption an image" in page["info"]
-    assert page["download"].value is None
+    assert page["download"].value is None and page["labels"] == "" and page["heatmap"]["value"] is None
 
 
 def test_a_branch_that_cannot_be_done_changes_nothing(handlers, photo_path):
@@ -470,6 +475,7 @@ def test_cleared_image_just_clears_the_outputs(handlers):
     assert page["caption"] == "" and page["table"]["data"] == [] and page["decoding"] is None and "cache" not in page
     assert page["current"] is None and page["alternatives"] is None and page["confidence"] is None and page["prefix"] == ""
     assert page["download"].value is None and page["download"].interactive is False
+    assert page["labels"] == "" and page["heatmap"]["value"] is None
 
 
 @pytest.mark.parametrize("name,data,message", [
@@ -510,7 +516,8 @@ def test_bad_settings_are_clear_errors(handlers, photo_path, kwargs, message):
 
 
 SETTING_TYPES = {"strategy": f"Literal[{', '.join(map(repr, STRATEGIES))}]", "beam_size": "int", "max_len": "int",
-                 "num_alternatives": "int", "temperature": "float", "top_k": "int", "top_p": "float", "seed": "int"}
+                 "num_alternatives": "int", "temperature": "float", "top_k": "int", "top_p": "float", "seed": "int",
+                 "guide_threshold": "float"}
 
 
 def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
@@ -527,6 +534,7 @@ def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params[1:]}
     assert defaults["strategy"] == "greedy" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
     assert defaults["temperature"] == 1.0 and defaults["top_k"] == 0 and defaults["top_p"] == 0.9 and defaults["seed"] == -1
+    assert defaults["guide_threshold"] == GenerationConfig().guide_threshold
     assert demo._queue.default_concurrency_limit == 4 and demo._queue.max_size == 64
     assert any("tiny @ test" in str(c.get("props", {}).get("value")) for c in demo.config["components"])
 
@@ -565,3 +573,157 @@ def test_the_apis_shape(model):
     branch = {p["parameter_name"]: p for p in api["named_endpoints"]["/branch"]["parameters"]}
     assert not any(branch[n]["parameter_has_default"] for n in ("image", "step", "word"))
     assert all(branch[n]["parameter_has_default"] for n in SETTING_TYPES)
+
+
+# ---------------------------------------------------------------- what the CNN sees; where the model looked
+
+
+@pytest.fixture(scope="module")
+def attend(tmp_path_factory):
+    """A tiny attention decoder with an ImageNet head, saved and loaded back as the app would load it."""
+    folder = tmp_path_factory.mktemp("tiny_attend")
+    attend_model(seed=3).save_pretrained(folder)
+    return load(folder)
+
+
+@pytest.fixture
+def attend_handlers(attend):
+    return Handlers(attend, word_delay=0)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_the_cnns_labels_are_shown_beside_the_caption_computed_once_per_photo(attend_handlers, attend, photo_path, monkeypatch):
+    want = top_labels(attend, photo_path, k=5)  # the Python API's labels
+    counter = EncodeCounter(attend, monkeypatch)
+    page, seen = run_page({}, attend_handlers.page_caption(photo_path, attend_handlers.settings()))
+    assert len(want) == 5 and want[0][1] > want[-1][1] > 0  # the fixture's head gives distinct labels
+    assert page["cache"].labels == tuple(want)
+    assert page["labels"] == "**The CNN sees:** " + describe_labels(want) and "%" in page["labels"]
+    assert seen[0]["labels"] == "" and seen[1]["labels"] == page["labels"]  # cleared, then with the first word
+    # Re-decoding, branching and other settings reuse them with the features: the CNN ran once.
+    run_page(page, attend_handlers.page_caption(photo_path, attend_handlers.settings(strategy="beam"), page["cache"]))
+    t = 1
+    alt = next(a for a in page["decoding"].steps[t].alternatives if a.token != page["decoding"].steps[t].token)
+    new, _ = run_page(page, attend_handlers.page_redecode(page["decoding"], t + 1, alt.token, attend_handlers.settings(),
+                                                          page["cache"]))
+    assert new["labels"] == page["labels"] and counter.n == 1
+
+
+def test_no_labels_for_a_model_without_an_imagenet_head(handlers, model, photo_path):
+    assert not model.config.imagenet_head
+    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    assert page["cache"].labels is None and page["labels"] == ""
+    demo = build_demo(model, "tiny")
+    (line,) = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "cnn-labels"]
+    assert line["props"]["visible"] is False  # hidden, not an empty line
+
+
+def test_the_heatmap_follows_the_selected_step(attend_handlers, photo_path):
+    page, _ = run_page({}, attend_handlers.page_caption(photo_path, attend_handlers.settings()))
+    decoding, cache = page["decoding"], page["cache"]
+    assert cache.photo is not None and decoding.photo is cache.photo  # kept once per photo, shared with the decoding
+    steps = decoding.steps
+    assert len(steps) >= 3 and all(s.attention is not None and len(s.attention) == 4 for s in steps)  # 2 x 2 regions
+    assert steps[0].attention != steps[1].attention
+    # After the decode: step 1's heatmap, captioned with its word and probability.
+    hm = page["heatmap"]
+    assert hm["visible"] is True and hm["label"] == f"Where it looked for “{steps[0].word}” (p = {percent(steps[0].prob, 1)})"
+    assert np.array_equal(pixels(hm["value"]), pixels(attention_overlay(cache.photo, steps[0].attention)))
+    # Next, the slider and the keyboard (select) move it: a step whose attention differs has another image.
+    nxt = attend_handlers.move(decoding, 1, +1).heatmap
+    assert nxt["label"].startswith(f"Where it looked for “{steps[1].word}”")
+    assert np.abs(pixels(nxt["value"]) - pixels(hm["value"])).max() > 20
+    assert np.array_equal(pixels(attend_handlers.select(decoding, 2).heatmap["value"]), pixels(nxt["value"]))
+    assert np.array_equal(pixels(attend_handlers.move(decoding, 2, -1).heatmap["value"]), pixels(hm["value"]))
+    for n in range(1, len(steps) + 1):
+        view = attend_handlers.inspect(decoding, n).heatmap
+        assert np.array_equal(pixels(view["value"]), pixels(attention_overlay(cache.photo, steps[n - 1].attention)))
+
+
+def test_branching_shows_the_new_captions_heatmaps(attend_handlers, attend, photo_path):
+    page, _ = run_page({}, attend_handlers.page_caption(photo_path, attend_handlers.settings()))
+    decoding = page["decoding"]
+    t = 1
+    alt = next(a for a in decoding.steps[t].alternatives if a.token != decoding.steps[t].token and a.word != "<EOS>")
+    new, _ = run_page(page, attend_handlers.page_redecode(decoding, t + 1, alt.token, attend_handlers.settings(), page["cache"]))
+    branched = new["decoding"]
+    want = list(stream(attend, photo_path, prefix=(*decoding.tokens[:t], alt.token), max_len=attend.config.max_len))[-1]
+    assert branched.tokens == want.tokens
+    assert np.allclose([s.attention for s in branched.steps], [s.attention for s in want.caption_steps()], atol=1e-5)
+    assert new["heatmap"]["label"].startswith(f"Where it looked for “{alt.word}”")  # the branch point is selected
+    assert np.array_equal(pixels(new["heatmap"]["value"]), pixels(attention_overlay(page["cache"].photo, branched.steps[t].attention)))
+    last = attend_handlers.inspect(branched, len(branched.steps)).heatmap
+    assert np.array_equal(pixels(last["value"]), pixels(attention_overlay(page["cache"].photo, branched.steps[-1].attention)))
+
+
+def test_no_heatmap_for_a_model_that_does_not_attend(handlers, model, photo_path):
+    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    assert page["decoding"].steps[0].attention is None and page["cache"].photo is None  # nothing kept that nobody draws
+    assert page["heatmap"] == {"__type__": "update", "value": None, "visible": False}
+    assert handlers.move(page["decoding"], 1, +1).heatmap["visible"] is False
+    demo = build_demo(model, "tiny")
+    (image,) = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "heatmap"]
+    assert image["props"]["visible"] is False
+
+
+def test_the_attend_models_page_shows_the_heatmap_and_the_labels(attend):
+    demo = build_demo(attend, "tiny attend")
+    props = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if c.get("props", {}).get("elem_id")}
+    assert props["heatmap"]["visible"] is True and props["cnn-labels"]["visible"] is True
+    assert "Flickr8k" in props["training-note"]["value"] and "guided" in props["training-note"]["value"]
+
+
+def test_the_photo_kept_for_the_heatmap_is_what_the_encoder_saw_at_most_512_px(attend_handlers, attend, tmp_path):
+    big = Image.fromarray(np.random.RandomState(2).randint(0, 256, (800, 1200, 3), dtype=np.uint8))
+    cache = attend_handlers.features(big, None)
+    assert cache.photo.size == (PHOTO_MAX_SIDE, round(PHOTO_MAX_SIDE * 800 / 1200))  # squash: the whole photo
+    assert max(attend_handlers.features(Image.new("RGB", (40, 30)), None).photo.size) == 40  # never enlarged
+    # A model that centre-crops saw only the centre square: the heatmap's grid covers that.
+    crop = dataclasses.replace(attend.config, resize="crop", crop_pct=0.875)
+    a = np.zeros((800, 1200, 3), np.uint8)
+    a[:, 400:800] = 255  # a white centre square, 800 x 400 wide band
+    photo = inspector_photo(Image.fromarray(a), crop)
+    assert photo.size[0] == photo.size[1] <= PHOTO_MAX_SIDE
+    side = round(800 * 0.875)  # the crop's side in the photo's pixels (crop_pct of the shorter side)
+    assert abs(photo.size[0] - min(PHOTO_MAX_SIDE, side)) <= 1
+    inner = pixels(photo)[:, photo.size[0] // 2 - 100 : photo.size[0] // 2 + 100]
+    assert inner.min() > 200  # the centre band fills it
+
+
+def test_the_decoding_download_holds_each_steps_attention(attend_handlers, handlers, photo_path):
+    for h in (attend_handlers, handlers):
+        page, _ = run_page({}, h.page_caption(photo_path, h.settings(max_len=8)))
+        with open(page["download"].value["path"], encoding="utf-8") as f:
+            record = json.load(f)
+        for got, st in zip(record["steps"], page["decoding"].steps, strict=True):
+            assert got["attention"] == (None if st.attention is None else list(st.attention))
+        if h is attend_handlers:
+            assert all(len(s["attention"]) == 4 and sum(s["attention"]) == pytest.approx(1.0, abs=1e-4) for s in record["steps"])
+
+
+def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_required(tmp_path, photo_path):
+    m = attend_model(seed=3)
+    dog = 207  # golden retriever: one of the dog classes, which map to "dog"
+    with torch.no_grad():
+        m.encoder.classifier.bias[dog] = 60.0  # the CNN is sure it is a dog
+    m.save_pretrained(tmp_path / "m")
+    h = Handlers(load(tmp_path / "m"), word_delay=0)
+    assert h.settings(guide_threshold=0.3).guide_threshold == 0.3
+    assert h.settings(guide_threshold=None).guide_threshold == GenerationConfig().guide_threshold
+    page, _ = run_page({}, h.page_caption(photo_path, h.settings(strategy="guided", guide_threshold=0.4)))
+    decoding = page["decoding"]
+    assert decoding.settings.strategy == "guided" and decoding.settings.guide_threshold == 0.4
+    final = decoding.steps[-1].constraint
+    assert final.words == ("dog",) and final.met is True and final.used == "dog"
+    assert "golden retriever" in page["cache"].labels[0][0]
+    first_dog = next(i for i, s in enumerate(decoding.steps) if s.word == "dog")
+    for n in range(1, len(decoding.steps) + 1):
+        info = h.inspect(decoding, n).info
+        assert "**Guided:** required one of dog" in info and "golden retriever" in info and 'the caption uses "dog"' in info
+        assert ("this step's word is the required one" in info) == (n - 1 == first_dog)
+    # Not guided: no such line.
+    plain, _ = run_page({}, h.page_caption(photo_path, h.settings(strategy="beam"), page["cache"]))
+    assert "Guided" not in plain["info"]

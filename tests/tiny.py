@@ -34,6 +34,27 @@ def tiny_model(seed: int = 0, **overrides):
     return model.eval()
 
 
+def attend_model(seed: int = 0, *, imagenet_head: bool = True, **overrides):
+    """A tiny attention-decoder Captioner (image_size 64: a 2 x 2 grid of regions) whose attention visibly moves from
+    word to word, with an ImageNet head whose labels differ (random: the classes mean nothing). The random backbone's
+    features are tiny (about 1e-3), so its region projection and attention scores are scaled up: untouched, every
+    step would weigh every region 1/N and every heatmap would look the same."""
+    import torch
+
+    fields = dict(decoder="attend", image_size=64, max_len=8)
+    fields.update(overrides)
+    model = tiny_model(seed, imagenet_head=imagenet_head, **fields)
+    with torch.no_grad():
+        model.decoder.regions.weight.mul_(1000)
+        model.decoder.key.weight.mul_(5)
+        model.decoder.query.weight.mul_(5)
+        model.decoder.head.bias[2] -= 2.0  # <EOS> less likely: captions of several words
+        if model.encoder.classifier is not None:
+            g = torch.Generator().manual_seed(seed)
+            model.encoder.classifier.weight.copy_(torch.randn(model.encoder.classifier.weight.shape, generator=g) * 300)
+    return model
+
+
 def fingerprint(model) -> str:
     """A hash of every weight's name and exact bytes, to compare two models across processes."""
     import hashlib
