@@ -534,5 +534,10 @@ def test_attend_decoder_trains_through_the_same_loop(tmp_path):
     assert set(json.loads((out / "final_metrics.json").read_text())) == {"greedy", "beam 2"}
     best = load(out / "best")
     assert best.config.decoder == "attend" and best.config.attention_size == 8
+    ex = subprocess.run([sys.executable, "-m", "train.export", "--run", str(out), "--out", str(tmp_path / "export")],
+                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert ex.returncode == 0, ex.stderr
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "soft attention (Show, Attend and Tell" in card and "no attention" not in card
     bad = run_train(tiny_args(data, tmp_path / "bad", **{"decoder": "attend", "tune-top-stages": 1}))
     assert bad.returncode == 2 and "--decoder attend" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]

@@ -86,6 +86,14 @@ def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hi
     weights = f"ImageNet weights\n  from {weights_source(c.backbone)}" if tc.get("pretrained", True) else "randomly initialised (no ImageNet weights)"
     stages = "\n".join(f"- Run {i + 1}: {_stage(t, h)}." for i, (t, h) in enumerate(chain))
     tuned = [t["tune_top_stages"] for t, _ in chain if t.get("tune_top_stages")]
+    if c.decoder == "attend":
+        decoder = (f"soft attention (Show, Attend and Tell, Xu et al. 2015): at every word the LSTM state ({c.hidden_size} "
+                   f"hidden)\n  weighs the backbone's spatial regions (attention MLP {c.attention_size}); the gated weighted "
+                   f"sum enters the LSTM with the\n  previous word (embedding {c.embed_size}); initial state from the pooled "
+                   f"image vector; linear to {c.vocab_size} words.")
+    else:
+        decoder = (f"word embedding ({c.embed_size}), {c.num_layers}-layer LSTM ({c.hidden_size} hidden), linear to\n"
+                   f"  {c.vocab_size} words. The image feature is the LSTM's input at t=0, `<SOS>` at t=1, then the caption's words.")
     frozen = (f"Frozen during training, except its last {max(tuned)} stage(s) and head conv (see Training)." if tuned
               else "Frozen during training.")
     return f"""---
@@ -104,8 +112,7 @@ decoder that streams its choices one word at a time (see the `captioner` project
 ## Architecture
 - **Encoder**: `{c.backbone}` ({built}), {weights}, global-pooled, then Linear -> ReLU -> Dropout
   to {c.embed_size} dims. {frozen}
-- **Decoder**: word embedding ({c.embed_size}), {c.num_layers}-layer LSTM ({c.hidden_size} hidden), linear to
-  {c.vocab_size} words. The image feature is the LSTM's input at t=0, `<SOS>` at t=1, then the caption's words.
+- **Decoder**: {decoder}
 - **Preprocessing** (stored in `config.json`): {c.image_size}x{c.image_size}, resize policy `{c.resize}`, mean {list(c.mean)},
   std {list(c.std)}.
 
@@ -128,7 +135,7 @@ Decoding: greedy, and beam search (length penalty 1.0). `distinct` is the share 
   with the words it knows, often wrongly; it has no notion of text in images.
 - It can be confidently wrong and can repeat biases of its training captions (for example about gender or age).
   Do not use it for decisions about people or for accessibility where accuracy matters.
-- One small model, no attention: captions are short and generic compared with large captioning transformers.
+- One small model{"" if c.decoder == "attend" else ", no attention"}: captions are short and generic compared with large captioning transformers.
 
 ## How to use
 ```python
