@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     if not folder.is_dir():
         return _fail(f"model folder {str(folder)!r} does not exist (or is not a folder)")
 
-    from captioner.hub import MODEL_FILES, ModelLoadError, load
+    from captioner.hub import MODEL_FILES, ModelLoadError
+    from captioner.loading import load
 
     try:
         load(folder)  # strict: refuses a folder that would not load back from the Hub
