@@ -71,7 +71,9 @@ def decoder_probe(model) -> list[float]:
     import torch
 
     with torch.inference_mode():
-        logits, _ = model.decoder.step(torch.tensor([1, 4]))  # <SOS>, "a"
+        features = model.encoder.from_backbone(torch.ones(2, model.encoder.backbone.num_features))  # a fixed image
+        logits, state = model.decoder.start(features)
+        logits, _ = model.decoder.step(torch.tensor([4, 5]), state)  # "a", "dog"
     return [round(float(v), 6) for v in logits.flatten()]
 
 
