@@ -59,13 +59,12 @@ STEP_HEADING = "**This step:** the words the model weighed"
 HEATMAP_LABEL = "Where the model looked"
 PHOTO_MAX_SIDE = 512  # the photo a session keeps for the inspector's heatmap is at most this many pixels a side
 NUM_LABELS = 5  # ImageNet labels shown under "The CNN sees"
-# What the bundled model learned from, and what that means for other photos (issue 15 §4; the model card says the same).
-TRAINING_NOTE = (
-    "**What it knows:** the bundled model learned to caption from Flickr8k, about 8,000 photos of mostly people, dogs "
-    "and outdoor scenes, so it describes those best and often names other subjects wrongly (a cat may become a dog "
-    "or a boy); *The CNN sees* shows what its image classifier recognises, and the *guided* strategy makes the "
-    "caption use a word for what the classifier is sure of."
-)
+# What the bundled model learned from, and what that means for other photos (the model card says the same); shown
+# under the caption, where a wrong subject is read. The second part only where the CNN's labels are shown.
+TRAINING_NOTE = ("The bundled model learned to caption from Flickr8k (about 8,000 photos, mostly people, dogs and outdoor "
+                 "scenes), so it often names other subjects wrongly")
+TRAINING_NOTE_LABELS = ("; *The CNN sees* names what its image classifier recognises, and the *guided* strategy (Decoding "
+                        "settings) makes the caption name what the classifier is sure of")
 PHONE = "640px"  # at this width and below the two columns stack: the caption comes right after the photo
 
 CSS = """
@@ -73,6 +72,7 @@ CSS = """
 #caption textarea { font-size: 1.35rem !important; line-height: 1.5 !important; font-weight: 500; }
 #step-heading { margin-bottom: -0.5rem; }
 #cnn-labels { margin-top: -0.4rem; }
+#training-note { font-size: 0.85rem; opacity: 0.8; margin-top: -0.6rem; }
 #inspector { margin-top: 1.2rem; }
 #step-nav { align-items: center; }
 #step-nav button { max-width: 7rem; }
@@ -87,13 +87,14 @@ CSS = """
   #caption-btn { order: 2; }
   #main-row .form:has(#caption), #caption { order: 3; }
   #cnn-labels { order: 4; }
-  #step-heading { order: 5; }
-  #current-step { order: 6; }
-  #history { order: 7; }
-  #download-decoding { order: 8; }
-  #examples { order: 9; }
-  #settings { order: 10; }
-  #model-info { order: 11; }
+  #training-note { order: 5; }
+  #step-heading { order: 6; }
+  #current-step { order: 7; }
+  #history { order: 8; }
+  #download-decoding { order: 9; }
+  #examples { order: 10; }
+  #settings { order: 11; }
+  #model-info { order: 12; }
   #photo, #photo .image-container { height: 230px !important; max-height: 230px !important; }
   #photo .upload-container { height: 190px !important; }
   #photo img { max-height: 190px; object-fit: contain; }
@@ -750,7 +751,6 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
             "word by word; then step through its decoding, see which words it weighed at each step"
             f"{' and where in the photo it looked' if attends else ''}, and branch from any word."
         )
-        gr.Markdown(TRAINING_NOTE, elem_id="training-note")
         cache = gr.State(None)  # ImageCache: this session's last image and its encoder output
         decode_state = gr.State(None)  # Decoding: the finished decode the inspector reads
         with gr.Tabs():
@@ -792,6 +792,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                              placeholder="The caption appears here, word by word.")
                         # What the CNN's own ImageNet classifier sees in the photo (models saved with its head only).
                         cnn_labels = gr.Markdown("", visible=has_labels, elem_id="cnn-labels")
+                        gr.Markdown(TRAINING_NOTE + (TRAINING_NOTE_LABELS if has_labels else "") + ".", elem_id="training-note")
                         heading = gr.Markdown(STEP_HEADING, elem_id="step-heading")
                         current = gr.Label(label="Words", show_label=False, show_heading=False, elem_id="current-step")
                         table = gr.Dataframe(value=history_table([]), label="History", interactive=False, wrap=True, max_height=440,
@@ -812,16 +813,16 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                         next_btn = gr.Button("Next ▶", size="sm", elem_id="next-step", scale=0, min_width=90)
                     with gr.Row(equal_height=False):
                         # The photo with the selected step's attention over it: only for decoders that attend.
-                        with gr.Column(scale=3, visible=attends, elem_id="heatmap-column"):
+                        with gr.Column(scale=3, min_width=240, visible=attends, elem_id="heatmap-column"):
                             heatmap = gr.Image(label=HEATMAP_LABEL, type="pil", interactive=False, height=300,
                                                buttons=["fullscreen"], visible=attends, elem_id="heatmap")
-                        with gr.Column(scale=3):
+                        with gr.Column(scale=3, min_width=240):
                             prefix = gr.Textbox(label="Prefix so far (the words before this step)", interactive=False, elem_id="prefix",
                                                 placeholder="(the start of the caption)")
                             step_info = gr.Markdown(INSPECTOR_EMPTY, elem_id="step-info")
-                        with gr.Column(scale=3):
+                        with gr.Column(scale=3, min_width=240):
                             step_alts = gr.Label(label="Alternatives at this step", show_heading=False, elem_id="step-alternatives")
-                        with gr.Column(scale=3):
+                        with gr.Column(scale=3, min_width=240):
                             branch = gr.Radio(choices=[], label="Branch: use this word here instead", elem_id="branch")
                             redecode_btn = gr.Button("Re-decode from here", variant="primary", elem_id="redecode-btn")
 

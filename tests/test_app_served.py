@@ -92,6 +92,15 @@ def test_other_outputs_are_the_step_bars_and_the_history(server, model, files):
     assert len(table["data"]) == MAX_LEN
 
 
+def test_guided_decoding_and_its_threshold_by_name(server, model, files):
+    client = Client(server, verbose=False)
+    path = str(files["photo2"])
+    text = client.predict(handle_file(path), strategy="guided", guide_threshold=0.3, api_name="/caption")[0]
+    assert text == caption(model, path, strategy="guided", guide_threshold=0.3, max_len=MAX_LEN)
+    with pytest.raises(AppError, match="guide_threshold=1.5"):
+        client.predict(handle_file(path), strategy="guided", guide_threshold=1.5, api_name="/caption")
+
+
 @pytest.mark.parametrize("name,message", [("text", "notes.jpg: not an image file PIL can read"),
                                           ("truncated", "cut.jpg: the image data is damaged or truncated")])
 def test_bad_uploads_are_clear_errors_and_the_server_goes_on(server, model, files, name, message):

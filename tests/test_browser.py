@@ -1,7 +1,8 @@
 """The app in a real browser (Debian's chromium driven by Playwright): upload, streaming, inspector, branching.
 
 Serves the real model when there is one, $CAPTIONER_MODEL or else the bundled captioner/default_model/
-(and then also saves a screenshot under the test's tmp_path), else the tiny random model. Skipped where
+(and then also saves a screenshot under the test's tmp_path), else the tiny random model; the attention heatmap
+is tested with a tiny attention decoder (tests/tiny.py's attend_model), whatever the real model is. Skipped where
 /usr/bin/chromium is missing (CI installs it with `apt-get install -y chromium`). Tests write only to temporary
 folders: `bash scripts/screenshots.sh` refreshes the README's assets/screenshot.png on purpose.
 """
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from captioner.decode import stream
+from captioner.imagenet import describe_labels, top_labels
 from captioner.ui import percent
-from tiny import endless_model_dir, serve_demo
+from tiny import attend_model, endless_model_dir, serve_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -70,6 +72,36 @@ RECORD_CAPTIONS = """() => {
         if (window.__captions[window.__captions.length - 1] !== v) window.__captions.push(v);
     }, 5);
 }"""
+
+
+# Where the caption box is each time its text changes. Every value the page sets is caught (the textarea's value
+# setter is wrapped: a 5 ms poll alone can miss a state that lasts less than a busy machine's frame, such as the
+# cleared caption between two photos), and measured at the next frame, once the page has laid it out, as a user sees
+# it; a poll stays as a fallback.
+RECORD_BOXES = """() => {
+    window.__boxes = [];
+    const box = document.querySelector('#caption textarea');
+    const measure = text => {
+        const r = box.getBoundingClientRect();
+        window.__boxes.push({text, top: r.top, bottom: r.bottom, left: r.left, right: r.right,
+                             vh: window.innerHeight, vw: window.innerWidth, scroll: window.scrollY});
+    };
+    let seen = box.value;
+    const changed = text => {
+        if (text === seen) return;
+        seen = text;
+        requestAnimationFrame(() => measure(text));
+    };
+    const native = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value');
+    Object.defineProperty(box, 'value', {configurable: true, get() { return native.get.call(this); },
+                                         set(v) { native.set.call(this, v); changed(native.get.call(this)); }});
+    window.__recorder = setInterval(() => changed(box.value), 5);
+}"""
+
+
+def wait_last_box(page, text):
+    """Wait until RECORD_BOXES has measured the caption box showing `text`."""
+    page.wait_for_function("t => window.__boxes.length && window.__boxes[window.__boxes.length - 1].text === t", arg=text)
 
 
 def caption_value(page) -> str:
@@ -155,6 +187,16 @@ def test_upload_stream_inspect_branch(served, browser, tmp_path):
         assert word in history
     assert page.eval_on_selector("#photo img", "i => i.alt"), "the photo has no accessible name"
     no_zero_percent(page)
+    # What the CNN sees, beside the caption (a model saved with its ImageNet head), and what the model knows.
+    labels = top_labels(model, str(PHOTO))
+    if labels:
+        page.wait_for_function("() => document.querySelector('#cnn-labels').innerText.includes('The CNN sees')")
+        assert page.locator("#cnn-labels").inner_text().strip() == "The CNN sees: " + describe_labels(labels)
+    else:
+        assert not page.locator("#cnn-labels").is_visible()
+    assert "Flickr8k" in page.locator("#training-note").inner_text()
+    # The heatmap is only for decoders that attend.
+    assert page.locator("#heatmap").is_visible() == (model.config.decoder == "attend")
 
     # 2. One selected step: after the decode "This step" and the inspector both show step 1; "Next" moves both.
     steps = [s for s in stream(model, str(PHOTO), strategy="greedy", prefix=list(final.tokens), max_len=len(final.tokens))]
@@ -193,6 +235,7 @@ def test_upload_stream_inspect_branch(served, browser, tmp_path):
     assert record["caption"] == final.text and record["settings"]["strategy"] == "greedy" and record["model"]
     assert [s["word"] for s in record["steps"]] == [s.word for s in steps]
     assert [a["word"] for a in record["steps"][1]["alternatives"]] == [a.word for a in steps[1].alternatives]
+    assert all("attention" in s for s in record["steps"])  # each step's attention weights (None: show-tell)
 
     # 5. Branch: pick another word for step 2 and re-decode from there.
     labels = page.locator("#branch label")
@@ -245,19 +288,11 @@ def test_phone_the_caption_streams_in_view(served, browser, tmp_path):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url)
     page.wait_for_selector("#photo input[type=file]", state="attached")
-    page.evaluate("""() => {
-        window.__boxes = [];
-        const box = document.querySelector('#caption textarea');
-        window.__recorder = setInterval(() => {
-            const r = box.getBoundingClientRect(), last = window.__boxes[window.__boxes.length - 1];
-            if (!last || last.text !== box.value)
-                window.__boxes.push({text: box.value, top: r.top, bottom: r.bottom, left: r.left, right: r.right,
-                                     vh: window.innerHeight, vw: window.innerWidth, scroll: window.scrollY});
-        }, 5);
-    }""")
+    page.evaluate(RECORD_BOXES)
     page.set_input_files("#photo input[type=file]", str(PHOTO))
     wait_step(page, 1)
     final = default_steps(model, PHOTO)[-1].text
+    wait_last_box(page, final)
     boxes = [b for b in page.evaluate("window.__boxes") if b["text"]]
     assert len(boxes) >= 3 and boxes[-1]["text"] == final, boxes  # several moments while the caption grew
     for b in boxes:
@@ -282,6 +317,7 @@ def test_phone_the_caption_streams_in_view(served, browser, tmp_path):
     example.click()
     want = default_steps(model, SECOND_PHOTO)[-1].text
     page.wait_for_function("t => document.querySelector('#caption textarea').value === t", arg=want)
+    wait_last_box(page, want)
     boxes = page.evaluate("window.__boxes")
     cleared = next(i for i, b in enumerate(boxes) if not b["text"])  # the page is cleared, then the new caption streams
     boxes = [b for b in boxes[cleared:] if b["text"]]
@@ -311,4 +347,113 @@ def test_several_photos_tab(served, browser, tmp_path):
     assert "list.png" in table
     page.wait_for_function("() => document.querySelector('#files-download').innerText.replace(/\\s/g, '').includes('captions.json')")
     assert "captions.csv" in "".join(page.locator("#files-download").inner_text().split())
+    page.close()
+
+
+# ---------------------------------------------------------------- where the model looked (a tiny attention decoder)
+
+
+@pytest.fixture(scope="module")
+def served_attend():
+    """(url, model): the app serving a tiny attention decoder whose attention moves from word to word."""
+    model = attend_model(seed=3)
+    with serve_demo(model, "tiny attention model (tests)") as url:
+        yield url, model
+
+
+def heatmap(page) -> tuple[str, str, bytes]:
+    """The heatmap image's (src, label, bytes as served)."""
+    src = page.eval_on_selector("#heatmap img", "i => i.src")
+    label = page.locator("#heatmap [data-testid=block-label]").inner_text()
+    body = page.request.get(src).body()
+    return src, label, body
+
+
+def wait_heatmap_for(page, word, old_src):
+    """Wait until the heatmap shows another image, labelled with `word`."""
+    page.wait_for_function("""([word, old]) => {
+        const img = document.querySelector('#heatmap img'), label = document.querySelector('#heatmap [data-testid=block-label]');
+        return img && img.src !== old && label && label.innerText.includes('“' + word + '”');
+    }""", arg=[word, old_src])
+
+
+def test_the_heatmap_moves_with_the_steps(served_attend, browser):
+    url, model = served_attend
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#photo input[type=file]", state="attached")
+    page.set_input_files("#photo input[type=file]", str(PHOTO))
+    wait_step(page, 1)
+    steps = default_steps(model, PHOTO)[-1].caption_steps()
+    assert len(steps) >= 4 and steps[0].attention != steps[1].attention and steps[1].attention != steps[2].attention
+    # The labels the tiny model's random ImageNet head gives, beside the caption.
+    assert page.locator("#cnn-labels").inner_text().strip() == "The CNN sees: " + describe_labels(top_labels(model, str(PHOTO)))
+
+    # Step 1's heatmap, captioned with its word and probability, with an accessible name.
+    page.wait_for_selector("#heatmap img")
+    src1, label1, bytes1 = heatmap(page)
+    assert label1 == f"Where it looked for “{steps[0].word}” (p = {percent(steps[0].prob, 1)})"
+    assert page.eval_on_selector("#heatmap img", "i => i.alt").startswith("The photo with a heatmap")
+    assert bytes1[:4] == b"RIFF" or bytes1[:8] == b"\x89PNG\r\n\x1a\n" or bytes1[:2] == b"\xff\xd8", bytes1[:8]
+
+    # Next: step 2's heatmap, another image.
+    page.click("#next-step")
+    wait_step(page, 2)
+    wait_heatmap_for(page, steps[1].word, src1)
+    src2, label2, bytes2 = heatmap(page)
+    assert src2 != src1 and bytes2 != bytes1
+    assert label2 == f"Where it looked for “{steps[1].word}” (p = {percent(steps[1].prob, 1)})"
+
+    # The keyboard on the slider moves it too; Prev brings step 1's back.
+    page.focus("#step-slider input[type=range]")
+    page.keyboard.press("ArrowRight")
+    wait_step(page, 3)
+    wait_heatmap_for(page, steps[2].word, src2)
+    src3, _, bytes3 = heatmap(page)
+    assert bytes3 not in (bytes1, bytes2)
+    page.keyboard.press("ArrowRight")
+    wait_step(page, 4)
+    wait_heatmap_for(page, steps[3].word, src3)
+    src4, _, bytes4 = heatmap(page)
+    page.keyboard.press("ArrowLeft")
+    wait_step(page, 3)
+    wait_heatmap_for(page, steps[2].word, src4)
+    page.click("#prev-step")
+    wait_step(page, 2)
+    page.click("#prev-step")
+    wait_step(page, 1)
+    wait_heatmap_for(page, steps[0].word, src3)
+    assert heatmap(page)[2] == bytes1
+
+    # Branching: the new caption's heatmaps (at the branch point, step 2).
+    page.click("#next-step")
+    wait_step(page, 2)
+    labels = page.locator("#branch label")
+    values = [labels.nth(i).locator("input").get_attribute("value") for i in range(labels.count())]
+    choice = next(i for i, v in enumerate(values) if v not in (str(steps[1].token), str(model.vocab.eos_id)))
+    token = int(values[choice])
+    before = heatmap(page)[0]
+    labels.nth(choice).click()
+    page.click("#redecode-btn")
+    page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Branched')")
+    branched = default_steps(model, PHOTO, prefix=[steps[0].token, token])[-1].caption_steps()
+    word = model.vocab.itos[token]
+    page.wait_for_function("w => document.querySelector('#heatmap [data-testid=block-label]').innerText.includes('“' + w + '”')",
+                           arg=word)
+    assert heatmap(page)[1] == f"Where it looked for “{word}” (p = {percent(branched[1].prob, 1)})"
+    # The attention behind word t comes from the LSTM state before it read word t - 1, so the branch point's and the
+    # next word's heatmaps are the original's; from the word after that on they are the new caption's own.
+    assert len(branched) >= 4 and len(steps) >= 4 and branched[3].attention != steps[3].attention
+    page.fill("#step-slider input[type=number]", "4")
+    wait_step(page, 4)
+    page.wait_for_function("s => document.querySelector('#heatmap img').src !== s", arg=before)
+    page.wait_for_function("w => document.querySelector('#heatmap [data-testid=block-label]').innerText.includes('“' + w + '”')",
+                           arg=branched[3].word)
+    _, label, body = heatmap(page)
+    assert label == f"Where it looked for “{branched[3].word}” (p = {percent(branched[3].prob, 1)})"
+    assert body != bytes4  # not the original caption's step 4
+    assert not errors, errors
     page.close()

@@ -619,6 +619,8 @@ def test_no_labels_for_a_model_without_an_imagenet_head(handlers, model, photo_p
     demo = build_demo(model, "tiny")
     (line,) = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "cnn-labels"]
     assert line["props"]["visible"] is False  # hidden, not an empty line
+    (note,) = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "training-note"]
+    assert "Flickr8k" in note["props"]["value"] and "CNN sees" not in note["props"]["value"]
 
 
 def test_the_heatmap_follows_the_selected_step(attend_handlers, photo_path):
@@ -673,7 +675,8 @@ def test_the_attend_models_page_shows_the_heatmap_and_the_labels(attend):
     demo = build_demo(attend, "tiny attend")
     props = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if c.get("props", {}).get("elem_id")}
     assert props["heatmap"]["visible"] is True and props["cnn-labels"]["visible"] is True
-    assert "Flickr8k" in props["training-note"]["value"] and "guided" in props["training-note"]["value"]
+    note = props["training-note"]["value"]
+    assert "Flickr8k" in note and "people, dogs and outdoor scenes" in note and "CNN sees" in note and "guided" in note
 
 
 def test_the_photo_kept_for_the_heatmap_is_what_the_encoder_saw_at_most_512_px(attend_handlers, attend, tmp_path):
