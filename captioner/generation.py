@@ -26,8 +26,9 @@ class GenerationConfig:
                                  "of with and without the required word)")
     length_penalty: float = _setting(1.0, "beam search and guided: a caption's log-probability is divided by its length "
                                           "to this power (0 = none; higher favours longer captions)")
-    guide_threshold: float = _setting(0.5, "guided: a caption word is required when the ImageNet labels that map to it "
-                                           "(captioner/data/imagenet_words.json) sum to this probability")
+    guide_threshold: float = _setting(0.25, "guided: a caption word is required when the ImageNet labels that map to it "
+                                            "(captioner/data/imagenet_words.json) sum to this probability (how 0.25 was "
+                                            "chosen: docs/guided.md)")
     temperature: float = _setting(1.0, "sampling: below 1 sharpens the distribution, above 1 flattens it")
     top_k: int = _setting(0, "sampling: draw only from the K likeliest words (0 = all)")
     top_p: float = _setting(0.9, "sampling: draw only from the smallest set of words whose probability reaches P (nucleus)")

@@ -168,7 +168,7 @@ class Constraint:
     def describe(self) -> str:
         """One line for the inspector: which word was required and why, and how it ended."""
         if not self.words:
-            return f"guided: nothing required ({self.note})" if self.note else "guided: nothing required"
+            return f"guided: nothing required: {self.note}" if self.note else "guided: nothing required"
         groups: dict[tuple, list[str]] = {}
         for e in self.evidence:
             groups.setdefault((round(e.confidence, 4), e.labels), []).append(e.word)
@@ -209,5 +209,5 @@ def constraint_for(features, vocab, threshold: float) -> Constraint:
         note = f"{', '.join(missing)} confident, but not in this model's vocabulary"
     if not confident:
         best = max(conf, key=conf.get)
-        note = f"no mapped word reaches {_percent(threshold)} (likeliest: {best} {_percent(conf[best])})"
+        note = f"no mapped word reaches {_percent(threshold)}; the likeliest is {best}, {_percent(conf[best])}"
     return Constraint(tuple(known), tuple(evidence), threshold, note=note)

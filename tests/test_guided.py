@@ -119,7 +119,7 @@ def test_nothing_required_is_beam_search(decoder):
             notes[why] = c.describe()
         # beam size 1 without a requirement is greedy
         assert caption(m, photo(3), strategy="guided", beam_size=1) == caption(m, photo(3))
-    assert "no mapped word reaches 50%" in notes["nothing confident"]
+    assert "no mapped word reaches 25%" in notes["nothing confident"]
     assert "cat, cats, kitten confident, but not in this model's vocabulary" in notes["word not in the vocabulary"]
     assert "no ImageNet head" in notes["no ImageNet head"]
 

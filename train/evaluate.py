@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--format", default=None, help="flickr8k | flickr8k-token | karpathy | coco (default: detect)")
     p.add_argument("--images", default=None, help="image folder, for the JSON formats")
     p.add_argument("--split", default="dev")
-    add_arguments(p, only=("strategy", "beam_size", "length_penalty", "no_repeat_ngram", "max_len", "temperature", "top_k",
-                           "top_p", "seed"))
+    add_arguments(p, only=("strategy", "beam_size", "length_penalty", "guide_threshold", "no_repeat_ngram", "max_len",
+                           "temperature", "top_k", "top_p", "seed"))
     p.add_argument("--limit", type=int, default=0, help="score only the first N images")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--save-captions", default=None, metavar="FILE",
