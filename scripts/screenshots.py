@@ -5,9 +5,11 @@
 Serves the app in this process with the real model ($CAPTIONER_MODEL, else the bundled captioner/default_model/),
 opens it in Debian's chromium (/usr/bin/chromium) through Playwright, uploads examples/cameraman.jpg, waits for the
 caption, and saves:
-  desktop: screenshot.png, 1400 px wide, the whole page, inspecting step 2 with another word picked to branch on;
+  desktop: screenshot.png, 1400 px wide, the whole page, inspecting step 2 with another word picked to branch on
+           (with what the CNN sees beside the caption for a model with an ImageNet head, and, for a model that
+           attends, step 2's attention heatmap in the inspector);
   phone:   screenshot-phone.png, 390 x 844, the screen as a phone shows it once the caption is done (the photo,
-           the caption right under it, and this step's words).
+           the caption right under it, what the CNN sees, and this step's words).
 Run it through `bash scripts/screenshots.sh`, which sets up the dev requirements first.
 """
 from __future__ import annotations
@@ -40,13 +42,19 @@ def captioned_page(browser, url: str, viewport: dict, **context_kw):
     page.wait_for_selector("#photo input[type=file]", state="attached")
     page.set_input_files("#photo input[type=file]", str(PHOTO))
     page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Step 1 of')")
+    if page.locator("#cnn-labels").is_visible():
+        page.wait_for_function("() => document.querySelector('#cnn-labels').innerText.includes('The CNN sees')")
     return page
 
 
 def desktop(browser, url: str, path: Path) -> None:
     page = captioned_page(browser, url, VIEWPORTS["desktop"][0])
+    old = page.eval_on_selector("#heatmap img", "i => i.src") if page.locator("#heatmap img").count() else None
     page.click("#next-step")
     page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Step 2 of')")
+    if old is not None:  # a model that attends: step 2's heatmap, loaded
+        page.wait_for_function("s => { const i = document.querySelector('#heatmap img'); return i && i.src !== s && i.complete; }",
+                               arg=old)
     labels = page.locator("#branch label")
     if labels.count() > 1:
         labels.nth(1).click()  # the runner-up word: what branching offers
