@@ -744,7 +744,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
     default_max_len = model.config.max_len
     attends = h.attends
     has_labels = bool(getattr(model.config, "imagenet_head", False))
-    with gr.Blocks(title="Captioner: watch a CNN+LSTM caption a photo") as demo:
+    # delete_cache: heatmaps, downloads and uploads are temporary files; a long-running server drops those over an hour old.
+    with gr.Blocks(title="Captioner: watch a CNN+LSTM caption a photo", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# Captioner", elem_id="title")
         gr.Markdown(
             f"Drop a photo and a CNN+LSTM ({'Show, Attend and Tell' if attends else 'Show and Tell'}) writes its caption "
