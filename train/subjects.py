@@ -8,7 +8,8 @@ The rule, fixed before any guided caption was measured (docs/guided.md):
   caption names the subject when it contains one of them (spaCy tokens, lower case, as everywhere in this project).
 - Rare-subject recall is pooled over (photo, subject) pairs of the rare subjects.
 
-    python -m train.subjects --data /work/shared/data/flickr8k --split dev --out docs/guided.json
+    python -m train.subjects --data /work/shared/data/flickr8k --split dev --thresholds 0.25,0.5 --out /tmp/guided.json
+    python -m train.subjects --data /work/shared/data/flickr8k --split train --review --thresholds 0.2,0.25,0.3,0.5
 
 captions every photo of the split once per decoding (the CNN once, from a feature cache), scores them
 (train.evaluate.score: BLEU-4, CIDEr-D, distinct) and prints one table with subject recall.
@@ -91,6 +92,32 @@ def review_mapping(labels, references: Sequence[Sequence[str]], *, top1: float =
     return "\n".join(lines)
 
 
+def threshold_precision(labels, references: Sequence[Sequence[str]], vocab, thresholds: Sequence[float]) -> str:
+    """For each guide_threshold: how many photos get a requirement, and for how many of them a reference names a
+    required word (the requirement's precision); also without the photos whose only requirement is "dog"."""
+    import torch
+
+    from captioner.imagenet import word_classes
+
+    refs = [set().union(*(_words(r) for r in rs)) for rs in references]
+    mapped = {w: cs for w, cs in word_classes().items() if w in vocab.stoi}
+    words = list(mapped)
+    member = torch.zeros(len(words), labels.size(1))
+    for j, w in enumerate(words):
+        member[j, list(mapped[w])] = 1
+    conf = labels.float() @ member.T  # (N, words): each word's summed class probability
+    dog = {"dog", "dogs", "puppy"}
+    lines = ["guide_threshold | photos with a requirement | references name a required word | the same, less dog-only",
+             "---|---|---|---"]
+    for t in thresholds:
+        required = [{words[j] for j in (row >= t).nonzero().flatten().tolist()} for row in conf]
+        some = [i for i, r in enumerate(required) if r]
+        other = [i for i in some if not required[i] <= dog]
+        hit = lambda idx: sum(bool(refs[i] & required[i]) for i in idx) / max(1, len(idx))  # noqa: E731
+        lines.append(f"{t:g} | {len(some)} of {len(refs)} | {hit(some):.1%} | {hit(other):.1%} of {len(other)}")
+    return "\n".join(lines)
+
+
 def recall_row(recall: dict[str, tuple[int, int]]) -> str:
     named, total = recall["rare"]
     return f"{named}/{total} = {named / max(1, total):.1%}"
@@ -121,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--decodings", default="greedy,beam3,guided1,guided3",
                    help="comma-separated: greedy, beamN, guidedN (guided with beam size N)")
     p.add_argument("--thresholds", default="0.5", help="comma-separated guide_threshold values for the guided rows")
+    p.add_argument("--review", action="store_true",
+                   help="review the class->word mapping and the threshold's precision on this split (use train), no decoding")
     p.add_argument("--out", default=None, help="write captions and metrics as JSON here (reused: decodings already in it are not rerun)")
     args = p.parse_args(argv)
 
@@ -135,6 +164,11 @@ def main(argv=None) -> int:
     images = [s.image for s in samples]
     references = [s.captions for s in samples]
     features = _features(model, images, args.cache)
+    if args.review:
+        print(review_mapping(features.labels, references))
+        print()
+        print(threshold_precision(features.labels, references, model.vocab, [float(x) for x in args.thresholds.split(",")]))
+        return 0
     saved = {}
     if args.out:
         try:
