@@ -68,6 +68,12 @@ class GenerationConfig:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
+    @classmethod
+    def kind(cls, name: str) -> type:
+        """The plain type of setting `name` (int, float or str), read from its annotation ("int | None" -> int)."""
+        annotation = next(f.type for f in fields(cls) if f.name == name)
+        return {"int": int, "float": float, "str": str}[annotation.split(" | ")[0]]
+
     def resolved_max_len(self, model_max_len: int) -> int:
         return self.max_len if self.max_len is not None else model_max_len
 
@@ -79,14 +85,12 @@ def add_arguments(parser, *, only: tuple[str, ...] | None = None) -> None:
     """Add one --flag per decoding setting to an argparse parser (defaults and help from the dataclass)."""
     import argparse
 
-    hints = {"strategy": str, "max_len": int, "beam_size": int, "length_penalty": float, "guide_threshold": float, "temperature": float, "top_k": int,
-             "top_p": float, "seed": int, "no_repeat_ngram": int, "num_alternatives": int}
     for f in fields(GenerationConfig):
         if only is not None and f.name not in only:
             continue
         default = f.default if f.default is not MISSING else None
         shown = "" if default is None else f" (default: {default})"
-        kw: dict[str, Any] = dict(type=hints[f.name], default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
+        kw: dict[str, Any] = dict(type=GenerationConfig.kind(f.name), default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
         if f.name == "strategy":
             kw["choices"] = list(STRATEGIES)
         flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ())]

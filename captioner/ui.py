@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -369,7 +369,6 @@ def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationCon
     """The app's control values (any of them None or missing from an API client) -> a GenerationConfig.
     Sliders send floats: integer settings are rounded; a negative or empty seed means a new one each run."""
     defaults = GenerationConfig(max_len=default_max_len)
-    kinds = {f.name: f.type for f in fields(GenerationConfig)}
     out: dict[str, Any] = {}
     try:
         for name, value in values.items():
@@ -377,9 +376,9 @@ def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationCon
                 continue
             if name == "seed":
                 out[name] = None if int(value) < 0 else int(value)
-            elif kinds[name].startswith("int"):
+            elif GenerationConfig.kind(name) is int:
                 out[name] = int(round(float(value)))
-            elif kinds[name] == "float":
+            elif GenerationConfig.kind(name) is float:
                 out[name] = float(value)
             else:
                 out[name] = value
