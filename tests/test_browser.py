@@ -145,14 +145,20 @@ def no_zero_percent(page):
     assert " 0%" not in page.locator("#history").inner_text()
 
 
-def test_upload_stream_inspect_branch(served, browser, tmp_path):
-    url, model, real = served
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+def open_app(browser, url, **page_options):
+    """(page, its JavaScript errors): the app loaded in a new desktop-sized page, its photo input ready."""
+    page = browser.new_page(**({"viewport": {"width": 1400, "height": 1000}} | page_options))
     page.set_default_timeout(TIMEOUT)
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url)
     page.wait_for_selector("#photo input[type=file]", state="attached")
+    return page, errors
+
+
+def test_upload_stream_inspect_branch(served, browser, tmp_path):
+    url, model, real = served
+    page, errors = open_app(browser, url)
     assert "Captioner" in page.title()
     assert "vocabulary" in page.locator("#model-info").inner_text()
     # Accessible names: every example thumbnail says what it shows.
@@ -282,12 +288,7 @@ def test_phone_the_caption_streams_in_view(served, browser, tmp_path):
     """At 390 x 844 the caption box is on screen, without scrolling, every moment its caption grows; the history
     table keeps words and numbers whole."""
     url, model, real = served
-    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
-    page.set_default_timeout(TIMEOUT)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    page.wait_for_selector("#photo input[type=file]", state="attached")
+    page, errors = open_app(browser, url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     page.evaluate(RECORD_BOXES)
     page.set_input_files("#photo input[type=file]", str(PHOTO))
     wait_step(page, 1)
@@ -379,12 +380,7 @@ def wait_heatmap_for(page, word, old_src):
 
 def test_the_heatmap_moves_with_the_steps(served_attend, browser):
     url, model = served_attend
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(TIMEOUT)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    page.wait_for_selector("#photo input[type=file]", state="attached")
+    page, errors = open_app(browser, url)
     page.set_input_files("#photo input[type=file]", str(PHOTO))
     wait_step(page, 1)
     steps = default_steps(model, PHOTO)[-1].caption_steps()
