@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .generation import STRATEGIES, GenerationConfig  # noqa: F401  (STRATEGIES re-exported for callers)
+from .generation import GenerationConfig
 from .imagenet import Constraint, constraint_for
 from .model import ImageFeatures
 from .preprocess import preprocess, preprocess_batch
