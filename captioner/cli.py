@@ -33,7 +33,7 @@ def expand(paths: list[str]) -> list[str]:
 def step_record(s) -> dict:
     """One Step as the JSON the CLI prints; "attention": the weight on each image region (decoders that attend),
     else null."""
-    return {"word": s.word, "prob": round(s.prob, 4), "eos_prob": round(s.eos_prob, 4),
+    return {"word": s.word, "prob": round(s.prob, 4), "eos_prob": round(s.eos_prob, 4), "unk_prob": round(s.unk_prob, 4),
             "alternatives": [[a.word, round(a.prob, 4)] for a in s.alternatives],
             "attention": None if s.attention is None else [round(a, 4) for a in s.attention]}
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default: 32)")
     args = p.parse_args(argv)
 
-    from .decode import caption_batch, encode, stream
+    from .decode import caption_batch, describe_stop, encode, stream
     from .hub import ModelLoadError
     from .imagenet import constraint_for, describe_labels, labels
     from .loading import load_model
@@ -95,6 +95,8 @@ def main(argv=None) -> int:
             rec = {"image": path, "caption": text} if error is None else {"image": path, "error": error}
             if steps is not None:
                 rec["steps"] = [step_record(s) for s in steps]
+                rec["stop"] = steps[-1].stop if steps else None  # eos | unk | max_len (decode.Step.stop)
+                rec["stop_unk_prob"] = steps[-1].stop_unk_prob if steps else None
             if seen is not None:
                 rec["imagenet"] = [[name, round(p, 4)] for name, p in seen]
             if constraint is not None:
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
             for s in steps or ():
                 alts = ", ".join(f"{a.word} {a.prob:.2f}" for a in s.alternatives)
                 print(f"    {s.t + 1:2d}. {s.word:<12} p={s.prob:.2f}  <EOS> {s.eos_prob:.2f}  [{alts}]", flush=True)
+            if steps:
+                print(f"    stopped: {describe_stop(steps[-1]).replace('`', '')}", flush=True)
         else:
             print(f"{path}\terror: {error}", file=sys.stderr, flush=True)
 

@@ -44,7 +44,10 @@ class Step:
     eos_prob: float  # probability the model gave to ending the caption here instead
     tokens: tuple[int, ...]  # the caption's token ids so far (beam: the current best hypothesis)
     text: str  # the caption so far, readable
-    stop: str | None = None  # on the last record: "eos" (the model ended it) or "max_len"
+    # On the last record, why decoding stopped: "eos" (the model ended it), "unk" (the model's likeliest next token was
+    # <UNK>, a word outside its vocabulary that decoding never emits, and <EOS> won among the rest: a cut-off caption,
+    # not a finished one), or "max_len".
+    stop: str | None = None
     attention: tuple[float, ...] | None = None  # attend decoders: the weight on each image region when choosing this word
     # On the last record: the records of the final caption's earlier words, so [*last.history, last] is the whole
     # caption, word by word (beam search: the winning hypothesis, which may differ from what was streamed).
@@ -52,10 +55,24 @@ class Step:
     # Guided decoding, on every record: the word required and why (the ImageNet labels, how confident); on the last
     # record also whether the caption meets it (constraint.met; False: it fell back to the unconstrained best).
     constraint: Constraint | None = None
+    unk_prob: float = 0.0  # the probability the model gave <UNK> at this step, before decoding masked it
+    stop_unk_prob: float | None = None  # on the last record: that probability at the step that ended the caption
 
     def caption_steps(self) -> tuple["Step", ...]:
         """On the last record: every word's record of the final caption."""
         return (*self.history, self)
+
+
+def describe_stop(last: Step) -> str:
+    """Why a caption ended, in words, from its last record (empty for a record that is not the last)."""
+    if last.stop == "eos":
+        return "the model ended it (`<EOS>` won)"
+    if last.stop == "max_len":
+        return "it reached the maximum length"
+    if last.stop == "unk":
+        return (f"the model wanted a word outside its vocabulary next (`<UNK>`, p = {last.stop_unk_prob:.0%}), which is "
+                "never emitted; `<EOS>` was the likeliest of the rest, so the caption may be cut off")
+    return ""
 
 
 def _device(model) -> torch.device:
@@ -101,14 +118,25 @@ def _attention(state, row: int = 0) -> torch.Tensor | None:
     return None if att is None else att[row]
 
 
-def _record(vocab, t, token, logp_row, k, cum, tokens, attention=None) -> Step:
+def _record(vocab, t, token, logp_row, k, cum, tokens, attention=None, unk=0.0) -> Step:
     probs = logp_row.exp()
     top = torch.topk(probs, min(k, probs.numel())) if k else None
     alts = tuple(Candidate(int(i), vocab.itos[int(i)], float(p)) for p, i in zip(top.values, top.indices) if p > 0) if top else ()
     words = [vocab.itos[i] for i in tokens]
     return Step(t, int(token), vocab.itos[int(token)], float(probs[token]), float(cum), alts,
                 float(probs[vocab.eos_id]), tuple(tokens), detokenize(words),
-                attention=None if attention is None else tuple(attention.tolist()))
+                attention=None if attention is None else tuple(attention.tolist()), unk_prob=float(unk))
+
+
+def _unk_probs(logits: torch.Tensor, vocab) -> tuple[list[float], list[bool]]:
+    """Per row of raw logits (n, V): the probability of <UNK> before masking, and whether it was the likeliest token."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
+    return probs[:, vocab.unk_id].tolist(), (probs.argmax(-1) == vocab.unk_id).tolist()
+
+
+def _ended(stop: str, unk_prob: float | None, unk_top: bool) -> dict:
+    """The last record's stop fields; an <EOS> that won only because <UNK> was masked is reported as "unk"."""
+    return {"stop": "unk" if stop == "eos" and unk_top else stop, "stop_unk_prob": unk_prob}
 
 
 def _keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -168,30 +196,35 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
     tokens: list[int] = []
     done: list[Step] = []
     cum = 0.0
+    ended = _ended("max_len", None, False)
     for t in range(max_len):
+        (unk,), (unk_top,) = _unk_probs(logits, vocab)
         logp = F.log_softmax(_mask(logits, vocab, [tokens], config.no_repeat_ngram), dim=-1)[0]  # (V,)
         token = prefix[t] if t < len(prefix) else _pick(logp, config, generator)
         if token == vocab.eos_id:
+            ended = _ended("eos", unk, unk_top)
             break
         if done:
             yield done[-1]  # held back one step so the last record can say why decoding stopped
         cum += float(logp[token])
         tokens.append(token)
-        done.append(_record(vocab, t, token, logp, config.num_alternatives, cum, tokens, _attention(state)))
+        done.append(_record(vocab, t, token, logp, config.num_alternatives, cum, tokens, _attention(state), unk))
         logits, state = model.decoder.step(torch.tensor([token], device=features.vector.device), state)
     if done:
-        yield replace(done[-1], stop="eos" if len(done) < max_len else "max_len", history=tuple(done[:-1]))
+        yield replace(done[-1], **ended, history=tuple(done[:-1]))
 
 
 @dataclass
 class _Hyp:
     tokens: list[int]
-    rows: list[tuple]  # per word: (log-prob row of its step, cumulative score, attention): records are built only when shown
+    # per word: (log-prob row of its step, cumulative score, attention, p(<UNK>)): records are built only when shown
+    rows: list[tuple]
     score: float  # sum of log-probabilities
+    end: tuple[float, bool] = (0.0, False)  # a finished one: p(<UNK>) at its <EOS> step, and whether <UNK> led there
 
     def records(self, vocab, k: int, first: int = 0) -> list[Step]:
-        return [_record(vocab, t, self.tokens[t], row, k, cum, self.tokens[: t + 1], att)
-                for t, (row, cum, att) in enumerate(self.rows) if t >= first]
+        return [_record(vocab, t, self.tokens[t], row, k, cum, self.tokens[: t + 1], att, unk)
+                for t, (row, cum, att, unk) in enumerate(self.rows) if t >= first]
 
 
 def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int, prefix: list[int],
@@ -217,6 +250,7 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     tag = (lambda r: r) if constraint is None else (lambda r: replace(r, constraint=constraint))  # noqa: E731
     pending: Step | None = None
     for t in range(max_len):
+        unk, unk_top = _unk_probs(logits, vocab)
         logp = F.log_softmax(_mask(logits, vocab, [h.tokens for h in live], config.no_repeat_ngram), dim=-1)  # (n, V)
         total = logp + torch.tensor([h.score for h in live], device=logp.device).unsqueeze(1)  # (n, V)
         if t < len(prefix):  # forced word: every beam takes it
@@ -237,9 +271,10 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
                 parent, token = divmod(index, logp.size(1))
                 h = live[parent]
                 if token == vocab.eos_id:
-                    finished[g].append(_Hyp(h.tokens, h.rows, h.score))
+                    finished[g].append(_Hyp(h.tokens, h.rows, h.score, (unk[parent], unk_top[parent])))
                 else:
-                    survivors.append(_Hyp(h.tokens + [token], h.rows + [(logp[parent], score, _attention(state, parent))], score))
+                    row = (logp[parent], score, _attention(state, parent), unk[parent])
+                    survivors.append(_Hyp(h.tokens + [token], h.rows + [row], score))
                     parents.append(parent)
                     survivor_met.append(bool(g))
                     kept += 1
@@ -265,7 +300,8 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     best = max(pool, key=norm)
     if best.tokens:
         steps = best.records(vocab, k)
-        last = replace(steps[-1], stop=stop, history=tuple(tag(r) for r in steps[:-1]))
+        ended = _ended(stop, *best.end) if stop == "eos" else _ended(stop, None, False)
+        last = replace(steps[-1], **ended, history=tuple(tag(r) for r in steps[:-1]))
         if constraint is not None:
             final = constraint
             if required:

@@ -397,11 +397,19 @@ class Captioner(
         return model
 
 
-def caption_loss(logits: torch.Tensor, captions: torch.Tensor, *, pad_id: int = 0, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of logits (T, B, V) against captions (T, B), ignoring <PAD>."""
+def caption_loss(logits: torch.Tensor, captions: torch.Tensor, *, pad_id: int = 0, unk_id: int | None = None,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of logits (T, B, V) against captions (T, B), ignoring <PAD>, and <UNK> when `unk_id` is given.
+
+    Decoding never emits <UNK>, so training never teaches it as a target: it stays in the softmax as a word the
+    model learns not to predict, instead of soaking up the mass of every rare noun ("in front of a <UNK>") that
+    decoding would then mask, leaving <EOS> to win and the caption cut off after "of a"."""
+    targets = captions.reshape(-1)  # (T*B,)
+    if unk_id is not None:
+        targets = targets.masked_fill(targets == unk_id, pad_id)
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)),  # (T*B, V)
-        captions.reshape(-1),  # (T*B,)
+        targets,
         ignore_index=pad_id,
         label_smoothing=label_smoothing,
     )

@@ -29,7 +29,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from .decode import Step, caption_batch, encode, stream
+from .decode import Step, caption_batch, describe_stop, encode, stream
 from .generation import STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
 from .imagenet import Constraint, describe_labels, labels as imagenet_labels
@@ -192,7 +192,7 @@ class Decoding:
     """A finished decode: the final caption's records, and how it was made."""
 
     steps: tuple[Step, ...]  # one record per word of the final caption
-    stop: str  # "eos" or "max_len"
+    stop: str  # "eos", "unk" or "max_len" (Step.stop)
     settings: GenerationConfig
     prefix: tuple[int, ...]  # forced first words (a branch), else ()
     focus: int  # the selected step after the decode (0-based): the first, or where a branch was made
@@ -609,11 +609,14 @@ class Handlers:
         t = self._index(decoding, step_number)
         s = steps[t]
         prefix = steps[t - 1].text if t else ""
-        ended = {"eos": "the model ended it (`<EOS>` won)", "max_len": "it reached the maximum length"}.get(decoding.stop, "")
+        ended = describe_stop(steps[-1])
         info = (
             f"**Step {t + 1} of {len(steps)}** · chose **{s.word}** with p = {percent(s.prob, 1)} · "
             f"p(`<EOS>`) here = {percent(s.eos_prob, 1)} (the chance the model ends the caption instead)"
         )
+        if s.unk_prob >= 0.05:  # decoding masks <UNK>: the probabilities shown are of the rest, renormalised
+            info += (f"  \np(`<UNK>`) here = {percent(s.unk_prob, 1)}: the model's weight on a word outside its "
+                     "vocabulary, which is never emitted (the probabilities above share out the rest)")
         if t == len(steps) - 1 and ended:
             info += f"  \nThe caption stops after this word: {ended}."
         if decoding.prefix and len(decoding.prefix) <= len(steps):

@@ -43,6 +43,16 @@ def detokenize(words: Sequence[str]) -> str:
     return out[:1].upper() + out[1:]
 
 
+# Words an English caption does not end on: one that does was cut off mid-phrase ("in front of a").
+CUT_OFF_ENDINGS = frozenset("a an the of in on with and at to his her their its".split())
+
+
+def is_cut_off(text: str) -> bool:
+    """Does this caption end on a word that leaves its phrase unfinished (punctuation aside)?"""
+    words = [w for w in tokenize(text) if w.isalnum() or "'" in w]
+    return bool(words) and words[-1] in CUT_OFF_ENDINGS
+
+
 class Vocabulary:
     """Maps words to ids and back; ids 0-3 are <PAD>, <SOS>, <EOS>, <UNK>."""
 

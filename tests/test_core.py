@@ -149,7 +149,7 @@ def test_stream_equals_caption_and_records_are_consistent():
     for kw in ({}, {"strategy": "beam", "beam_size": 3}, {"strategy": "sample", "seed": 7, "top_p": 0.9, "temperature": 0.8}):
         steps = list(stream(m, img, **kw))
         assert steps and caption(m, img, **kw) == steps[-1].text
-        assert steps[-1].stop in ("eos", "max_len") and all(s.stop is None for s in steps[:-1])
+        assert steps[-1].stop in ("eos", "unk", "max_len") and all(s.stop is None for s in steps[:-1])
     steps = list(stream(m, img, num_alternatives=3))
     cum = 0.0
     for t, s in enumerate(steps):
@@ -177,7 +177,7 @@ def test_max_len_eos_and_no_special_tokens():
         steps = list(stream(m, img, max_len=n))
         assert len(steps) <= n
         if len(steps) < n:
-            assert steps[-1].stop == "eos"
+            assert steps[-1].stop in ("eos", "unk")  # unk: a random model may like <UNK> best
     # Force a model that always wants <EOS> after one word: bias the head.
     with torch.no_grad():
         m.decoder.head.bias[2] = 50.0

@@ -188,6 +188,20 @@ def test_settings_from_control_values(handlers, model):
 # ---------------------------------------------------------------- inspector and branching
 
 
+def test_inspector_says_when_unk_not_eos_ended_the_caption(photo_path):
+    """A model that wants <UNK> (never emitted) at every step: the last step's view does not credit <EOS>, it names
+    <UNK> and its probability; every step shows p(<UNK>)."""
+    m = tiny_model(seed=3, max_len=8)
+    with torch.no_grad():
+        m.decoder.head.bias[3] += 30.0  # <UNK>
+    h = Handlers(m, word_delay=0)
+    decoding = cap(h, photo_path, strategy="greedy", max_len=8)[-1][3]
+    assert decoding.stop == "unk"
+    last = h.inspect(decoding, len(decoding.steps)).info
+    assert "outside its vocabulary" in last and "`<EOS>` won" not in last and "p = 100%" in last
+    assert all("p(`<UNK>`) here = 100.0%" in h.inspect(decoding, t + 1).info for t in range(len(decoding.steps)))
+
+
 def test_inspector_step_view_equals_the_core_records(handlers, model, photo_path):
     decoding = cap(handlers, photo_path, strategy="greedy", max_len=8, num_alternatives=4)[-1][3]
     steps = list(stream(model, photo_path, strategy="greedy", max_len=8, num_alternatives=4))

@@ -54,6 +54,9 @@ class TrainConfig:
                                "loss, CIDEr-D no better")
     weight_decay: float = _setting(1e-4, "AdamW weight decay")
     warmup_steps: int = _setting(200, "linear warm-up steps of the teacher-forcing learning rate")
+    learn_unk: bool = _setting(False, "teach <UNK> as a target where a caption has a rare word. Decoding never says it, so "
+                                      "the models that learned it (all before issue 15, the first shipped one too) put "
+                                      "their mass on it after 'in front of a' and, with it masked, ended there")
     label_smoothing: float = _setting(0.1, "teacher-forcing label smoothing; 0 was worse (runs/sweep/ls0)")
     grad_clip: float = _setting(5.0, "gradient norm clipping")
     # --- self-critical training
@@ -69,6 +72,8 @@ class TrainConfig:
     scst_xe_weight: float = _setting(0.0, "adds this times the teacher-forcing loss of one reference per image to each "
                                           "self-critical step; 0.1 kept the dev loss and caption variety up but gave no "
                                           "CIDEr-D gain (runs/drop03_scst_xe01)")
+    scst_reward_eos: bool = _setting(True, "the reward's n-grams include the caption's end, so stopping after 'of a' "
+                                           "scores below finishing the phrase (Rennie et al.'s code does the same)")
     # --- what trains of the CNN, and its inputs
     finetune_backbone: bool = _setting(False, "train the whole CNN too, on raw images (no feature cache; needs a GPU to "
                                               "be practical; teacher forcing only)")

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Sequence
 
-from captioner.vocab import tokenize
+from captioner.vocab import is_cut_off, tokenize
 
 # The punctuation coco-caption's PTBTokenizer removes.
 PUNCT = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"', "(", ")"}
@@ -36,6 +36,7 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dic
     out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
     out.update({"CIDEr-D": float(cider), "ROUGE-L": float(rouge)})
     out["distinct"] = len(set(hypotheses)) / max(1, len(hypotheses))  # share of distinct captions (collapse check)
+    out["cut_off"] = sum(map(is_cut_off, hypotheses))  # captions that end mid-phrase ("... in front of a")
     return out
 
 
@@ -49,10 +50,12 @@ def evaluate_model(model, images=None, references=(), config=None, *, features=N
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    cols = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "distinct"]
+    """Scores as a Markdown table; `cut off` counts captions ending on a/of/in/... (absent from older runs: -)."""
+    cols = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "distinct", "cut off"]
+    cell = lambda m, c: ("-" if "cut_off" not in m else str(m["cut_off"])) if c == "cut off" else f"{m[c]:.3f}"  # noqa: E731
     lines = ["| decoding | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(m, c) for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -22,12 +22,19 @@ from captioner.decode import generate_batch
 from captioner.model import caption_loss
 
 
+END = "<eos>"  # the end of a caption as a word of the reward's n-grams (spaCy never makes this token from text)
+
+
 class CiderReward:
     """CIDEr-D of sampled captions against their training image's references (punctuation dropped, as in scoring);
-    document frequencies over all the training references, counted on first use."""
+    document frequencies over all the training references, counted on first use.
 
-    def __init__(self, references: Sequence[Sequence[str]], vocab):
-        self.references, self.vocab = references, vocab
+    With `eos`, a caption's end is a word too, on both sides: references end with it, and so does a sample that
+    ended (not one cut at the length limit). "a man in front of a <eos>" then misses the n-grams "of a <eos>" and
+    "a <eos>" that no reference has, so stopping mid-phrase is paid for, as evaluation's scores pay for it."""
+
+    def __init__(self, references: Sequence[Sequence[str]], vocab, *, eos: bool = True):
+        self.references, self.vocab, self.eos = references, vocab, eos
         self.tokens: list | None = None
         self.cider = None
 
@@ -39,11 +46,14 @@ class CiderReward:
             from train.cider import CiderD
             from train.evaluate import score_tokens
 
-            self.tokens = [[score_tokens(c).split() for c in refs] for refs in self.references]
+            end = [END] if self.eos else []
+            self.tokens = [[score_tokens(c).split() + end for c in refs] for refs in self.references]
             self.cider = CiderD(self.tokens)
         rewards = []
         for r, row in enumerate(rows):
             words = [w for w in self.vocab.words(row) if w not in PUNCT]  # scored like the references
+            if self.eos and self.vocab.eos_id in row:
+                words.append(END)
             image = images[r // samples]
             rewards.append(self.cider.score(words, image, self.tokens[image]))
         return torch.tensor(rewards).view(-1, samples)
@@ -60,9 +70,10 @@ class CaptionObjective(nn.Module):
         super().__init__()
         self.model, self.pool, self.vocab = model, pool, vocab
         self.label_smoothing = cfg.label_smoothing
+        self.unk_id = None if cfg.learn_unk else vocab.unk_id  # <UNK> never a target (see caption_loss)
         self.samples, self.top_k, self.xe_weight = cfg.scst_samples, cfg.scst_top_k, cfg.scst_xe_weight
         self.max_len = cfg.max_tokens - 2  # words, without <SOS> and <EOS>
-        self.reward = CiderReward(references, vocab)
+        self.reward = CiderReward(references, vocab, eos=cfg.scst_reward_eos)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the rollouts' draws
 
     def forward(self, batch, self_critical: bool = False) -> tuple[torch.Tensor, float]:
@@ -74,7 +85,8 @@ class CaptionObjective(nn.Module):
         return self.model.forward_features(self.pool(x).repeat_interleave(repeat, dim=0), captions)
 
     def cross_entropy(self, x: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        return caption_loss(self.logits(x, captions), captions, pad_id=self.vocab.pad_id, label_smoothing=self.label_smoothing)
+        return caption_loss(self.logits(x, captions), captions, pad_id=self.vocab.pad_id, unk_id=self.unk_id,
+                            label_smoothing=self.label_smoothing)
 
     def teacher_forcing(self, batch) -> tuple[torch.Tensor, float]:
         loss = self.cross_entropy(batch.x, batch.captions)
@@ -98,25 +110,30 @@ class CaptionObjective(nn.Module):
             end = row.index(vocab.eos_id) if vocab.eos_id in row else len(row)
             sampled.append([vocab.sos_id, *row[:end], vocab.eos_id])
         caps = collate_captions(sampled, pad_id=vocab.pad_id).to(device)  # (T, B*n)
-        # Gradients through the same dropout-free policy that sampled (dropout here would score other captions).
-        logp = F.log_softmax(self.logits(batch.x, caps, repeat=n), -1).gather(2, caps.unsqueeze(2)).squeeze(2)  # (T, B*n)
-        mask = (caps != vocab.pad_id).float()
-        mask[0] = 0.0  # position 0 predicts <SOS> from the image: not part of the sampled caption
-        loss = -(advantage.unsqueeze(0) * logp * mask).sum() / mask.sum()
+        # Gradients through the same dropout-free policy that sampled (dropout here would score other captions), and
+        # over the same words: rollouts never draw <PAD>/<SOS>/<UNK>, so they are out of this softmax too. Left in, the
+        # normaliser's gradient let <UNK> drift up unchecked until it held ~all the raw mass at every step.
+        logits = self.logits(batch.x, caps, repeat=n)  # (T, B*n, V)
+        logits[..., [vocab.pad_id, vocab.sos_id, vocab.unk_id]] = -torch.inf
+        mask = caps != vocab.pad_id  # (T, B*n)
+        mask[0] = False  # position 0 predicts <SOS> from the image: not part of the sampled caption
+        logp = F.log_softmax(logits, -1).gather(2, caps.unsqueeze(2)).squeeze(2).masked_fill(~mask, 0.0)  # (T, B*n)
+        loss = -(advantage.unsqueeze(0) * logp).sum() / mask.sum()
         if self.xe_weight and batch.captions is not None:  # a little teacher forcing keeps the language model from drifting
             loss = loss + self.xe_weight * self.cross_entropy(batch.x, batch.captions)
         return loss, float(reward.mean())
 
 
-def validation_loss(model, features: torch.Tensor, batches, *, pad_id: int, device) -> float:
-    """Per-token teacher-forcing loss (no label smoothing) of (image rows, captions) batches over backbone features."""
+def validation_loss(model, features: torch.Tensor, batches, *, pad_id: int, device, unk_id: int | None = None) -> float:
+    """Per-token teacher-forcing loss (no label smoothing) of (image rows, captions) batches over backbone features;
+    with `unk_id`, <UNK> targets are left out as in training."""
     model.eval()
     total, count = 0.0, 0
     with torch.inference_mode():
         for rows, captions in batches:
             c = captions.to(device)  # (T, B)
             logits = model.forward_features(features[rows].to(device), c)  # (T, B, V)
-            n = int((c != pad_id).sum())
-            total += float(caption_loss(logits, c, pad_id=pad_id)) * n
+            n = int(((c != pad_id) & (c != unk_id if unk_id is not None else True)).sum())
+            total += float(caption_loss(logits, c, pad_id=pad_id, unk_id=unk_id)) * n
             count += n
     return total / max(1, count)

@@ -278,7 +278,8 @@ class Trainer:
 
         model, meta, val_set = self.model, self.meta, self.val_set
         val_pooled = self.inputs.val_features(model)  # (N, F)
-        vl = validation_loss(model, val_pooled, self.inputs.val_batches(), pad_id=self.vocab.pad_id, device=self.device)
+        vl = validation_loss(model, val_pooled, self.inputs.val_batches(), pad_id=self.vocab.pad_id, device=self.device,
+                             unk_id=None if self.cfg.learn_unk else self.vocab.unk_id)
         caps_val = decode_val(model, val_pooled, self.device, strategy="greedy")
         metrics = score(caps_val, self.inputs.val_references)
         sample_ids = range(min(self.cfg.sample_images, len(val_set)))
@@ -291,7 +292,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         plot(meta["history"], self.out / "plot.png")
         print(f"epoch {epoch + 1}: val loss {vl:.3f}  BLEU-4 {metrics['BLEU-4']:.3f}  CIDEr-D {metrics['CIDEr-D']:.3f}  "
-              f"ROUGE-L {metrics['ROUGE-L']:.3f}  distinct {metrics['distinct']:.2f}", file=sys.stderr)
+              f"ROUGE-L {metrics['ROUGE-L']:.3f}  distinct {metrics['distinct']:.2f}  cut off {metrics['cut_off']}", file=sys.stderr)
         for name, c in record["samples"].items():
             print(f"    {name}: {c}", file=sys.stderr)
         if meta["best"] is None or metrics["CIDEr-D"] > meta["best"]["CIDEr-D"]:
