@@ -18,19 +18,13 @@ from .peers import _never_end
 WORDS = 10
 
 
-def _fixed_length(model, eos_id: int):
-    """A copy of the model's decoding that never ends early: every caption has exactly WORDS words."""
-    _never_end(model.decoder, eos_id)
-    return model
-
-
 def run(s: Settings, image_path: str, *, show_tell=None, attend=None) -> dict:
     models = {
         "show-tell": show_tell or random_default_model(),
         "attend": attend or random_default_model(decoder="attend"),
     }
     for m in models.values():
-        _fixed_length(m, m.vocab.eos_id)
+        _never_end(m.decoder, m.vocab.eos_id)  # every caption has exactly WORDS words
     x = {name: preprocess(image_path, m.config) for name, m in models.items()}  # (3, S, S) each
 
     def first_word(m, xx):

@@ -224,7 +224,7 @@ class _Hyp:
 
     def records(self, vocab, k: int, first: int = 0) -> list[Step]:
         return [_record(vocab, t, self.tokens[t], row, k, cum, self.tokens[: t + 1], att, unk)
-                for t, (row, cum, att, unk) in enumerate(self.rows) if t >= first]
+                for t, (row, cum, att, unk) in enumerate(self.rows[first:], start=first)]
 
 
 def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int, prefix: list[int],

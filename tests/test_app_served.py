@@ -58,12 +58,15 @@ def files(tmp_path_factory):
 
 
 def expected(model, path) -> str:
-    return caption(model, str(path), strategy="greedy", max_len=MAX_LEN)
+    """What the app's defaults give (ui.APP_DEFAULTS, the served max_len)."""
+    from captioner.ui import APP_DEFAULTS
+
+    return caption(model, str(path), APP_DEFAULTS, max_len=MAX_LEN)
 
 
 def test_caption_streams_growing_partials_then_the_final_caption(server, model, files):
     client = Client(server, verbose=False)
-    job = client.submit(handle_file(str(files["photo0"])), api_name="/caption")  # defaults: greedy
+    job = client.submit(handle_file(str(files["photo0"])), api_name="/caption")  # the app's defaults
     updates = [(text, len(table["data"])) for text, _, table in job]
     final = job.result()[0]
     assert final == expected(model, files["photo0"]) and len(final.split()) >= 3
@@ -114,10 +117,12 @@ def test_bad_uploads_are_clear_errors_and_the_server_goes_on(server, model, file
 
 def test_branch_streams_the_caption_decoded_from_the_changed_word(server, model, files):
     client = Client(server, verbose=False)
+    from captioner.ui import APP_DEFAULTS
+
     path = str(files["photo0"])
-    final = list(stream(model, path, strategy="greedy", max_len=MAX_LEN))[-1]
+    final = list(stream(model, path, APP_DEFAULTS, max_len=MAX_LEN))[-1]
     alt = next(a for a in final.caption_steps()[2].alternatives if a.token != final.tokens[2] and a.word != "<EOS>")
-    want = list(stream(model, path, strategy="greedy", max_len=MAX_LEN, prefix=[*final.tokens[:2], alt.token]))
+    want = list(stream(model, path, APP_DEFAULTS, max_len=MAX_LEN, prefix=[*final.tokens[:2], alt.token]))
     for word in (alt.word, alt.token):
         job = client.submit(handle_file(path), 3, word, api_name="/branch")
         texts = [out[0] for out in job]

@@ -60,8 +60,10 @@ def browser():
 
 
 def default_steps(model, path, **kw):
-    """What the app's defaults give (greedy, the model's max length)."""
-    return list(stream(model, str(path), strategy="greedy", max_len=model.config.max_len, num_alternatives=5, **kw))
+    """What the app's defaults give (ui.APP_DEFAULTS, the model's max length)."""
+    from captioner.ui import APP_DEFAULTS
+
+    return list(stream(model, str(path), APP_DEFAULTS, max_len=model.config.max_len, num_alternatives=5, **kw))
 
 
 RECORD_CAPTIONS = """() => {
@@ -238,7 +240,7 @@ def test_upload_stream_inspect_branch(served, browser, tmp_path):
     with page.expect_download() as dl:
         page.click("#download-decoding")
     record = json.loads(Path(dl.value.path()).read_text())
-    assert record["caption"] == final.text and record["settings"]["strategy"] == "greedy" and record["model"]
+    assert record["caption"] == final.text and record["settings"]["strategy"] == "guided" and record["model"]
     assert [s["word"] for s in record["steps"]] == [s.word for s in steps]
     assert [a["word"] for a in record["steps"][1]["alternatives"]] == [a.word for a in steps[1].alternatives]
     assert all("attention" in s for s in record["steps"])  # each step's attention weights (None: show-tell)

@@ -145,8 +145,10 @@ def server(model):
 
 
 def expected(model, path) -> str:
-    """What the app's defaults give (greedy, the model's max_len)."""
-    return caption(model, str(path), strategy="greedy", max_len=MAX_LEN)
+    """What the app's defaults give (ui.APP_DEFAULTS, the model's max_len)."""
+    from captioner.ui import APP_DEFAULTS
+
+    return caption(model, str(path), APP_DEFAULTS, max_len=MAX_LEN)
 
 
 OUTCOMES: dict[str, dict[str, str]] = {}  # kind -> {"cli": ..., "app": ...}, printed at the end of the module

@@ -17,7 +17,7 @@ from captioner.decode import Step, caption, stream
 from captioner.generation import STRATEGIES, GenerationConfig
 from captioner.heatmap import attention_overlay
 from captioner.imagenet import describe_labels, top_labels
-from captioner.ui import (PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, inspector_photo,
+from captioner.ui import (APP_DEFAULTS, PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, inspector_photo,
                           percent, table_row)
 from tiny import attend_model, tiny_model
 
@@ -167,11 +167,16 @@ def test_settings_change_never_reruns_the_encoder(handlers, model, photo_path, m
     assert counter.n == 2 and outs2[-1][4].key != cache.key
 
 
-def test_defaults_are_greedy_and_the_models_max_len(handlers, model, photo_path):
+def test_defaults_are_guided_and_the_models_max_len(handlers, model, photo_path):
+    """The app decodes with guided decoding by default (issue 15: level with greedy on dev, more subjects named);
+    everything else is GenerationConfig's default."""
+    from captioner.ui import APP_DEFAULTS
+
+    assert APP_DEFAULTS == GenerationConfig(strategy="guided")
     outs = list(handlers.caption(photo_path))
-    assert outs[-1][0] == caption(model, photo_path, strategy="greedy", max_len=model.config.max_len)
-    assert outs[-1][3].settings.strategy == "greedy" and outs[-1][3].settings.max_len == model.config.max_len
-    assert handlers.settings() == GenerationConfig(max_len=model.config.max_len)
+    assert outs[-1][0] == caption(model, photo_path, strategy="guided", max_len=model.config.max_len)
+    assert outs[-1][3].settings.strategy == "guided" and outs[-1][3].settings.max_len == model.config.max_len
+    assert handlers.settings() == GenerationConfig(strategy="guided", max_len=model.config.max_len)
 
 
 def test_settings_from_control_values(handlers, model):
@@ -289,7 +294,7 @@ def run_page(page: dict, events) -> tuple[dict, list[dict]]:
 def test_a_page_decode_clears_then_streams_then_selects_the_focus_step(handlers, model, photo_path):
     page, seen = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
     assert seen[0]["caption"] == "" and seen[0]["decoding"] is None and seen[0]["current"] is None  # cleared first
-    steps = list(stream(model, photo_path, max_len=8))
+    steps = list(stream(model, photo_path, APP_DEFAULTS, max_len=8))
     assert [p["caption"] for p in seen[1:]] == [st.text for st in steps]
     for p, st in zip(seen[1:-1], steps):  # while it streams, "This step" is the word being decoded
         assert p["current"] == {a.word: a.prob for a in st.alternatives} and p["decoding"] is None
@@ -385,9 +390,9 @@ def test_the_decoding_download_holds_steps_words_probabilities_alternatives_sett
 
 
 def test_branch_api_equals_stream_with_a_prefix(handlers, model, photo_path):
-    final = list(stream(model, photo_path, max_len=8))[-1]
+    final = list(stream(model, photo_path, APP_DEFAULTS, max_len=8))[-1]
     alt = next(a for a in final.caption_steps()[1].alternatives if a.token != final.tokens[1] and a.word != "<EOS>")
-    want = list(stream(model, photo_path, prefix=[final.tokens[0], alt.token], max_len=8))
+    want = list(stream(model, photo_path, APP_DEFAULTS, prefix=[final.tokens[0], alt.token], max_len=8))
     for word in (alt.word, alt.token, str(alt.token), alt.word.upper()):
         outs = list(handlers.branch(photo_path, 2, word, handlers.settings(max_len=8)))
         assert [o[0] for o in outs] == [w.text for w in want], word
@@ -427,7 +432,7 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
     empty.write_bytes(b"")
     files = [photo_path, str(bad), str(other), str(empty)]
     table, downloads = handlers.caption_files(files, handlers.settings(max_len=8))
-    want = caption_batch(model, [photo_path, str(other)], max_len=8)
+    want = caption_batch(model, [photo_path, str(other)], APP_DEFAULTS, max_len=8)
     assert table["headers"] == ["image", "caption", "error"]
     assert [row[0] for row in table["data"]] == ["photo.jpg", "notes.jpg", "grey.png", "empty.png"]  # the input order
     assert [row[1] for row in table["data"]] == [want[0], "", want[1], ""]
@@ -546,7 +551,7 @@ def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
     assert params[0]["component"] == "Image" and not params[0]["parameter_has_default"]
     assert all(p["parameter_has_default"] for p in params[1:])
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params[1:]}
-    assert defaults["strategy"] == "greedy" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
+    assert defaults["strategy"] == "guided" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
     assert defaults["temperature"] == 1.0 and defaults["top_k"] == 0 and defaults["top_p"] == 0.9 and defaults["seed"] == -1
     assert defaults["guide_threshold"] == GenerationConfig().guide_threshold
     assert demo._queue.default_concurrency_limit == 4 and demo._queue.max_size == 64

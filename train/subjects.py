@@ -228,13 +228,13 @@ def main(argv=None) -> int:
         metrics = score(caps, references)
         recall = subject_recall(caps, references)
         rows[name] = {"BLEU-4": metrics["BLEU-4"], "CIDEr-D": metrics["CIDEr-D"], "distinct": metrics["distinct"],
-                      "recall": {k: list(v) for k, v in recall.items()}}
+                      "cut_off": metrics["cut_off"], "recall": {k: list(v) for k, v in recall.items()}}
     subjects = [s for s in (*RARE, *CONTROL)]
-    print("| decoding | BLEU-4 | CIDEr-D | distinct | rare-subject recall | " + " | ".join(subjects) + " |")
-    print("|---" * (5 + len(subjects)) + "|")
+    print("| decoding | BLEU-4 | CIDEr-D | distinct | cut off | rare-subject recall | " + " | ".join(subjects) + " |")
+    print("|---" * (6 + len(subjects)) + "|")
     for name, r in rows.items():
         rec = {k: tuple(v) for k, v in r["recall"].items()}
-        print(f"| {name} | {r['BLEU-4']:.3f} | {r['CIDEr-D']:.3f} | {r['distinct']:.3f} | {recall_row(rec)} | "
+        print(f"| {name} | {r['BLEU-4']:.3f} | {r['CIDEr-D']:.3f} | {r['distinct']:.3f} | {r['cut_off']} | {recall_row(rec)} | "
               + " | ".join(f"{rec[s][0]}/{rec[s][1]}" for s in subjects) + " |")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
