@@ -96,13 +96,21 @@ def _check_model(model) -> None:
         raise ValueError("this model has no vocabulary; load it with Captioner.from_pretrained or pass vocab=")
 
 
-def _mask(logits: torch.Tensor, vocab, histories: Sequence[Sequence[int]], no_repeat_ngram: int) -> torch.Tensor:
-    """Never emit <PAD>/<SOS>/<UNK>, never end before the first word, optionally block repeated n-grams."""
+def _mask(logits: torch.Tensor, vocab, histories: Sequence[Sequence[int]], no_repeat_ngram: int,
+          end_at_full_stop: bool = False) -> torch.Tensor:
+    """Never emit <PAD>/<SOS>/<UNK>, never end before the first word, optionally block repeated n-grams and (guided
+    decoding) allow only <EOS> after a full stop: a caption is one sentence, and a search that must place a word
+    would otherwise tack it on after the period ("... on a street. rocket")."""
     logits = logits.clone()
     logits[:, [vocab.pad_id, vocab.sos_id, vocab.unk_id]] = -math.inf
+    full_stop = vocab.stoi.get(".") if end_at_full_stop else None
     for row, hist in enumerate(histories):
         if not hist:
             logits[row, vocab.eos_id] = -math.inf
+        elif full_stop is not None and hist[-1] == full_stop:
+            eos = logits[row, vocab.eos_id].clone()
+            logits[row] = -math.inf
+            logits[row, vocab.eos_id] = eos
         n = no_repeat_ngram
         if n and len(hist) >= n - 1:
             tail = tuple(hist[len(hist) - n + 1 :]) if n > 1 else ()
@@ -251,7 +259,8 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     pending: Step | None = None
     for t in range(max_len):
         unk, unk_top = _unk_probs(logits, vocab)
-        logp = F.log_softmax(_mask(logits, vocab, [h.tokens for h in live], config.no_repeat_ngram), dim=-1)  # (n, V)
+        free = bool(required) and t >= len(prefix)  # guided, and not a forced word of a branch
+        logp = F.log_softmax(_mask(logits, vocab, [h.tokens for h in live], config.no_repeat_ngram, free), dim=-1)  # (n, V)
         total = logp + torch.tensor([h.score for h in live], device=logp.device).unsqueeze(1)  # (n, V)
         if t < len(prefix):  # forced word: every beam takes it
             forced = torch.full_like(total, -math.inf)

@@ -83,12 +83,27 @@ def test_branching_with_a_prefix(decoder):
     img = photo(2)
     base = list(stream(m, img, strategy="guided"))[-1]
     first = base.caption_steps()[0]
-    alt = next(a.token for a in first.alternatives if a.token not in (first.token, DOG))
+    # not "." either: after a full stop guided decoding may only end, so a caption that starts with one cannot meet it
+    alt = next(a.token for a in first.alternatives if a.token not in (first.token, DOG, WORDS.index(".")))
     branched = list(stream(m, img, strategy="guided", prefix=[alt]))[-1]
     assert branched.tokens[0] == alt and "dog" in words_of(branched) and branched.constraint.met
     # a prefix that already says the word meets the constraint
     said = list(stream(m, img, strategy="guided", prefix=[WORDS.index("a"), DOG]))[-1]
     assert said.tokens[:2] == (WORDS.index("a"), DOG) and said.constraint.met and said.constraint.used == "dog"
+
+
+def test_guided_captions_end_at_their_full_stop():
+    """The required word goes inside the sentence, never after its period: guided captions have a "." only last."""
+    stop = WORDS.index(".")
+    for seed in range(6):
+        m = model_of("show-tell", seed)
+        with torch.no_grad():
+            m.decoder.head.bias[stop] += 1.5  # full stops early and often: the search must place "dog" before one
+        for size in (1, 3):
+            last = list(stream(m, photo(seed), strategy="guided", beam_size=size))[-1]
+            assert stop not in last.tokens[:-1], (seed, size, last.text)
+            if last.constraint.met:
+                assert "dog" in words_of(last)
 
 
 def test_falls_back_when_no_caption_can_meet_it():
