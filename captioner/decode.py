@@ -259,8 +259,8 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     pending: Step | None = None
     for t in range(max_len):
         unk, unk_top = _unk_probs(logits, vocab)
-        free = bool(required) and t >= len(prefix)  # guided, and not a forced word of a branch
-        logp = F.log_softmax(_mask(logits, vocab, [h.tokens for h in live], config.no_repeat_ngram, free), dim=-1)  # (n, V)
+        one_sentence = bool(required) and t >= len(prefix)  # guided, and not a forced word of a branch
+        logp = F.log_softmax(_mask(logits, vocab, [h.tokens for h in live], config.no_repeat_ngram, one_sentence), dim=-1)  # (n, V)
         total = logp + torch.tensor([h.score for h in live], device=logp.device).unsqueeze(1)  # (n, V)
         if t < len(prefix):  # forced word: every beam takes it
             forced = torch.full_like(total, -math.inf)

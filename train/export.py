@@ -88,9 +88,11 @@ def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hi
     tuned = [t["tune_top_stages"] for t, _ in chain if t.get("tune_top_stages")]
     if c.decoder == "attend":
         decoder = (f"soft attention (Show, Attend and Tell, Xu et al. 2015): at every word the LSTM state ({c.hidden_size} "
-                   f"hidden)\n  weighs the backbone's spatial regions (attention MLP {c.attention_size}); the gated weighted "
-                   f"sum enters the LSTM with the\n  previous word (embedding {c.embed_size}); initial state from the pooled "
-                   f"image vector; linear to {c.vocab_size} words.")
+                   f"hidden)\n  weighs the backbone's {c.image_size // 32}x{c.image_size // 32} spatial regions (a scaled dot "
+                   f"product of a query from the state\n  with each region's key, size {c.attention_size}); the gated "
+                   f"weighted sum enters the LSTM with the previous word (embedding {c.embed_size});\n  initial state from "
+                   f"the pooled image vector; linear to {c.vocab_size} words. Each word's attention weights are in its\n"
+                   f"  decoding record (the app draws them as a heatmap).")
     else:
         decoder = (f"word embedding ({c.embed_size}), {c.num_layers}-layer LSTM ({c.hidden_size} hidden), linear to\n"
                    f"  {c.vocab_size} words. The image feature is the LSTM's input at t=0, `<SOS>` at t=1, then the caption's words.")
@@ -101,12 +103,12 @@ library_name: captioner
 pipeline_tag: image-to-text
 license: other
 license_name: research-and-demo
-tags: [image-captioning, image-to-text, lstm, show-and-tell, efficientnet]
+tags: [image-captioning, image-to-text, lstm, {"show-attend-and-tell" if c.decoder == "attend" else "show-and-tell"}, efficientnet]
 datasets: [flickr8k]
 ---
 # Captioner: EfficientNet-Lite0 + LSTM, trained on Flickr8k
 
-A small Show-and-Tell image captioner ({n_params / 1e6:.1f} M parameters) for fast captioning on a laptop CPU, with a
+A small {"Show, Attend and Tell" if c.decoder == "attend" else "Show-and-Tell"} image captioner ({n_params / 1e6:.1f} M parameters) for fast captioning on a laptop CPU, with a
 decoder that streams its choices one word at a time (see the `captioner` project and its Gradio app).
 
 ## Architecture
@@ -156,7 +158,16 @@ This model is therefore for research and demonstration use. If you use it, cite 
 """
 
 
-def export(run: Path, out: Path, *, repo_hint: str = "path/to/model") -> Path:
+def _halve(weights: Path) -> None:
+    """Store the floating-point weights in float16 (half the download and the repository's size); loading casts them
+    back to the model's float32, so only the weights' rounding changes, not the arithmetic."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+
+
+def export(run: Path, out: Path, *, repo_hint: str = "path/to/model", half: bool = False) -> Path:
     best = run / "best"
     model = load(best)
     final = json.loads((run / "final_metrics.json").read_text()) if (run / "final_metrics.json").exists() else {}
@@ -166,6 +177,8 @@ def export(run: Path, out: Path, *, repo_hint: str = "path/to/model") -> Path:
     tmp.mkdir(parents=True)
     for f in MODEL_FILES:
         shutil.copy2(best / f, tmp / f)
+    if half:
+        _halve(tmp / "model.safetensors")
     (tmp / "README.md").write_text(model_card(model, run, final, train_config, repo_hint))
     if (run / "plot.png").exists():
         shutil.copy2(run / "plot.png", tmp / "training.png")
@@ -181,9 +194,10 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True, help="training run folder (holds best/, metrics.jsonl, final_metrics.json)")
     p.add_argument("--out", required=True, help="destination folder (replaced)")
     p.add_argument("--repo-hint", default="captioner/default_model", help="the source shown in the card's usage example")
+    p.add_argument("--half", action="store_true", help="store the weights in float16 (loaded back as float32): half the size")
     args = p.parse_args(argv)
     try:
-        path = export(Path(args.run), Path(args.out), repo_hint=args.repo_hint)
+        path = export(Path(args.run), Path(args.out), repo_hint=args.repo_hint, half=args.half)
     except Exception as e:  # noqa: BLE001 - a CLI reports, the traceback helps nobody here
         print(f"error: {e}", file=sys.stderr)
         return 2
