@@ -67,8 +67,8 @@ APP_DEFAULTS = GenerationConfig(strategy="guided")
 # under the caption, where a wrong subject is read. The second part only where the CNN's labels are shown.
 TRAINING_NOTE = ("The bundled model learned to caption from Flickr8k (about 8,000 photos, mostly people, dogs and outdoor "
                  "scenes), so it often names other subjects wrongly")
-TRAINING_NOTE_LABELS = ("; *The CNN sees* names what its image classifier recognises, and the *guided* strategy (Decoding "
-                        "settings) makes the caption name what the classifier is sure of")
+TRAINING_NOTE_LABELS = ("; *The CNN sees* names what its image classifier recognises, and the *guided* strategy (the "
+                        "default; see Decoding settings) makes the caption name what the classifier is sure of")
 PHONE = "640px"  # at this width and below the two columns stack: the caption comes right after the photo
 
 CSS = """
