@@ -38,8 +38,8 @@ def run(model, s: Settings, images: list[str], image_source: str) -> dict:
     trainee = copy.deepcopy(model).train()
     trainee.encoder.set_trainable(False)
     with torch.inference_mode():
-        f_dim = model.encoder.backbone_features(batch[:1]).shape[1]
-    features = torch.randn(BATCH, f_dim)
+        shape = model.encoder.backbone_features(batch[:1]).shape[1:]  # (F,) pooled, or (N, F) regions for attention
+    features = torch.randn(BATCH, *shape)
     captions = torch.randint(4, cfg.vocab_size, (MAX_TOKENS, BATCH))
     captions[0] = model.vocab.sos_id
     params = [p for p in trainee.parameters() if p.requires_grad]
@@ -58,7 +58,8 @@ def run(model, s: Settings, images: list[str], image_source: str) -> dict:
     from train.features import split_backbone
 
     tuned = {}
-    for n_top in (1, 2):
+    tops = () if model.decoder.uses_grid else (1, 2)  # the tuned top stages feed a pooled vector: Show-and-Tell only
+    for n_top in tops:
         bottom, top = split_backbone(trainee.encoder.backbone, n_top)
         with torch.inference_mode():
             maps = bottom(batch)  # (n, C, H, W)
@@ -85,7 +86,7 @@ def run(model, s: Settings, images: list[str], image_source: str) -> dict:
     for key, label in (("onednn", "current code (nn.LSTM via oneDNN)"), ("native", "oneDNN off (torch.backends.mkldnn.flags)")):
         rows.append({"stage": f"training step on cached features, batch {BATCH}, {MAX_TOKENS} tokens",
                      "captions_per_s": round(BATCH / (st[key].median_ms / 1e3), 1), "median_ms": round(st[key].median_ms, 1), "note": label})
-    for n_top in (1, 2):
+    for n_top in tops:
         rows.append({"stage": f"training step on cached maps, last {n_top} CNN stage(s) + head conv trained too, batch {BATCH}",
                      "captions_per_s": round(BATCH / (st[f"top{n_top}"].median_ms / 1e3), 1),
                      "median_ms": round(st[f"top{n_top}"].median_ms, 1), "note": f"--tune-top-stages {n_top}"})
