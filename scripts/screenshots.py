@@ -3,11 +3,11 @@
     python scripts/screenshots.py [--out-dir assets] [--only desktop|phone]
 
 Serves the app in this process with the real model ($CAPTIONER_MODEL, else the bundled captioner/default_model/),
-opens it in Debian's chromium (/usr/bin/chromium) through Playwright, uploads examples/cameraman.jpg, waits for the
+opens it in Debian's chromium (/usr/bin/chromium) through Playwright, uploads examples/cat.jpg, waits for the
 caption, and saves:
-  desktop: screenshot.png, 1400 px wide, the whole page, inspecting step 2 with another word picked to branch on
-           (with what the CNN sees beside the caption for a model with an ImageNet head, and, for a model that
-           attends, step 2's attention heatmap in the inspector);
+  desktop: screenshot.png, 1400 px wide, the whole page, inspecting step 3 (with the bundled model and the app's
+           guided default: "cat") with another word picked to branch on (with what the CNN sees beside the caption
+           for a model with an ImageNet head, and, for a model that attends, step 3's attention heatmap);
   phone:   screenshot-phone.png, 390 x 844, the screen as a phone shows it once the caption is done (the photo,
            the caption right under it, what the CNN sees, and this step's words).
 Run it through `bash scripts/screenshots.sh`, which sets up the dev requirements first.
@@ -26,7 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 CHROMIUM = "/usr/bin/chromium"
-PHOTO = ROOT / "examples" / "cameraman.jpg"
+PHOTO = ROOT / "examples" / "cat.jpg"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 TIMEOUT = 90_000  # ms: a shared 2-core machine can be slow to start a browser and render Gradio
@@ -50,9 +50,10 @@ def captioned_page(browser, url: str, viewport: dict, **context_kw):
 def desktop(browser, url: str, path: Path) -> None:
     page = captioned_page(browser, url, VIEWPORTS["desktop"][0])
     old = page.eval_on_selector("#heatmap img", "i => i.src") if page.locator("#heatmap img").count() else None
-    page.click("#next-step")
-    page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Step 2 of')")
-    if old is not None:  # a model that attends: step 2's heatmap, loaded
+    for step in (2, 3):
+        page.click("#next-step")
+        page.wait_for_function(f"() => document.querySelector('#step-info').innerText.includes('Step {step} of')")
+    if old is not None:  # a model that attends: step 3's heatmap, loaded
         page.wait_for_function("s => { const i = document.querySelector('#heatmap img'); return i && i.src !== s && i.complete; }",
                                arg=old)
     labels = page.locator("#branch label")
