@@ -102,7 +102,7 @@ def _mask(logits: torch.Tensor, vocab, histories: Sequence[Sequence[int]], no_re
     decoding) allow only <EOS> after a full stop: a caption is one sentence, and a search that must place a word
     would otherwise tack it on after the period ("... on a street. rocket")."""
     logits = logits.clone()
-    logits[:, [vocab.pad_id, vocab.sos_id, vocab.unk_id]] = -math.inf
+    logits[:, list(vocab.unsaid)] = -math.inf
     full_stop = vocab.stoi.get(".") if end_at_full_stop else None
     for row, hist in enumerate(histories):
         if not hist:
@@ -185,7 +185,7 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
     max_len = config.resolved_max_len(model.config.max_len)
     prefix = [int(p) for p in prefix]
     for p in prefix:
-        if not 0 <= p < len(vocab) or p in (vocab.pad_id, vocab.sos_id, vocab.unk_id):
+        if not 0 <= p < len(vocab) or p in vocab.unsaid:
             raise ValueError(f"prefix token {p} is not a word of this model's vocabulary (size {len(vocab)})")
     features = _features(model, image, features)
     if len(features) != 1:
@@ -380,7 +380,7 @@ def generate_batch(model, features: ImageFeatures, max_len: int, *, sample: bool
     tokens = torch.zeros(n, 0, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool)
     for t in range(max_len):
-        logits[:, [vocab.pad_id, vocab.sos_id, vocab.unk_id]] = -math.inf
+        logits[:, list(vocab.unsaid)] = -math.inf
         if t == 0:
             logits[:, vocab.eos_id] = -math.inf
         if sample:

@@ -519,7 +519,7 @@ class Handlers:
         else:
             raise gr.Error(f"{text!r} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
                            title="Unknown word", print_exception=False)
-        if token in (vocab.pad_id, vocab.sos_id, vocab.unk_id):
+        if token in vocab.unsaid:
             raise gr.Error(f"{vocab.itos[token]!r} cannot be part of a caption; give a word (or <EOS> to end it there)",
                            print_exception=False)
         return token

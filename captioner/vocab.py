@@ -65,6 +65,7 @@ class Vocabulary:
             raise ValueError("vocabulary has duplicate words")
 
     pad_id, sos_id, eos_id, unk_id = 0, 1, 2, 3
+    unsaid = (pad_id, sos_id, unk_id)  # ids no caption ever contains: decoding masks them, training never samples them
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -92,7 +93,7 @@ class Vocabulary:
             i = int(i)
             if i == self.eos_id:
                 break
-            if i in (self.pad_id, self.sos_id, self.unk_id):
+            if i in self.unsaid:
                 continue
             out.append(self.itos[i])
         return out

@@ -114,7 +114,7 @@ class CaptionObjective(nn.Module):
         # over the same words: rollouts never draw <PAD>/<SOS>/<UNK>, so they are out of this softmax too. Left in, the
         # normaliser's gradient let <UNK> drift up unchecked until it held ~all the raw mass at every step.
         logits = self.logits(batch.x, caps, repeat=n)  # (T, B*n, V)
-        logits[..., [vocab.pad_id, vocab.sos_id, vocab.unk_id]] = -torch.inf
+        logits[..., list(vocab.unsaid)] = -torch.inf
         mask = caps != vocab.pad_id  # (T, B*n)
         mask[0] = False  # position 0 predicts <SOS> from the image: not part of the sampled caption
         logp = F.log_softmax(logits, -1).gather(2, caps.unsqueeze(2)).squeeze(2).masked_fill(~mask, 0.0)  # (T, B*n)
@@ -133,7 +133,10 @@ def validation_loss(model, features: torch.Tensor, batches, *, pad_id: int, devi
         for rows, captions in batches:
             c = captions.to(device)  # (T, B)
             logits = model.forward_features(features[rows].to(device), c)  # (T, B, V)
-            n = int(((c != pad_id) & (c != unk_id if unk_id is not None else True)).sum())
+            targets = c != pad_id  # (T, B): what caption_loss averages over
+            if unk_id is not None:
+                targets &= c != unk_id
+            n = int(targets.sum())
             total += float(caption_loss(logits, c, pad_id=pad_id, unk_id=unk_id)) * n
             count += n
     return total / max(1, count)
