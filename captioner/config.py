@@ -21,6 +21,9 @@ class CaptionerConfig:
     decoder: str = "show-tell"  # "show-tell": the image at t=0 only (the seed's reference design); "attend": soft
     #                             attention over the backbone's spatial map at every word (Xu et al. 2015)
     attention_size: int = 512  # attend: size of the attention's keys and queries
+    attention_score: str = "dot"  # attend: "dot", a scaled dot product of query and key (Luong's "general"); "mlp",
+    #                               Xu et al.'s one-hidden-layer score w . tanh(key + query)
+    region_size: int = 0  # attend: each region's projected size (what the context vector has); 0 = embed_size
     hidden_size: int = 512  # LSTM hidden state size
     num_layers: int = 1  # stacked LSTM layers
     dropout: float = 0.5  # on the image projection, the embeddings and the LSTM output
@@ -42,6 +45,10 @@ class CaptionerConfig:
         self.std = tuple(float(v) for v in self.std)
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder={self.decoder!r}: expected one of {', '.join(DECODERS)}")
+        if self.attention_score not in ("dot", "mlp"):
+            raise ValueError(f"attention_score={self.attention_score!r}: expected 'dot' or 'mlp'")
+        if self.region_size < 0:
+            raise ValueError(f"region_size={self.region_size}: expected 0 (= embed_size) or more")
         if self.resize not in ("squash", "crop"):
             raise ValueError(f"resize={self.resize!r}: expected 'squash' or 'crop'")
         if self.image_size < 8:
@@ -64,7 +71,8 @@ class CaptionerConfig:
                 f"(reads up to {FORMAT_VERSION}); upgrade captioner (pip install -U -r requirements.txt)"
             )
         names = {f.name for f in fields(cls)}
-        required = names - {"extra", "format_version", "decoder", "attention_size", "imagenet_head"}  # added later, with defaults: older configs are show-tell
+        # added later, with defaults: older configs are show-tell, attend ones dot-product with regions of embed_size
+        required = names - {"extra", "format_version", "decoder", "attention_size", "imagenet_head", "attention_score", "region_size"}
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"config.json is missing field(s) {missing}; the model folder is incomplete or not a captioner")

@@ -38,6 +38,9 @@ class TrainConfig:
     decoder: str = _setting("show-tell", "show-tell: the image enters the LSTM once, at t=0 (the shipped model); attend: "
                                          "soft attention over the CNN's spatial map at every word (Xu et al. 2015)")
     attention_size: int = _setting(512, "attend: size of the attention's keys and queries")
+    attention_score: str = _setting("dot", "attend: dot (scaled dot product of query and key) or mlp (Xu et al.'s "
+                                           "w . tanh(key + query))")
+    region_size: int = _setting(0, "attend: size each region is projected to (the context vector); 0 = --embed-size")
     embed_size: int = _setting(512, "size of the image feature and of the word embeddings")
     hidden_size: int = _setting(512, "LSTM hidden size")
     num_layers: int = _setting(1, "LSTM layers (every run used 1; 2 is tested, not tuned)")
@@ -50,8 +53,13 @@ class TrainConfig:
     # --- teacher forcing
     epochs: int = _setting(15, "teacher-forcing epochs")
     batch_size: int = _setting(128, "captions per teacher-forcing step")
-    lr: float = _setting(1e-3, "teacher-forcing peak learning rate (warm-up, then cosine to 5%); 2e-3 gave a lower dev "
+    lr: float = _setting(1e-3, "teacher-forcing peak learning rate (warm-up, then --lr-schedule); 2e-3 gave a lower dev "
                                "loss, CIDEr-D no better")
+    lr_schedule: str = _setting("cosine", "teacher forcing after warm-up: cosine (to 5% of --lr over --epochs) or plateau "
+                                          "(constant, times --plateau-decay whenever dev CIDEr-D did not rise)")
+    plateau_decay: float = _setting(0.5, "--lr-schedule plateau: the lr's factor after an epoch without a new best dev CIDEr-D")
+    patience: int = _setting(0, "early stopping: end a phase (teacher forcing, then self-critical) after this many epochs "
+                                "without a new best dev CIDEr-D (0 = run every epoch)")
     weight_decay: float = _setting(1e-4, "AdamW weight decay")
     warmup_steps: int = _setting(200, "linear warm-up steps of the teacher-forcing learning rate")
     learn_unk: bool = _setting(False, "teach <UNK> as a target where a caption has a rare word. Decoding never says it, so "
@@ -93,6 +101,9 @@ class TrainConfig:
     seed: int = _setting(0, "seeds the initial weights, batch order, view draws and rollouts")
     device: str = _setting("auto", "auto picks cuda, then mps, then cpu")
     threads: int = _setting(0, "torch CPU threads; 0 keeps torch's default")
+    precision: str = _setting("auto", "forward passes (and feature extraction) in fp32 or bf16 autocast; weights, optimizer "
+                                      "and loss stay float32. auto: bf16 where the CPU computes it natively (AVX512-BF16 "
+                                      "or AMX) or on CUDA, else fp32")
     progress: bool = _setting(True, "progress bars")
 
     def check(self) -> None:
@@ -111,12 +122,23 @@ class TrainConfig:
                              "the second the whole CNN on images; choose one")
         if self.tune_top_stages < 0:
             raise ValueError(f"--tune-top-stages {self.tune_top_stages}: must be >= 0")
+        from captioner.precision import TRAINING
+
+        if self.precision not in TRAINING:
+            raise ValueError(f"--precision {self.precision!r}: choose one of {', '.join(TRAINING)}")
+        if self.lr_schedule not in ("cosine", "plateau"):
+            raise ValueError(f"--lr-schedule {self.lr_schedule!r}: choose cosine or plateau")
+        if not 0.0 < self.plateau_decay <= 1.0:
+            raise ValueError(f"--plateau-decay {self.plateau_decay}: must be in (0, 1]")
+        if self.patience < 0:
+            raise ValueError(f"--patience {self.patience}: must be >= 0")
         if self.scst_xe_weight < 0:
             raise ValueError(f"--scst-xe-weight {self.scst_xe_weight}: must be >= 0")
 
     def check_resume(self, saved: "TrainConfig") -> None:
         """A --resume keeps what shapes the model and its optimizer's groups."""
-        for name in ("decoder", "embed_size", "hidden_size", "num_layers", "min_freq", "backbone", "tune_top_stages"):
+        for name in ("decoder", "embed_size", "hidden_size", "num_layers", "min_freq", "backbone", "tune_top_stages",
+                     "attention_score", "region_size"):
             if getattr(saved, name) != getattr(self, name):
                 raise ValueError(f"--resume: {name}={getattr(self, name)!r} differs from the checkpoint's {getattr(saved, name)!r}")
 

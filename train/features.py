@@ -73,7 +73,7 @@ def augmented_view(path: str, view: int):
     return img.transpose(0) if rng.random() < 0.5 else img  # 0 = Image.FLIP_LEFT_RIGHT
 
 
-def cache_key(model, images: list[str], view: int = 0, top_stages: int = 0) -> str:
+def cache_key(model, images: list[str], view: int = 0, top_stages: int = 0, precision: str = "fp32") -> str:
     c = model.config
     spec = {
         "backbone": c.backbone,
@@ -85,6 +85,8 @@ def cache_key(model, images: list[str], view: int = 0, top_stages: int = 0) -> s
         "std": list(c.std),
         "images": hashlib.sha256("\n".join(os.path.realpath(p) for p in images).encode()).hexdigest()[:16],
     }
+    if precision != "fp32":  # features computed in bf16 differ a little (~4%); float32 ones keep the key they had
+        spec["precision"] = precision
     if view:  # augmented views get their own keys; the plain features keep the key they always had
         spec["view"] = view
     if top_stages:  # feature maps before the last stages, not pooled features
@@ -102,11 +104,15 @@ def _atomic_save(array: np.ndarray, path: Path) -> None:
 
 @torch.inference_mode()
 def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, batch_size: int = 32, progress: bool = True,
-                     view: int = 0, top_stages: int = 0) -> torch.Tensor:
+                     view: int = 0, top_stages: int = 0, precision: str = "fp32") -> torch.Tensor:
     """Backbone features (N, F) for the image paths (or for their augmented view `view`), from the cache where present.
     With `top_stages`, the feature maps (N, C, H, W) below the backbone's last `top_stages` stages instead; for a
-    decoder that attends, the last map's regions (N, R, F) in half precision (7,000 images of 49 x 1,280 take 0.9 GB)."""
-    folder = Path(cache_dir) / cache_key(model, images, view, top_stages)
+    decoder that attends, the last map's regions (N, R, F) in half precision (7,000 images of 49 x 1,280 take 0.9 GB).
+    `precision` (fp32 or bf16, resolved: see captioner.precision) is what the CNN runs in; it is part of the key."""
+    from captioner.precision import autocast, check
+
+    check(precision, ("fp32", "bf16"))
+    folder = Path(cache_dir) / cache_key(model, images, view, top_stages, precision)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / "features.npy"
     if final.exists():
@@ -132,7 +138,8 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
             for b in range(0, len(part), batch_size):
                 batch = torch.stack([preprocess(augmented_view(p, view) if view else p, model.config)
                                      for p in part[b : b + batch_size]])  # (b, 3, S, S)
-                x = run(batch)  # (b, F), (b, C, H, W) or (b, R, F)
+                with autocast(precision):
+                    x = run(batch)  # (b, F), (b, C, H, W) or (b, R, F)
                 out.append((x.half() if half else x.float()).numpy())
                 bar.update(len(batch))
             _atomic_save(np.concatenate(out), path)

@@ -107,14 +107,18 @@ class _Cached:
         if self.top_stages and model.encoder.spatial:
             raise ValueError("--tune-top-stages trains the CNN's top on pooled features; a decoder that attends "
                              "(--decoder attend) reads the spatial map instead: leave it 0")
+        from captioner.precision import for_training
+
+        precision = for_training(cfg.precision, "cpu")  # extraction runs on the CPU
         feats = extract_features(model.cpu(), train_images + val_images, cfg.feature_cache, progress=progress,
-                                 top_stages=self.top_stages)
+                                 top_stages=self.top_stages, precision=precision)
         model.to(device)
         self.train, self.val = feats[: len(train_images)], feats[len(train_images) :]
         self.views = None
         if cfg.augment_views:
             views = [extract_features(model.cpu(), train_images, cfg.feature_cache, view=k, progress=progress,
-                                      top_stages=self.top_stages) for k in range(1, cfg.augment_views + 1)]
+                                      top_stages=self.top_stages, precision=precision)
+                     for k in range(1, cfg.augment_views + 1)]
             model.to(device)
             self.views = torch.stack([self.train, *views])  # (1 + views, N, F) or (1 + views, N, C, H, W)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from captioner.decode import generate_batch
 from captioner.model import caption_loss
+from captioner.precision import autocast
 
 
 END = "<eos>"  # the end of a caption as a word of the reward's n-grams (spaCy never makes this token from text)
@@ -66,9 +67,11 @@ class CaptionObjective(nn.Module):
     `pool` turns a batch's rows into backbone features (the input side's module: cached features pass through, cached
     maps go through the tuned top stages, images through the CNN)."""
 
-    def __init__(self, model: nn.Module, pool: nn.Module, vocab, references: Sequence[Sequence[str]], cfg, *, device):
+    def __init__(self, model: nn.Module, pool: nn.Module, vocab, references: Sequence[Sequence[str]], cfg, *, device,
+                 precision: str = "fp32"):
         super().__init__()
         self.model, self.pool, self.vocab = model, pool, vocab
+        self.autocast = lambda: autocast(precision, device)  # forward passes and rollouts; the losses stay float32
         self.label_smoothing = cfg.label_smoothing
         self.unk_id = None if cfg.learn_unk else vocab.unk_id  # <UNK> never a target (see caption_loss)
         self.samples, self.top_k, self.xe_weight = cfg.scst_samples, cfg.scst_top_k, cfg.scst_xe_weight
@@ -81,8 +84,11 @@ class CaptionObjective(nn.Module):
         return self.self_critical(batch) if self_critical else self.teacher_forcing(batch)
 
     def logits(self, x: torch.Tensor, captions: torch.Tensor, repeat: int = 1) -> torch.Tensor:
-        """captions (T, B * repeat) -> logits (T, B * repeat, V); each row of x serves `repeat` consecutive captions."""
-        return self.model.forward_features(self.pool(x).repeat_interleave(repeat, dim=0), captions)
+        """captions (T, B * repeat) -> float32 logits (T, B * repeat, V); each row of x serves `repeat` consecutive
+        captions."""
+        with self.autocast():
+            logits = self.model.forward_features(self.pool(x).repeat_interleave(repeat, dim=0), captions)
+        return logits.float()
 
     def cross_entropy(self, x: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         return caption_loss(self.logits(x, captions), captions, pad_id=self.vocab.pad_id, unk_id=self.unk_id,
@@ -97,7 +103,7 @@ class CaptionObjective(nn.Module):
         from train.data import collate_captions
 
         n, vocab, device = self.samples, self.vocab, batch.x.device
-        with torch.no_grad():  # the model is in eval mode: rollouts without dropout
+        with torch.no_grad(), self.autocast():  # the model is in eval mode: rollouts without dropout
             pooled = self.pool(batch.x).repeat_interleave(n, dim=0)  # (B*n, F)
             seqs = generate_batch(self.model, self.model.encoder.from_backbone(pooled), self.max_len, sample=True,
                                   top_k=self.top_k, generator=self.generator)  # (B*n, T)

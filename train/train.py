@@ -94,6 +94,7 @@ def new_model(cfg: TrainConfig, train_set) -> Captioner:
     vocab = Vocabulary.build((c for s in train_set for c in s.captions), min_freq=cfg.min_freq)
     config = CaptionerConfig(
         backbone=cfg.backbone, decoder=cfg.decoder, attention_size=cfg.attention_size, embed_size=cfg.embed_size,
+        attention_score=cfg.attention_score, region_size=cfg.region_size,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, dropout=cfg.dropout, vocab_size=len(vocab),
         train_backbone=cfg.finetune_backbone, image_size=cfg.image_size, resize=cfg.resize,
     )
@@ -124,6 +125,7 @@ def start(cfg: TrainConfig, train_set, ckpt: Path, resume: bool, is_main: bool):
     model = load(cfg.init)  # its vocabulary, sizes and backbone weights carry on
     c = model.config
     cfg = replace(cfg, backbone=c.backbone, decoder=c.decoder, attention_size=c.attention_size, embed_size=c.embed_size,
+                  attention_score=c.attention_score, region_size=c.region_size,
                   hidden_size=c.hidden_size, num_layers=c.num_layers, image_size=c.image_size, resize=c.resize)
     say(f"starting from {cfg.init}")
     return cfg, model, None, meta, c.extra.get("trained_epochs")
@@ -156,11 +158,16 @@ class Trainer:
         cfg, model, opt_state, self.meta, self.init_epochs = start(cfg, train_set, self.ckpt, resume, self.is_main)
         self.cfg, self.model, self.vocab = cfg, model, model.vocab
         model.to(device)
+        from captioner.precision import for_training
+
+        self.precision = for_training(cfg.precision, device)
         if self.is_main:
-            print(f"vocabulary: {len(self.vocab)} words; device: {device}; world size {self.world}", file=sys.stderr)
+            print(f"vocabulary: {len(self.vocab)} words; device: {device}; world size {self.world}; "
+                  f"precision {self.precision} (--precision {cfg.precision})", file=sys.stderr)
         self.inputs = TrainInputs(cfg, model, train_set, self.val_set, self.vocab, device=device, world=self.world,
                                   rank=self.rank, progress=cfg.progress and self.is_main)
-        self.objective = CaptionObjective(model, self.inputs.pool, self.vocab, self.inputs.references, cfg, device=device)
+        self.objective = CaptionObjective(model, self.inputs.pool, self.vocab, self.inputs.references, cfg, device=device,
+                                          precision=self.precision)
         self.step_loss = self.objective
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -183,7 +190,10 @@ class Trainer:
 
     def learning_rate(self, self_critical: bool) -> float:
         cfg, step = self.cfg, self.meta["global_step"]
+        scale = self.meta.get("lr_scale", 1.0)  # --lr-schedule plateau: the decays so far in this phase
         if not self_critical:
+            if cfg.lr_schedule == "plateau":
+                return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * scale
             return lr_at(step, self.xe_steps, cfg.lr, cfg.warmup_steps)
         if cfg.scst_schedule == "constant":
             return cfg.scst_lr
@@ -201,13 +211,18 @@ class Trainer:
         main_thread = threading.current_thread() is threading.main_thread()
         old_handler = signal.signal(signal.SIGINT, self.on_sigint) if main_thread else None
         try:
-            for epoch in range(self.meta["epoch"], self.cfg.epochs + self.cfg.scst_epochs):
+            while self.meta["epoch"] < self.cfg.epochs + self.cfg.scst_epochs:
+                epoch = self.meta["epoch"]
                 stats = self.run_epoch(epoch)
                 if stats is None:
                     return {"interrupted": True, **self.meta}
                 if self.is_main:
                     self.end_epoch(epoch, *stats)
-                self.meta.update(epoch=epoch + 1, step_in_epoch=0)
+                if self.world > 1:  # every rank follows the main one's early-stopping decision
+                    decision = torch.tensor([self.meta.get("stale", 0), self.meta.get("lr_scale", 1.0)])
+                    torch.distributed.broadcast(decision, 0)
+                    self.meta.update(stale=int(decision[0]), lr_scale=float(decision[1]))
+                self.meta.update(epoch=self.next_epoch(epoch), step_in_epoch=0)
                 if self.is_main:
                     self.save()
                 if self.world > 1:
@@ -221,6 +236,20 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
             if self.world > 1:
                 torch.distributed.destroy_process_group()
+
+    def next_epoch(self, epoch: int) -> int:
+        """The epoch after `epoch`: with --patience, a phase whose dev CIDEr-D has not set a new best for that many
+        epochs ends (teacher forcing goes on to the self-critical epochs, if any; those end the run)."""
+        cfg = self.cfg
+        phase_end = cfg.epochs if epoch < cfg.epochs else cfg.epochs + cfg.scst_epochs
+        if epoch + 1 < phase_end and (not cfg.patience or self.meta.get("stale", 0) < cfg.patience):
+            return epoch + 1
+        if self.is_main and epoch + 1 < phase_end:
+            print(f"early stop: no new best dev CIDEr-D for {cfg.patience} epochs; "
+                  f"{'self-critical training' if phase_end == cfg.epochs and cfg.scst_epochs else 'the run'} ends this phase",
+                  file=sys.stderr)
+        self.meta.update(stale=0, lr_scale=1.0, phase_best=None)
+        return max(epoch + 1, phase_end)
 
     def run_epoch(self, epoch: int):
         """Train one epoch (or its rest, on --resume) -> (self-critical, start time, last lr, mean loss or reward),
@@ -284,7 +313,7 @@ class Trainer:
         metrics = score(caps_val, self.inputs.val_references)
         sample_ids = range(min(self.cfg.sample_images, len(val_set)))
         record = {"epoch": epoch + 1, "phase": "scst" if scst else "xe", "seconds": round(time.time() - t0, 1),
-                  "threads": torch.get_num_threads(), "last_lr": lr,
+                  "threads": torch.get_num_threads(), "precision": self.precision, "last_lr": lr,
                   ("train_reward" if scst else "train_loss"): train_value, "val_loss": vl, **metrics,
                   "samples": {os.path.basename(val_set[i].image): caps_val[i] for i in sample_ids}}
         meta["history"].append(record)
@@ -292,7 +321,15 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         plot(meta["history"], self.out / "plot.png")
         print(f"epoch {epoch + 1}: val loss {vl:.3f}  BLEU-4 {metrics['BLEU-4']:.3f}  CIDEr-D {metrics['CIDEr-D']:.3f}  "
-              f"ROUGE-L {metrics['ROUGE-L']:.3f}  distinct {metrics['distinct']:.2f}  cut off {metrics['cut_off']}", file=sys.stderr)
+              f"ROUGE-L {metrics['ROUGE-L']:.3f}  distinct {metrics['distinct']:.2f}  cut off {metrics['cut_off']}  "
+              f"({record['seconds']:.0f} s, {self.precision})", file=sys.stderr)
+        # This phase's best so far drives --patience and the plateau schedule (the run's best picks best/).
+        if meta.get("phase_best") is None or metrics["CIDEr-D"] > meta["phase_best"]:
+            meta.update(phase_best=metrics["CIDEr-D"], stale=0)
+        else:
+            meta["stale"] = meta.get("stale", 0) + 1
+            if not scst and self.cfg.lr_schedule == "plateau":
+                meta["lr_scale"] = meta.get("lr_scale", 1.0) * self.cfg.plateau_decay
         for name, c in record["samples"].items():
             print(f"    {name}: {c}", file=sys.stderr)
         if meta["best"] is None or metrics["CIDEr-D"] > meta["best"]["CIDEr-D"]:
