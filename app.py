@@ -1,7 +1,7 @@
 """Captioner's Gradio app: drop a photo, watch its caption stream word by word, inspect and branch the decoding.
 
     python app.py [--model FOLDER_OR_REPO_ID] [--revision REV] [--host HOST] [--port PORT] [--share] [--threads N]
-                  [--word-delay S]
+                  [--precision auto|fp32|bf16|int8] [--word-delay S]
 
 Hugging Face Spaces runs `python app.py` (and sets GRADIO_SERVER_NAME/GRADIO_SERVER_PORT).
 The handlers and the layout are in captioner/ui.py.
@@ -49,6 +49,8 @@ THREADS_HELP = ("torch threads (default: half the CPU cores, at least 1: on a 2-
 
 
 def parser() -> argparse.ArgumentParser:
+    from captioner.precision import add_precision_argument
+
     p = argparse.ArgumentParser(prog="python app.py", description="Serve the captioner's Gradio demo.")
     p.add_argument("--model", default=None, help="model folder or Hub repo id (default: $CAPTIONER_MODEL or the bundled model)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
@@ -60,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also serve it on a temporary public *.gradio.live link, through Gradio's share servers (default: off, "
                         "this machine only; not on Hugging Face Spaces, which are public already)")
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    add_precision_argument(p)
     p.add_argument("--word-delay", type=float, default=None,
                    help="seconds between streamed words, so streaming is visible (default 0.04; 0 = as fast as decoding goes)")
     return p
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     limit_malloc_arenas()  # before any server thread exists
 
     try:
-        model = load_model(args.model, revision=args.revision)
+        model = load_model(args.model, revision=args.revision, precision=args.precision)
     except ModelLoadError as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
 
     threads = configure_torch(args.threads)
     label = model_label(model, args.model, args.revision)
-    print(f"model: {label} ({len(model.vocab)} words); torch threads: {threads}", flush=True)
+    print(f"model: {label} ({len(model.vocab)} words); precision: {model.precision}; torch threads: {threads}", flush=True)
     demo = build_demo(model, label) if args.word_delay is None else build_demo(model, label, word_delay=max(0.0, args.word_delay))
     # quiet: Gradio's own start-up lines end with "To create a public link, set `share=True` in `launch()`", which
     # this command cannot do; these say the same with the flag that does.

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .generation import add_arguments, from_arguments
+from .precision import add_precision_argument
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic"}
 
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
     p.add_argument("--model", default=None, help="model folder or Hub repo id (default: $CAPTIONER_MODEL or the bundled model)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    add_precision_argument(p)
     add_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line, in the order of the inputs")
     p.add_argument("--steps", action="store_true", help="include each step's word, probability and top alternatives "
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
         print(f"error: no images found in {', '.join(args.images)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})", file=sys.stderr)
         return 2
     try:
-        model = load_model(args.model, revision=args.revision)
+        model = load_model(args.model, revision=args.revision, precision=args.precision)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
     def report(path, text=None, steps=None, error=None, seen=None, constraint=None):
         if args.json:
             rec = {"image": path, "caption": text} if error is None else {"image": path, "error": error}
+            if error is None:
+                rec["precision"] = model.precision
             if steps is not None:
                 rec["steps"] = [step_record(s) for s in steps]
                 rec["stop"] = steps[-1].stop if steps else None  # eos | unk | max_len (decode.Step.stop)

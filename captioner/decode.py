@@ -358,7 +358,9 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
         else:
             chunk = features.select(slice(start, start + batch_size)).to(_device(model))
         if config.strategy == "greedy" and not config.no_repeat_ngram:
-            out.extend(model.vocab.decode(row.tolist()) for row in generate_batch(model, chunk, max_len))
+            rows = len(chunk) if getattr(model, "batch_invariant", True) else 1  # int8: each image alone, as caption() does
+            for i in range(0, len(chunk), rows):
+                out.extend(model.vocab.decode(row.tolist()) for row in generate_batch(model, chunk.select(slice(i, i + rows)), max_len))
         else:
             one = replace(config, num_alternatives=0)
             out.extend(caption(model, config=one, features=chunk.select(slice(i, i + 1))) for i in range(len(chunk)))

@@ -18,12 +18,12 @@ def load(src, *, revision: str | None = None, **kwargs) -> Captioner:
     return Captioner.from_pretrained(src, revision=revision, **kwargs)
 
 
-def load_model(src=None, *, revision: str | None = None) -> Captioner:
+def load_model(src=None, *, revision: str | None = None, precision: str = "auto") -> Captioner:
     """A model ready for inference from SRC, else $CAPTIONER_MODEL (at $CAPTIONER_REVISION), else the bundled
-    default; raises ModelLoadError."""
+    default, at `precision` (auto | fp32 | bf16 | int8: captioner.precision.inference_plan); raises ModelLoadError."""
     src = src or os.environ.get("CAPTIONER_MODEL") or None
     if src is None:
         if not (DEFAULT_MODEL / "model.safetensors").exists():
             raise ModelLoadError(f"the bundled default model is missing from {DEFAULT_MODEL}; pass --model FOLDER_OR_REPO_ID")
         src = DEFAULT_MODEL
-    return load(src, revision=revision or os.environ.get("CAPTIONER_REVISION") or None).optimize_for_inference()
+    return load(src, revision=revision or os.environ.get("CAPTIONER_REVISION") or None).optimize_for_inference(precision)

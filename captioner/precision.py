@@ -65,3 +65,32 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     if precision != "bf16":
         raise ValueError(f"precision={precision!r}: autocast takes fp32 or bf16")
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+# What `auto` picks for inference, per class of CPU: (encoder, decoder). Measured on the bundled model (AMD EPYC with
+# AVX512-BF16 and VNNI, 2 threads; benchmarks/RESULTS.md, "precision"): the int8 decoder cut a greedy caption's
+# decoding about 3x and kept 97.5% of 200 dev captions identical to float32's; a bf16 encoder was ~20% faster at
+# batch 1 but changed 12% of the captions, a bf16 decoder 5% while saving less than int8. So auto takes the int8
+# decoder where the CPU has VNNI (int8 dot products in hardware), and float32 elsewhere: where the CPU lacks
+# them, nothing here was measured, and float32 is never slower than itself.
+AUTO_VNNI = ("fp32", "int8")
+AUTO_OTHER = ("fp32", "fp32")
+
+
+def inference_plan(precision: str, decoder: str = "attend") -> tuple[str, str]:
+    """'auto' | 'fp32' | 'bf16' | 'int8' -> (encoder precision, decoder precision) for this CPU. The encoder is a CNN,
+    which int8 dynamic quantization does not cover (it quantizes Linear and LSTM layers): int8 means an int8 decoder
+    and a float32 encoder."""
+    check(precision, INFERENCE)
+    if precision == "auto":
+        return AUTO_VNNI if cpu_features()["vnni"] or cpu_features()["amx"] else AUTO_OTHER
+    if precision == "int8":
+        return ("fp32", "int8")
+    return (precision, precision)
+
+
+def add_precision_argument(parser) -> None:
+    """--precision for the commands that load a model for inference (the CLI, the app)."""
+    parser.add_argument("--precision", choices=INFERENCE, default="auto",
+                        help="number format for inference: auto (an int8 decoder where the CPU has VNNI, else float32), "
+                             "fp32, bf16 (changes about 1 caption in 8) or int8 (the decoder; default: auto)")

@@ -312,10 +312,11 @@ def step_record(step: Step) -> dict:
     return d
 
 
-def decoding_record(decoding: Decoding, model_id: str) -> dict:
+def decoding_record(decoding: Decoding, model_id: str, precision: str = "fp32") -> dict:
     """What "Download decoding (JSON)" holds: the caption, every step's word, probabilities and alternatives,
-    the settings and the model."""
-    return {"model": model_id, "caption": decoding.text, "stop": decoding.stop, "settings": asdict(decoding.settings),
+    the settings, the model and the precision it ran at."""
+    return {"model": model_id, "precision": precision, "caption": decoding.text, "stop": decoding.stop,
+            "settings": asdict(decoding.settings),
             "prefix": list(decoding.prefix), "steps": [step_record(s) for s in decoding.steps]}
 
 
@@ -589,7 +590,7 @@ class Handlers:
 
     def finished(self, decoding: Decoding) -> tuple:
         """After a decode: "This step" and the inspector at its focus step, and the decoding offered as JSON."""
-        path = write_download("decoding.json", json.dumps(decoding_record(decoding, self.model_id), indent=1))
+        path = write_download("decoding.json", json.dumps(decoding_record(decoding, self.model_id, self.model.precision), indent=1))
         return (*self.inspect(decoding, decoding.focus + 1), gr.DownloadButton(value=path, interactive=True))
 
     # --- the selected step: "This step" and the inspector show the same one ---
@@ -695,6 +696,7 @@ class Handlers:
                 raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
             for (rec, _), text in zip(good, texts):
                 rec["caption"] = text
+                rec["precision"] = self.model.precision
         rows = [[r["image"], r.get("caption", ""), r.get("error", "")] for r in records]
         out = io.StringIO()
         csv.writer(out).writerows([FILES_HEADERS, *rows])
@@ -740,7 +742,8 @@ def model_markdown(model, model_label: str) -> str:
     attends = " with soft attention over the CNN's regions" if c.decoder == "attend" else ""
     return (
         f"**Model:** `{model_label}` · vocabulary {vocab:,} words · `{c.backbone}` encoder + "
-        f"{c.num_layers}-layer LSTM ({c.hidden_size}){attends} · up to {c.max_len} words"
+        f"{c.num_layers}-layer LSTM ({c.hidden_size}){attends} · up to {c.max_len} words · "
+        f"{getattr(model, 'precision', 'fp32')}"
     )
 
 

@@ -98,3 +98,98 @@ def test_plateau_schedule_and_early_stopping(tmp_path):
     assert trainer.learning_rate(False) == pytest.approx(5e-4)
     trainer.meta.update(global_step=50, lr_scale=0.25)
     assert trainer.learning_rate(False) == pytest.approx(2.5e-4)
+
+
+# --- inference
+
+
+def test_auto_inference_plan_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True)
+    assert precision.inference_plan("auto") == ("fp32", "int8")
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert precision.inference_plan("auto") == ("fp32", "fp32")  # nothing measured there: float32
+    assert precision.inference_plan("bf16") == ("bf16", "bf16")
+    assert precision.inference_plan("int8") == ("fp32", "int8")
+    with pytest.raises(ValueError, match="'int4'"):
+        precision.inference_plan("int4")
+
+
+def _photos():
+    """Four small photos whose tiny-model captions differ (checked by the caller)."""
+    import numpy as np
+    from PIL import Image
+
+    return [Image.fromarray((np.random.RandomState(s).rand(64, 64, 3) * 255).astype("uint8")) for s in range(4)]
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("decoder", ["attend", "show-tell"])
+def test_every_precision_runs_a_tiny_model(tmp_path, name, decoder):
+    from captioner.decode import caption, caption_batch, stream
+    from tiny import attend_model, tiny_model
+
+    model = attend_model(0) if decoder == "attend" else tiny_model(0, max_len=8)
+    model.save_pretrained(tmp_path / "m")
+    reference = [caption(model.optimize_for_inference(), p) for p in _photos()]
+    if decoder == "attend":  # the tiny Show-and-Tell says one caption for every photo: its row checks mechanics only
+        assert len(set(reference)) > 1, reference  # else a mix-up between photos would go unseen
+    from captioner.loading import load_model
+
+    m = load_model(tmp_path / "m", precision=name)
+    assert m.precision == {"fp32": "fp32", "bf16": "bf16", "int8": "encoder fp32, decoder int8"}[name]
+    caps = [caption(m, p) for p in _photos()]
+    if name == "fp32":
+        assert caps == reference
+    # batched and streamed agree with one by one at every precision (an int8 decoder decodes each image alone)
+    assert caption_batch(m, _photos(), batch_size=3) == caps
+    last = None
+    for last in stream(m, _photos()[1]):
+        assert isinstance(last.prob, float) and 0.0 <= last.prob <= 1.0
+    assert last.text == caps[1]
+    if name != "fp32":
+        with pytest.raises(ValueError, match="load it again"):
+            m.save_pretrained(tmp_path / "again")
+        with pytest.raises(ValueError, match="already set"):
+            m.set_precision("fp32")
+
+
+def test_int8_shrinks_the_decoder_weights():
+    from tiny import attend_model
+
+    m = attend_model(0, hidden_size=64, embed_size=64)
+    before = sum(p.numel() * p.element_size() for p in m.decoder.parameters())
+    m.set_precision("int8")
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear, LSTMCell as QLSTMCell
+
+    assert isinstance(m.decoder.head, QLinear) and isinstance(m.decoder.cell, QLSTMCell)
+    assert sum(p.numel() * p.element_size() for p in m.decoder.parameters()) < before / 3  # only the embedding stays float
+
+
+def _dev_photos(n):
+    from conftest import FLICKR8K
+
+    names = (FLICKR8K / "Flickr_8k.devImages.txt").read_text().split()[:n]
+    return [str(FLICKR8K / "Images" / name) for name in names]
+
+
+needs_data = pytest.mark.skipif(not (__import__("conftest").FLICKR8K / "captions.txt").exists(),
+                                reason="Flickr8k not found at ../shared/data/flickr8k")
+
+
+@needs_data
+def test_what_auto_picks_keeps_the_greedy_captions():
+    """The caption guard, on 100 dev photos: at the precision auto picks on this CPU, at least 95% of the bundled
+    model's greedy captions are identical to float32's. Skips where auto picks float32 (a CPU without VNNI)."""
+    from captioner.decode import caption_batch
+    from captioner.loading import load_model
+
+    if precision.inference_plan("auto") == ("fp32", "fp32"):
+        pytest.skip(f"auto picks float32 on this CPU ({precision.cpu_features()}): nothing to guard")
+    photos = _dev_photos(100)
+    base = caption_batch(load_model(precision="fp32"), photos)
+    model = load_model(precision="auto")
+    caps = caption_batch(model, photos)
+    same = sum(a == b for a, b in zip(base, caps))
+    assert same >= 95, f"{same} of 100 captions identical at {model.precision}"
+    assert len(set(caps)) > 50  # captions that differ per photo: identity is not trivially met

@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--format", default=None, help="flickr8k | flickr8k-token | karpathy | coco (default: detect)")
     p.add_argument("--images", default=None, help="image folder, for the JSON formats")
     p.add_argument("--split", default="dev")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="fp32",
+                   help="number format to score the model at (default: fp32, the model's own scores; auto: what the app "
+                        "and the CLI run on this CPU)")
     add_arguments(p, only=("strategy", "beam_size", "length_penalty", "guide_threshold", "no_repeat_ngram", "max_len",
                            "temperature", "top_k", "top_p", "seed"))
     p.add_argument("--limit", type=int, default=0, help="score only the first N images")
@@ -83,14 +86,14 @@ def main(argv=None) -> int:
 
     try:
         settings = from_arguments(args)
-        model = load_model(args.model, revision=args.revision)
+        model = load_model(args.model, revision=args.revision, precision=args.precision)
         samples, report = load_dataset(args.data, fmt=args.format, image_root=args.images, splits=(args.split,))
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.limit:
         samples = samples[: args.limit]
-    print(f"{len(samples)} images in split {args.split!r}; skipped: {report}", file=sys.stderr)
+    print(f"{len(samples)} images in split {args.split!r}; skipped: {report}; precision: {model.precision}", file=sys.stderr)
     metrics, captions = evaluate_model(model, [s.image for s in samples], [s.captions for s in samples], settings)
     if args.save_captions:
         import os
