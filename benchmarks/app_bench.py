@@ -71,7 +71,8 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=15)
 
 
-def run(s: Settings, model_dir: str | None, images: list[str], *, threads: int | None = None, app: Path = ROOT / "app.py") -> dict:
+def run(s: Settings, model_dir: str | None, images: list[str], *, threads: int | None = None, app: Path = ROOT / "app.py",
+        precision: str | None = None) -> dict:
     if not app.exists():
         return {"skipped": f"{app.relative_to(ROOT)} does not exist yet"}
     try:
@@ -87,7 +88,7 @@ def run(s: Settings, model_dir: str | None, images: list[str], *, threads: int |
         env["CAPTIONER_MODEL"] = str(model_dir)
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"captioner-bench-app-{port}.log"
     out = open(log_path, "w")
-    cmd = [sys.executable, str(app)] + (["--threads", str(threads)] if threads else [])
+    cmd = [sys.executable, str(app)] + (["--threads", str(threads)] if threads else []) + (["--precision", precision] if precision else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"

@@ -202,19 +202,20 @@ def random_default_model(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, **
     return Captioner(CaptionerConfig(vocab_size=vocab_size, **overrides), vocab).optimize_for_inference()
 
 
-def load_bench_model(src: str | None):
-    """(model, description). SRC, else the bundled default model, else runs/flickr8k/best, else a random model."""
+def load_bench_model(src: str | None, precision: str = "auto"):
+    """(model, description). SRC, else the bundled default model, else runs/flickr8k/best, else a random model; loaded
+    at `precision` (captioner.precision)."""
     from captioner.loading import DEFAULT_MODEL, load_model
 
     if src == "random":
-        return random_default_model(), "random weights, default architecture (--model random)"
+        return random_default_model().set_precision(precision), "random weights, default architecture (--model random)"
     if src:
-        return load_model(src).eval(), f"{src}"
+        return load_model(src, precision=precision).eval(), f"{src}"
     if (DEFAULT_MODEL / "model.safetensors").exists():
-        return load_model().eval(), f"bundled default model ({DEFAULT_MODEL.relative_to(ROOT)})"
+        return load_model(precision=precision).eval(), f"bundled default model ({DEFAULT_MODEL.relative_to(ROOT)})"
     if (FALLBACK_MODEL / "model.safetensors").exists():
-        return load_model(str(FALLBACK_MODEL)).eval(), f"{FALLBACK_MODEL.relative_to(ROOT)} (no bundled default model yet)"
-    return random_default_model(), (
+        return load_model(str(FALLBACK_MODEL), precision=precision).eval(), f"{FALLBACK_MODEL.relative_to(ROOT)} (no bundled default model yet)"
+    return random_default_model().set_precision(precision), (
         "RANDOM WEIGHTS, default architecture (tf_efficientnet_lite0 + LSTM 512, vocabulary 2600): neither "
         "captioner/default_model nor runs/flickr8k/best exists yet. Timings reflect the architecture; captions are "
         "noise and run to max_len words, longer than a trained model's"

@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-SECTIONS = ("latency", "batch", "peers", "app", "train", "decoders")
+SECTIONS = ("latency", "batch", "peers", "app", "train", "decoders", "precision")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 # Targets of the issue "Fast on a laptop CPU, measured against the alternatives users would pick".
@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--attend-model", default=None,
                    help="decoders section: a trained attention model to time against --model (default: both random)")
     p.add_argument("--peer-scale", choices=["full", "tiny"], default="full", help="tiny: toy peer configs (smoke tests)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="the precision sections 1-4 run the model at (default: auto, what the CLI and the app pick here)")
     args = p.parse_args(argv)
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     bad = set(sections) - set(SECTIONS)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     s = Settings.make(args.quick)
     t_start = time.perf_counter()
     machine = common.machine_facts()
-    model, model_desc = common.load_bench_model(args.model)
+    model, model_desc = common.load_bench_model(args.model, args.precision)
     log(f"model: {model_desc}")
     wd = common.workdir()
     images, image_source = common.sample_images(max(s.batch_images, 8), wd)
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
          f"(> cores means other work shared the CPU)")
     emit(f"- torch {machine['torch']} (oneDNN {'on' if machine['onednn'] else 'off'}), {torch.get_num_threads()} threads; "
          f"timm {machine['timm']}; transformers {machine['transformers']}; gradio {machine['gradio']}; Python {machine['python']}")
-    emit(f"- model: {model_desc}; {results['model']['params_m']} M parameters")
+    emit(f"- model: {model_desc}; {results['model']['params_m']} M parameters; precision {getattr(model, 'precision', 'fp32')} "
+         f"(--precision {args.precision})")
     emit(f"- images: {image_source}; medians of {s.repeat} calls after {s.warmup} warm-up calls unless said otherwise; CPU only")
     ours_greedy = ours_first = ours_beam = None
 
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
         if model_dir is None and not (common.ROOT / "captioner" / "default_model" / "model.safetensors").exists():
             model_dir = str(wd / "bench_model")  # the app gets the very model measured here
             model.save_pretrained(model_dir)
-        sec = app_bench.run(s, model_dir, images[:4], threads=args.threads)
+        sec = app_bench.run(s, model_dir, images[:4], threads=args.threads, precision=args.precision)
         results["sections"]["app"] = sec
         emit("\n## 4. App (python app.py, gradio_client on /caption)\n")
         if "skipped" in sec and "cold_start_s" not in sec:
@@ -189,7 +192,8 @@ def main(argv=None) -> int:
         from . import training
 
         log("section 5: training")
-        sec = training.run(model, s, images[: 32 if not s.quick else 8], image_source)
+        trainee = model if model.precision == "fp32" else common.load_bench_model(args.model, "fp32")[0]  # training is float32
+        sec = training.run(trainee, s, images[: 32 if not s.quick else 8], image_source)
         results["sections"]["train"] = sec
         emit("\n## 5. Training\n")
         emit(md_table(["stage", "images/s", "captions/s", "median ms", "note"],
@@ -209,6 +213,26 @@ def main(argv=None) -> int:
         emit(md_table(["stage", "show-tell ms", "attend ms", "attend / show-tell", "n"],
                       [[r["stage"], r["show_tell_ms"], r["attend_ms"], r["ratio"], r["n"]] for r in sec["rows"]]))
         emit(f"\ndecoder parameters (M): {sec['decoder_params_m']}")
+
+    if "precision" in sections:
+        from . import precision
+
+        log("section 6: precision")
+        src = args.model if args.model and args.model != "random" else None
+        trainee = model if model.precision == "fp32" else common.load_bench_model(args.model, "fp32")[0]
+        sec = {"inference": precision.inference(src, s, images[: s.batch_images]), "training": precision.training(trainee, s)}
+        results["sections"]["precision"] = sec
+        inf = sec["inference"]
+        emit(f"\n## 6. Precision (CPU: {', '.join(k for k, v in inf['cpu'].items() if v) or 'no bf16/VNNI/AMX'}; "
+             f"auto = encoder {inf['auto'][0]}, decoder {inf['auto'][1]})\n")
+        emit(md_table(["precision", "runs", "greedy ms (JPEG in)", "first word ms", "beam 3 ms", "beam 3 / greedy",
+                       "batch 32 images/s", "same greedy captions as fp32"],
+                      [[r["precision"], r["runs"], r["greedy_ms"], r["first_word_ms"], r["beam3_ms"],
+                        round(r["beam3_ms"] / r["greedy_ms"], 2), r["batch32_ips"], r["same_captions"]] for r in inf["rows"]]))
+        emit(f"\n{inf['note']}\n")
+        emit(md_table(["training stage", "precision", "per s", "unit", "median ms"],
+                      [[r["stage"], r["precision"], r["per_s"], r["unit"], r["median_ms"]] for r in sec["training"]["rows"]]))
+        emit(f"\n{sec['training']['note']}")
 
     # ---------------------------------------------------------------- targets
     measured = {"greedy_ms": ours_greedy, "first_word_ms": ours_first,

@@ -193,3 +193,30 @@ def test_what_auto_picks_keeps_the_greedy_captions():
     same = sum(a == b for a, b in zip(base, caps))
     assert same >= 95, f"{same} of 100 captions identical at {model.precision}"
     assert len(set(caps)) > 50  # captions that differ per photo: identity is not trivially met
+
+
+def test_benchmark_prints_every_precision_and_both_training_formats(tmp_path):
+    """benchmarks.run's precision section on a tiny attention model: its table has a row per precision (with how many
+    captions match float32's) and the training steps in float32 and bf16. Structure only, never timings."""
+    import io
+    from contextlib import redirect_stdout
+
+    from benchmarks import run
+    from tiny import attend_model
+
+    attend_model(0).save_pretrained(tmp_path / "tiny")
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = run.main(["--quick", "--model", str(tmp_path / "tiny"), "--threads", "1", "--json", str(tmp_path / "r.json"),
+                       "--sections", "precision"])
+    assert rc == 0
+    assert "## 6. Precision" in buf.getvalue()
+    sec = json.loads((tmp_path / "r.json").read_text())["sections"]["precision"]
+    rows = {r["precision"]: r for r in sec["inference"]["rows"]}
+    assert set(rows) == {"fp32", "bf16", "int8", "auto"}
+    assert rows["fp32"]["same_captions"].split("/")[0] == rows["fp32"]["same_captions"].split("/")[1]
+    assert rows["int8"]["runs"] == "encoder fp32, decoder int8"
+    for r in rows.values():
+        assert r["greedy_ms"] > 0 and r["beam3_ms"] > 0 and r["batch32_ips"] > 0
+    assert [(r["precision"], r["unit"]) for r in sec["training"]["rows"]] == [
+        ("fp32", "captions/s"), ("bf16", "captions/s"), ("fp32", "images/s"), ("bf16", "images/s")]
