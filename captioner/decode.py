@@ -128,8 +128,11 @@ def _attention(state, row: int = 0) -> torch.Tensor | None:
 
 def _record(vocab, t, token, logp_row, k, cum, tokens, attention=None, unk=0.0) -> Step:
     probs = logp_row.exp()
-    top = torch.topk(probs, min(k, probs.numel())) if k else None
-    alts = tuple(Candidate(int(i), vocab.itos[int(i)], float(p)) for p, i in zip(top.values, top.indices) if p > 0) if top else ()
+    alts = ()
+    if k:
+        top = torch.topk(probs, min(k, probs.numel()))
+        # as Python numbers first: a comparison or index per element of a tensor costs ~20 us each at this size
+        alts = tuple(Candidate(i, vocab.itos[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist()) if p > 0)
     words = [vocab.itos[i] for i in tokens]
     return Step(t, int(token), vocab.itos[int(token)], float(probs[token]), float(cum), alts,
                 float(probs[vocab.eos_id]), tuple(tokens), detokenize(words),
