@@ -273,10 +273,10 @@ class AttendState:
 class AttendDecoder(nn.Module):
     """Show, Attend and Tell (Xu et al. 2015), soft attention: at every word the LSTM state weighs the image's
     regions (softmax over the N regions), and the gated weighted sum enters the LSTM with the previous word. The
-    initial state comes from the pooled image vector. The score is a scaled dot product of a query from the LSTM
-    state with each region's key (Luong et al. 2015's "general" score) instead of Xu's one-hidden-layer MLP: on this
-    CPU a training batch cost about 30% less (9 s against 13 s, 128 captions, one busy core), as the MLP builds a
-    (B, N, A) tanh activation at every word."""
+    initial state comes from the pooled image vector. The score (config.attention_score) is a scaled dot product of
+    a query from the LSTM state with each region's key (Luong et al. 2015's "general" score; the bundled model), or
+    Xu's one-hidden-layer MLP, which builds a (B, N, A) tanh activation at every word (in float32 a training batch
+    cost about 30% more; docs/experiments.md compares the two in bf16)."""
 
     uses_grid = True
     compute_dtype = torch.float32  # what its weights and state are in (Captioner.set_precision); logits come back float32
