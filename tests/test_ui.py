@@ -378,6 +378,7 @@ def test_the_decoding_download_holds_steps_words_probabilities_alternatives_sett
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
     assert record["model"] == handlers.model_id and record["caption"] == decoding.text and record["stop"] == decoding.stop
+    assert record["precision"] == handlers.model.precision
     assert record["settings"] == dataclasses.asdict(decoding.settings) and record["settings"]["strategy"] == "beam"
     assert [s["word"] for s in record["steps"]] == [s.word for s in decoding.steps]
     for got, st in zip(record["steps"], decoding.steps, strict=True):
@@ -444,7 +445,8 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
         assert list(csv.reader(f)) == [table["headers"], *table["data"]]
     with open(json_path, encoding="utf-8") as f:
         records = json.load(f)
-    assert records[0] == {"image": "photo.jpg", "caption": want[0]} and set(records[1]) == {"image", "error"}
+    assert records[0] == {"image": "photo.jpg", "caption": want[0], "precision": model.precision}
+    assert set(records[1]) == {"image", "error"}
     # Gradio's upload payloads (file dicts with the original name) work too
     table2, _ = handlers.caption_files([{"path": str(bad), "orig_name": "my notes.jpg"}], handlers.settings(max_len=8))
     assert table2["data"][0][0] == "my notes.jpg" and table2["data"][0][2].startswith("not an image file")
