@@ -55,6 +55,15 @@ def test_cli_bad_model_and_settings(tmp_path):
     tiny_model().save_pretrained(tmp_path / "m")
     r = run_cli(tmp_path, "--model", tmp_path / "m", "--strategy", "beam", "--beam-size", "0")
     assert r.returncode == 2 and "beam_size=0" in r.stderr
+    r = run_cli(tmp_path, "--model", tmp_path / "m", "--batch-size", "0")
+    assert r.returncode == 2 and "batch_size=0" in r.stderr and not r.stdout
+    r = run_cli(tmp_path, "--model", tmp_path / "m", "--labels", "-1")
+    assert r.returncode == 2 and "labels=-1" in r.stderr and not r.stdout
+    # a config naming an unknown backbone: exit 2 (not 1, "some images failed") with the reason, no traceback
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "backbone": "no_such_backbone"}))
+    r = run_cli(tmp_path, "--model", tmp_path / "m")
+    assert r.returncode == 2 and "no_such_backbone" in r.stderr and "Traceback" not in r.stderr and not r.stdout
 
 
 def test_cli_empty_folder_order_and_help(tmp_path):
