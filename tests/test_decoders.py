@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import GenerationConfig, ImageFeatures, load
+from captioner import GenerationConfig, ImageFeatures, ModelLoadError, load
 from captioner.decode import caption, caption_batch, encode, generate_batch, rescore, stream
-from tiny import tiny_model
+from tiny import assert_all_different, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 SETTINGS = [{}, {"strategy": "beam", "beam_size": 3}, {"strategy": "beam", "beam_size": 1},
@@ -112,8 +112,24 @@ def test_features_from_encode_decode_like_the_image(decoder):
         caption(m, img, features=f)
     with pytest.raises(ValueError, match="either an image or features"):
         caption(m)
-    batch = m.encode(torch.stack([torch.randn(3, 32, 32) for _ in range(3)]))
-    assert caption_batch(m, features=batch) == [caption(m, features=batch.select(slice(i, i + 1))) for i in range(3)]
+
+
+@pytest.fixture(params=DECODERS)
+def distinct_of(request):
+    """(model, photos) whose captions differ per photo, for each decoder (conftest's session fixtures)."""
+    return request.getfixturevalue("distinct" if request.param == "show-tell" else "distinct_attend")
+
+
+def test_batched_features_decode_in_order(distinct_of):
+    from captioner.preprocess import preprocess_batch
+
+    m, photos = distinct_of
+    batch = m.encode(preprocess_batch(photos, m.config))
+    one_by_one = [caption(m, features=batch.select(slice(i, i + 1))) for i in range(len(photos))]
+    assert_all_different(one_by_one)
+    assert one_by_one == [caption(m, p) for p in photos]
+    for batch_size in (2, 4, 32):
+        assert caption_batch(m, features=batch, batch_size=batch_size) == one_by_one
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -142,15 +158,15 @@ def test_attention_weights_on_every_record():
     assert all(r.attention is None for r in list(stream(model_of("show-tell"), photo()))[-1].caption_steps())
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
-def test_generate_batch_matches_greedy(decoder):
-    m = model_of(decoder, 6)
-    imgs = [photo(i) for i in range(4)]
+def test_generate_batch_matches_greedy(distinct_of):
     from captioner.preprocess import preprocess_batch
 
+    m, imgs = distinct_of
+    greedy = [caption(m, i) for i in imgs]
+    assert_all_different(greedy)
     feats = m.encode(preprocess_batch(imgs, m.config))
     rows = generate_batch(m, feats, 8)
-    assert [m.vocab.decode(r.tolist()) for r in rows] == [caption(m, i) for i in imgs]
+    assert [m.vocab.decode(r.tolist()) for r in rows] == greedy
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -173,7 +189,7 @@ def test_old_configs_without_a_decoder_field_load_as_show_tell(tmp_path):
     assert load(tmp_path).config.decoder == "show-tell"
     cfg["decoder"] = "transformer"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match="decoder='transformer'"):
+    with pytest.raises(ModelLoadError, match="decoder='transformer'"):
         load(tmp_path)
 
 
