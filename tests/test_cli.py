@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from conftest import ROOT
-from tiny import tiny_model
+from captioner.decode import caption
+from tiny import assert_all_different, tiny_model
 
 
 def run_cli(*args):
@@ -85,3 +86,19 @@ def test_cli_empty_folder_order_and_help(tmp_path):
     assert {"--beam-size", "--length-penalty", "--temperature", "--max-len", "--no-repeat-ngram", "--batch-size"} <= set(flags)
     for flag in ("--beam-size", "--length-penalty", "--temperature", "--max-len", "--no-repeat-ngram", "--batch-size"):
         assert re.search(re.escape(flag) + r" [A-Z_]+\s+[a-z]", r.stdout), f"{flag} has no help text"
+
+
+def test_cli_each_photo_gets_its_own_caption_in_input_order(distinct, distinct_dir, tmp_path):
+    """On the model whose captions differ per photo: out of order, across encoder batches, a bad file in between."""
+    model, photos = distinct
+    model_dir, paths = distinct_dir
+    expected = {str(p): caption(model, img) for p, img in zip(paths, photos)}
+    assert_all_different(expected.values())
+    (tmp_path / "bad.jpg").write_text("not a jpeg")
+    order = [str(paths[i]) for i in (4, 1, 5)] + [str(tmp_path / "bad.jpg")] + [str(paths[i]) for i in (0, 3, 2)]
+    for extra in (["--batch-size", "2"], ["--steps"]):
+        r = run_cli(*order, "--model", model_dir, "--json", *extra)
+        assert r.returncode == 1, r.stderr
+        lines = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [d["image"] for d in lines] == order
+        assert [d.get("caption") for d in lines] == [expected.get(p) for p in order]
