@@ -240,6 +240,7 @@ def test_app_py_has_no_import_side_effects():
     assert r.returncode == 0 and r.stdout.split() == ["None", "False"], r.stdout + r.stderr
 
 
+@pytest.mark.may_skip  # another OS or C library: nothing to test
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_app_limits_malloc_arenas_on_glibc():
     import platform

@@ -263,8 +263,7 @@ def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
     first = cap(handlers, photo_path, strategy="greedy", max_len=8)
     decoding, cache = first[-1][3], first[-1][4]
     eos = next((a for a in decoding.steps[3].alternatives if a.word == "<EOS>"), None)
-    if eos is None:
-        pytest.skip("<EOS> not among this step's alternatives")
+    assert eos is not None, "the fixture's step 4 must offer <EOS> (5 alternatives of 8 words)"
     outs = branch(handlers, decoding, 4, eos.token, cache, strategy="greedy", max_len=8)
     assert outs[-1][3].tokens == decoding.tokens[:3] and outs[-1][3].stop == "eos"
     view = Inspector(*handlers.finished(outs[-1][3])[:-1])
