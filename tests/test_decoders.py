@@ -244,3 +244,64 @@ def test_attention_overlay_puts_the_heat_where_the_weights_are():
     assert not np.allclose(out, out2)
     with pytest.raises(ValueError, match="48 attention weights"):
         attention_overlay(img, [1.0] * 48)
+
+
+# ---------------------------------------------------------------- settings that must change (or not change) the caption
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_sampling_with_top_k_1_or_a_tiny_top_p_is_greedy(decoder):
+    m = model_of(decoder, 4)
+    for i in range(3):
+        greedy = list(stream(m, photo(i)))[-1]
+        for narrow in ({"top_k": 1}, {"top_p": 1e-6}):
+            for seed in range(3):
+                sampled = list(stream(m, photo(i), strategy="sample", seed=seed, **narrow))[-1]
+                assert sampled.tokens == greedy.tokens, (i, narrow, seed)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_samples_stay_inside_the_nucleus(decoder):
+    """Every sampled word is among the fewest likeliest words whose probabilities reach top_p, at its step."""
+    m = model_of(decoder, 5)
+    top_p, chosen_ranks, captions = 0.6, set(), set()
+    for seed in range(12):
+        steps = list(stream(m, photo(seed % 3), strategy="sample", seed=seed, top_p=top_p, num_alternatives=len(m.vocab)))
+        captions.add(steps[-1].text)
+        for s in steps[-1].caption_steps():
+            probs = [a.prob for a in s.alternatives]  # the whole distribution, likeliest first
+            rank = [a.token for a in s.alternatives].index(s.token)
+            assert sum(probs[:rank]) < top_p + 1e-6, (seed, s.t, rank, probs)
+            chosen_ranks.add(rank)
+    assert len(captions) > 1 and max(chosen_ranks) > 0  # it did sample: not every word was the likeliest
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_length_penalty_favours_longer_captions(decoder):
+    """Its help text: 0 = none (the likeliest caption wins), higher favours longer captions. The beams are the same;
+    only the choice among the finished ones moves, never to a shorter caption, and at least once to a longer one.
+    <EOS> is made about as likely as a word, so that captions of several lengths finish."""
+    longer = 0
+    for seed, eos_bias in [(s, b) for s in range(4) for b in (1.6, 1.8)]:
+        m = model_of(decoder, seed)
+        with torch.no_grad():
+            m.decoder.head.bias[2] += eos_bias  # model_of made <EOS> rarer by 1.5: back to about even, and a little more
+        for i in range(3):
+            plain = list(stream(m, photo(i), strategy="beam", beam_size=4, length_penalty=0.0))[-1]
+            long_ = list(stream(m, photo(i), strategy="beam", beam_size=4, length_penalty=3.0))[-1]
+            assert len(long_.tokens) >= len(plain.tokens), (seed, i, plain.text, long_.text)
+            assert plain.logprob >= long_.logprob - 1e-6  # no penalty: the likeliest finished caption
+            longer += len(long_.tokens) > len(plain.tokens)
+    assert longer, "length_penalty never changed which beam won: the test shows nothing"
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_greedy_and_sampling_stop_at_max_len_when_no_caption_ends(decoder):
+    m = model_of(decoder, 1, max_len=5)
+    with torch.no_grad():
+        m.decoder.head.bias[[2, 3]] = -1e4  # <EOS> and <UNK> never win
+    for s in ({}, {"strategy": "sample", "seed": 0}, {"strategy": "beam", "beam_size": 2}):
+        steps = list(stream(m, photo(), **s))
+        assert steps[-1].stop == "max_len" and len(steps[-1].tokens) == 5, s
+        assert all(x.stop is None for x in steps[:-1]), s
+    assert caption_batch(m, [photo(0), photo(1)]) == [caption(m, photo(0)), caption(m, photo(1))]
