@@ -214,15 +214,20 @@ def test_app_with_a_bad_model_exits_with_one_clear_line(args, message):
     assert "Traceback" not in r.stderr + r.stdout
 
 
-def test_app_py_serves_the_model_it_is_given(model_dir, model, files):
-    proc, url = start_app(model_dir)
+def test_app_py_serves_the_model_it_is_given(model_dir, distinct, distinct_dir):
+    """--model wins over $CAPTIONER_MODEL (which names another model here); the port comes from $GRADIO_SERVER_PORT;
+    --threads sets torch's threads. Each photo gets the given model's own caption."""
+    given, paths = distinct_dir
+    proc, url = start_app(given, "--threads", "1", env={"CAPTIONER_MODEL": str(model_dir)}, port_from_env=True)
     try:
         client = Client(url, verbose=False)
-        assert client.predict(handle_file(str(files["photo0"])), api_name="/caption")[0] == expected(model, files["photo0"])
+        want = [expected(distinct[0], p) for p in paths[:3]]
+        assert_all_different(want)
+        assert [client.predict(handle_file(str(p)), api_name="/caption")[0] for p in paths[:3]] == want
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
-    assert f"model: {model_dir}" in out and "Traceback" not in out
+    assert f"model: {given} ({len(distinct[0].vocab)} words); torch threads: 1" in out and "Traceback" not in out, out
     # Gradio's hint names a launch() argument this command has no way to set; the app names its own flag instead.
     assert f"Running on local URL:  {url}" in out and "start it with --share" in out and "share=True" not in out, out
 

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -56,15 +57,25 @@ def test_cli_bad_model_and_settings(tmp_path):
     tiny_model().save_pretrained(tmp_path / "m")
     r = run_cli(tmp_path, "--model", tmp_path / "m", "--strategy", "beam", "--beam-size", "0")
     assert r.returncode == 2 and "beam_size=0" in r.stderr
-    r = run_cli(tmp_path, "--model", tmp_path / "m", "--batch-size", "0")
-    assert r.returncode == 2 and "batch_size=0" in r.stderr and not r.stdout
-    r = run_cli(tmp_path, "--model", tmp_path / "m", "--labels", "-1")
-    assert r.returncode == 2 and "labels=-1" in r.stderr and not r.stdout
-    # a config naming an unknown backbone: exit 2 (not 1, "some images failed") with the reason, no traceback
+
+
+def test_cli_usage_errors_and_an_unknown_backbone_exit_2(tmp_path, capsys):
+    """In this process (captioner.cli.main, as `python -m captioner` runs it): exit 2 and one line saying why."""
+    from captioner.cli import main
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "p.png")
+    tiny_model().save_pretrained(tmp_path / "m")
+    for flags, message in ((["--batch-size", "0"], "error: batch_size=0: expected 1 or more"),
+                           (["--labels", "-1"], "error: labels=-1: expected 0 or more")):
+        assert main([str(tmp_path / "p.png"), "--model", str(tmp_path / "m"), *flags]) == 2
+        out, err = capsys.readouterr()
+        assert err.strip() == message and not out
+    # a config naming an unknown backbone: exit 2 (not 1, "some images failed") with the reason (timm's own words)
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "backbone": "no_such_backbone"}))
-    r = run_cli(tmp_path, "--model", tmp_path / "m")
-    assert r.returncode == 2 and "no_such_backbone" in r.stderr and "Traceback" not in r.stderr and not r.stdout
+    assert main([str(tmp_path / "p.png"), "--model", str(tmp_path / "m")]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("error: ") and "Unknown model (no_such_backbone)" in err and len(err.splitlines()) == 1
 
 
 def test_cli_empty_folder_order_and_help(tmp_path):
@@ -88,8 +99,11 @@ def test_cli_empty_folder_order_and_help(tmp_path):
         assert re.search(re.escape(flag) + r" [A-Z_]+\s+[a-z]", r.stdout), f"{flag} has no help text"
 
 
-def test_cli_each_photo_gets_its_own_caption_in_input_order(distinct, distinct_dir, tmp_path):
-    """On the model whose captions differ per photo: out of order, across encoder batches, a bad file in between."""
+def test_cli_each_photo_gets_its_own_caption_in_input_order(distinct, distinct_dir, tmp_path, capsys):
+    """On the model whose captions differ per photo: out of order, across encoder batches, a bad file in between
+    (captioner.cli.main in this process; the tests above run `python -m captioner`)."""
+    from captioner.cli import main
+
     model, photos = distinct
     model_dir, paths = distinct_dir
     expected = {str(p): caption(model, img) for p, img in zip(paths, photos)}
@@ -97,8 +111,35 @@ def test_cli_each_photo_gets_its_own_caption_in_input_order(distinct, distinct_d
     (tmp_path / "bad.jpg").write_text("not a jpeg")
     order = [str(paths[i]) for i in (4, 1, 5)] + [str(tmp_path / "bad.jpg")] + [str(paths[i]) for i in (0, 3, 2)]
     for extra in (["--batch-size", "2"], ["--steps"]):
-        r = run_cli(*order, "--model", model_dir, "--json", *extra)
-        assert r.returncode == 1, r.stderr
-        lines = [json.loads(line) for line in r.stdout.splitlines()]
+        assert main([*order, "--model", str(model_dir), "--json", *extra]) == 1  # 1: the bad file
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert [d["image"] for d in lines] == order
         assert [d.get("caption") for d in lines] == [expected.get(p) for p in order]
+
+
+def test_which_model_and_revision_are_loaded(distinct, distinct_dir, tmp_path, monkeypatch, capsys):
+    """--model, else $CAPTIONER_MODEL, else the bundled model; --revision, else $CAPTIONER_REVISION."""
+    from captioner.cli import main
+    from captioner.loading import DEFAULT_MODEL, load_model
+
+    given, paths = distinct_dir
+    other = tmp_path / "other"
+    tiny_model(4, max_len=6).save_pretrained(other)
+    photo = str(paths[0])
+    mine, theirs = caption(distinct[0], photo), caption(tiny_model(4, max_len=6), photo)
+    assert mine != theirs  # the two models tell themselves apart on this photo
+
+    def cli_caption(*args):
+        assert main([photo, *args]) == 0
+        return capsys.readouterr().out.strip().split("\t")[1]
+
+    monkeypatch.setenv("CAPTIONER_MODEL", str(other))
+    monkeypatch.setenv("CAPTIONER_REVISION", "from-env")
+    assert cli_caption("--model", str(given)) == mine  # --model wins over $CAPTIONER_MODEL
+    assert cli_caption() == theirs  # no --model: $CAPTIONER_MODEL
+    assert load_model().source == str(other) and load_model().revision == "from-env"
+    assert load_model(given, revision="given").revision == "given"  # --revision wins over $CAPTIONER_REVISION
+    monkeypatch.delenv("CAPTIONER_MODEL")
+    monkeypatch.delenv("CAPTIONER_REVISION")
+    bundled = load_model()
+    assert Path(bundled.source) == DEFAULT_MODEL and bundled.revision is None

@@ -106,8 +106,10 @@ def app_env(**extra) -> dict:
     return env
 
 
-def start_app(model_dir, *args: str, timeout: float = 120):
-    """Run `python app.py --model model_dir ARGS` on a free port; returns (process, url) once a client connects.
+def start_app(model_dir, *args: str, timeout: float = 120, env: dict | None = None, port_from_env: bool = False):
+    """Run `python app.py --model model_dir --port PORT ARGS` on a free port; returns (process, url) once a client
+    connects. model_dir None: no --model; `env`: added to app_env(); port_from_env: the port is given as
+    $GRADIO_SERVER_PORT instead of --port.
 
     Output goes to a pipe: read it with process.communicate() after terminate()."""
     import subprocess
@@ -118,9 +120,11 @@ def start_app(model_dir, *args: str, timeout: float = 120):
     from gradio_client import Client
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model_dir), "--port", str(port), *args],
-                            cwd=Path(__file__).resolve().parents[1], env=app_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    argv = (["--model", str(model_dir)] if model_dir is not None else []) + ([] if port_from_env else ["--port", str(port)])
+    proc = subprocess.Popen([sys.executable, "app.py", *argv, *args],
+                            cwd=Path(__file__).resolve().parents[1],
+                            env=app_env(**(env or {}), **({"GRADIO_SERVER_PORT": str(port)} if port_from_env else {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
     while True:
