@@ -208,12 +208,19 @@ def distinct_model(decoder: str = "show-tell", n: int = 6, *, steps: int = 250, 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=0.03)
-    with torch.enable_grad():  # a session fixture may first be built inside a test's no_grad
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = caption_loss(model.forward_features(features, captions), captions)
-            loss.backward()
-            opt.step()
+    # One thread: these ops are tiny, and with two threads every op waits for both, which on a busy machine made
+    # the 250 steps take minutes instead of about a second.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():  # a session fixture may first be built inside a test's no_grad
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = caption_loss(model.forward_features(features, captions), captions)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval(), photos
 
 
