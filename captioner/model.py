@@ -443,7 +443,10 @@ class Captioner(
         failure is a ModelLoadError that says what to do."""
         folder = resolve(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         config, vocab, state = read_folder(folder, src, map_location=map_location)
-        model = cls(config, vocab)
+        try:
+            model = cls(config, vocab)
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. timm: "Unknown model (...)" for an unknown backbone
+            raise ModelLoadError(f"{src}: cannot build the model its config.json describes: {e}") from e
         expected = model.state_dict()
         unexpected = sorted(set(state) - set(expected))
         absent = sorted(set(expected) - set(state))

@@ -4,12 +4,14 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from conftest import ROOT
-from tiny import tiny_model
+from captioner.decode import caption
+from tiny import assert_all_different, tiny_model
 
 
 def run_cli(*args):
@@ -57,6 +59,25 @@ def test_cli_bad_model_and_settings(tmp_path):
     assert r.returncode == 2 and "beam_size=0" in r.stderr
 
 
+def test_cli_usage_errors_and_an_unknown_backbone_exit_2(tmp_path, capsys):
+    """In this process (captioner.cli.main, as `python -m captioner` runs it): exit 2 and one line saying why."""
+    from captioner.cli import main
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "p.png")
+    tiny_model().save_pretrained(tmp_path / "m")
+    for flags, message in ((["--batch-size", "0"], "error: batch_size=0: expected 1 or more"),
+                           (["--labels", "-1"], "error: labels=-1: expected 0 or more")):
+        assert main([str(tmp_path / "p.png"), "--model", str(tmp_path / "m"), *flags]) == 2
+        out, err = capsys.readouterr()
+        assert err.strip() == message and not out
+    # a config naming an unknown backbone: exit 2 (not 1, "some images failed") with the reason (timm's own words)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "backbone": "no_such_backbone"}))
+    assert main([str(tmp_path / "p.png"), "--model", str(tmp_path / "m")]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("error: ") and "Unknown model (no_such_backbone)" in err and len(err.splitlines()) == 1
+
+
 def test_cli_empty_folder_order_and_help(tmp_path):
     model = tiny_model(2, max_len=6)
     model.save_pretrained(tmp_path / "model")
@@ -76,3 +97,49 @@ def test_cli_empty_folder_order_and_help(tmp_path):
     assert {"--beam-size", "--length-penalty", "--temperature", "--max-len", "--no-repeat-ngram", "--batch-size"} <= set(flags)
     for flag in ("--beam-size", "--length-penalty", "--temperature", "--max-len", "--no-repeat-ngram", "--batch-size"):
         assert re.search(re.escape(flag) + r" [A-Z_]+\s+[a-z]", r.stdout), f"{flag} has no help text"
+
+
+def test_cli_each_photo_gets_its_own_caption_in_input_order(distinct, distinct_dir, tmp_path, capsys):
+    """On the model whose captions differ per photo: out of order, across encoder batches, a bad file in between
+    (captioner.cli.main in this process; the tests above run `python -m captioner`)."""
+    from captioner.cli import main
+
+    model, photos = distinct
+    model_dir, paths = distinct_dir
+    expected = {str(p): caption(model, img) for p, img in zip(paths, photos)}
+    assert_all_different(expected.values())
+    (tmp_path / "bad.jpg").write_text("not a jpeg")
+    order = [str(paths[i]) for i in (4, 1, 5)] + [str(tmp_path / "bad.jpg")] + [str(paths[i]) for i in (0, 3, 2)]
+    for extra in (["--batch-size", "2"], ["--steps"]):
+        assert main([*order, "--model", str(model_dir), "--json", *extra]) == 1  # 1: the bad file
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [d["image"] for d in lines] == order
+        assert [d.get("caption") for d in lines] == [expected.get(p) for p in order]
+
+
+def test_which_model_and_revision_are_loaded(distinct, distinct_dir, tmp_path, monkeypatch, capsys):
+    """--model, else $CAPTIONER_MODEL, else the bundled model; --revision, else $CAPTIONER_REVISION."""
+    from captioner.cli import main
+    from captioner.loading import DEFAULT_MODEL, load_model
+
+    given, paths = distinct_dir
+    other = tmp_path / "other"
+    tiny_model(4, max_len=6).save_pretrained(other)
+    photo = str(paths[0])
+    mine, theirs = caption(distinct[0], photo), caption(tiny_model(4, max_len=6), photo)
+    assert mine != theirs  # the two models tell themselves apart on this photo
+
+    def cli_caption(*args):
+        assert main([photo, *args]) == 0
+        return capsys.readouterr().out.strip().split("\t")[1]
+
+    monkeypatch.setenv("CAPTIONER_MODEL", str(other))
+    monkeypatch.setenv("CAPTIONER_REVISION", "from-env")
+    assert cli_caption("--model", str(given)) == mine  # --model wins over $CAPTIONER_MODEL
+    assert cli_caption() == theirs  # no --model: $CAPTIONER_MODEL
+    assert load_model().source == str(other) and load_model().revision == "from-env"
+    assert load_model(given, revision="given").revision == "given"  # --revision wins over $CAPTIONER_REVISION
+    monkeypatch.delenv("CAPTIONER_MODEL")
+    monkeypatch.delenv("CAPTIONER_REVISION")
+    bundled = load_model()
+    assert Path(bundled.source) == DEFAULT_MODEL and bundled.revision is None

@@ -11,7 +11,7 @@ from captioner import Captioner, CaptionerConfig, ImageError, ModelLoadError, Vo
 from captioner.decode import caption, caption_batch, rescore, stream
 from captioner.model import caption_loss
 from captioner.vocab import detokenize, tokenize
-from tiny import WORDS, tiny_config, tiny_model
+from tiny import WORDS, assert_all_different, tiny_config, tiny_model
 
 
 def photo(w=40, h=30, seed=0, mode="RGB"):
@@ -141,6 +141,33 @@ def test_load_errors_for_config_and_vocab(tmp_path):
         load(tmp_path / "nowhere")
 
 
+def test_load_errors_for_shapes_json_vocab_and_backbone(tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    tiny_model().save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    # weights whose shapes do not match the config: a model with a wider LSTM, the config of the narrow one
+    tiny_model(hidden_size=24).save_pretrained(tmp_path / "wide")
+    shutil.copy(tmp_path / "wide" / "model.safetensors", d / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"has shape \(96, 16\), the config needs \(64, 16\)"):
+        load(d)
+    tiny_model().save_pretrained(d)
+    (d / "config.json").write_text('{"backbone": "test_efficientnet", ')  # cut off
+    with pytest.raises(ModelLoadError, match="bad config.json"):
+        load(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "vocab.json").unlink()
+    with pytest.raises(ModelLoadError, match="missing vocab.json"):
+        load(d)
+    # a config naming a backbone timm does not know: a ModelLoadError with timm's reason, not timm's RuntimeError
+    tiny_model().save_pretrained(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "backbone": "no_such_backbone"}))
+    with pytest.raises(ModelLoadError, match="no_such_backbone"):
+        load(d)
+
+
 # ---------------------------------------------------------------- decoding
 
 def test_stream_equals_caption_and_records_are_consistent():
@@ -160,14 +187,27 @@ def test_stream_equals_caption_and_records_are_consistent():
         assert s.logprob == pytest.approx(cum, abs=1e-5)
 
 
-def test_beam_one_equals_greedy_and_batch_equals_single():
+def test_beam_one_equals_greedy():
     for seed in range(4):
         m = tiny_model(seed, max_len=10)
         imgs = [photo(seed=s) for s in range(3)]
-        greedy = [caption(m, i) for i in imgs]
-        assert [caption(m, i, strategy="beam", beam_size=1) for i in imgs] == greedy
-        assert caption_batch(m, imgs) == greedy
-        assert caption_batch(m, imgs, strategy="beam", beam_size=2) == [caption(m, i, strategy="beam", beam_size=2) for i in imgs]
+        assert [caption(m, i, strategy="beam", beam_size=1) for i in imgs] == [caption(m, i) for i in imgs]
+
+
+def test_batch_equals_single_in_order_for_every_batch_size(distinct):
+    """On the fixture whose captions differ per photo: a batch that shuffled, dropped or crossed captions fails."""
+    m, photos = distinct
+    greedy = [caption(m, p) for p in photos]
+    assert_all_different(greedy)
+    beam = [caption(m, p, strategy="beam", beam_size=2) for p in photos]
+    assert_all_different(beam)
+    for batch_size in (1, 4, len(photos), 32):  # 4: a full batch, then a partial one
+        assert caption_batch(m, photos, batch_size=batch_size) == greedy
+        assert caption_batch(m, photos, strategy="beam", beam_size=2, batch_size=batch_size) == beam
+    order = [3, 0, 5, 1, 4, 2]
+    assert caption_batch(m, [photos[i] for i in order], batch_size=4) == [greedy[i] for i in order]
+    with pytest.raises(ValueError, match="batch_size=0"):
+        caption_batch(m, photos, batch_size=0)
 
 
 def test_max_len_eos_and_no_special_tokens():

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import GenerationConfig, ImageFeatures, load
+from captioner import GenerationConfig, ImageFeatures, ModelLoadError, load
 from captioner.decode import caption, caption_batch, encode, generate_batch, rescore, stream
-from tiny import tiny_model
+from tiny import assert_all_different, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 SETTINGS = [{}, {"strategy": "beam", "beam_size": 3}, {"strategy": "beam", "beam_size": 1},
@@ -112,8 +112,24 @@ def test_features_from_encode_decode_like_the_image(decoder):
         caption(m, img, features=f)
     with pytest.raises(ValueError, match="either an image or features"):
         caption(m)
-    batch = m.encode(torch.stack([torch.randn(3, 32, 32) for _ in range(3)]))
-    assert caption_batch(m, features=batch) == [caption(m, features=batch.select(slice(i, i + 1))) for i in range(3)]
+
+
+@pytest.fixture(params=DECODERS)
+def distinct_of(request):
+    """(model, photos) whose captions differ per photo, for each decoder (conftest's session fixtures)."""
+    return request.getfixturevalue("distinct" if request.param == "show-tell" else "distinct_attend")
+
+
+def test_batched_features_decode_in_order(distinct_of):
+    from captioner.preprocess import preprocess_batch
+
+    m, photos = distinct_of
+    batch = m.encode(preprocess_batch(photos, m.config))
+    one_by_one = [caption(m, features=batch.select(slice(i, i + 1))) for i in range(len(photos))]
+    assert_all_different(one_by_one)
+    assert one_by_one == [caption(m, p) for p in photos]
+    for batch_size in (2, 4, 32):
+        assert caption_batch(m, features=batch, batch_size=batch_size) == one_by_one
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -142,15 +158,15 @@ def test_attention_weights_on_every_record():
     assert all(r.attention is None for r in list(stream(model_of("show-tell"), photo()))[-1].caption_steps())
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
-def test_generate_batch_matches_greedy(decoder):
-    m = model_of(decoder, 6)
-    imgs = [photo(i) for i in range(4)]
+def test_generate_batch_matches_greedy(distinct_of):
     from captioner.preprocess import preprocess_batch
 
+    m, imgs = distinct_of
+    greedy = [caption(m, i) for i in imgs]
+    assert_all_different(greedy)
     feats = m.encode(preprocess_batch(imgs, m.config))
     rows = generate_batch(m, feats, 8)
-    assert [m.vocab.decode(r.tolist()) for r in rows] == [caption(m, i) for i in imgs]
+    assert [m.vocab.decode(r.tolist()) for r in rows] == greedy
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -173,7 +189,7 @@ def test_old_configs_without_a_decoder_field_load_as_show_tell(tmp_path):
     assert load(tmp_path).config.decoder == "show-tell"
     cfg["decoder"] = "transformer"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match="decoder='transformer'"):
+    with pytest.raises(ModelLoadError, match="decoder='transformer'"):
         load(tmp_path)
 
 
@@ -228,3 +244,64 @@ def test_attention_overlay_puts_the_heat_where_the_weights_are():
     assert not np.allclose(out, out2)
     with pytest.raises(ValueError, match="48 attention weights"):
         attention_overlay(img, [1.0] * 48)
+
+
+# ---------------------------------------------------------------- settings that must change (or not change) the caption
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_sampling_with_top_k_1_or_a_tiny_top_p_is_greedy(decoder):
+    m = model_of(decoder, 4)
+    for i in range(2):
+        greedy = list(stream(m, photo(i)))[-1]
+        for narrow in ({"top_k": 1}, {"top_p": 1e-6}):
+            for seed in range(3):
+                sampled = list(stream(m, photo(i), strategy="sample", seed=seed, **narrow))[-1]
+                assert sampled.tokens == greedy.tokens, (i, narrow, seed)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_samples_stay_inside_the_nucleus(decoder):
+    """Every sampled word is among the fewest likeliest words whose probabilities reach top_p, at its step."""
+    m = model_of(decoder, 5)
+    top_p, chosen_ranks, captions = 0.6, set(), set()
+    for seed in range(12):
+        steps = list(stream(m, photo(seed % 3), strategy="sample", seed=seed, top_p=top_p, num_alternatives=len(m.vocab)))
+        captions.add(steps[-1].text)
+        for s in steps[-1].caption_steps():
+            probs = [a.prob for a in s.alternatives]  # the whole distribution, likeliest first
+            rank = [a.token for a in s.alternatives].index(s.token)
+            assert sum(probs[:rank]) < top_p + 1e-6, (seed, s.t, rank, probs)
+            chosen_ranks.add(rank)
+    assert len(captions) > 1 and max(chosen_ranks) > 0  # it did sample: not every word was the likeliest
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_length_penalty_favours_longer_captions(decoder):
+    """Its help text: 0 = none (the likeliest caption wins), higher favours longer captions. The beams are the same;
+    only the choice among the finished ones moves, never to a shorter caption, and at least once to a longer one.
+    <EOS> is made about as likely as a word, so that captions of several lengths finish."""
+    longer = 0
+    for seed, eos_bias in [(s, b) for s in range(3) for b in (1.6, 1.8)]:
+        m = model_of(decoder, seed)
+        with torch.no_grad():
+            m.decoder.head.bias[2] += eos_bias  # model_of made <EOS> rarer by 1.5: back to about even, and a little more
+        for i in range(2):
+            plain = list(stream(m, photo(i), strategy="beam", beam_size=4, length_penalty=0.0))[-1]
+            long_ = list(stream(m, photo(i), strategy="beam", beam_size=4, length_penalty=3.0))[-1]
+            assert len(long_.tokens) >= len(plain.tokens), (seed, i, plain.text, long_.text)
+            assert plain.logprob >= long_.logprob - 1e-6  # no penalty: the likeliest finished caption
+            longer += len(long_.tokens) > len(plain.tokens)
+    assert longer, "length_penalty never changed which beam won: the test shows nothing"
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_greedy_and_sampling_stop_at_max_len_when_no_caption_ends(decoder):
+    m = model_of(decoder, 1, max_len=5)
+    with torch.no_grad():
+        m.decoder.head.bias[[2, 3]] = -1e4  # <EOS> and <UNK> never win
+    for s in ({}, {"strategy": "sample", "seed": 0}, {"strategy": "beam", "beam_size": 2}):
+        steps = list(stream(m, photo(), **s))
+        assert steps[-1].stop == "max_len" and len(steps[-1].tokens) == 5, s
+        assert all(x.stop is None for x in steps[:-1]), s
+    assert caption_batch(m, [photo(0), photo(1)]) == [caption(m, photo(0)), caption(m, photo(1))]

@@ -46,6 +46,23 @@ def test_dev_captions_differ_and_none_is_cut_off(model):
         assert not cut, f"{strategy}: {len(cut)} of 200 dev captions end mid-phrase, e.g. {cut[:3]}"
 
 
+@needs_data
+def test_batches_keep_each_dev_photo_with_its_own_caption(model):
+    """The bundled model on real dev photos: caption_batch equals caption() photo by photo, in order, with batches
+    smaller than the number of photos (a full batch, then a partial one)."""
+    from captioner.decode import caption, caption_batch
+    from tiny import assert_all_different
+    from train.data import load_flickr8k_kaggle
+
+    samples, _ = load_flickr8k_kaggle(str(FLICKR8K), splits=("dev",))
+    photos = [s.image for s in samples[:7]]
+    one_by_one = [caption(model, p) for p in photos]
+    assert_all_different(one_by_one, "the first dev photos' captions")
+    for batch_size in (1, 3):
+        assert caption_batch(model, photos, batch_size=batch_size) == one_by_one
+    assert caption_batch(model, photos[::-1], batch_size=3) == one_by_one[::-1]
+
+
 def test_examples_name_their_subject(model):
     """Each example whose subject is common in the training captions must be named (expectations in examples/subjects.json,
     written from the photos' content before the model captioned them)."""

@@ -102,8 +102,22 @@ def test_guided_captions_end_at_their_full_stop():
         for size in (1, 3):
             last = list(stream(m, photo(seed), strategy="guided", beam_size=size))[-1]
             assert stop not in last.tokens[:-1], (seed, size, last.text)
-            if last.constraint.met:
-                assert "dog" in words_of(last)
+            # nothing forces an early end and max_len (8) leaves room: every beam size can and must place "dog"
+            assert last.constraint.met is True and "dog" in words_of(last), (seed, size, last.text)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_guided_when_no_beam_ends(size):
+    """No caption ends: <EOS> never wins, nor <UNK> or "." (after which guided decoding may only end). The search
+    runs to max_len and still returns a caption that meets the constraint."""
+    m = model_of("show-tell", 5, max_len=6)
+    with torch.no_grad():
+        m.decoder.head.bias[[WORDS.index(w) for w in ("<EOS>", "<UNK>", ".")]] = -1e4
+    steps = list(stream(m, photo(3), strategy="guided", beam_size=size))
+    last = steps[-1]
+    assert last.stop == "max_len" and len(last.tokens) == 6 and all(s.stop is None for s in steps[:-1])
+    assert last.constraint.met is True and "dog" in words_of(last)
+    assert caption(m, photo(3), strategy="guided", beam_size=size) == last.text
 
 
 def test_falls_back_when_no_caption_can_meet_it():

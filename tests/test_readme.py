@@ -81,10 +81,27 @@ def blocks_marked(marker):
     return [pytest.param(line, code, id=f"line{line}") for line, m, code in BLOCKS if m == marker]
 
 
+BRANCH = re.compile(r"^print\((caption\(.*prefix=(\[.*\])\))\)[ \t]*(#.*)?$", re.M)
+
+
 @pytest.mark.parametrize("line,code", blocks_marked(None))
 def test_python_block_runs(line, code):
-    result = run_block(code, what=f"README.md:{line}")
+    # A branch example (print(caption(..., prefix=[...]))) must print a caption that starts with the forced words:
+    # the block runs with markers printed around that line and the forced words decoded after it.
+    branches = BRANCH.findall(code)
+    marked = BRANCH.sub(lambda m: f'print("<readme-test branch>"); print({m.group(1)}); '
+                                  f'print("<readme-test forced>", model.vocab.decode({m.group(2)}))', code)
+    result = run_block(marked, what=f"README.md:{line}")
     assert result.stdout.strip(), f"README.md:{line} printed nothing"
+    out = result.stdout.splitlines()
+    for i in [i for i, text in enumerate(out) if text == "<readme-test branch>"]:
+        branched, forced = out[i + 1], out[i + 2].removeprefix("<readme-test forced> ")
+        assert forced and branched.startswith(forced), f"README.md:{line}: the branch {branched!r} does not start with {forced!r}"
+    assert out.count("<readme-test branch>") == len(branches)
+
+
+def test_readme_has_a_branch_example():
+    assert any(BRANCH.search(code) for _, marker, code in BLOCKS if marker is None), "the README's branch example is gone"
 
 
 @pytest.mark.parametrize("line,code", blocks_marked("needs-server"))

@@ -168,17 +168,22 @@ def test_large_and_binary_files_are_under_lfs_rules():
     assert not outside, f"large or binary files no LFS rule of .gitattributes matches: {outside}"
 
 
+# git as a clone without git-lfs runs it, whether or not git-lfs is installed here: the lfs filter's commands empty
+# (command-line -c settings override the global ones `git lfs install` writes).
+WITHOUT_LFS = ("-c", "filter.lfs.process=", "-c", "filter.lfs.clean=", "-c", "filter.lfs.smudge=", "-c", "filter.lfs.required=false")
+
+
 @needs_git
 def test_lfs_rules_change_nothing_in_this_clone_without_git_lfs():
     """This repository does not use git-lfs: without it the rules' filter is undefined, and git stores and checks out
-    these files as the plain blobs they are (what `git add` would store is byte for byte what the index holds)."""
-    if subprocess.run(["git", "lfs", "version"], cwd=ROOT, capture_output=True).returncode == 0:
-        pytest.skip("git-lfs is installed here: it would store these files as LFS pointers")
+    these files as the plain blobs they are (what `git add` would store is byte for byte what the index holds).
+    Checked the same way where git-lfs is installed, with its filter switched off for these git commands."""
     binaries = [f for f in git("ls-files", "-z").stdout.split("\0")
                 if f and Path(f).suffix.lower() in BINARY_SUFFIXES and (ROOT / f).is_file()]
     assert binaries
     staged = dict(line.split("\t", 1)[::-1] for line in git("ls-files", "-s", "--", *binaries).stdout.splitlines())
-    would_store = git("hash-object", "--", *binaries).stdout.split()
+    would_store = git(*WITHOUT_LFS, "hash-object", "--", *binaries).stdout.split()
+    assert would_store == git("hash-object", "--no-filters", "--", *binaries).stdout.split()  # no filter ran
     for f, blob in zip(binaries, would_store):
         assert staged[f].split()[1] == blob, f"{f}: git would now store it differently"
 

@@ -1,5 +1,5 @@
 """Sturdiness: a corpus of bad and odd image files through the CLI and the served app, a 320-request load test,
-and model-loading faults that must come back as a clear ModelLoadError quickly."""
+and model-loading faults that must come back as one clear ModelLoadError, from one attempt."""
 from __future__ import annotations
 
 import io
@@ -25,7 +25,7 @@ from captioner import load
 from captioner.decode import caption, stream
 from captioner.hub import ModelLoadError
 from captioner.preprocess import open_image
-from tiny import endless_model_dir, serve_demo, start_app, tiny_model
+from tiny import assert_all_different, endless_model_dir, serve_demo, start_app, tiny_model
 
 # gradio 6.31's queue statistics use a pandas option that pandas 3 deprecates (not this app's code)
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -139,8 +139,10 @@ def model(model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    with serve_demo(model, "tiny (sturdiness)", word_delay=0) as url:
+def server(distinct):
+    """The app serving the tiny model whose captions differ per photo (conftest's `distinct`): after the corpus, each
+    of its photos must still get its own caption."""
+    with serve_demo(distinct[0], "distinct (sturdiness)", word_delay=0) as url:
         yield url
 
 
@@ -149,13 +151,6 @@ def expected(model, path) -> str:
     from captioner.ui import APP_DEFAULTS
 
     return caption(model, str(path), APP_DEFAULTS, max_len=MAX_LEN)
-
-
-OUTCOMES: dict[str, dict[str, str]] = {}  # kind -> {"cli": ..., "app": ...}, printed at the end of the module
-
-
-def _record(kind: str, where: str, text: str) -> None:
-    OUTCOMES.setdefault(kind, {})[where] = text
 
 
 def test_corpus_has_at_least_15_kinds_and_both_outcomes(corpus):
@@ -186,11 +181,9 @@ def test_cli_over_the_whole_corpus(corpus, model, model_dir):
             assert "error" not in rec, (kind, rec)
             assert rec["caption"] == caption(model, str(path), strategy="greedy"), kind
             assert len(list(stream(model, str(path)))) == MAX_LEN, (kind, rec)  # a whole caption: no early stop
-            _record(kind, "cli", "caption: " + rec["caption"])
         else:
             assert "caption" not in rec and err in rec["error"], (kind, rec)
             assert rec["image"] == str(path) and 10 < len(rec["error"]) < 300, (kind, rec)
-            _record(kind, "cli", "error: " + rec["error"])
 
 
 def test_cli_without_json_names_each_bad_file_on_stderr(corpus, model_dir):
@@ -206,14 +199,14 @@ def test_cli_without_json_names_each_bad_file_on_stderr(corpus, model_dir):
     assert [line.split("\t")[0] for line in r.stdout.strip().splitlines()] == good
 
 
-def test_served_app_over_the_whole_corpus(server, model, corpus):
+def test_served_app_over_the_whole_corpus(server, distinct, distinct_dir, corpus):
+    model, _ = distinct
     client = Client(server, verbose=False)
     for kind, (path, err) in corpus.items():
         job = client.submit(handle_file(str(path)), api_name="/caption")
         if err is None:
             text = job.result(timeout=REQUEST_TIMEOUT)[0]
             assert text == expected(model, path), kind
-            _record(kind, "app", "caption: " + text)
         else:
             with pytest.raises(AppError) as e:
                 job.result(timeout=REQUEST_TIMEOUT)
@@ -221,19 +214,14 @@ def test_served_app_over_the_whole_corpus(server, model, corpus):
             assert msg.startswith(f"{path.name}: ") and err in msg, (kind, msg)
             assert "Traceback" not in msg and "/tmp" not in msg and str(path.parent) not in msg, (kind, msg)
             assert len(msg) < 300, (kind, msg)
-            _record(kind, "app", "error: " + msg)
-    # the server still answers a normal request correctly, on a fresh client too
-    good = corpus["plain_jpeg"][0]
-    assert client.predict(handle_file(str(good)), api_name="/caption")[0] == expected(model, good)
-    assert Client(server, verbose=False).predict(handle_file(str(good)), "greedy", api_name="/caption")[0] == \
-        caption(model, str(good), strategy="greedy", max_len=MAX_LEN)
-
-
-def test_print_outcome_table(corpus):
-    print("\n%-26s %-6s %s" % ("kind", "where", "outcome"))
-    for kind in corpus:
-        for where, text in sorted(OUTCOMES.get(kind, {}).items()):
-            print("%-26s %-6s %s" % (kind, where, text))
+    # the server still gives each photo its own caption, on this client and on a fresh one
+    _, photos = distinct_dir
+    want = [expected(model, p) for p in photos]
+    assert_all_different(want)
+    assert [client.predict(handle_file(str(p)), api_name="/caption")[0] for p in photos[:3]] == want[:3]
+    fresh = Client(server, verbose=False)
+    assert [fresh.predict(handle_file(str(p)), "greedy", api_name="/caption")[0] for p in photos[3:]] == \
+        [caption(model, str(p), strategy="greedy", max_len=MAX_LEN) for p in photos[3:]]
 
 
 # ---------------------------------------------------------------- load
@@ -243,25 +231,27 @@ CLIENTS, PER_CLIENT = 32, 10
 
 
 @pytest.fixture(scope="module")
-def app_process(model_dir):
-    """app.py in its own process (what is deployed), so its memory is the server's alone, not the clients'."""
-    proc, url = start_app(model_dir, "--word-delay", "0")
+def app_process(distinct_dir):
+    """app.py in its own process (what is deployed), so its memory is the server's alone, not the clients'; it serves
+    the tiny model whose captions differ per photo, so a caption crossed between clients is seen."""
+    proc, url = start_app(distinct_dir[0], "--word-delay", "0")
     yield proc, url
     proc.terminate()
     out = proc.communicate(timeout=30)[0]
     assert "Traceback" not in out, out
 
 
-def test_32_clients_10_captions_each(app_process, model, corpus):
+def test_32_clients_10_captions_each(app_process, distinct, distinct_dir):
     proc, url = app_process
-    images = [corpus[k][0] for k in ("plain_jpeg", "webp", "rgba_png", "gray_jpeg", "cmyk_jpeg")]
+    model, _ = distinct
+    images = distinct_dir[1]
     want = {str(p): expected(model, p) for p in images}
+    assert_all_different(want.values())
     server = psutil.Process(proc.pid)
     Client(url, verbose=False).predict(handle_file(str(images[0])), api_name="/caption")  # warm-up
     rss_before = server.memory_info().rss
     latencies: list[float] = []
     lock = threading.Lock()
-    deadline = time.monotonic() + 240
     # Halfway, every client waits at a barrier and the server's RSS is read: the first half includes one-off growth
     # (Gradio's worker threads and caches, the allocator's warm-up); the second half, with the same clients, shows
     # whether the server's memory keeps growing per request.
@@ -274,7 +264,6 @@ def test_32_clients_10_captions_each(app_process, model, corpus):
         for j in range(PER_CLIENT):
             if j == PER_CLIENT // 2:
                 halfway.wait()
-            assert time.monotonic() < deadline, "load test ran out of time"
             path = str(images[(i + j) % len(images)])
             start = time.perf_counter()
             text = client.submit(handle_file(path), api_name="/caption").result(timeout=REQUEST_TIMEOUT)[0]
@@ -307,16 +296,26 @@ def test_32_clients_10_captions_each(app_process, model, corpus):
 
 # ---------------------------------------------------------------- model-loading faults
 
-QUICK = 1.0  # seconds
+# What a fault must come to: one clear ModelLoadError, from one attempt (the weights read at most once, never a
+# pickle fallback, no model built from files found bad). How long it takes belongs in benchmarks/, not here.
 
 
-def _timed_load(*args, **kw) -> tuple[ModelLoadError, float]:
-    start = time.perf_counter()
-    try:
+def _failed_load(monkeypatch, *args, builds: int = 0, **kw) -> ModelLoadError:
+    """load(*args, **kw), which must raise ModelLoadError after reading the weights at most once and building
+    `builds` models (0: the fault is found in the files, before any model is built)."""
+    import safetensors.torch
+
+    from captioner import Captioner
+
+    reads, built = [], []
+    real_read, real_init = safetensors.torch.load_file, Captioner.__init__
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    monkeypatch.setattr(Captioner, "__init__", lambda self, *a, **k: built.append(a) or real_init(self, *a, **k))
+    with pytest.raises(ModelLoadError) as e:
         load(*args, **kw)
-    except ModelLoadError as e:
-        return e, time.perf_counter() - start
-    raise AssertionError("load succeeded; expected a ModelLoadError")
+    assert len(reads) <= 1, f"the weights were read {len(reads)} times"
+    assert len(built) == builds, f"{len(built)} models built, expected {builds}"
+    return e.value
 
 
 @pytest.fixture
@@ -333,37 +332,40 @@ def _clear(e: ModelLoadError, *phrases: str) -> None:
         assert phrase in msg, msg
 
 
-def test_truncated_weights(broken):
+def test_truncated_weights(broken, monkeypatch):
     w = broken / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    e, seconds = _timed_load(broken)
+    e = _failed_load(monkeypatch, broken)
     _clear(e, "model.safetensors is corrupted or truncated")
-    assert seconds < QUICK, seconds
 
 
-def test_weights_cut_inside_the_header(broken):
+def test_weights_cut_inside_the_header(broken, monkeypatch):
     w = broken / "model.safetensors"
     w.write_bytes(w.read_bytes()[:20])
-    e, seconds = _timed_load(broken)
+    e = _failed_load(monkeypatch, broken)
     _clear(e, "model.safetensors is corrupted or truncated")
-    assert seconds < QUICK, seconds
 
 
-def test_config_missing_a_field(broken):
+def test_config_missing_a_field(broken, monkeypatch):
     cfg = json.loads((broken / "config.json").read_text())
     del cfg["hidden_size"]
     (broken / "config.json").write_text(json.dumps(cfg))
-    e, seconds = _timed_load(broken)
+    e = _failed_load(monkeypatch, broken)
     _clear(e, "config.json", "hidden_size")
-    assert seconds < QUICK, seconds
 
 
-def test_vocab_of_the_wrong_size(broken):
+def test_vocab_of_the_wrong_size(broken, monkeypatch):
     itos = json.loads((broken / "vocab.json").read_text())["itos"]
     (broken / "vocab.json").write_text(json.dumps({"itos": itos + ["cat", "sits"]}))
-    e, seconds = _timed_load(broken)
+    e = _failed_load(monkeypatch, broken)
     _clear(e, "vocab.json has 10 words", "vocab_size=8")
-    assert seconds < QUICK, seconds
+
+
+def test_config_naming_an_unknown_backbone(broken, monkeypatch):
+    cfg = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**cfg, "backbone": "no_such_backbone"}))
+    e = _failed_load(monkeypatch, broken, builds=1)  # found only when timm is asked to build it
+    _clear(e, "no_such_backbone")
 
 
 def test_hub_repo_that_does_not_exist(tmp_path, monkeypatch):
@@ -373,15 +375,14 @@ def test_hub_repo_that_does_not_exist(tmp_path, monkeypatch):
     with FakeHub() as hub:
         monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        e, seconds = _timed_load("nobody/no-such-model", cache_dir=tmp_path / "cache")
+        e = _failed_load(monkeypatch, "nobody/no-such-model", cache_dir=tmp_path / "cache")
         assert hub.url in str(getattr(e.__cause__, "response", None) and e.__cause__.response.url), "not the fake Hub"
+        assert hub.requests and len(set(hub.requests)) == len(hub.requests), f"a request was retried: {hub.requests}"
     _clear(e, "'nobody/no-such-model' was not found")
-    assert seconds < QUICK, seconds
 
 
-def test_offline_with_an_empty_cache(tmp_path):
+def test_offline_with_an_empty_cache(tmp_path, monkeypatch):
     cache = tmp_path / "empty_cache"
     cache.mkdir()
-    e, seconds = _timed_load("user/tiny", local_files_only=True, cache_dir=cache)
+    e = _failed_load(monkeypatch, "user/tiny", local_files_only=True, cache_dir=cache)
     _clear(e, "not in the local cache", "offline")
-    assert seconds < QUICK, seconds

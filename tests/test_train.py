@@ -1,9 +1,11 @@
 """The training pipeline end to end on a tiny dataset the test writes (tiny random backbone, CPU, seconds)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,7 +101,19 @@ def test_train_evaluate_export_and_scst(tmp_path):
     ev = subprocess.run([sys.executable, "-m", "train.evaluate", "--model", str(out / "best"), "--data", str(data), "--split", "dev", "--json"],
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert ev.returncode == 0, ev.stderr
-    assert 0.0 <= json.loads(ev.stdout.strip().splitlines()[-1])["CIDEr-D"]
+    scored = json.loads(ev.stdout.strip().splitlines()[-1])
+    # the same scores as the run's own final_metrics.json (greedy, best model, dev split) and as train.evaluate's
+    # evaluate_model on the same model here
+    from train.data import load_dataset
+    from train.evaluate import evaluate_model
+
+    dev, _ = load_dataset(str(data), splits=("dev",))
+    here, captions = evaluate_model(best, [s.image for s in dev], [s.captions for s in dev], strategy="greedy")
+    assert len(captions) == 3 and all(captions)
+    for key in ("BLEU-1", "BLEU-4", "CIDEr-D", "ROUGE-L"):
+        assert scored[key] == pytest.approx(here[key], abs=1e-6), key
+        assert scored[key] == pytest.approx(final["greedy"][key], abs=1e-6), key
+    assert scored["CIDEr-D"] > 0, scored  # the tiny run learns the words of its captions: not all zero
 
 
 def test_scst_from_a_saved_model_keeps_its_vocabulary_and_sizes(tmp_path):
@@ -133,8 +147,6 @@ def test_scst_from_a_saved_model_keeps_its_vocabulary_and_sizes(tmp_path):
 
 def test_scst_cosine_schedule_decays_the_learning_rate(tmp_path):
     """--scst-schedule cosine lowers the self-critical lr epoch by epoch; each epoch records its last lr and threads."""
-    from train.train import lr_at
-
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "run"
     # 8 training images in batches of 4: 2 self-critical steps per epoch, 6 in all
@@ -143,7 +155,8 @@ def test_scst_cosine_schedule_decays_the_learning_rate(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     hist = read_metrics(out)
     lrs = [h["last_lr"] for h in hist if h["phase"] == "scst"]
-    assert lrs == pytest.approx([lr_at(s, 6, 1e-3, 0) for s in (1, 3, 5)])
+    # each epoch's last step (1, 3, 5 of 6) on the cosine from 1e-3 to 5% of it: 1e-3 * (0.05 + 0.475 (1 + cos(pi s/6)))
+    assert lrs == pytest.approx([9.3636e-4, 5.25e-4, 1.1364e-4], rel=1e-4)
     assert lrs[0] > lrs[1] > lrs[2] and all(h["threads"] == 1 for h in hist)
     # the model card's line for this run (all its epochs: the export keeps only those up to the best one)
     from train.export import _stage, _train_config
@@ -153,6 +166,29 @@ def test_scst_cosine_schedule_decays_the_learning_rate(tmp_path):
     assert line.endswith("minutes of epochs on 1 CPU thread"), line
     bad = run_train(tiny_args(data, tmp_path / "bad", **{"scst-schedule": "linear"}))
     assert bad.returncode == 2 and "--scst-schedule 'linear'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_learning_rate_schedule_values():
+    """Linear warm-up over 4 steps, then a cosine from the base down to 5% of it at the last step, and no further."""
+    from train.train import lr_at
+
+    got = [lr_at(step, 10, 2.0, 4) for step in (0, 1, 3, 4, 7, 10, 12)]
+    assert got == pytest.approx([0.5, 1.0, 2.0, 2.0, 1.05, 0.1, 0.1])
+    assert [lr_at(step, 4, 1.0, 0) for step in (0, 1, 2, 3, 4)] == pytest.approx([1.0, 0.8608757, 0.525, 0.1891243, 0.05])
+
+
+@pytest.mark.slow
+def test_teacher_forcing_loss_falls_on_a_tiny_dataset(tmp_path):
+    """Thirty short epochs (2 steps each) on the tiny dataset: the training loss falls well below its first epoch's,
+    and so does the dev loss (two kinds of image, each with its own five captions: there is something to learn)."""
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    r = run_train(tiny_args(data, out, epochs=30, lr=1e-2, **{"eval-beam": 0}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    hist = read_metrics(out)
+    train_loss, val_loss = [h["train_loss"] for h in hist], [h["val_loss"] for h in hist]
+    assert len(hist) == 30 and train_loss[-1] < 0.6 * train_loss[0], train_loss
+    assert min(val_loss) < 0.8 * val_loss[0] and val_loss[-1] < val_loss[0], val_loss
 
 
 def test_scst_xe_weight_mixes_in_teacher_forcing(tmp_path):
@@ -232,16 +268,24 @@ def test_sigint_saves_mid_epoch_and_resumes(tmp_path):
     data = write_dataset(tmp_path / "data", n_train=40)
     out = tmp_path / "run"
     argv = tiny_args(data, out, epochs=500, **{"eval-beam": 0, "batch-size": 1})  # far more than it gets to run
-    p = subprocess.Popen([sys.executable, "-m", "train.train", *argv], cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "train.train", *argv], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(p.stderr.fileno(), 4096), b"")), daemon=True)
+    reader.start()
     try:
-        # wait until training batches are running (the features are cached first), then interrupt
-        assert _wait_for(lambda: (tmp_path / "cache").exists() and any((tmp_path / "cache").rglob("features.npy")), 120)
-        time.sleep(1.5)
+        # Interrupt once the progress bar (stderr) shows a finished batch ("| 1/200 [", 40 images x 5 captions): the
+        # trainer's SIGINT handler is in place (no matter how slowly this machine cached the features), and the
+        # interrupt lands inside an epoch (the trainer stops after the batch it is in, so at a step of 1 or more).
+        step = re.compile(rb"\| *[1-9]\d*/\d+ \[")
+        assert _wait_for(lambda: step.search(b"".join(chunks)), 120), b"".join(chunks)[-2000:].decode("utf-8", "replace")
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
+        p.wait(timeout=120)
+        reader.join(timeout=30)
     finally:
         if p.poll() is None:
             p.kill()
+    err = b"".join(chunks).decode("utf-8", "replace")
     assert p.returncode == 130, err[-2000:]
     assert "continue with --resume" in err
     state = json.loads((out / "checkpoint" / "trainer.json").read_text())

@@ -19,7 +19,7 @@ from captioner.heatmap import attention_overlay
 from captioner.imagenet import describe_labels, top_labels
 from captioner.ui import (APP_DEFAULTS, PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, inspector_photo,
                           percent, table_row)
-from tiny import attend_model, tiny_model
+from tiny import assert_all_different, attend_model, tiny_model
 
 SETTINGS = [
     dict(strategy="greedy"),
@@ -263,8 +263,7 @@ def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
     first = cap(handlers, photo_path, strategy="greedy", max_len=8)
     decoding, cache = first[-1][3], first[-1][4]
     eos = next((a for a in decoding.steps[3].alternatives if a.word == "<EOS>"), None)
-    if eos is None:
-        pytest.skip("<EOS> not among this step's alternatives")
+    assert eos is not None, "the fixture's step 4 must offer <EOS> (5 alternatives of 8 words)"
     outs = branch(handlers, decoding, 4, eos.token, cache, strategy="greedy", max_len=8)
     assert outs[-1][3].tokens == decoding.tokens[:3] and outs[-1][3].stop == "eos"
     view = Inspector(*handlers.finished(outs[-1][3])[:-1])
@@ -423,8 +422,6 @@ def test_branch_api_errors_are_clear(handlers, photo_path, step, word, message):
 def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, model, photo_path, tmp_path):
     import csv
 
-    from captioner.decode import caption_batch
-
     other = tmp_path / "grey.png"
     Image.fromarray(np.full((40, 30, 3), 90, np.uint8)).save(other)
     bad = tmp_path / "notes.jpg"
@@ -433,7 +430,7 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
     empty.write_bytes(b"")
     files = [photo_path, str(bad), str(other), str(empty)]
     table, downloads = handlers.caption_files(files, handlers.settings(max_len=8))
-    want = caption_batch(model, [photo_path, str(other)], APP_DEFAULTS, max_len=8)
+    want = [caption(model, p, APP_DEFAULTS, max_len=8) for p in (photo_path, str(other))]
     assert table["headers"] == ["image", "caption", "error"]
     assert [row[0] for row in table["data"]] == ["photo.jpg", "notes.jpg", "grey.png", "empty.png"]  # the input order
     assert [row[1] for row in table["data"]] == [want[0], "", want[1], ""]
@@ -450,6 +447,30 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
     # Gradio's upload payloads (file dicts with the original name) work too
     table2, _ = handlers.caption_files([{"path": str(bad), "orig_name": "my notes.jpg"}], handlers.settings(max_len=8))
     assert table2["data"][0][0] == "my notes.jpg" and table2["data"][0][2].startswith("not an image file")
+
+
+def test_each_photo_gets_its_own_caption_in_the_table_and_one_by_one(distinct, distinct_dir, tmp_path):
+    """On the model whose captions differ per photo: the table keeps each caption with its photo (out of order, a bad
+    file in between), and captioning photo after photo with the previous photo's cache gives each its own."""
+    model, photos = distinct
+    _, paths = distinct_dir
+    handlers = Handlers(model, word_delay=0)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not a photo\n")
+    order = [paths[i] for i in (2, 5, 0)] + [bad] + [paths[i] for i in (4, 1, 3)]
+    for controls in ({}, {"strategy": "greedy"}):  # {}: the app's defaults
+        settings = handlers.settings(**controls)
+        expected = {p.name: caption(model, p, settings) for p in paths}
+        assert_all_different(expected.values())
+        table, _ = handlers.caption_files([str(p) for p in order], settings)
+        assert [(row[0], row[1]) for row in table["data"]] == [(p.name, expected.get(p.name, "")) for p in order]
+        cache = None
+        for p in order:
+            if p == bad:
+                continue
+            outs = cap(handlers, str(p), cache, **controls)
+            assert outs[-1][0] == expected[p.name]
+            cache = outs[-1][4]
 
 
 def test_caption_files_without_files_is_a_clear_error(handlers):

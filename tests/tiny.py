@@ -106,8 +106,10 @@ def app_env(**extra) -> dict:
     return env
 
 
-def start_app(model_dir, *args: str, timeout: float = 120):
-    """Run `python app.py --model model_dir ARGS` on a free port; returns (process, url) once a client connects.
+def start_app(model_dir, *args: str, timeout: float = 120, env: dict | None = None, port_from_env: bool = False):
+    """Run `python app.py --model model_dir --port PORT ARGS` on a free port; returns (process, url) once a client
+    connects. model_dir None: no --model; `env`: added to app_env(); port_from_env: the port is given as
+    $GRADIO_SERVER_PORT instead of --port.
 
     Output goes to a pipe: read it with process.communicate() after terminate()."""
     import subprocess
@@ -118,9 +120,11 @@ def start_app(model_dir, *args: str, timeout: float = 120):
     from gradio_client import Client
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model_dir), "--port", str(port), *args],
-                            cwd=Path(__file__).resolve().parents[1], env=app_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    argv = (["--model", str(model_dir)] if model_dir is not None else []) + ([] if port_from_env else ["--port", str(port)])
+    proc = subprocess.Popen([sys.executable, "app.py", *argv, *args],
+                            cwd=Path(__file__).resolve().parents[1],
+                            env=app_env(**(env or {}), **({"GRADIO_SERVER_PORT": str(port)} if port_from_env else {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
     while True:
@@ -148,3 +152,79 @@ def serve_demo(model, label: str, **build_kw):
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+# ---------------------------------------------------------------- a tiny model whose captions differ per photo
+# Every random tiny model above gives every photo the same caption (its LSTM's own dynamics drown the tiny image
+# features), so a test of order, batching or isolation built on one would pass with the captions shuffled. This one
+# is trained, in a second or so, to tell a few distinct photos apart: each photo has its own caption. Tests that use
+# it first assert that the captions they expect are all different, so a fixture that stopped telling the photos
+# apart would fail them loudly instead of letting them pass vacuously.
+
+DISTINCT_COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 240, 240), (15, 15, 15), (230, 210, 20)]
+
+
+def distinct_photos(n: int = 6, size: int = 40):
+    """N photos (PIL, RGB) that differ in colour and pattern: solid colours, every other one with a stripe."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i in range(n):
+        img = Image.new("RGB", (size, size), DISTINCT_COLOURS[i % len(DISTINCT_COLOURS)])
+        if i % 2:
+            ImageDraw.Draw(img).rectangle([0, size // 3, size, size // 2], fill=DISTINCT_COLOURS[(i + 3) % len(DISTINCT_COLOURS)])
+        out.append(img)
+    return out
+
+
+def _distinct_targets(n: int) -> list[list[int]]:
+    """N different token sequences (<SOS> ... <EOS>) over the tiny vocabulary's words (a, dog, runs, .)."""
+    import itertools
+
+    words = list(range(4, len(WORDS)))
+    seqs = [list(p) for k in (3, 2, 4) for p in itertools.permutations(words, k)]
+    return [[1, *seqs[i * 5 % len(seqs)], 2] for i in range(n)]
+
+
+def distinct_model(decoder: str = "show-tell", n: int = 6, *, steps: int = 250, seed: int = 0):
+    """A tiny Captioner trained (decoder and projection; the random backbone frozen) to give each of
+    distinct_photos(n) its own caption. Returns (model in eval mode, photos)."""
+    import torch
+
+    from captioner.model import caption_loss
+    from captioner.preprocess import preprocess_batch
+
+    photos = distinct_photos(n)
+    fields = dict(max_len=8) if decoder == "show-tell" else dict(decoder="attend", image_size=64, max_len=8)
+    model = tiny_model(seed, **fields)
+    with torch.no_grad():  # the random backbone's features are tiny (about 1e-3): start the projections at their scale
+        model.encoder.proj.weight.mul_(1000)
+        if decoder == "attend":
+            model.decoder.regions.weight.mul_(1000)
+        features = model.encoder.backbone_features(preprocess_batch(photos, model.config))
+    targets = _distinct_targets(n)
+    width = max(map(len, targets))
+    captions = torch.tensor([t + [0] * (width - len(t)) for t in targets]).T  # (T, B), <PAD> after <EOS>
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=0.03)
+    # One thread: these ops are tiny, and with two threads every op waits for both, which on a busy machine made
+    # the 250 steps take minutes instead of about a second.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():  # a session fixture may first be built inside a test's no_grad
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = caption_loss(model.forward_features(features, captions), captions)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), photos
+
+
+def assert_all_different(captions, what: str = "the fixture's captions") -> None:
+    """The precondition of every order, batch and isolation test: swapped captions must be tellable apart."""
+    captions = list(captions)
+    assert len(set(captions)) == len(captions), f"{what} are not all different, so the test could not fail: {captions}"
