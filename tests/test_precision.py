@@ -53,6 +53,7 @@ def test_autocast_runs_the_forward_in_bf16():
         assert lin(torch.randn(2, 4)).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_tiny_bf16_run_trains_and_saves_a_float32_model_that_loads(tmp_path):
     from captioner.loading import load
     from train.config import parse_args
@@ -77,6 +78,7 @@ def test_tiny_bf16_run_trains_and_saves_a_float32_model_that_loads(tmp_path):
             assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float32}, ckpt
 
 
+@pytest.mark.slow
 def test_plateau_schedule_and_early_stopping(tmp_path):
     """With lr 0 nothing changes, so dev CIDEr-D never sets a new best after epoch 1: --patience 1 ends teacher forcing
     after epoch 2 and goes on to the self-critical epochs, which end after their own second epoch."""
@@ -177,6 +179,8 @@ needs_data = pytest.mark.skipif(not (__import__("conftest").FLICKR8K / "captions
                                 reason="Flickr8k not found at ../shared/data/flickr8k")
 
 
+@pytest.mark.slow
+@pytest.mark.may_skip  # on a CPU without VNNI auto picks float32: nothing to guard, a legitimate skip even in CI
 @needs_data
 def test_what_auto_picks_keeps_the_greedy_captions():
     """The caption guard, on 100 dev photos: at the precision auto picks on this CPU, at least 95% of the bundled
@@ -195,6 +199,7 @@ def test_what_auto_picks_keeps_the_greedy_captions():
     assert len(set(caps)) > 50  # captions that differ per photo: identity is not trivially met
 
 
+@pytest.mark.slow
 def test_benchmark_prints_every_precision_and_both_training_formats(tmp_path):
     """benchmarks.run's precision section on a tiny attention model: its table has a row per precision (with how many
     captions match float32's) and the training steps in float32 and bf16. Structure only, never timings."""
