@@ -414,12 +414,15 @@ class Captioner(
 
             from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-            # Per-channel weight scales: 195 of 200 dev captions unchanged, against 190 with one scale per matrix.
-            # Show-and-Tell steps nn.LSTM's own weights through torch.lstm_cell: its LSTM stays float32.
-            kinds = (nn.Linear, nn.LSTMCell) if self.decoder.uses_grid else (nn.Linear,)
+            # The attention decoder: the layers every word runs on the LSTM state (the cell, the attention's query and
+            # gate), with per-channel weight scales; the vocabulary projection and the once-per-image region layers stay
+            # float32. Measured on dev with the bundled model: quantizing the projection too left 929 of 1,000 greedy
+            # captions unchanged, without it 288 of the first 300. Show-and-Tell steps nn.LSTM's own weights through
+            # torch.lstm_cell, so its LSTM stays float32 and its projection is what int8 can take.
+            names = ("cell", "query", "gate") if self.decoder.uses_grid else ("head",)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.ao.quantization's notice that it moves to torchao
-                quantize_dynamic(self.decoder, {k: per_channel_dynamic_qconfig for k in kinds}, inplace=True)
+                quantize_dynamic(self.decoder, {n: per_channel_dynamic_qconfig for n in names}, inplace=True)
             self.batch_invariant = False
         self.precision = "fp32" if encoder == decoder == "fp32" else (
             encoder if encoder == decoder else f"encoder {encoder}, decoder {decoder}")

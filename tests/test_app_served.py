@@ -227,7 +227,12 @@ def test_app_py_serves_the_model_it_is_given(model_dir, distinct, distinct_dir):
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
-    assert f"model: {given} ({len(distinct[0].vocab)} words); torch threads: 1" in out and "Traceback" not in out, out
+    from captioner.precision import inference_plan
+
+    enc, dec = inference_plan("auto")
+    runs = enc if enc == dec else f"encoder {enc}, decoder {dec}"  # what app.py's default --precision auto picks here
+    assert f"model: {given} ({len(distinct[0].vocab)} words); precision: {runs}; torch threads: 1" in out, out
+    assert "Traceback" not in out, out
     # Gradio's hint names a launch() argument this command has no way to set; the app names its own flag instead.
     assert f"Running on local URL:  {url}" in out and "start it with --share" in out and "share=True" not in out, out
 

@@ -59,7 +59,9 @@ def _stage(tc: dict, history: list[dict]) -> str:
         planned = tc.get("epochs") or xe
         best_of = f" (the best of {planned})" if planned > xe else ""
         parts.append(f"{xe} epochs{best_of} of teacher forcing (AdamW, lr {tc.get('lr')}, batch {tc.get('batch_size')}, label smoothing "
-                     f"{tc.get('label_smoothing')}, dropout {tc.get('dropout')}, cosine schedule, gradient clipping {tc.get('grad_clip')}"
+                     f"{tc.get('label_smoothing')}, dropout {tc.get('dropout')}, "
+                     + ("lr halved after each epoch without a new best dev CIDEr-D" if tc.get("lr_schedule") == "plateau"
+                        else "cosine schedule") + f", gradient clipping {tc.get('grad_clip')}"
                      + (f"; each caption saw the plain image or one of {views} cached random-crop/mirror views" if views else "") + ")")
     if scst:
         k = tc.get("scst_top_k") or 0
@@ -73,6 +75,8 @@ def _stage(tc: dict, history: list[dict]) -> str:
     minutes = sum(h.get("seconds", 0) for h in history) / 60
     threads = sorted({h["threads"] for h in history if "threads" in h})  # runs from before this field have none
     on = f" on {' or '.join(map(str, threads))} CPU thread{'s' if threads != [1] else ''}" if threads else ""
+    precisions = sorted({h["precision"] for h in history if "precision" in h})
+    on += f" in {' and '.join(precisions)} (autocast; float32 weights)" if precisions and precisions != ["fp32"] else ""
     return " then ".join(parts) + f"{tuned}: {minutes:.0f} minutes of epochs{on}" if parts else "no recorded epochs"
 
 
@@ -87,9 +91,11 @@ def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hi
     stages = "\n".join(f"- Run {i + 1}: {_stage(t, h)}." for i, (t, h) in enumerate(chain))
     tuned = [t["tune_top_stages"] for t, _ in chain if t.get("tune_top_stages")]
     if c.decoder == "attend":
+        score = ("Xu's score, w . tanh(key + query), of a query from the state\n  and each region's key" if c.attention_score == "mlp"
+                 else "a scaled dot product of a query from the state\n  with each region's key")
         decoder = (f"soft attention (Show, Attend and Tell, Xu et al. 2015): at every word the LSTM state ({c.hidden_size} "
-                   f"hidden)\n  weighs the backbone's {c.image_size // 32}x{c.image_size // 32} spatial regions (a scaled dot "
-                   f"product of a query from the state\n  with each region's key, size {c.attention_size}); the gated "
+                   f"hidden)\n  weighs the backbone's {c.image_size // 32}x{c.image_size // 32} spatial regions, each projected "
+                   f"to {c.region_size or c.embed_size} ({score}, size {c.attention_size}); the gated "
                    f"weighted sum enters the LSTM with the previous word (embedding {c.embed_size});\n  initial state from "
                    f"the pooled image vector; linear to {c.vocab_size} words. Each word's attention weights are in its\n"
                    f"  decoding record (the app draws them as a heatmap).")
