@@ -97,7 +97,7 @@ def cache_key(model, images: list[str], view: int = 0, top_stages: int = 0, prec
 
 
 def _atomic_save(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # per process: DDP ranks may fill one cache at once
     np.save(tmp, array)
     os.replace(tmp, path)
 
@@ -147,10 +147,13 @@ def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, 
         if had is None:
             encoder.__dict__.pop("_fast", None)  # the copy would go stale if the backbone is trained later
     bar.close()
-    parts = [np.load(folder / f"chunk_{i:05d}.npy") for i in range(len(chunks))]
+    try:
+        parts = [np.load(folder / f"chunk_{i:05d}.npy") for i in range(len(chunks))]
+    except FileNotFoundError:  # another process (a DDP rank) finished first: it saves the whole before removing chunks
+        return torch.from_numpy(np.load(final))
     array = np.concatenate(parts) if parts else np.zeros((0, encoder.backbone.num_features), np.float32)
     _atomic_save(array, final)
     for i in range(len(chunks)):
-        (folder / f"chunk_{i:05d}.npy").unlink()
+        (folder / f"chunk_{i:05d}.npy").unlink(missing_ok=True)
     (folder / "images.txt").write_text("\n".join(images))
     return torch.from_numpy(array)
