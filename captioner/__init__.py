@@ -2,11 +2,11 @@
 from .config import CaptionerConfig
 from .generation import GenerationConfig
 from .vocab import Vocabulary
-from .model import Captioner, Decoder, Encoder, ImageFeatures, ShowTellDecoder
+from .model import AttendDecoder, Captioner, Decoder, Encoder, ImageFeatures, ShowTellDecoder
 from .hub import ModelLoadError
 from .loading import load, load_model
 from .preprocess import ImageError, open_image, preprocess
 
-__all__ = ["CaptionerConfig", "GenerationConfig", "Vocabulary", "Captioner", "Decoder", "ShowTellDecoder", "Encoder", "ImageFeatures",
+__all__ = ["CaptionerConfig", "GenerationConfig", "Vocabulary", "Captioner", "Decoder", "ShowTellDecoder", "AttendDecoder", "Encoder", "ImageFeatures",
            "ModelLoadError", "load", "load_model", "ImageError", "open_image", "preprocess"]
 __version__ = "0.1.0"

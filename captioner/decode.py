@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from .generation import GenerationConfig
 from .imagenet import Constraint, constraint_for
-from .model import ImageFeatures
-from .preprocess import preprocess, preprocess_batch
+from .model import ImageFeatures, device_of, encode
+from .preprocess import preprocess_batch
 from .vocab import detokenize
 
 
@@ -75,20 +75,10 @@ def describe_stop(last: Step) -> str:
     return ""
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def encode(model, image) -> ImageFeatures:
-    """One image (a path, bytes, a PIL image, or a preprocessed (3, S, S) tensor) -> its ImageFeatures (batch 1)."""
-    x = image if isinstance(image, torch.Tensor) else preprocess(image, model.config)  # (3, S, S)
-    return model.encode(x.reshape(1, *x.shape[-3:]).to(_device(model)))
-
-
 def _features(model, image, features: ImageFeatures | None) -> ImageFeatures:
     if (image is None) == (features is None):
         raise ValueError("give either an image or features= (from decode.encode), not both or neither")
-    return encode(model, image) if features is None else features.to(_device(model))
+    return encode(model, image) if features is None else features.to(device_of(model))
 
 
 def _check_model(model) -> None:
@@ -96,28 +86,115 @@ def _check_model(model) -> None:
         raise ValueError("this model has no vocabulary; load it with Captioner.from_pretrained or pass vocab=")
 
 
-def _mask(logits: torch.Tensor, vocab, histories: Sequence[Sequence[int]], no_repeat_ngram: int,
-          end_at_full_stop: bool = False) -> torch.Tensor:
-    """Never emit <PAD>/<SOS>/<UNK>, never end before the first word, optionally block repeated n-grams and (guided
-    decoding) allow only <EOS> after a full stop: a caption is one sentence, and a search that must place a word
-    would otherwise tack it on after the period ("... on a street. rocket")."""
-    logits = logits.clone()
-    logits[:, list(vocab.unsaid)] = -math.inf
-    full_stop = vocab.stoi.get(".") if end_at_full_stop else None
-    for row, hist in enumerate(histories):
-        if not hist:
-            logits[row, vocab.eos_id] = -math.inf
-        elif full_stop is not None and hist[-1] == full_stop:
-            eos = logits[row, vocab.eos_id].clone()
-            logits[row] = -math.inf
-            logits[row, vocab.eos_id] = eos
-        n = no_repeat_ngram
-        if n and len(hist) >= n - 1:
-            tail = tuple(hist[len(hist) - n + 1 :]) if n > 1 else ()
-            banned = {hist[i + n - 1] for i in range(len(hist) - n + 1) if tuple(hist[i : i + n - 1]) == tail}
-            if banned:
-                logits[row, list(banned)] = -math.inf
-    return logits
+# ---------------------------------------------------------------------------------------------------- decoding rules
+# Each rule is one processor: (logits (n, V), tokens so far (n, t)) -> logits, masking what may not come next. One
+# ordered list of them, built from the settings by `processors_for`, runs in every decoding loop: `stream`'s greedy
+# and sampling, beam search and guided decoding, and batched `generate_batch` (caption_batch, self-critical rollouts).
+# A new rule is one processor here plus its setting in GenerationConfig.
+
+
+@dataclass(frozen=True)
+class Unsaid:
+    """Never emit <PAD>/<SOS>/<UNK> (<UNK>'s probability is reported before this, see Step.unk_prob)."""
+
+    ids: tuple[int, ...]
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        logits[:, list(self.ids)] = -math.inf
+        return logits
+
+
+@dataclass(frozen=True)
+class MinLength:
+    """Never end before the first word: an empty caption is no caption."""
+
+    eos: int
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.size(1) == 0:
+            logits[:, self.eos] = -math.inf
+        return logits
+
+
+@dataclass(frozen=True)
+class OneSentence:
+    """After a full stop only <EOS> may follow (guided decoding, from position `after` on: a branch's forced words
+    are the user's): a caption is one sentence, and a search that must place a word would otherwise tack it on after
+    the period ("... on a street. rocket"). <EOS> keeps its own logit, so such a row's <EOS> gets probability 1."""
+
+    full_stop: int
+    eos: int
+    after: int = 0
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.size(1) and tokens.size(1) >= self.after:
+            rows = (tokens[:, -1] == self.full_stop).to(logits.device)  # (n,)
+            if rows.any():
+                eos = logits[rows, self.eos]
+                logits[rows] = -math.inf
+                logits[rows, self.eos] = eos
+        return logits
+
+
+@dataclass(frozen=True)
+class NoRepeatNGram:
+    """Never say an n-gram of `n` words twice in a caption (GenerationConfig.no_repeat_ngram)."""
+
+    n: int
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        for row, hist in enumerate(tokens.tolist()):
+            if len(hist) >= n - 1:
+                tail = tuple(hist[len(hist) - n + 1 :]) if n > 1 else ()
+                banned = {hist[i + n - 1] for i in range(len(hist) - n + 1) if tuple(hist[i : i + n - 1]) == tail}
+                if banned:
+                    logits[row, list(banned)] = -math.inf
+        return logits
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A row that has said <EOS> says only <EOS> (batched decoding keeps finished captions in the batch). Last in
+    the list, so that no other rule can take <EOS> from a finished row."""
+
+    eos: int
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.size(1):
+            done = (tokens == self.eos).any(1).to(logits.device)  # (n,)
+            if done.any():
+                logits[done] = -math.inf
+                logits[done, self.eos] = 0.0
+        return logits
+
+
+class Processors(list):
+    """The decoding rules in order; calling it applies each to a copy of the logits."""
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        for rule in self:
+            logits = rule(logits, tokens)
+        return logits
+
+
+def processors_for(config: GenerationConfig, vocab, *, constraint: Constraint | None = None,
+                   forced: int = 0) -> Processors:
+    """The rules that `config` asks for, in the order they run. `constraint`: guided decoding's, which, when it
+    requires words, keeps the caption to one sentence after the `forced` words of a branch's prefix."""
+    rules = Processors([Unsaid(tuple(vocab.unsaid)), MinLength(vocab.eos_id)])
+    if constraint is not None and constraint.words and "." in vocab.stoi:
+        rules.append(OneSentence(vocab.stoi["."], vocab.eos_id, forced))
+    if config.no_repeat_ngram:
+        rules.append(NoRepeatNGram(config.no_repeat_ngram))
+    rules.append(Ended(vocab.eos_id))
+    return rules
+
+
+def _history(rows: Sequence[Sequence[int]], device=None) -> torch.Tensor:
+    """Token lists of equal length -> (n, t) LongTensor (t may be 0)."""
+    return torch.tensor(rows, dtype=torch.long, device=device)  # [[]] -> (1, 0)
 
 
 def _attention(state, row: int = 0) -> torch.Tensor | None:
@@ -203,6 +280,7 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
     if config.strategy == "sample":
         generator = torch.Generator(device=features.vector.device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    rules = processors_for(config, vocab)
     logits, state = model.decoder.start(features)
     tokens: list[int] = []
     done: list[Step] = []
@@ -210,7 +288,7 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
     ended = _ended("max_len", None, False)
     for t in range(max_len):
         (unk,), (unk_top,) = _unk_probs(logits, vocab)
-        logp = F.log_softmax(_mask(logits, vocab, [tokens], config.no_repeat_ngram), dim=-1)[0]  # (V,)
+        logp = F.log_softmax(rules(logits, _history([tokens])), dim=-1)[0]  # (V,)
         token = prefix[t] if t < len(prefix) else _pick(logp, config, generator)
         if token == vocab.eos_id:
             ended = _ended("eos", unk, unk_top)
@@ -253,6 +331,7 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     is_required = torch.zeros(len(vocab), dtype=torch.bool, device=device)
     is_required[required] = True
     is_required[vocab.eos_id] = False  # ending keeps a hypothesis in its own group
+    rules = processors_for(config, vocab, constraint=constraint, forced=len(prefix))
     logits, state = model.decoder.start(features)
     live = [_Hyp([], [], 0.0)]
     met = [False]  # per live hypothesis: has it used a required word?
@@ -262,8 +341,7 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     pending: Step | None = None
     for t in range(max_len):
         unk, unk_top = _unk_probs(logits, vocab)
-        one_sentence = bool(required) and t >= len(prefix)  # guided, and not a forced word of a branch
-        logp = F.log_softmax(_mask(logits, vocab, [h.tokens for h in live], config.no_repeat_ngram, one_sentence), dim=-1)  # (n, V)
+        logp = F.log_softmax(rules(logits, _history([h.tokens for h in live])), dim=-1)  # (n, V)
         total = logp + torch.tensor([h.score for h in live], device=logp.device).unsqueeze(1)  # (n, V)
         if t < len(prefix):  # forced word: every beam takes it
             forced = torch.full_like(total, -math.inf)
@@ -323,13 +401,25 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
         yield last
 
 
+def last(steps: Iterator[Step]) -> Step | None:
+    """The last record of a stream (None for a stream without words)."""
+    out = None
+    for out in steps:
+        pass
+    return out
+
+
+def final(model, image=None, config: GenerationConfig | None = None, *, features: ImageFeatures | None = None,
+          prefix: Sequence[int] = (), **settings) -> Step | None:
+    """The last record of `stream`: `final(...).caption_steps()` are the caption's words, `.stop` why it ended."""
+    return last(stream(model, image, config, features=features, prefix=prefix, **settings))
+
+
 def caption(model, image=None, config: GenerationConfig | None = None, *, features: ImageFeatures | None = None,
             prefix: Sequence[int] = (), **settings) -> str:
     """The caption of one image: the text of the last record of `stream`."""
-    last = None
-    for last in stream(model, image, config, features=features, prefix=prefix, **settings):
-        pass
-    return last.text if last is not None else ""
+    out = final(model, image, config, features=features, prefix=prefix, **settings)
+    return out.text if out is not None else ""
 
 
 def rescore(model, image=None, tokens: Sequence[int] = (), *, features: ImageFeatures | None = None,
@@ -342,9 +432,12 @@ def rescore(model, image=None, tokens: Sequence[int] = (), *, features: ImageFea
 
 @torch.inference_mode()
 def caption_batch(model, images: Sequence | None = None, config: GenerationConfig | None = None, *,
-                  features: ImageFeatures | None = None, batch_size: int = 32, **settings) -> list[str]:
+                  features: ImageFeatures | None = None, batch_size: int = 32, steps: bool = False,
+                  **settings) -> list[str] | list[Step | None]:
     """Captions of many images (or of batched `features`): the encoder batched; greedy decoding batched across
-    images, other strategies image by image through `stream`."""
+    images, other strategies image by image through `stream`. With `steps=True`, each image's last Step record
+    instead of its text (as `final` gives it: the whole caption's records, why it stopped, guided's constraint),
+    every image decoded through `stream`; None for an image without a caption."""
     config = GenerationConfig.make(config, **settings)
     _check_model(model)
     if batch_size < 1:
@@ -352,48 +445,51 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
     if (images is None) == (features is None):
         raise ValueError("give either images or features=, not both or neither")
     max_len = config.resolved_max_len(model.config.max_len)
+    rules = processors_for(config, model.vocab)
     n = len(images) if features is None else len(features)
-    out: list[str] = []
+    out: list = []
     for start in range(0, n, batch_size):
         if features is None:
             x = preprocess_batch(list(images[start : start + batch_size]), model.config)  # (b, 3, S, S)
-            chunk = model.encode(x.to(_device(model)))
+            chunk = model.encode(x.to(device_of(model)))
         else:
-            chunk = features.select(slice(start, start + batch_size)).to(_device(model))
-        if config.strategy == "greedy" and not config.no_repeat_ngram:
+            chunk = features.select(slice(start, start + batch_size)).to(device_of(model))
+        if config.strategy == "greedy" and not steps:
             rows = len(chunk) if getattr(model, "batch_invariant", True) else 1  # int8: each image alone, as caption() does
             for i in range(0, len(chunk), rows):
-                out.extend(model.vocab.decode(row.tolist()) for row in generate_batch(model, chunk.select(slice(i, i + rows)), max_len))
+                tokens = generate_batch(model, chunk.select(slice(i, i + rows)), max_len, rules=rules)  # (rows, T)
+                out.extend(model.vocab.decode(row.tolist()) for row in tokens)
         else:
-            one = replace(config, num_alternatives=0)
-            out.extend(caption(model, config=one, features=chunk.select(slice(i, i + 1))) for i in range(len(chunk)))
+            one = config if steps else replace(config, num_alternatives=0)
+            lasts = [final(model, config=one, features=chunk.select(slice(i, i + 1))) for i in range(len(chunk))]
+            out.extend(lasts if steps else [last.text if last is not None else "" for last in lasts])
     return out
 
 
-def generate_batch(model, features: ImageFeatures, max_len: int, *, sample: bool = False, top_k: int = 0,
-                   generator=None) -> torch.Tensor:
+def generate_batch(model, features: ImageFeatures, max_len: int, *, rules: Processors | None = None,
+                   sample: bool = False, top_k: int = 0, generator=None) -> torch.Tensor:
     """Batched greedy (or sampled) decoding of n images -> token ids (n, T), <EOS>-padded.
 
     The fast path for many images (caption_batch) and for self-critical training's rollouts; top_k > 0 samples
-    from the k likeliest words only.
+    from the k likeliest words only. `rules`: the decoding rules (processors_for); by default only those every
+    caption obeys (no special tokens, at least one word, nothing after <EOS>).
     """
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = the whole vocabulary), got {top_k}")
     vocab = model.vocab
+    if rules is None:
+        rules = processors_for(GenerationConfig(no_repeat_ngram=0), vocab)
     n = len(features)
     logits, state = model.decoder.start(features)
     tokens = torch.zeros(n, 0, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool)
     for t in range(max_len):
-        logits[:, list(vocab.unsaid)] = -math.inf
-        if t == 0:
-            logits[:, vocab.eos_id] = -math.inf
+        logits = rules(logits, tokens)
         if sample:
             logits = _keep_top_k(logits, top_k)
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1).cpu()  # (n,)
         else:
             nxt = logits.argmax(-1).cpu()  # (n,)
-        nxt = torch.where(alive, nxt, torch.full_like(nxt, vocab.eos_id))
         tokens = torch.cat((tokens, nxt.unsqueeze(1)), dim=1)  # (n, t+1)
         alive &= nxt != vocab.eos_id
         if not alive.any():

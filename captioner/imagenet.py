@@ -111,9 +111,8 @@ def labels(features, k: int = 5) -> list[tuple[str, float]]:
 
 def top_labels(model, image_or_features, k: int = 5) -> list[tuple[str, float]]:
     """What the CNN sees in an image (a path, bytes, a PIL image, a preprocessed tensor) or in its ImageFeatures
-    (from decode.encode): the top-k ImageNet labels with probabilities. [] for a model without an ImageNet head."""
-    from .decode import encode
-    from .model import ImageFeatures
+    (from model.encode): the top-k ImageNet labels with probabilities. [] for a model without an ImageNet head."""
+    from .model import ImageFeatures, encode
 
     features = image_or_features if isinstance(image_or_features, ImageFeatures) else encode(model, image_or_features)
     if features.labels is None:

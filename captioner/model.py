@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn as nn
@@ -14,6 +15,7 @@ from huggingface_hub import PyTorchModelHubMixin
 
 from .config import CaptionerConfig
 from .hub import WEIGHTS_FILE, ModelLoadError, read_folder, resolve, save_folder
+from .preprocess import preprocess
 from .vocab import Vocabulary
 
 ENCODER_CHUNK = 8  # images per backbone call on the inference path: 32 at 224x224 overflow the CPU caches
@@ -67,10 +69,6 @@ class ImageFeatures:
     def select(self, index: torch.Tensor | slice) -> "ImageFeatures":
         """The rows `index` (a slice or a LongTensor of rows, repeats allowed)."""
         return self._map((lambda x: x[index]) if isinstance(index, slice) else (lambda x: x.index_select(0, index.to(x.device))))
-
-    def repeat(self, n: int) -> "ImageFeatures":
-        """Each image n times in a row: (B, ...) -> (B * n, ...)."""
-        return self.select(torch.arange(len(self), device=self.vector.device).repeat_interleave(n))
 
     def to(self, device) -> "ImageFeatures":
         return self._map(lambda x: x.to(device))
@@ -185,9 +183,35 @@ class LSTMState:
         """Rows `index` of the batch, in that order (beam search keeps the surviving hypotheses)."""
         return LSTMState(self.h.index_select(1, index), self.c.index_select(1, index))
 
-    def expand(self, n: int) -> "LSTMState":
-        """Each row n times in a row: batch B -> B * n (one image's state for n beams or n samples)."""
-        return self.select(torch.arange(self.h.size(1), device=self.h.device).repeat_interleave(n))
+class DecoderState(Protocol):
+    """What a decoder's state offers decoding, whatever else it holds."""
+
+    attention: torch.Tensor | None  # (B, N): the region weights behind the newest logits; None for decoders that do not attend
+
+    def select(self, index: torch.Tensor) -> "DecoderState":
+        """The batch rows `index`, in that order, repeats allowed (beam search keeps its surviving hypotheses)."""
+        ...
+
+
+class Decoder(Protocol):
+    """The seam between a decoder and everything that decodes (greedy, beam, sampling, streaming, training's
+    rollouts, the app): nothing reaches into a decoder's layers. A new architecture implements this and is added
+    to DECODERS."""
+
+    uses_grid: ClassVar[bool]  # True: it needs ImageFeatures.grid (the encoder then keeps the spatial map)
+    compute_dtype: torch.dtype  # what its weights and state are in (Captioner.set_precision)
+
+    def start(self, features: ImageFeatures) -> tuple[torch.Tensor, DecoderState]:
+        """Condition on a batch of images: the logits (B, V) of the first word, and the state after it."""
+        ...
+
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+        """Feed the chosen words (B,): the next logits (B, V) and state."""
+        ...
+
+    def forward(self, features: ImageFeatures, captions: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: captions (T, B), <SOS> first -> logits (T, B, V)."""
+        ...
 
 
 class ShowTellDecoder(nn.Module):
@@ -266,10 +290,6 @@ class AttendState:
         pick = lambda x: None if x is None else x.index_select(0, index)  # noqa: E731
         return AttendState(pick(self.h), pick(self.c), pick(self.regions), pick(self.keys), pick(self.attention))
 
-    def expand(self, n: int) -> "AttendState":
-        return self.select(torch.arange(self.h.size(0), device=self.h.device).repeat_interleave(n))
-
-
 class AttendDecoder(nn.Module):
     """Show, Attend and Tell (Xu et al. 2015), soft attention: at every word the LSTM state weighs the image's
     regions (softmax over the N regions), and the gated weighted sum enters the LSTM with the previous word. The
@@ -343,9 +363,8 @@ class AttendDecoder(nn.Module):
         return self.head(self.dropout(torch.stack(hiddens)))  # (T, B, H) -> (T, B, V)
 
 
-# The decoders a saved config can name (CaptionerConfig.decoder).
-DECODERS: dict[str, type[nn.Module]] = {"show-tell": ShowTellDecoder, "attend": AttendDecoder}
-Decoder = ShowTellDecoder  # the reference design
+# The decoders a saved config can name (CaptionerConfig.decoder): the one registry.
+DECODERS: dict[str, type[Decoder]] = {"show-tell": ShowTellDecoder, "attend": AttendDecoder}
 
 
 class Captioner(
@@ -367,6 +386,8 @@ class Captioner(
             )
         self.config = config
         self.vocab = vocab
+        if config.decoder not in DECODERS:
+            raise ValueError(f"decoder={config.decoder!r}: expected one of {', '.join(DECODERS)}")
         decoder = DECODERS[config.decoder]
         self.encoder = Encoder(config, spatial=decoder.uses_grid)
         if self.encoder.spatial:
@@ -486,3 +507,13 @@ def caption_loss(logits: torch.Tensor, captions: torch.Tensor, *, pad_id: int = 
         ignore_index=pad_id,
         label_smoothing=label_smoothing,
     )
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def encode(model, image) -> ImageFeatures:
+    """One image (a path, bytes, a PIL image, or a preprocessed (3, S, S) tensor) -> its ImageFeatures (batch 1)."""
+    x = image if isinstance(image, torch.Tensor) else preprocess(image, model.config)  # (3, S, S)
+    return model.encode(x.reshape(1, *x.shape[-3:]).to(device_of(model)))

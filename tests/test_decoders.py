@@ -57,14 +57,14 @@ def test_teacher_forcing_equals_start_then_steps(decoder):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_state_select_and_expand_reorder_the_batch(decoder):
+def test_state_select_reorders_and_repeats_the_batch(decoder):
     m = model_of(decoder)
     feats = m.encode(torch.randn(3, 3, 32, 32))
     logits, state = m.decoder.start(feats)
     tok = torch.tensor([4, 5, 6])
     picked = state.select(torch.tensor([2, 0]))
     torch.testing.assert_close(m.decoder.step(tok[[2, 0]], picked)[0], m.decoder.step(tok, state)[0][[2, 0]])
-    many = state.expand(2)  # rows 0,0,1,1,2,2
+    many = state.select(torch.arange(3).repeat_interleave(2))  # rows 0,0,1,1,2,2
     torch.testing.assert_close(m.decoder.step(tok.repeat_interleave(2), many)[0], m.decoder.step(tok, state)[0].repeat_interleave(2, 0))
 
 

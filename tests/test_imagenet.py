@@ -45,8 +45,8 @@ def test_head_round_trip_through_save_and_load(tmp_path):
     assert f.labels.shape == (1, 1000) and float(f.labels.sum()) == pytest.approx(1.0, abs=1e-5)
     assert int(f.labels.argmax()) == 283
     torch.testing.assert_close(f.labels, encode(m, photo()).labels)
-    # Features keep their labels through select / repeat / to.
-    assert f.repeat(3).labels.shape == (3, 1000) and f.select(slice(0, 1)).to("cpu").labels is not None
+    # Features keep their labels through select / to.
+    assert f.select(torch.tensor([0, 0, 0])).labels.shape == (3, 1000) and f.select(slice(0, 1)).to("cpu").labels is not None
 
 
 def test_a_model_without_the_head_has_none_and_old_configs_load(tmp_path):

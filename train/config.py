@@ -108,7 +108,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse settings that cannot work together, with the flag's name."""
-        from captioner.config import DECODERS
+        from captioner.model import DECODERS
 
         if self.decoder not in DECODERS:
             raise ValueError(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
