@@ -58,9 +58,8 @@ def model_label(model, src, revision) -> str:
 # training jobs shared the two cores (an OpenMP thread waits on a core someone else holds); on the otherwise idle machine
 # 2 threads were 14% faster (26.2 vs 30.4 ms, benchmarks/RESULTS.md section 6). So the default stays half the cores: it
 # never loses much, and it leaves room for the app's own concurrent decodes (up to 4 at once).
-THREADS_HELP = ("torch threads (default: half the CPU cores, at least 1: on a 2-core machine 1 thread gave one user a caption "
-                "in 92-155 ms while other jobs shared the cores, 2 threads in 0.43-3.2 s; on an idle 2-core machine 2 threads "
-                "are 14%% faster, so give --threads 2 where the app has the machine to itself)")
+THREADS_HELP = ("torch threads (default: half the CPU cores, at least 1; give all the cores where the app has the machine "
+                "to itself)")
 
 
 def parser() -> argparse.ArgumentParser:

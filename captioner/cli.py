@@ -31,26 +31,6 @@ def expand(paths: list[str]) -> list[str]:
     return out
 
 
-def step_record(s) -> dict:
-    """One Step as the JSON the CLI prints; "attention": the weight on each image region (decoders that attend),
-    else null."""
-    return {"word": s.word, "prob": round(s.prob, 4), "eos_prob": round(s.eos_prob, 4), "unk_prob": round(s.unk_prob, 4),
-            "alternatives": [[a.word, round(a.prob, 4)] for a in s.alternatives],
-            "attention": None if s.attention is None else [round(a, 4) for a in s.attention]}
-
-
-def _met(constraint, text: str):
-    """A constraint as it ended for a caption (known from its words, when only the caption was kept)."""
-    from dataclasses import replace
-
-    from .vocab import tokenize
-
-    if not constraint.words:
-        return constraint
-    used = next((w for w in tokenize(text) if w in constraint.words), None)
-    return replace(constraint, met=used is not None, used=used)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m captioner", description="Caption images with a CNN+LSTM captioner.")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
@@ -66,10 +46,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default: 32)")
     args = p.parse_args(argv)
 
-    from .decode import caption_batch, describe_stop, encode, stream
+    from .decode import caption_batch, describe_stop
     from .hub import ModelLoadError
     from .imagenet import constraint_for, describe_labels, labels
     from .loading import load_model
+    from .model import device_of
     from .preprocess import ImageError, open_image, preprocess_batch
 
     try:
@@ -98,7 +79,7 @@ def main(argv=None) -> int:
             if error is None:
                 rec["precision"] = model.precision
             if steps is not None:
-                rec["steps"] = [step_record(s) for s in steps]
+                rec["steps"] = [s.record() for s in steps]
                 rec["stop"] = steps[-1].stop if steps else None  # eos | unk | max_len (decode.Step.stop)
                 rec["stop_unk_prob"] = steps[-1].stop_unk_prob if steps else None
             if seen is not None:
@@ -132,25 +113,23 @@ def main(argv=None) -> int:
         except ImageError as e:
             opened.append((f, None, str(e).removeprefix(f + ": ")))
     good = [(f, img) for f, img, err in opened if err is None]
+    # Encoder batches as caption_batch makes them, keeping each batch's features for the CNN's labels. Guided
+    # decoding and --steps take the records (which say whether the constraint was met), not only the text.
+    records = args.steps or guided
     results = {}
-    if args.steps:
-        for f, img in good:
-            features = encode(model, img)
-            last = None
-            for last in stream(model, config=settings, features=features):
-                pass
-            steps = last.caption_steps() if last is not None else ()
-            constraint = last.constraint if last is not None else (constraint_for(features, model.vocab, settings.guide_threshold) if guided else None)
-            results[f] = dict(text=last.text if last is not None else "", steps=steps, seen=seen_of(features), constraint=constraint)
-    else:
-        for start in range(0, len(good), args.batch_size):  # as caption_batch batches, keeping each batch's features
-            part = good[start : start + args.batch_size]
-            features = model.encode(preprocess_batch([img for _, img in part], model.config).to(next(model.parameters()).device))
-            captions = caption_batch(model, config=settings, features=features, batch_size=args.batch_size)
-            for i, ((f, _), text) in enumerate(zip(part, captions)):
-                one = features.select(slice(i, i + 1))
-                constraint = _met(constraint_for(one, model.vocab, settings.guide_threshold), text) if guided else None
-                results[f] = dict(text=text, seen=seen_of(one), constraint=constraint)
+    for start in range(0, len(good), args.batch_size):
+        part = good[start : start + args.batch_size]
+        features = model.encode(preprocess_batch([img for _, img in part], model.config).to(device_of(model)))
+        outs = caption_batch(model, config=settings, features=features, batch_size=args.batch_size, steps=records)
+        for i, ((f, _), out) in enumerate(zip(part, outs)):
+            one = features.select(slice(i, i + 1))
+            if not records:
+                results[f] = dict(text=out, seen=seen_of(one))
+                continue
+            constraint = out.constraint if out is not None else (
+                constraint_for(one, model.vocab, settings.guide_threshold) if guided else None)
+            steps = (out.caption_steps() if out is not None else ()) if args.steps else None
+            results[f] = dict(text=out.text if out is not None else "", steps=steps, seen=seen_of(one), constraint=constraint)
     for f, _, err in opened:
         if err is None:
             report(f, **results[f])

@@ -13,7 +13,7 @@ without and with a required word; the caption returned is the best that has one,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -61,6 +61,13 @@ class Step:
     def caption_steps(self) -> tuple["Step", ...]:
         """On the last record: every word's record of the final caption."""
         return (*self.history, self)
+
+    def record(self) -> dict:
+        """This record as plain JSON data, as the CLI's --json and the app's download write each step: every field
+        but `history` and `constraint` (those say it once for the caption)."""
+        d = asdict(replace(self, history=(), constraint=None))
+        del d["history"], d["constraint"]
+        return d
 
 
 def describe_stop(last: Step) -> str:

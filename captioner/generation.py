@@ -6,14 +6,12 @@ field name, so a new setting is one field here plus the control that shows it.
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+
+from .settings import add_flags, given, kind
+from .settings import setting as _setting
 
 STRATEGIES = ("greedy", "beam", "sample", "guided")
-
-
-def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -70,33 +68,18 @@ class GenerationConfig:
 
     @classmethod
     def kind(cls, name: str) -> type:
-        """The plain type of setting `name` (int, float or str), read from its annotation ("int | None" -> int)."""
-        annotation = next(f.type for f in fields(cls) if f.name == name)
-        return {"int": int, "float": float, "str": str}[annotation.split(" | ")[0]]
+        """The plain type of setting `name` (int, float or str)."""
+        return kind(cls, name)
 
     def resolved_max_len(self, model_max_len: int) -> int:
         return self.max_len if self.max_len is not None else model_max_len
 
 
-ALIASES = {"num_alternatives": ("--alternatives",)}  # shorter flags kept from earlier versions
-
-
 def add_arguments(parser, *, only: tuple[str, ...] | None = None) -> None:
     """Add one --flag per decoding setting to an argparse parser (defaults and help from the dataclass)."""
-    import argparse
-
-    for f in fields(GenerationConfig):
-        if only is not None and f.name not in only:
-            continue
-        default = f.default if f.default is not MISSING else None
-        shown = "" if default is None else f" (default: {default})"
-        kw: dict[str, Any] = dict(type=GenerationConfig.kind(f.name), default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
-        if f.name == "strategy":
-            kw["choices"] = list(STRATEGIES)
-        flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ())]
-        parser.add_argument(*flags, dest=f.name, **kw)
+    add_flags(parser, GenerationConfig, only=only, choices={"strategy": STRATEGIES})
 
 
 def from_arguments(args) -> GenerationConfig:
     """The GenerationConfig of parsed flags (settings not given keep their defaults)."""
-    return GenerationConfig.make(**{n: getattr(args, n) for n in GenerationConfig.names() if hasattr(args, n)})
+    return GenerationConfig.make(**given(GenerationConfig, args))

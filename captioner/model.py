@@ -371,7 +371,7 @@ class Captioner(
     nn.Module,
     PyTorchModelHubMixin,
     library_name="captioner",
-    tags=["image-captioning", "image-to-text", "lstm", "show-and-tell"],
+    tags=["image-captioning", "image-to-text", "lstm"],  # the architecture's tag is the model card's (train/export.py)
     pipeline_tag="image-to-text",
     license="apache-2.0",
 ):

@@ -41,7 +41,7 @@ def test_cli_folder_json_steps_and_bad_files(tmp_path):
         assert text == caption(model, imgs / name)
     assert len(bad) == 1 and bad[0]["image"].endswith("broken.jpg") and "not an image" in bad[0]["error"]
 
-    r = run_cli(imgs / "p0.png", "--model", tmp_path / "model", "--json", "--steps", "--alternatives", "2")
+    r = run_cli(imgs / "p0.png", "--model", tmp_path / "model", "--json", "--steps", "--num-alternatives", "2")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["steps"] and all(len(s["alternatives"]) <= 2 for s in rec["steps"])

@@ -221,7 +221,7 @@ def test_cli_flags_come_from_the_settings_object():
     add_arguments(p)
     helps = {a.dest: a.help for a in p._actions if a.dest in GenerationConfig.names()}
     assert set(helps) == set(GenerationConfig.names()) and all(helps.values())
-    args = p.parse_args(["--strategy", "beam", "--beam-size", "4", "--alternatives", "2"])
+    args = p.parse_args(["--strategy", "beam", "--beam-size", "4", "--num-alternatives", "2"])
     assert from_arguments(args) == GenerationConfig(strategy="beam", beam_size=4, num_alternatives=2)
     assert from_arguments(p.parse_args([])) == GenerationConfig()
 

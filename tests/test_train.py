@@ -133,7 +133,7 @@ def test_scst_from_a_saved_model_keeps_its_vocabulary_and_sizes(tmp_path):
     best = load(out / "best")
     assert best.vocab == start.vocab and best.config.hidden_size == start.config.hidden_size == 16
     extra = json.loads((out / "best" / "config.json").read_text())["extra"]
-    assert extra["init"] == str(first / "best") and extra["init_trained_epochs"] == 1
+    assert extra["init"] == "xe" and extra["init_trained_epochs"] == 1
     changed = [k for k, v in best.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert any(k.startswith("decoder.") for k in changed) and not any(k.startswith("encoder.backbone") for k in changed)
     # the model card follows the chain: the teacher-forcing run, then the self-critical run started from its best

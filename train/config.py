@@ -7,13 +7,11 @@ them (trainer.json's train_config), so `--resume` continues with the settings it
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
-
-def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+from captioner.settings import add_flags, kind
+from captioner.settings import setting as _setting
 
 
 @dataclass
@@ -35,8 +33,8 @@ class TrainConfig:
     pretrained: bool = _setting(True, "ImageNet init of the backbone (offline for the EfficientNet-Lite family only)")
     image_size: int = _setting(224, "encoder input side")
     resize: str = _setting("squash", "squash (the Flickr8k copy here is pre-squashed to 224x224) or crop")
-    decoder: str = _setting("show-tell", "show-tell: the image enters the LSTM once, at t=0 (the shipped model); attend: "
-                                         "soft attention over the CNN's spatial map at every word (Xu et al. 2015)")
+    decoder: str = _setting("show-tell", "show-tell: the image enters the LSTM once, at t=0 (the reference design); attend: "
+                                         "soft attention over the CNN's spatial map at every word (Xu et al. 2015; the bundled model)")
     attention_size: int = _setting(512, "attend: size of the attention's keys and queries")
     attention_score: str = _setting("dot", "attend: dot (scaled dot product of query and key) or mlp (Xu et al.'s "
                                            "w . tanh(key + query))")
@@ -44,8 +42,8 @@ class TrainConfig:
     embed_size: int = _setting(512, "size of the image feature and of the word embeddings")
     hidden_size: int = _setting(512, "LSTM hidden size")
     num_layers: int = _setting(1, "LSTM layers (every run used 1; 2 is tested, not tuned)")
-    dropout: float = _setting(0.5, "dropout on the image feature, word embeddings and LSTM output; 0.3 gave the shipped "
-                                   "model's varied captions (runs/drop03), 0.2 and 0.1 no gain")
+    dropout: float = _setting(0.5, "dropout on the image feature, word embeddings and LSTM output (the bundled model: 0.5; "
+                                   "show-tell did best at 0.3, docs/experiments.md)")
     embed_init: float = _setting(0.0, "std of a normal init of the word embeddings; 0 keeps PyTorch's N(0, 1). "
                                       "0.1 gave no gain (runs/sweep/embed_init=0.1)")
     init: str | None = _setting(None, "start from this saved model (folder or Hub id), e.g. self-critical after teacher "
@@ -63,13 +61,13 @@ class TrainConfig:
     weight_decay: float = _setting(1e-4, "AdamW weight decay")
     warmup_steps: int = _setting(200, "linear warm-up steps of the teacher-forcing learning rate")
     learn_unk: bool = _setting(False, "teach <UNK> as a target where a caption has a rare word. Decoding never says it, so "
-                                      "the models that learned it (all before issue 15, the first shipped one too) put "
-                                      "their mass on it after 'in front of a' and, with it masked, ended there")
+                                      "models that learned it put their mass on it after 'in front of a' and, with it "
+                                      "masked, ended there (docs/experiments.md)")
     label_smoothing: float = _setting(0.1, "teacher-forcing label smoothing; 0 was worse (runs/sweep/ls0)")
     grad_clip: float = _setting(5.0, "gradient norm clipping")
     # --- self-critical training
     scst_epochs: int = _setting(0, "self-critical epochs after teacher forcing (reward CIDEr-D)")
-    scst_lr: float = _setting(5e-5, "self-critical learning rate (the shipped model: 1e-4)")
+    scst_lr: float = _setting(5e-5, "self-critical learning rate (the bundled model: 1e-4)")
     scst_schedule: str = _setting("constant", "constant, or cosine: scst_lr decays to 5% of itself over the "
                                               "self-critical epochs (gave no gain: runs/drop02_scst_cos, drop03_scst_cos)")
     scst_samples: int = _setting(5, "sampled captions per image; baseline = the mean reward of the others. 10 gave no "
@@ -93,7 +91,7 @@ class TrainConfig:
     feature_cache: str = _setting(".cache/features", "folder of cached backbone features, keyed by backbone, weights "
                                                      "and preprocessing")
     augment_views: int = _setting(0, "extra cached views of each training image (random crop + mirror); each caption "
-                                     "draws one per step (the shipped model: 4)")
+                                     "draws one per step (the bundled model: 0)")
     # --- evaluation and running
     eval_beam: int = _setting(3, "beam size scored after the last epoch (0 = none); beam 3 helped teacher-forcing "
                                  "models, not self-critical ones")
@@ -155,23 +153,14 @@ class TrainConfig:
 
 
 def setting_types() -> dict[str, type]:
-    """Each TrainConfig field and the type its flag parses to (str where the default is None, e.g. --init)."""
-    return {f.name: str if f.default is None else type(f.default) for f in fields(TrainConfig)}
+    """Each TrainConfig field and the type its flag parses to (str for --init, --format, --images)."""
+    return {f.name: kind(TrainConfig, f.name) for f in fields(TrainConfig)}
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.train", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        kind = setting_types()[f.name]
-        default = f.default if f.default is not MISSING else None
-        help = f"{f.metadata['help']} (default: {default})".replace("%", "%%")  # argparse formats help with %
-        kw = {"default": argparse.SUPPRESS, "help": help}
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument(flag, type=kind, **kw)
+    add_flags(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with its settings")
     return p
 

@@ -41,8 +41,10 @@ def _runs(model, run: Path | None, train_config: dict) -> list[tuple[dict, list[
             shipped = extra.get("trained_epochs")  # the best epoch: later epochs are not in these weights
             history = [h for h in history if shipped is None or h["epoch"] <= shipped]
         chain.insert(0, (tc, history))
-        init = Path(extra["init"]) if extra.get("init") else None
-        if init is None or not (init / "config.json").exists():
+        init = None
+        if extra.get("init"):  # a run's name (train.train.run_name), beside this run; older models stored a path
+            init = next((p for p in (run.parent / extra["init"] / "best", Path(extra["init"])) if (p / "config.json").exists()), None)
+        if init is None:
             break
         extra = json.loads((init / "config.json").read_text()).get("extra", {})
         run = init.parent

@@ -131,6 +131,16 @@ def start(cfg: TrainConfig, train_set, ckpt: Path, resume: bool, is_main: bool):
     return cfg, model, None, meta, c.extra.get("trained_epochs")
 
 
+def run_name(src: str) -> str:
+    """What a saved model records of the model it started from: a local run's name ("runs/a/best" -> "a"; the
+    export finds it beside the run), never a path of the machine it trained on; a Hub id as it is."""
+    path = Path(src)
+    if not path.exists():
+        return src
+    path = path.resolve()
+    return path.parent.name if path.name in ("best", "checkpoint") else path.name
+
+
 class Trainer:
     """One run: the model, its inputs and objective, the optimizer, and the record that checkpoints carry."""
 
@@ -336,7 +346,7 @@ class Trainer:
             meta["best"] = {"epoch": epoch + 1, **metrics}
             model.config.extra = {"trained_epochs": epoch + 1, "dev_greedy": metrics}
             if self.cfg.init:  # where these weights started, and how much training they had already had
-                model.config.extra.update(init=self.cfg.init, init_trained_epochs=self.init_epochs)
+                model.config.extra.update(init=run_name(self.cfg.init), init_trained_epochs=self.init_epochs)
             atomic_dir(self.out / "best", model.save_pretrained)
 
     def final_scores(self) -> dict:
