@@ -143,18 +143,28 @@ class OneSentence:
         return logits
 
 
+# Words a caption may say twice in a row of words without saying anything twice ("a man in a red shirt and a woman
+# in a blue dress"): articles, prepositions, conjunctions, auxiliaries and punctuation.
+FUNCTION_WORDS = frozenset("a an the in on of at with and or to for from by near into onto is are while its their "
+                           "his her , .".split())
+
+
 @dataclass(frozen=True)
 class NoRepeatNGram:
-    """Never say an n-gram of `n` words twice in a caption (GenerationConfig.no_repeat_ngram)."""
+    """Never say an n-gram of `n` words twice in a caption (GenerationConfig.no_repeat_ngram), except n-grams made
+    only of the tokens in `free` (function words: "in a", "of the" may repeat; "a man" may not)."""
 
     n: int
+    free: frozenset[int] = frozenset()
 
     def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        n = self.n
+        n, free = self.n, self.free
         for row, hist in enumerate(tokens.tolist()):
             if len(hist) >= n - 1:
                 tail = tuple(hist[len(hist) - n + 1 :]) if n > 1 else ()
+                said = all(tok in free for tok in tail)  # a candidate from `free` would complete a function-word n-gram
                 banned = {hist[i + n - 1] for i in range(len(hist) - n + 1) if tuple(hist[i : i + n - 1]) == tail}
+                banned = {tok for tok in banned if not (said and tok in free)}
                 if banned:
                     logits[row, list(banned)] = -math.inf
         return logits
@@ -194,7 +204,8 @@ def processors_for(config: GenerationConfig, vocab, *, constraint: Constraint | 
     if constraint is not None and constraint.words and "." in vocab.stoi:
         rules.append(OneSentence(vocab.stoi["."], vocab.eos_id, forced))
     if config.no_repeat_ngram:
-        rules.append(NoRepeatNGram(config.no_repeat_ngram))
+        free = frozenset() if config.block_function_words else frozenset(vocab.stoi[w] for w in FUNCTION_WORDS if w in vocab.stoi)
+        rules.append(NoRepeatNGram(config.no_repeat_ngram, free))
     rules.append(Ended(vocab.eos_id))
     return rules
 
@@ -323,14 +334,29 @@ class _Hyp:
                 for t, (row, cum, att, unk) in enumerate(self.rows[first:], start=first)]
 
 
+def _common_prefix(sequences: list[list[int]]) -> int:
+    """The length of the longest prefix that all `sequences` share."""
+    n = min(map(len, sequences))
+    for i in range(n):
+        if any(seq[i] != sequences[0][i] for seq in sequences):
+            return i
+    return n
+
+
 def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int, prefix: list[int],
           constraint: Constraint | None = None) -> Iterator[Step]:
     """Beam search, beams batched through one decoder step; never fails when no beam ends.
 
     With a `constraint` (guided decoding) that requires words, hypotheses are grouped by whether they have used a
     required word yet, and each group keeps its own `beam_size` best: the unmet group's hypotheses move to the met
-    group by taking a required word. The caption is the best finished one of the met group, else (no candidate
-    could) the best of the unmet one. Without required words this is plain beam search, step for step."""
+    group by taking a required word. The caption is the best finished one of the met group, unless the best of the
+    unmet one (the caption without the word) is more than `config.guide_margin` likelier per word: then that one,
+    and the constraint says why. Without required words this is plain beam search, step for step.
+
+    The stream only grows: a word is streamed once every candidate (live or finished) agrees on it, so each partial
+    caption is a prefix of the final one. A group stops when it has `beam_size` finished candidates and its best live
+    one, length-normalised, is no better than the worst of them (stopping at the first `beam_size` ends would drop
+    the captions that end one word later, after a full stop)."""
     vocab, k, beam_size = model.vocab, config.num_alternatives, config.beam_size
     device = features.vector.device
     required = sorted({vocab.stoi[w] for w in constraint.words}) if constraint is not None else []
@@ -345,7 +371,17 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     finished: dict[int, list[_Hyp]] = {g: [] for g in groups}
     norm = lambda h: h.score / max(1, len(h.tokens)) ** config.length_penalty  # noqa: E731
     tag = (lambda r: r) if constraint is None else (lambda r: replace(r, constraint=constraint))  # noqa: E731
-    pending: Step | None = None
+    streamed = 0  # words streamed so far: the candidates' common prefix, less the last word of the shortest
+
+    def done(g: int, hyps: list[_Hyp], t: int) -> bool:
+        ends = sorted((norm(h) for h in finished[g] if h.tokens), reverse=True)
+        if not hyps:
+            return True
+        if len(ends) < beam_size:
+            return False
+        best_live = max(h.score for h in hyps) / max(1, t + 1) ** config.length_penalty
+        return best_live <= ends[beam_size - 1]
+
     for t in range(max_len):
         unk, unk_top = _unk_probs(logits, vocab)
         logp = F.log_softmax(rules(logits, _history([h.tokens for h in live])), dim=-1)  # (n, V)
@@ -377,16 +413,21 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
                     kept += 1
                 if kept == beam_size:
                     break
-        if len(finished[groups[-1]]) >= beam_size or not survivors:
+        if not survivors or all(done(g, [h for h, m in zip(survivors, survivor_met) if m == bool(g)], t) for g in groups):
             break
-        if pending is not None:
-            yield pending
-        shown = max(range(len(survivors)), key=lambda i: (survivor_met[i], survivors[i].score))  # the best, met first
-        pending = tag(survivors[shown].records(vocab, k, first=t)[0])
+        candidates = [h.tokens for h in survivors] + [h.tokens for g in groups for h in finished[g] if h.tokens]
+        agreed = min(_common_prefix(candidates), min(map(len, candidates)) - 1)
+        if agreed > streamed:
+            yield from (tag(r) for r in survivors[0].records(vocab, k, first=streamed)[: agreed - streamed])
+            streamed = agreed
         live, met = survivors, survivor_met
         state = state.select(torch.tensor(parents, device=device))
         logits, state = model.decoder.step(torch.tensor([h.tokens[-1] for h in live], device=device), state)
     ended = {g: [h for h in finished[g] if h.tokens] for g in groups}
+    fit = free = None  # guided: the best caption with a required word, and the best without
+    if required:
+        fit = max(ended[1], key=norm, default=None) or max((h for h, m in zip(live, met) if m), key=norm, default=None)
+        free = max(ended[0], key=norm, default=None) or max((h for h, m in zip(live, met) if not m), key=norm, default=None)
     if ended[groups[-1]]:  # the best caption that meets the constraint (plain beam: the best ended one)
         pool, stop, ok = ended[groups[-1]], "eos", True
     elif ended[0]:  # guided, and no caption with a required word ended: the unconstrained best
@@ -395,15 +436,22 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
         live_met = [h for h, m in zip(live, met) if m]
         pool, stop, ok = live_met or live, "max_len", bool(live_met)
     best = max(pool, key=norm)
+    unfit = ok and free is not None and norm(free) - norm(best) > config.guide_margin
+    if unfit:  # the word fits only into a sentence the model believes much less than its own: say nothing
+        best, ok = free, False
+        stop = "eos" if any(free is h for h in ended[0]) else "max_len"
     if best.tokens:
         steps = best.records(vocab, k)
-        ended = _ended(stop, *best.end) if stop == "eos" else _ended(stop, None, False)
-        last = replace(steps[-1], **ended, history=tuple(tag(r) for r in steps[:-1]))
+        ended_as = _ended(stop, *best.end) if stop == "eos" else _ended(stop, None, False)
+        last = replace(steps[-1], **ended_as, history=tuple(tag(r) for r in steps[:-1]))
+        yield from last.history[streamed:]
         if constraint is not None:
             final = constraint
             if required:
                 used = next((vocab.itos[tok] for tok in best.tokens if tok in set(required)), None)
-                final = replace(constraint, met=ok, used=used if ok else None)
+                final = replace(constraint, met=ok, used=used if ok else None, margin=config.guide_margin,
+                                fit=None if fit is None else norm(fit), free=None if free is None else norm(free),
+                                unfit=unfit)
             last = replace(last, constraint=final)
         yield last
 

@@ -31,7 +31,12 @@ class GenerationConfig:
     top_k: int = _setting(0, "sampling: draw only from the K likeliest words (0 = all)")
     top_p: float = _setting(0.9, "sampling: draw only from the smallest set of words whose probability reaches P (nucleus)")
     seed: int | None = _setting(None, "sampling: random seed (default: a new one each time)")
-    no_repeat_ngram: int = _setting(0, "never repeat an n-gram of this many words (0 = off)")
+    no_repeat_ngram: int = _setting(0, "never say an n-gram of this many words twice, unless it is only function words "
+                                       "(a, in, of, ...; see block_function_words) (0 = off)")
+    block_function_words: bool = _setting(False, "with no_repeat_ngram: block repeated n-grams of function words too "
+                                                 "(\"in a ... in a\")")
+    guide_margin: float = _setting(10.0, "guided: keep the caption with the required word only when the best caption "
+                                         "without it is at most this much likelier per word (mean log-probability)")
     num_alternatives: int = _setting(5, "top-k alternatives recorded at every step (the inspector's words)")
 
     def __post_init__(self) -> None:
@@ -49,6 +54,8 @@ class GenerationConfig:
             raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k}: expected 0 (all words) or more")
+        if not self.guide_margin >= 0:
+            raise ValueError(f"guide_margin={self.guide_margin}: expected 0 or more")
         if self.no_repeat_ngram < 0:
             raise ValueError(f"no_repeat_ngram={self.no_repeat_ngram}: expected 0 (off) or more")
         if self.num_alternatives < 0:

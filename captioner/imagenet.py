@@ -156,10 +156,17 @@ class Constraint:
     note: str = ""  # why nothing is required (no head, nothing confident, words outside the vocabulary)
     met: bool | None = None  # on the last record: True met, False fell back; None while decoding or nothing required
     used: str | None = field(default=None)  # on the last record: the required word the caption uses
+    # On the last record, guided decoding's two candidates, as mean log-probability per word: the best caption with a
+    # required word (fit) and without one (free); unfit: True when free was more than `margin` likelier, so it was kept.
+    fit: float | None = None
+    free: float | None = None
+    margin: float | None = None
+    unfit: bool = False
 
     def record(self) -> dict:
         """As plain JSON data (the CLI's --json), with the one-line description as "text"."""
         return {"words": list(self.words), "threshold": self.threshold, "met": self.met, "used": self.used,
+                "fit": self.fit, "free": self.free, "margin": self.margin, "unfit": self.unfit,
                 "evidence": [{"word": e.word, "confidence": round(e.confidence, 4),
                               "labels": [[n, round(p, 4)] for n, p in e.labels]} for e in self.evidence],
                 "note": self.note, "text": self.describe()}
@@ -175,6 +182,9 @@ class Constraint:
         text = f"guided: required one of {', '.join(self.words)} ({why})"
         if self.met is True:
             text += f"; the caption uses \"{self.used}\"" if self.used else "; met"
+        elif self.met is False and self.unfit:
+            text += (f"; the model could not fit \"{self.words[0]}\" into a sentence it believes ({self.fit:.2f} per "
+                     f"word against {self.free:.2f} without it): kept the caption without it")
         elif self.met is False:
             text += "; no candidate caption could use one: kept the unconstrained best"
         if self.note:

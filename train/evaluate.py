@@ -37,7 +37,16 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dic
     out.update({"CIDEr-D": float(cider), "ROUGE-L": float(rouge)})
     out["distinct"] = len(set(hypotheses)) / max(1, len(hypotheses))  # share of distinct captions (collapse check)
     out["cut_off"] = sum(map(is_cut_off, hypotheses))  # captions that end mid-phrase ("... in front of a")
+    out["repeats"] = sum(map(repeats_a_phrase, hypotheses))
+    out["no_stop"] = sum(not h.rstrip().endswith(".") for h in hypotheses)  # captions without a final full stop
     return out
+
+
+def repeats_a_phrase(text: str) -> bool:
+    """Does the caption say the same "a/an/the + word" twice ("a man is riding a skateboard on a skateboard")?"""
+    words = tokenize(text)
+    pairs = [(a, b) for a, b in zip(words, words[1:]) if a in ("a", "an", "the") and b not in PUNCT]
+    return len(pairs) != len(set(pairs))
 
 
 def evaluate_model(model, images=None, references=(), config=None, *, features=None, batch_size: int = 64,
@@ -50,9 +59,11 @@ def evaluate_model(model, images=None, references=(), config=None, *, features=N
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    """Scores as a Markdown table; `cut off` counts captions ending on a/of/in/... (absent from older runs: -)."""
-    cols = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "distinct", "cut off"]
-    cell = lambda m, c: ("-" if "cut_off" not in m else str(m["cut_off"])) if c == "cut off" else f"{m[c]:.3f}"  # noqa: E731
+    """Scores as a Markdown table; the counts: captions ending on a/of/in/... (cut off), saying "a/an/the + word"
+    twice (repeats), without a final full stop (no stop); absent from older runs: -."""
+    cols = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "distinct", "cut off", "repeats", "no stop"]
+    counts = {"cut off": "cut_off", "repeats": "repeats", "no stop": "no_stop"}
+    cell = lambda m, c: (str(m.get(counts[c], "-"))) if c in counts else f"{m[c]:.3f}"  # noqa: E731
     lines = ["| decoding | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(m, c) for c in cols) + " |")
@@ -72,8 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="fp32",
                    help="number format to score the model at (default: fp32, the model's own scores; auto: what the app "
                         "and the CLI run on this CPU)")
-    add_arguments(p, only=("strategy", "beam_size", "length_penalty", "guide_threshold", "no_repeat_ngram", "max_len",
-                           "temperature", "top_k", "top_p", "seed"))
+    add_arguments(p, only=("strategy", "beam_size", "length_penalty", "guide_threshold", "guide_margin", "no_repeat_ngram",
+                           "block_function_words", "max_len", "temperature", "top_k", "top_p", "seed"))
     p.add_argument("--limit", type=int, default=0, help="score only the first N images")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--save-captions", default=None, metavar="FILE",
