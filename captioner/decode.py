@@ -355,8 +355,8 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
 
     The stream only grows: a word is streamed once every candidate (live or finished) agrees on it, so each partial
     caption is a prefix of the final one. A group stops when it has `beam_size` finished candidates and its best live
-    one, length-normalised, is no better than the worst of them (stopping at the first `beam_size` ends would drop
-    the captions that end one word later, after a full stop)."""
+    one, length-normalised, is no better than the worst of them. A finished caption's score includes its <EOS>
+    (without it, ending early cost nothing, and captions that end after their full stop lost to ones without it)."""
     vocab, k, beam_size = model.vocab, config.num_alternatives, config.beam_size
     device = features.vector.device
     required = sorted({vocab.stoi[w] for w in constraint.words}) if constraint is not None else []
@@ -403,8 +403,8 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
                     break
                 parent, token = divmod(index, logp.size(1))
                 h = live[parent]
-                if token == vocab.eos_id:
-                    finished[g].append(_Hyp(h.tokens, h.rows, h.score, (unk[parent], unk_top[parent])))
+                if token == vocab.eos_id:  # its score counts the <EOS>: ending is a choice, and not a free one
+                    finished[g].append(_Hyp(h.tokens, h.rows, score, (unk[parent], unk_top[parent])))
                 else:
                     row = (logp[parent], score, _attention(state, parent), unk[parent])
                     survivors.append(_Hyp(h.tokens + [token], h.rows + [row], score))

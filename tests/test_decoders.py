@@ -4,6 +4,7 @@ Every decoder is driven only through start/step; these tests hold each decoding 
 branching, batches, re-used features) to the same contract for both.
 """
 import dataclasses
+import math
 import json
 
 import numpy as np
@@ -12,8 +13,8 @@ import torch
 from PIL import Image
 
 from captioner import GenerationConfig, ImageFeatures, ModelLoadError, load
-from captioner.decode import caption, caption_batch, encode, generate_batch, rescore, stream
-from tiny import assert_all_different, tiny_model
+from captioner.decode import caption, caption_batch, encode, final, generate_batch, rescore, stream
+from tiny import WORDS, assert_all_different, scripted_model, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 SETTINGS = [{}, {"strategy": "beam", "beam_size": 3}, {"strategy": "beam", "beam_size": 1},
@@ -305,3 +306,96 @@ def test_greedy_and_sampling_stop_at_max_len_when_no_caption_ends(decoder):
         assert steps[-1].stop == "max_len" and len(steps[-1].tokens) == 5, s
         assert all(x.stop is None for x in steps[:-1]), s
     assert caption_batch(m, [photo(0), photo(1)]) == [caption(m, photo(0)), caption(m, photo(1))]
+
+
+# ---------------------------------------------------------------- issue 23: full stops, repeats, a growing stream
+
+
+def _best_by_brute_force(table, max_len, length_penalty=1.0):
+    """The caption with the best length-normalised log-probability of every caption a bigram table allows."""
+    import itertools
+    import math
+
+    eos, best = WORDS.index("<EOS>"), (-math.inf, None)
+    words = [WORDS.index(w) for w in ("a", "dog", "runs", ".")]
+    for n in range(1, max_len + 1):
+        for seq in itertools.product(words, repeat=n):
+            prev, lp = 1, 0.0
+            for tok in (*seq, eos):
+                lp += math.log(table.get(prev, {}).get(tok, 1e-13))
+                prev = tok
+            best = max(best, (lp / n ** length_penalty, seq))
+    return best[1]
+
+
+def test_beam_keeps_the_caption_that_ends_after_its_full_stop():
+    """A caption that ends pays for its <EOS>: scored without it, "A dog" + <EOS> (p(<EOS>) = 0.25) beat "A dog runs."
+    (whose "." and <EOS> are both counted), which is how beam captions lost their full stops. The caption returned is
+    the one with the best normalised score of all the captions the table allows."""
+    a, dog, runs, stop, eos = (WORDS.index(w) for w in ("a", "dog", "runs", ".", "<EOS>"))
+    table = {1: {a: 0.6, dog: 0.3, runs: 0.1}, a: {dog: 0.7, runs: 0.2, eos: 0.1}, dog: {runs: 0.6, eos: 0.25, stop: 0.15},
+             runs: {stop: 0.55, eos: 0.45}, stop: {eos: 0.99, a: 0.01}}
+    m = scripted_model(table)
+    last = final(m, photo(), strategy="beam", beam_size=3)
+    assert last.text == "A dog runs." and last.stop == "eos"
+    assert last.tokens == _best_by_brute_force(table, 6)
+
+
+def test_no_repeat_rule_blocks_content_phrases_and_spares_function_words():
+    from captioner.decode import FUNCTION_WORDS, NoRepeatNGram, processors_for
+
+    m = tiny_model(0)
+    a, dog, runs, stop = (WORDS.index(w) for w in ("a", "dog", "runs", "."))
+    rules = processors_for(GenerationConfig(no_repeat_ngram=2), m.vocab)
+    rule = next(r for r in rules if isinstance(r, NoRepeatNGram))
+    assert rule.free == {a, stop} and {"a", "."} <= FUNCTION_WORDS
+    blocked = lambda hist: {t for t in range(len(WORDS)) if rule(torch.zeros(1, len(WORDS)), torch.tensor([hist]))[0, t] == -math.inf}  # noqa: E731
+    assert blocked([a, dog, runs, a]) == {dog}  # "a dog" said: not again
+    assert blocked([a, dog, a, stop, a]) == {dog}  # "a ." repeats freely (function words only), "a dog" does not
+    assert blocked([dog, runs, dog]) == {runs}
+    plain = next(r for r in processors_for(GenerationConfig(no_repeat_ngram=2, block_function_words=True), m.vocab)
+                 if isinstance(r, NoRepeatNGram))
+    assert plain.free == frozenset() and {t for t in range(len(WORDS)) if plain(torch.zeros(1, len(WORDS)), torch.tensor([[a, stop, a]]))[0, t] == -math.inf} == {stop}
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_no_repeat_rule_in_every_decoding_path(strategy):
+    """Random tiny models repeat "a dog" without the rule; with it no caption says a content bigram twice, and the
+    batched path (caption_batch) agrees with stream."""
+    def content_repeats(tokens):
+        pairs = [p for p in zip(tokens, tokens[1:]) if not set(p) <= {WORDS.index("a"), WORDS.index(".")}]
+        return len(pairs) != len(set(pairs))
+
+    seen_repeat = False
+    for seed in range(8):
+        m = tiny_model(seed, max_len=10)
+        with torch.no_grad():
+            m.decoder.head.bias[2] -= 3.0  # long captions: room to repeat
+        imgs = [photo(seed), photo(seed + 1)]
+        off = final(m, imgs[0], strategy=strategy, no_repeat_ngram=0)
+        seen_repeat |= content_repeats(off.tokens)
+        on = [final(m, img, strategy=strategy, no_repeat_ngram=2) for img in imgs]
+        assert not any(content_repeats(o.tokens) for o in on), [o.text for o in on]
+        assert caption_batch(m, imgs, strategy=strategy, no_repeat_ngram=2) == [o.text for o in on]
+    assert seen_repeat  # the rule had something to block
+
+
+@pytest.mark.parametrize("strategy", ["beam", "guided"])
+def test_beam_stream_only_grows(strategy):
+    """Each streamed record adds one word to a prefix of the final caption: the caption box never takes a word back,
+    and the records streamed are the final caption's own, word for word."""
+    grew = 0
+    for seed in range(6):
+        m = tiny_model(seed, imagenet_head=True, max_len=8)
+        with torch.no_grad():
+            m.decoder.head.bias[2] -= 2.0
+            m.encoder.classifier.bias[151:269] = 10.0  # "dog" required for guided
+        steps = list(stream(m, photo(seed), strategy=strategy, beam_size=3, guide_margin=math.inf))
+        last = steps[-1]
+        assert [s.t for s in steps] == list(range(len(last.tokens)))
+        for s in steps:
+            assert last.tokens[: len(s.tokens)] == s.tokens and last.text.startswith(s.text.rstrip("."))
+        assert [dataclasses.replace(s, constraint=None) for s in steps[:-1]] == \
+               [dataclasses.replace(s, constraint=None) for s in last.history]
+        grew += len(steps) > 1
+    assert grew

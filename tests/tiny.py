@@ -228,3 +228,53 @@ def assert_all_different(captions, what: str = "the fixture's captions") -> None
     """The precondition of every order, batch and isolation test: swapped captions must be tellable apart."""
     captions = list(captions)
     assert len(set(captions)) == len(captions), f"{what} are not all different, so the test could not fail: {captions}"
+
+
+# ---------------------------------------------------------------- a scripted decoder (a test double)
+# A decoder whose next-word distribution depends only on the previous word, from a table: it implements the seam
+# (model.Decoder: start, step, state.select) so that a search can be tested on a distribution written down in full.
+
+
+class BigramState:
+    attention = None
+
+    def __init__(self, last):
+        self.last = last  # (B,) the previous token of each row
+
+    def select(self, index):
+        return BigramState(self.last.index_select(0, index))
+
+
+def _module():
+    import torch.nn as nn
+
+    return nn.Module
+
+
+class BigramDecoder(_module()):
+    uses_grid = False
+
+    def __init__(self, table: dict[int, dict[int, float]], vocab_size: int):
+        """table: previous token (1 = <SOS> at the start) -> {next token: probability}; the rest get ~0."""
+        import torch
+
+        super().__init__()
+        self.logits = torch.full((vocab_size, vocab_size), -30.0)
+        for prev, nxt in table.items():
+            for tok, p in nxt.items():
+                self.logits[prev, tok] = float(torch.tensor(p).log())
+
+    def start(self, features):
+        import torch
+
+        return self.step(torch.full((len(features),), 1, dtype=torch.long), None)
+
+    def step(self, tokens, state):
+        return self.logits[tokens].clone(), BigramState(tokens)
+
+
+def scripted_model(table: dict[int, dict[int, float]], max_len: int = 6):
+    """A tiny Captioner whose decoder is a BigramDecoder over WORDS (its encoder runs, its features are ignored)."""
+    m = tiny_model(0, max_len=max_len)
+    m.decoder = BigramDecoder(table, len(WORDS))
+    return m
