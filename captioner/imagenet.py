@@ -20,6 +20,7 @@ import torch
 DATA = Path(__file__).resolve().parent / "data"
 CLASSES_FILE = DATA / "imagenet_classes.json"
 WORDS_FILE = DATA / "imagenet_words.json"
+THRESHOLDS_FILE = DATA / "imagenet_thresholds.json"
 NUM_CLASSES = 1000
 
 
@@ -85,6 +86,29 @@ def word_classes() -> dict[str, tuple[int, ...]]:
     return {w: tuple(cs) for w, cs in out.items()}
 
 
+def load_thresholds(path: Path | str = THRESHOLDS_FILE) -> dict[str, float]:
+    """The per-word guide thresholds (imagenet_thresholds.json, written by `python -m train.calibrate`): mapped word ->
+    the confidence at which guided decoding requires it. Checked: every threshold in (0, 1], every word a mapped word
+    (imagenet_words.json). A mapped word that is absent (the calibration dropped it) is never required."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    mapped = word_classes()
+    out = {}
+    for w, entry in data["thresholds"].items():
+        t = entry["threshold"] if isinstance(entry, dict) else entry
+        if w not in mapped:
+            raise ValueError(f"{path}: {w!r} is not a mapped word (imagenet_words.json)")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+            raise ValueError(f"{path}: {w!r} has threshold {t!r}, expected a probability in (0, 1]")
+        out[w] = float(t)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def thresholds() -> dict[str, float]:
+    """The shipped per-word thresholds (constraint_for(..., threshold=None)); loaded once."""
+    return load_thresholds()
+
+
 # ---------------------------------------------------------------------------------------------------- labels
 
 
@@ -136,12 +160,13 @@ def _percent(p: float, digits: int = 0) -> str:
 
 @dataclass(frozen=True)
 class Evidence:
-    """Why a word is required: its confidence (the summed probability of the classes mapping to it) and those
-    classes' top labels."""
+    """Why a word is required: its confidence (the summed probability of the classes mapping to it), those
+    classes' top labels, and the threshold it reached (its calibrated one, or the global override)."""
 
     word: str
     confidence: float
     labels: tuple[tuple[str, float], ...]
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +177,7 @@ class Constraint:
 
     words: tuple[str, ...]  # any one of these (the model's vocabulary's words for the confident labels)
     evidence: tuple[Evidence, ...]  # one per required word, most confident first
-    threshold: float  # a word is required when its confidence reaches this
+    threshold: float | None  # a word is required when its confidence reaches this; None: each word's calibrated one
     note: str = ""  # why nothing is required (no head, nothing confident, words outside the vocabulary)
     met: bool | None = None  # on the last record: True met, False fell back; None while decoding or nothing required
     used: str | None = field(default=None)  # on the last record: the required word the caption uses
@@ -168,6 +193,7 @@ class Constraint:
         return {"words": list(self.words), "threshold": self.threshold, "met": self.met, "used": self.used,
                 "fit": self.fit, "free": self.free, "margin": self.margin, "unfit": self.unfit,
                 "evidence": [{"word": e.word, "confidence": round(e.confidence, 4),
+                              "threshold": None if e.threshold is None else round(e.threshold, 4),
                               "labels": [[n, round(p, 4)] for n, p in e.labels]} for e in self.evidence],
                 "note": self.note, "text": self.describe()}
 
@@ -175,11 +201,16 @@ class Constraint:
         """One line for the inspector: which word was required and why, and how it ended."""
         if not self.words:
             return f"guided: nothing required: {self.note}" if self.note else "guided: nothing required"
+        calibrated = self.threshold is None
         groups: dict[tuple, list[str]] = {}
         for e in self.evidence:
-            groups.setdefault((round(e.confidence, 4), e.labels), []).append(e.word)
-        why = "; ".join(f"{'/'.join(ws)} {_percent(conf)} from {describe_labels(lbls)}" for (conf, lbls), ws in groups.items())
+            needs = e.threshold if calibrated else None
+            groups.setdefault((round(e.confidence, 4), e.labels, needs), []).append(e.word)
+        why = "; ".join(f"{'/'.join(ws)} {_percent(conf)}{f' (needs {_percent(needs)})' if needs is not None else ''} "
+                        f"from {describe_labels(lbls)}" for (conf, lbls, needs), ws in groups.items())
         text = f"guided: required one of {', '.join(self.words)} ({why})"
+        if calibrated:
+            text += "; thresholds calibrated per word"
         if self.met is True:
             text += f"; the caption uses \"{self.used}\"" if self.used else "; met"
         elif self.met is False and self.unfit:
@@ -198,25 +229,33 @@ def word_confidence(features) -> dict[str, float]:
     return {w: float(probs[list(cs)].sum()) for w, cs in word_classes().items()}
 
 
-def constraint_for(features, vocab, threshold: float) -> Constraint:
+def constraint_for(features, vocab, threshold: float | None) -> Constraint:
     """The requirement guided decoding puts on one image's caption: the words (in `vocab`) whose confidence reaches
-    `threshold`, with the labels behind them; no requirement for features without ImageNet labels."""
+    their threshold, with the labels behind them; no requirement for features without ImageNet labels.
+    threshold None: each word's calibrated threshold (imagenet_thresholds.json; a word without one is never
+    required); a float: one threshold for every mapped word (an override)."""
     if getattr(features, "labels", None) is None:
         return Constraint((), (), threshold, note="this model has no ImageNet head, so nothing to be sure of")
     probs = _probs(features)
     names = class_names()
     conf = word_confidence(probs)
-    confident = sorted((w for w, c in conf.items() if c >= threshold), key=lambda w: (-conf[w], w))
+    per_word = thresholds() if threshold is None else dict.fromkeys(conf, threshold)
+    confident = sorted((w for w, c in conf.items() if w in per_word and c >= per_word[w]), key=lambda w: (-conf[w], w))
     known = [w for w in confident if w in vocab.stoi]
     missing = [w for w in confident if w not in vocab.stoi]
     evidence = []
     for w in known:
         cs = sorted(word_classes()[w], key=lambda c: -float(probs[c]))[:3]
-        evidence.append(Evidence(w, conf[w], tuple((names[c], float(probs[c])) for c in cs if probs[c] >= 0.005)))
+        evidence.append(Evidence(w, conf[w], tuple((names[c], float(probs[c])) for c in cs if probs[c] >= 0.005),
+                                 per_word[w]))
     note = ""
     if missing and not known:
         note = f"{', '.join(missing)} confident, but not in this model's vocabulary"
-    if not confident:
+    if not confident and threshold is not None:
         best = max(conf, key=conf.get)
         note = f"no mapped word reaches {_percent(threshold)}; the likeliest is {best}, {_percent(conf[best])}"
+    elif not confident:
+        best = max(conf, key=conf.get)
+        needs = f"needs {_percent(per_word[best])}" if best in per_word else "never required: no calibrated threshold"
+        note = f"no mapped word reaches its calibrated threshold; the likeliest is {best}, {_percent(conf[best])} ({needs})"
     return Constraint(tuple(known), tuple(evidence), threshold, note=note)

@@ -194,3 +194,22 @@ def test_guided_names_the_subject_of_the_example_photos():
         if name == "grace_hopper.jpg":  # a person in uniform: nothing is required, no "uniform"/"jersey" forced in
             assert last.constraint.words == ()
     assert sum(named.values()) >= 5, named
+
+
+def test_guided_decoding_with_calibrated_per_word_thresholds(monkeypatch):
+    """constraint_for(..., None) (each word's calibrated threshold) through the guided search: the record says so,
+    with the word's own threshold; a word whose threshold the photo misses is not required."""
+    import captioner.decode as decode
+    import captioner.imagenet as imagenet
+
+    m = model_of("show-tell", 1)
+    monkeypatch.setattr(decode, "constraint_for", lambda f, v, t: imagenet.constraint_for(f, v, None))
+    monkeypatch.setattr(imagenet, "thresholds", lambda: {"dog": 0.5})
+    last = list(stream(m, photo(), strategy="guided", beam_size=3))[-1]
+    c = last.constraint
+    assert c.words == ("dog",) and c.threshold is None and c.met and "dog" in words_of(last)
+    assert "(needs 50%)" in c.describe() and "calibrated per word" in c.describe() and 'uses "dog"' in c.describe()
+    assert json.loads(json.dumps(last.record()))  # the step's JSON form carries the None threshold
+    monkeypatch.setattr(imagenet, "thresholds", lambda: {"cat": 0.5})  # no threshold for dog: never required
+    last = list(stream(m, photo(), strategy="guided", beam_size=3))[-1]
+    assert last.constraint.words == () and last.text == list(stream(m, photo(), strategy="beam", beam_size=3))[-1].text

@@ -231,3 +231,102 @@ def test_cli_steps_attention_is_null_for_show_tell(tmp_path):
     rec = json.loads(r.stdout)
     assert r.returncode == 0 and rec["steps"] and all(s["attention"] is None for s in rec["steps"])
     assert "imagenet" not in rec  # no head, no labels
+
+
+# ---------------------------------------------------------------- per-word thresholds (issue 23)
+
+
+def _features_with(probs):
+    return type("F", (), {"labels": probs.unsqueeze(0)})()
+
+
+def test_per_word_thresholds_are_applied(monkeypatch):
+    """threshold=None: each word against its own calibrated threshold; a word without one is never required."""
+    import captioner.imagenet as imagenet
+    from captioner.imagenet import constraint_for
+    from captioner.vocab import Vocabulary
+
+    monkeypatch.setattr(imagenet, "thresholds", lambda: {"cat": 0.6, "rocket": 0.2})
+    vocab = Vocabulary(["<PAD>", "<SOS>", "<EOS>", "<UNK>", "a", "rocket", "cat", "dog"])
+    probs = torch.zeros(1000)
+    probs[281] = 0.5  # cat: above 0.25, below its own 0.6
+    probs[[657, 744]] = torch.tensor([0.12, 0.10])  # rocket 0.22: below 0.25, above its own 0.2
+    probs[151] = 0.3  # dog: above 0.25, but no calibrated threshold: never required
+    c = constraint_for(_features_with(probs), vocab, None)
+    assert c.words == ("rocket",) and c.threshold is None
+    assert c.evidence[0].threshold == 0.2
+    assert "rocket 22% (needs 20%) from missile 12%, projectile 10%" in c.describe() and "calibrated per word" in c.describe()
+    rec = c.record()
+    assert rec["threshold"] is None and rec["evidence"][0]["threshold"] == 0.2 and json.dumps(rec)
+    # The float override is today's global rule, its description unchanged.
+    g = constraint_for(_features_with(probs), vocab, 0.25)
+    assert g.words == ("cat", "dog") and g.threshold == 0.25 and all(e.threshold == 0.25 for e in g.evidence)
+    assert "(needs" not in g.describe() and "calibrated" not in g.describe()
+    # Above its own threshold, the cat is required too.
+    probs[281] = 0.7
+    assert constraint_for(_features_with(probs), vocab, None).words == ("cat", "rocket")
+    # Nothing reaches its threshold: the note says what the likeliest word needs, or that it has no threshold.
+    probs[:] = 0
+    probs[151] = 0.9
+    c = constraint_for(_features_with(probs), vocab, None)
+    assert c.words == () and "calibrated threshold" in c.describe() and "dog, 90%" in c.describe() and "never required" in c.describe()
+    probs[151], probs[281] = 0, 0.5
+    assert "cat, 50% (needs 60%)" in constraint_for(_features_with(probs), vocab, None).describe()
+
+
+def test_calibration_picks_the_lowest_threshold_reaching_the_precision_with_support():
+    from train.calibrate import calibrate_word
+
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    # Ten photos: the confident ones are named, the weak ones not.
+    conf = [0.95, 0.9, 0.85, 0.8, 0.75, 0.65, 0.55, 0.45, 0.35, 0.15]
+    named = [True, True, True, True, True, True, True, False, False, False]
+    # >= 0.5: 7 of 7 named; >= 0.4: 7 of 8 (87.5%); so 0.5 is the lowest reaching 90%.
+    assert calibrate_word(conf, named, grid=grid) == {"threshold": 0.5, "support": 7, "precision": 1.0}
+    # 80% suffices at 0.4 (7 of 8) and still not at 0.3 (7 of 9 = 78%).
+    assert calibrate_word(conf, named, precision=0.8, grid=grid)["threshold"] == 0.4
+    # Support: with at least 8 photos required, 0.5 (7 photos) no longer qualifies and nothing below reaches 90%.
+    assert calibrate_word(conf, named, support=8, grid=grid) is None
+    # The lowest t over all the photos at or above it, even where a higher t does worse (0.5: 4 of 5 = 80%).
+    conf2 = [0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.35, 0.3, 0.25, 0.22, 0.15]
+    named2 = [True, False, True, True, True, True, True, True, True, True, False]
+    assert calibrate_word(conf2, named2, grid=grid) == {"threshold": 0.2, "support": 10, "precision": 0.9}
+    # Too few photos at every threshold: dropped.
+    assert calibrate_word([0.99, 0.98, 0.97], [True] * 3, grid=grid) is None
+
+
+def test_calibrate_on_labels_and_references_drops_words_without_precision():
+    from train.calibrate import calibrate
+
+    n = 20
+    labels = torch.zeros(n, 1000)
+    labels[:10, 281] = torch.linspace(0.5, 0.95, 10)  # cat photos: all named
+    labels[10:, 151] = torch.linspace(0.5, 0.95, 10)  # "dog" photos whose references say horse: never named
+    refs = [{"a", "cat"}] * 5 + [{"a", "kitten"}] * 5 + [{"a", "horse"}] * 10
+    out = calibrate(labels, None, refs=refs, grid=[0.1, 0.5, 0.9])
+    assert out["thresholds"]["cat"] == {"threshold": 0.1, "support": 10, "precision": 1.0}
+    assert out["thresholds"]["kitten"] == out["thresholds"]["cat"]  # a concept's words name each other
+    assert "dog" not in out["thresholds"] and out["dropped"]["dog"]["best_precision"] == 0.0
+    assert "horse" in out["dropped"]  # never confident: no photos
+
+
+def test_the_shipped_thresholds_load_and_cover_only_mapped_words(tmp_path):
+    from captioner.imagenet import THRESHOLDS_FILE, load_thresholds, thresholds, word_classes
+
+    raw = json.loads(THRESHOLDS_FILE.read_text())
+    ts = thresholds()
+    assert ts == load_thresholds() and ts and set(ts) <= set(word_classes())
+    assert all(0 < t <= 1 for t in ts.values())
+    assert set(raw["thresholds"]) | set(raw["dropped"]) == set(word_classes())  # every mapped word: kept or dropped
+    for w, r in raw["thresholds"].items():
+        assert r["support"] >= raw["support"] and r["precision"] >= raw["precision"], w
+    # A concept's words share their classes and their names, so their thresholds.
+    assert ts["dog"] == ts["dogs"] == ts["puppy"]
+    bad = tmp_path / "t.json"
+    bad.write_text(json.dumps({"thresholds": {"jersey": {"threshold": 0.5}}}))
+    with pytest.raises(ValueError, match="not a mapped word"):
+        load_thresholds(bad)
+    for t in (0, 1.5, "0.5", True):
+        bad.write_text(json.dumps({"thresholds": {"cat": {"threshold": t}}}))
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            load_thresholds(bad)
