@@ -26,6 +26,9 @@ from typing import Sequence
 PRECISION = 0.9  # the share of photos at or above the threshold whose references name the word
 SUPPORT = 5  # the fewest train photos at or above the threshold
 GRID = tuple(round(i / 100, 2) for i in range(1, 101))  # candidate thresholds: whole percentages
+# Words that train shows too rarely for SUPPORT photos (Flickr8k has 3 photos where the CNN sees a cat) may still be
+# required where the CNN itself is sure (>= THIN_FLOOR) and every train photo at that level names the word.
+THIN_SUPPORT, THIN_FLOOR = 2, 0.5
 
 
 def word_names() -> dict[str, frozenset[str]]:
@@ -72,7 +75,7 @@ def calibrate_word(conf: Sequence[float], named: Sequence[bool], *, precision: f
 
 
 def calibrate(labels, references: Sequence[Sequence[str]], *, precision: float = PRECISION, support: int = SUPPORT,
-              grid: Sequence[float] = GRID, refs: list[set[str]] | None = None) -> dict:
+              grid: Sequence[float] = GRID, refs: list[set[str]] | None = None, thin: bool = True) -> dict:
     """Every mapped word's threshold from a split's ImageNet labels (N, 1000) and reference captions: the JSON that
     captioner/data/imagenet_thresholds.json holds ("thresholds": word -> numbers; "dropped": word -> why)."""
     refs = reference_words(references) if refs is None else refs
@@ -83,6 +86,10 @@ def calibrate(labels, references: Sequence[Sequence[str]], *, precision: float =
         c = conf[:, j].tolist()
         named = [bool(r & names[w]) for r in refs]
         found = calibrate_word(c, named, precision=precision, support=support, grid=grid)
+        if found is None and thin:
+            found = calibrate_word(c, named, precision=1.0, support=THIN_SUPPORT, grid=[t for t in grid if t >= THIN_FLOOR])
+            if found is not None:
+                found["thin"] = True  # too few photos for the main rule: the stricter one
         if found:
             kept[w] = found
         else:  # why: its best precision at any threshold with enough support (None: never enough photos)
