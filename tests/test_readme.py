@@ -183,7 +183,7 @@ def test_push_command_matches_its_parser():
         assert parsed.model == "captioner/default_model" and parsed.repo == "USER/NAME"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/experiments.md"])
+@pytest.mark.parametrize("doc", ["README.md", "CONTRIBUTING.md", "docs/experiments.md", "docs/performance.md", "docs/deploying.md"])
 def test_relative_links_resolve(doc):
     path = ROOT / doc
     text = path.read_text(encoding="utf-8")
@@ -192,6 +192,17 @@ def test_relative_links_resolve(doc):
             continue
         file = target.split("#", 1)[0]
         assert (path.parent / file).exists(), f"{doc}: link to {target} leads nowhere"
+
+
+def test_readme_stays_short_and_says_how_to_run_the_tests():
+    """A page for users (issue 22): at most 1,650 words (as `wc -w` counts them); detail lives in docs/ and
+    CONTRIBUTING.md. It still tells a developer the quick tier's and the full suite's commands."""
+    readme = README.read_text(encoding="utf-8")
+    assert len(readme.split()) <= 1650, f"README.md has {len(readme.split())} words: move detail to docs/"
+    commands = [c for _, _, code in BASH_BLOCKS for c in code.splitlines()]
+    assert any('.venv/bin/python -m pytest -m "not slow"' in c for c in commands), "the quick tier's command"
+    assert any(c.startswith("bash scripts/test.sh") for c in commands), "the full suite's command"
+    assert "CONTRIBUTING.md" in readme
 
 
 def test_experiment_log_is_linked_and_kept():
