@@ -84,6 +84,7 @@ def blocks_marked(marker):
 BRANCH = re.compile(r"^print\((caption\(.*prefix=(\[.*\])\))\)[ \t]*(#.*)?$", re.M)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,code", blocks_marked(None))
 def test_python_block_runs(line, code):
     # A branch example (print(caption(..., prefix=[...]))) must print a caption that starts with the forced words:
@@ -104,6 +105,7 @@ def test_readme_has_a_branch_example():
     assert any(BRANCH.search(code) for _, marker, code in BLOCKS if marker is None), "the README's branch example is gone"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,code", blocks_marked("needs-server"))
 def test_api_block_runs_against_the_app(line, code):
     from tiny import start_app

@@ -252,6 +252,7 @@ def test_requirements_txt_holds_what_the_app_imports_and_nothing_for_training():
     assert not missing, f"imported by the app but not in requirements.txt: {missing}"
 
 
+@pytest.mark.slow
 def test_training_and_dev_requirements_cover_their_imports():
     runtime, train, dev = pins("requirements.txt"), pins("requirements-train.txt"), pins("requirements-dev.txt")
     assert "-r requirements.txt" in (ROOT / "requirements-train.txt").read_text().splitlines()

@@ -293,6 +293,7 @@ def _wait_for(pred, timeout=120):
     return False
 
 
+@pytest.mark.slow
 def test_kill_9_loses_at_most_an_epoch_and_resume_finishes(tmp_path):
     data = write_dataset(tmp_path / "data", n_train=12)
     out = tmp_path / "run"
@@ -316,6 +317,7 @@ def test_kill_9_loses_at_most_an_epoch_and_resume_finishes(tmp_path):
     assert epochs[-1] == target and sorted(set(epochs)) == list(range(1, target + 1))
 
 
+@pytest.mark.slow
 def test_sigint_saves_mid_epoch_and_resumes(tmp_path):
     data = write_dataset(tmp_path / "data", n_train=40)
     out = tmp_path / "run"
@@ -398,6 +400,7 @@ def test_training_with_augmented_views(tmp_path):
     assert read_metrics(out)[0]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "run"
