@@ -284,6 +284,30 @@ def test_training_is_reproducible(tmp_path):
     assert losses[0] == losses[1]
 
 
+def test_a_run_in_this_process_leaves_it_as_it_found_it(tmp_path):
+    """run_here puts back what a training run changes for the whole process (--threads, the seeds), so the tests after
+    it run as they would have."""
+    import random
+
+    data = write_dataset(tmp_path / "data", n_train=4, n_dev=1)
+    threads, env, cwd = torch.get_num_threads(), dict(os.environ), os.getcwd()
+    other = 2 if threads == 1 else 1  # a --threads the run really changes
+
+    def seed_all():
+        random.seed(5)
+        np.random.seed(5)
+        torch.manual_seed(5)
+
+    seed_all()
+    expected = random.random(), np.random.rand(), torch.rand(1)
+    seed_all()
+    r = run_train(tiny_args(data, tmp_path / "run", epochs=1, threads=other, **{"eval-beam": 0}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_metrics(tmp_path / "run")[0]["threads"] == other  # the run did change them
+    assert torch.get_num_threads() == threads and dict(os.environ) == env and os.getcwd() == cwd
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
 def _wait_for(pred, timeout=120):
     end = time.time() + timeout
     while time.time() < end:
