@@ -133,6 +133,7 @@ def repository_files() -> list[str]:
     return sorted(p for p in out.split("\0") if p and (ROOT / p).is_file())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,code", blocks_marked("fake-hub"))
 def test_deploy_block_uploads_the_app_to_a_fake_hub(line, code, tmp_path):
     from hubserver import FakeHub
