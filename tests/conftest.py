@@ -15,6 +15,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
 
 
+# One torch thread for the tests run in this process: their models are tiny, and with two threads every op waits for
+# both, which on a busy 2-core machine made some tests ten times slower (the quick tier, -m "not slow", from well
+# under 2 minutes to over 6). Subprocesses the tests start (the CLI, app.py, training runs) keep their own settings.
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    torch = sys.modules.get("torch")  # imported by the test modules; a run that never imported it needs nothing
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # A tiny model trained to give each of a few distinct photos its own caption (tiny.distinct_model), for every test of
 # order, batching or isolation; one per decoder, trained once per session (about a second each).
 @pytest.fixture(scope="session")

@@ -177,6 +177,7 @@ def distinct_server(distinct):
         yield url
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_users_all_get_their_caption(distinct_server, distinct, distinct_dir):
     """Each of 16 concurrent users uploads one of six photos whose captions all differ: a caption crossed between
     sessions, or a batch that shuffles, fails."""
@@ -201,6 +202,7 @@ def test_sixteen_concurrent_users_all_get_their_caption(distinct_server, distinc
 # ---------------------------------------------------------------- app.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/folder"], "model folder '/no/such/folder' does not exist"),
     (["--model", str(ROOT / "examples")], "missing config.json, model.safetensors, vocab.json"),
@@ -214,6 +216,7 @@ def test_app_with_a_bad_model_exits_with_one_clear_line(args, message):
     assert "Traceback" not in r.stderr + r.stdout
 
 
+@pytest.mark.slow
 def test_app_py_serves_the_model_it_is_given(model_dir, distinct, distinct_dir):
     """--model wins over $CAPTIONER_MODEL (which names another model here); the port comes from $GRADIO_SERVER_PORT;
     --threads sets torch's threads. Each photo gets the given model's own caption."""

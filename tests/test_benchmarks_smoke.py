@@ -20,13 +20,20 @@ def bench(tmp_path_factory):
     import io
     from contextlib import redirect_stdout
 
+    import torch
+
     buf = io.StringIO()
-    with redirect_stdout(buf):
-        rc = run.main(["--quick", "--model", str(model_dir), "--threads", "1", "--json", str(out), "--peer-scale", "tiny",
-                       "--sections", "latency,batch,peers,app,train,decoders"])
+    threads = torch.get_num_threads()
+    try:
+        with redirect_stdout(buf):
+            rc = run.main(["--quick", "--model", str(model_dir), "--threads", "1", "--json", str(out), "--peer-scale", "tiny",
+                           "--sections", "latency,batch,peers,app,train,decoders"])
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 set it for this whole process: the tests after this one keep theirs
     return rc, buf.getvalue(), json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_runs_and_prints_tables(bench):
     rc, text, _ = bench
     assert rc == 0
@@ -39,6 +46,7 @@ def test_runs_and_prints_tables(bench):
     assert "| target | goal |" in text
 
 
+@pytest.mark.slow
 def test_json_structure(bench):
     _, _, res = bench
     m = res["machine"]

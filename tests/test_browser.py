@@ -27,6 +27,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 TIMEOUT = 90_000  # ms: a shared 2-core machine can be slow to start a browser and render Gradio
 
 pytestmark = [
+    pytest.mark.slow,  # a browser and a served app: out of the quick tier (-m "not slow")
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: apt-get install -y chromium"),
     pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),  # gradio 6.31's queue statistics, not the app
 ]

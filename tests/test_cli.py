@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import ROOT
@@ -19,6 +20,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_folder_json_steps_and_bad_files(tmp_path):
     from captioner.decode import caption
 
@@ -50,6 +52,7 @@ def test_cli_folder_json_steps_and_bad_files(tmp_path):
     assert r.returncode == 0 and r.stdout.strip().endswith(caption(model, imgs / "p0.png", strategy="greedy"))
 
 
+@pytest.mark.slow
 def test_cli_bad_model_and_settings(tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "p.png")
     r = run_cli(tmp_path, "--model", tmp_path / "missing")
@@ -78,6 +81,7 @@ def test_cli_usage_errors_and_an_unknown_backbone_exit_2(tmp_path, capsys):
     assert not out and err.startswith("error: ") and "Unknown model (no_such_backbone)" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_empty_folder_order_and_help(tmp_path):
     model = tiny_model(2, max_len=6)
     model.save_pretrained(tmp_path / "model")

@@ -25,6 +25,7 @@ def test_default_model_is_small_and_documented(model):
     assert model.config.resize == "squash"  # trained on pre-squashed 224x224 Flickr8k: same squash at inference
 
 
+@pytest.mark.slow
 @needs_data
 def test_dev_captions_differ_and_none_is_cut_off(model):
     """Collapse to one generic caption is the classic failure: most dev images must get their own caption. And no
@@ -46,6 +47,7 @@ def test_dev_captions_differ_and_none_is_cut_off(model):
         assert not cut, f"{strategy}: {len(cut)} of 200 dev captions end mid-phrase, e.g. {cut[:3]}"
 
 
+@pytest.mark.slow
 @needs_data
 def test_batches_keep_each_dev_photo_with_its_own_caption(model):
     """The bundled model on real dev photos: caption_batch equals caption() photo by photo, in order, with batches
@@ -87,6 +89,7 @@ SUBJECTS = {  # a subject, and the words that name it
 }
 
 
+@pytest.mark.slow
 @needs_data
 def test_real_photos_of_a_subject_get_it_named(model):
     """Photos chosen by a rule, not by hand: every dev image all of whose 5 reference captions name the subject.

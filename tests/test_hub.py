@@ -160,10 +160,12 @@ def _load_error(result: dict) -> str:
 # ------------------------------------------------------------------ download
 
 
+@pytest.mark.slow
 def test_client_needed_nothing_the_fake_lacks(world):
     assert not world["hub"].unsupported, f"the client used endpoints the fake Hub lacks: {world['hub'].unsupported}"
 
 
+@pytest.mark.slow
 def test_download_gives_identical_model(world):
     assert _loaded(world["online"]["tiny"]) == summary(world["models"][0])
     hub = world["hub"]
@@ -180,12 +182,14 @@ def test_download_gives_identical_model(world):
     assert (snapshot / "model.safetensors").resolve().name == sha256
 
 
+@pytest.mark.slow
 def test_offline_loads_from_cache(world):
     assert _loaded(world["offline"]["tiny"]) == summary(world["models"][0])
     assert _loaded(world["offline"]["v_first"]) == summary(world["models"][1])
     assert world["offline_requests"] == [], "HF_HUB_OFFLINE=1 must not touch the network"
 
 
+@pytest.mark.slow
 def test_pinned_revision_gets_that_version(world):
     assert _loaded(world["online"]["v_first"]) == summary(world["models"][1])
     assert _loaded(world["online"]["v_main"]) == summary(world["models"][2])
@@ -193,24 +197,28 @@ def test_pinned_revision_gets_that_version(world):
     assert summary(world["models"][1]) != summary(world["models"][2])
 
 
+@pytest.mark.slow
 def test_unknown_revision_is_a_clear_error(world):
     message = _load_error(world["online"]["v_nope"])
     assert "no-such-branch" in message and "revision" in message
     assert world["online"]["v_nope"]["seconds"] < QUICK
 
 
+@pytest.mark.slow
 def test_missing_repo_is_a_quick_not_found(world):
     message = _load_error(world["online"]["missing"])
     assert "not found" in message and "user/missing" in message
     assert world["online"]["missing"]["seconds"] < QUICK
 
 
+@pytest.mark.slow
 def test_offline_without_cache_is_a_quick_error(world):
     message = _load_error(world["offline"]["uncached"])
     assert "cache" in message
     assert world["offline"]["uncached"]["seconds"] < QUICK
 
 
+@pytest.mark.slow
 def test_hub_down_falls_back_to_cache(world):
     assert _loaded(world["down"]["tiny"]) == summary(world["models"][0])
     message = _load_error(world["down"]["uncached"])
@@ -221,6 +229,7 @@ def test_hub_down_falls_back_to_cache(world):
 # ------------------------------------------------------------------ publishing
 
 
+@pytest.mark.slow
 def test_push_to_hub_round_trip(world):
     push = world["online"]["push"]
     assert push["ok"], push
@@ -231,6 +240,7 @@ def test_push_to_hub_round_trip(world):
     assert _loaded(world["online"]["pushed"]) == summary(world["models"][3])
 
 
+@pytest.mark.slow
 def test_push_cli_round_trip(world):
     cli, hub = world["cli"], world["hub"]
     assert cli.returncode == 0, cli.stderr

@@ -196,6 +196,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_cli_shows_what_the_cnn_sees(tmp_path):
     from captioner.decode import caption
 
@@ -223,6 +224,7 @@ def test_cli_shows_what_the_cnn_sees(tmp_path):
     assert rec["constraint"]["words"] == [] and "not in this model's vocabulary" in rec["constraint"]["text"]
 
 
+@pytest.mark.slow
 def test_cli_steps_attention_is_null_for_show_tell(tmp_path):
     m = tiny_model(7, max_len=4)
     m.save_pretrained(tmp_path / "m")

@@ -104,6 +104,7 @@ def test_optimize_for_inference_matches_plain_path():
         torch.testing.assert_close(model.encoder.backbone_features(x), plain, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_default_model_loads_and_captions_without_timm_or_torchvision():
     from captioner import load
 

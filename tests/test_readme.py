@@ -84,6 +84,7 @@ def blocks_marked(marker):
 BRANCH = re.compile(r"^print\((caption\(.*prefix=(\[.*\])\))\)[ \t]*(#.*)?$", re.M)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,code", blocks_marked(None))
 def test_python_block_runs(line, code):
     # A branch example (print(caption(..., prefix=[...]))) must print a caption that starts with the forced words:
@@ -104,6 +105,7 @@ def test_readme_has_a_branch_example():
     assert any(BRANCH.search(code) for _, marker, code in BLOCKS if marker is None), "the README's branch example is gone"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,code", blocks_marked("needs-server"))
 def test_api_block_runs_against_the_app(line, code):
     from tiny import start_app
@@ -131,6 +133,7 @@ def repository_files() -> list[str]:
     return sorted(p for p in out.split("\0") if p and (ROOT / p).is_file())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,code", blocks_marked("fake-hub"))
 def test_deploy_block_uploads_the_app_to_a_fake_hub(line, code, tmp_path):
     from hubserver import FakeHub
@@ -183,7 +186,7 @@ def test_push_command_matches_its_parser():
         assert parsed.model == "captioner/default_model" and parsed.repo == "USER/NAME"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/experiments.md"])
+@pytest.mark.parametrize("doc", ["README.md", "CONTRIBUTING.md", "docs/experiments.md", "docs/performance.md", "docs/deploying.md"])
 def test_relative_links_resolve(doc):
     path = ROOT / doc
     text = path.read_text(encoding="utf-8")
@@ -192,6 +195,17 @@ def test_relative_links_resolve(doc):
             continue
         file = target.split("#", 1)[0]
         assert (path.parent / file).exists(), f"{doc}: link to {target} leads nowhere"
+
+
+def test_readme_stays_short_and_says_how_to_run_the_tests():
+    """A page for users (issue 22): at most 1,650 words (as `wc -w` counts them); detail lives in docs/ and
+    CONTRIBUTING.md. It still tells a developer the quick tier's and the full suite's commands."""
+    readme = README.read_text(encoding="utf-8")
+    assert len(readme.split()) <= 1650, f"README.md has {len(readme.split())} words: move detail to docs/"
+    commands = [c for _, _, code in BASH_BLOCKS for c in code.splitlines()]
+    assert any('.venv/bin/python -m pytest -m "not slow"' in c for c in commands), "the quick tier's command"
+    assert any(c.startswith("bash scripts/test.sh") for c in commands), "the full suite's command"
+    assert "CONTRIBUTING.md" in readme
 
 
 def test_experiment_log_is_linked_and_kept():

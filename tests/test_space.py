@@ -252,6 +252,7 @@ def test_requirements_txt_holds_what_the_app_imports_and_nothing_for_training():
     assert not missing, f"imported by the app but not in requirements.txt: {missing}"
 
 
+@pytest.mark.slow
 def test_training_and_dev_requirements_cover_their_imports():
     runtime, train, dev = pins("requirements.txt"), pins("requirements-train.txt"), pins("requirements-dev.txt")
     assert "-r requirements.txt" in (ROOT / "requirements-train.txt").read_text().splitlines()
@@ -400,3 +401,38 @@ def test_a_test_run_that_writes_into_the_clone_fails(tmp_path, where, code):
     if code:
         assert "The test run changed the working tree" in r.stdout
         assert {"repo": "?? out.txt", "tracked": "M tracked.txt"}[where] in r.stdout
+
+
+# --- tests/conftest.py: in CI a skip fails the run, the quick tier only deselects --------------------------------------
+
+def test_a_skip_fails_in_ci_unless_marked_may_skip_and_the_quick_tier_deselects(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "conftest.py", repo / "tests" / "conftest.py")
+    shutil.copy(ROOT / "pytest.ini", repo / "pytest.ini")  # the markers, testpaths
+    (repo / "tests" / "test_skips.py").write_text(
+        "import pytest\n\n"
+        "def test_runs():\n    pass\n\n"
+        "def test_skips():\n    pytest.skip('chromium is missing')\n\n"  # in the test, as importorskip does
+        "@pytest.mark.may_skip\n@pytest.mark.skip(reason='another OS')\ndef test_may_skip():\n    pass\n\n"
+        "@pytest.mark.slow\n@pytest.mark.skipif(True, reason='Flickr8k not found')\ndef test_slow_skips():\n    pass\n")
+
+    def run(ci: str | None, *args):
+        env = {k: v for k, v in os.environ.items() if k != "CI"}
+        if ci is not None:
+            env["CI"] = ci
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+                               str(tmp_path / "base"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+    # the full suite in CI: both plain skips fail (one in its call, one at setup, which pytest counts as an error);
+    # the may_skip one stays a skip
+    r = run("true")
+    assert r.returncode == 1 and "1 failed, 1 passed, 1 skipped, 1 error" in r.stdout, r.stdout + r.stderr
+    assert "skipped in CI (CI=true), where every test must run: Skipped: chromium is missing" in r.stdout
+    assert "FAILED tests/test_skips.py::test_skips" in r.stdout and "ERROR tests/test_skips.py::test_slow_skips" in r.stdout
+    # the quick tier in CI: the slow test is deselected, not skipped, so it fails nothing; the other skip still fails
+    r = run("true", "-m", "not slow")
+    assert r.returncode == 1 and "1 failed, 1 passed, 1 skipped, 1 deselected" in r.stdout, r.stdout + r.stderr
+    assert "Flickr8k" not in r.stdout
+    r = run(None)  # outside CI a skip is a skip
+    assert r.returncode == 0 and "1 passed, 3 skipped" in r.stdout, r.stdout + r.stderr

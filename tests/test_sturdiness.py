@@ -164,6 +164,7 @@ def test_exif_orientation_is_applied(corpus):
         assert (w, h) == ((40, 24) if o == 3 else (24, 40)), (o, w, h)
 
 
+@pytest.mark.slow
 def test_cli_over_the_whole_corpus(corpus, model, model_dir):
     folder = next(iter(corpus.values()))[0].parent
     r = subprocess.run([sys.executable, "-m", "captioner", str(folder), "--json", "--model", str(model_dir)], cwd=ROOT,
@@ -186,6 +187,7 @@ def test_cli_over_the_whole_corpus(corpus, model, model_dir):
             assert rec["image"] == str(path) and 10 < len(rec["error"]) < 300, (kind, rec)
 
 
+@pytest.mark.slow
 def test_cli_without_json_names_each_bad_file_on_stderr(corpus, model_dir):
     bad = [str(p) for p, err in corpus.values() if err is not None]
     good = [str(p) for p, err in corpus.values() if err is None][:2]
@@ -199,6 +201,7 @@ def test_cli_without_json_names_each_bad_file_on_stderr(corpus, model_dir):
     assert [line.split("\t")[0] for line in r.stdout.strip().splitlines()] == good
 
 
+@pytest.mark.slow
 def test_served_app_over_the_whole_corpus(server, distinct, distinct_dir, corpus):
     model, _ = distinct
     client = Client(server, verbose=False)
@@ -241,6 +244,7 @@ def app_process(distinct_dir):
     assert "Traceback" not in out, out
 
 
+@pytest.mark.slow
 def test_32_clients_10_captions_each(app_process, distinct, distinct_dir):
     proc, url = app_process
     model, _ = distinct

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -63,8 +64,61 @@ def env():
     return e
 
 
-def run_train(argv, **kw):
+def run_train_process(argv, **kw):
+    """`python -m train.train ARGV --no-progress` in a fresh interpreter: for the runs that are signalled or resumed
+    after a kill, and for torchrun."""
     return subprocess.run([sys.executable, "-m", "train.train", *argv, "--no-progress"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, **kw)
+
+
+class Ran(NamedTuple):
+    """What a command-line entry point did when called in this process, as subprocess.run reports it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_here(module: str, argv: list[str]) -> Ran:
+    """`python -m MODULE ARGV` (train.train, train.export, train.evaluate, train.sweep) called in this process: its
+    main(argv), without an interpreter and torch to start. Its exit status and output come back as from a subprocess
+    (argparse's SystemExit included; any other exception propagates, traceback and all). What a run changes for the
+    whole process is put back afterwards, so no other test sees it: torch's thread count (--threads), the random
+    states of random, numpy and torch (the trainer seeds them), environment variables, the working directory and the
+    SIGINT handler."""
+    import contextlib
+    import importlib
+    import io
+    import random
+
+    main = importlib.import_module(module).main
+    out, err = io.StringIO(), io.StringIO()
+    threads, cwd, environ = torch.get_num_threads(), os.getcwd(), dict(os.environ)
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's usage errors (2), --help (0)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        os.chdir(cwd)
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        signal.signal(signal.SIGINT, sigint)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def run_train(argv) -> Ran:
+    """`python -m train.train ARGV --no-progress`, in this process (run_here)."""
+    return run_here("train.train", [*argv, "--no-progress"])
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -90,16 +144,14 @@ def test_train_evaluate_export_and_scst(tmp_path):
     assert "cyclist" in best.vocab.stoi and "today" in best.vocab.stoi
     assert json.loads((out / "best" / "config.json").read_text())["extra"]["trained_epochs"] >= 1
     # export: Hub folder + model card with the metrics, the data's terms and citation
-    ex = subprocess.run([sys.executable, "-m", "train.export", "--run", str(out), "--out", str(tmp_path / "export")],
-                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    ex = run_here("train.export", ["--run", str(out), "--out", str(tmp_path / "export")])
     assert ex.returncode == 0, ex.stderr
     card = (tmp_path / "export" / "README.md").read_text()
     assert "Hodosh" in card and "| greedy |" in card and "| beam 2 |" in card and "research" in card
     assert "`test_efficientnet` (timm), randomly initialised (no ImageNet weights)" in card  # the run's own backbone, --no-pretrained
     assert load(tmp_path / "export").vocab == best.vocab
     # evaluate CLI scores any saved model on any split
-    ev = subprocess.run([sys.executable, "-m", "train.evaluate", "--model", str(out / "best"), "--data", str(data), "--split", "dev", "--json"],
-                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    ev = run_here("train.evaluate", ["--model", str(out / "best"), "--data", str(data), "--split", "dev", "--json"])
     assert ev.returncode == 0, ev.stderr
     scored = json.loads(ev.stdout.strip().splitlines()[-1])
     # the same scores as the run's own final_metrics.json (greedy, best model, dev split) and as train.evaluate's
@@ -137,8 +189,7 @@ def test_scst_from_a_saved_model_keeps_its_vocabulary_and_sizes(tmp_path):
     changed = [k for k, v in best.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert any(k.startswith("decoder.") for k in changed) and not any(k.startswith("encoder.backbone") for k in changed)
     # the model card follows the chain: the teacher-forcing run, then the self-critical run started from its best
-    ex = subprocess.run([sys.executable, "-m", "train.export", "--run", str(out), "--out", str(tmp_path / "export")],
-                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    ex = run_here("train.export", ["--run", str(out), "--out", str(tmp_path / "export")])
     assert ex.returncode == 0, ex.stderr
     card = (tmp_path / "export" / "README.md").read_text()
     assert "- Run 1: 1 epochs of teacher forcing" in card and "- Run 2: 1 epochs of self-critical" in card, card
@@ -233,6 +284,30 @@ def test_training_is_reproducible(tmp_path):
     assert losses[0] == losses[1]
 
 
+def test_a_run_in_this_process_leaves_it_as_it_found_it(tmp_path):
+    """run_here puts back what a training run changes for the whole process (--threads, the seeds), so the tests after
+    it run as they would have."""
+    import random
+
+    data = write_dataset(tmp_path / "data", n_train=4, n_dev=1)
+    threads, env, cwd = torch.get_num_threads(), dict(os.environ), os.getcwd()
+    other = 2 if threads == 1 else 1  # a --threads the run really changes
+
+    def seed_all():
+        random.seed(5)
+        np.random.seed(5)
+        torch.manual_seed(5)
+
+    seed_all()
+    expected = random.random(), np.random.rand(), torch.rand(1)
+    seed_all()
+    r = run_train(tiny_args(data, tmp_path / "run", epochs=1, threads=other, **{"eval-beam": 0}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_metrics(tmp_path / "run")[0]["threads"] == other  # the run did change them
+    assert torch.get_num_threads() == threads and dict(os.environ) == env and os.getcwd() == cwd
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
 def _wait_for(pred, timeout=120):
     end = time.time() + timeout
     while time.time() < end:
@@ -242,6 +317,7 @@ def _wait_for(pred, timeout=120):
     return False
 
 
+@pytest.mark.slow
 def test_kill_9_loses_at_most_an_epoch_and_resume_finishes(tmp_path):
     data = write_dataset(tmp_path / "data", n_train=12)
     out = tmp_path / "run"
@@ -259,12 +335,13 @@ def test_kill_9_loses_at_most_an_epoch_and_resume_finishes(tmp_path):
     state = json.loads((out / "checkpoint" / "trainer.json").read_text())
     assert state["epoch"] >= done - 1  # at most the current epoch is lost
     target = state["epoch"] + 2
-    r = run_train(["--out", str(out), "--resume", "--epochs", str(target)])  # otherwise the checkpoint's own settings
+    r = run_train_process(["--out", str(out), "--resume", "--epochs", str(target)])  # otherwise the checkpoint's own settings
     assert r.returncode == 0, r.stderr[-2000:]
     epochs = [h["epoch"] for h in read_metrics(out)]
     assert epochs[-1] == target and sorted(set(epochs)) == list(range(1, target + 1))
 
 
+@pytest.mark.slow
 def test_sigint_saves_mid_epoch_and_resumes(tmp_path):
     data = write_dataset(tmp_path / "data", n_train=40)
     out = tmp_path / "run"
@@ -294,7 +371,7 @@ def test_sigint_saves_mid_epoch_and_resumes(tmp_path):
     part = state["partial"]  # the interrupted epoch's time and running loss so far
     assert part["seconds"] > 0 and part["seen"] == state["step_in_epoch"] and part["running"] > 0
     target = state["epoch"] + 1  # finish the interrupted epoch
-    r = run_train(["--out", str(out), "--resume", "--epochs", str(target)])
+    r = run_train_process(["--out", str(out), "--resume", "--epochs", str(target)])
     assert r.returncode == 0, r.stderr[-2000:]
     last = read_metrics(out)[-1]
     assert last["epoch"] == target and last["seconds"] >= round(part["seconds"], 1)  # both parts of the epoch count
@@ -347,6 +424,7 @@ def test_training_with_augmented_views(tmp_path):
     assert read_metrics(out)[0]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "run"
@@ -378,9 +456,8 @@ def test_sweep_runs_each_combination_once_and_tabulates_them(tmp_path):
     common = tiny_args(data, tmp_path / "unused", epochs=1, **{"eval-beam": 0, "no-progress": True})
     i = common.index("--out")
     del common[i : i + 2]  # the sweep names each run's folder
-    cmd = [sys.executable, "-m", "train.sweep", "--out", str(out), "--grid", "dropout=0.1,0.3", "--grid", "label-smoothing=0",
-           "--", *common]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    cmd = ["--out", str(out), "--grid", "dropout=0.1,0.3", "--grid", "label-smoothing=0", "--", *common]
+    r = run_here("train.sweep", cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p.name for p in out.iterdir())
     assert runs == ["dropout=0.1,label_smoothing=0", "dropout=0.3,label_smoothing=0"]
@@ -392,11 +469,10 @@ def test_sweep_runs_each_combination_once_and_tabulates_them(tmp_path):
     assert table[0].startswith("| run | dropout |") and "label_smoothing" not in table[0]  # only what differs
     assert len(table) == 4 and all("1 of 1" in row for row in table[2:])
     before = {run: (out / run / "metrics.jsonl").read_text() for run in runs}
-    again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    again = run_here("train.sweep", cmd)
     assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 2
     assert {run: (out / run / "metrics.jsonl").read_text() for run in runs} == before
-    bad = subprocess.run([sys.executable, "-m", "train.sweep", "--out", str(out), "--grid", "dropuot=0.1"], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=60)
+    bad = run_here("train.sweep", ["--out", str(out), "--grid", "dropuot=0.1"])
     assert bad.returncode == 2 and "'dropuot' is not a training setting" in bad.stderr
     from train.sweep import combinations, parse_grid, run_name
 
@@ -482,8 +558,7 @@ def test_tune_top_stages_trains_only_the_last_stages_on_cached_maps(tmp_path):
     # what training computes from the maps is what the saved model computes from the images
     torch.testing.assert_close(pooled_features(a, maps, 1, torch.device("cpu")),
                                extract_features(a, images, tmp_path / "fresh", progress=False), rtol=1e-4, atol=1e-4)
-    ex = subprocess.run([sys.executable, "-m", "train.export", "--run", str(tuned), "--out", str(tmp_path / "export")],
-                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    ex = run_here("train.export", ["--run", str(tuned), "--out", str(tmp_path / "export")])
     assert ex.returncode == 0, ex.stderr
     card = (tmp_path / "export" / "README.md").read_text()
     assert "except its last 1 stage(s) and head conv" in card and "at 1.0 x the lr" in card
@@ -580,8 +655,7 @@ def test_attend_decoder_trains_through_the_same_loop(tmp_path):
     assert set(json.loads((out / "final_metrics.json").read_text())) == {"greedy", "beam 2"}
     best = load(out / "best")
     assert best.config.decoder == "attend" and best.config.attention_size == 8
-    ex = subprocess.run([sys.executable, "-m", "train.export", "--run", str(out), "--out", str(tmp_path / "export")],
-                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    ex = run_here("train.export", ["--run", str(out), "--out", str(tmp_path / "export")])
     assert ex.returncode == 0, ex.stderr
     card = (tmp_path / "export" / "README.md").read_text()
     assert "soft attention (Show, Attend and Tell" in card and "no attention" not in card
