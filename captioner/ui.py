@@ -75,43 +75,40 @@ PHONE = "640px"  # at this width and below the two columns stack: the caption co
 CSS = """
 #title { margin-bottom: 0; }
 #caption textarea { font-size: 1.35rem !important; line-height: 1.5 !important; font-weight: 500; }
+#status { border-left: 4px solid #f59e0b; padding-left: 0.6rem; }
 #step-heading { margin-bottom: -0.5rem; }
 #cnn-labels { margin-top: -0.4rem; }
 #training-note { font-size: 0.85rem; opacity: 0.8; margin-top: -0.6rem; }
 #inspector { margin-top: 1.2rem; }
-#step-nav { align-items: center; }
+#step-nav { align-items: center; flex-wrap: nowrap; }
 #step-nav button { max-width: 7rem; }
 #history th, #history th * { white-space: nowrap !important; }  /* "p(<EOS>)", not "p(<EOS>" over ")" */
+#heatmap label[data-testid=block-label] { max-width: calc(100% - 3rem); }  /* wraps clear of the fullscreen button */
+#branch label.selected, .dark #branch label.selected { background: #4338ca; color: #fff; }  /* 8:1, not 4.5:1 */
 @media (max-width: %(phone)s) {
   /* Phones: one column, in the order a phone user needs: the photo, the Caption button, then the caption
-     itself (so it streams in view right after an upload), this step's words and the history; the examples,
-     the settings and the model line after them. The photo box is shorter, so the caption stays on screen. */
+     itself (so it streams in view right after an upload), what belongs to it (status, labels, this step's words,
+     the history); the examples, the settings and the model line after them. The photo box is shorter, so the
+     caption stays on screen. */
   #main-row > .column { display: contents; }
   #main-row > .column > * { flex: 1 1 100%; min-width: 100%; }
-  #photo { order: 1; }
-  #caption-btn { order: 2; }
-  #main-row .form:has(#caption), #caption { order: 3; }
-  #cnn-labels { order: 4; }
-  #training-note { order: 5; }
-  #step-heading { order: 6; }
-  #current-step { order: 7; }
-  #history { order: 8; }
-  #download-decoding { order: 9; }
-  #examples { order: 10; }
-  #settings { order: 11; }
-  #model-info { order: 12; }
+  #main-row > .column:last-child > * { order: 1; }
+  #examples, #settings, #model-info { order: 2; }
   #photo, #photo .image-container { height: 230px !important; max-height: 230px !important; }
   #photo .upload-container { height: 190px !important; }
   #photo img { max-height: 190px; object-fit: contain; }
   #caption textarea { font-size: 1.15rem !important; }
   /* The history table keeps its columns' widths in px (whole words and numbers, never "wor d" or "62 .4 %")
-     and scrolls sideways to the alternatives. */
+     and scrolls sideways to the alternatives, which its label says. */
+  #history .label p::after { content: " · scroll sideways for the alternatives →"; font-weight: normal; }
+  /* Several photos: a narrower font, so a file name (and a word of an error) fits its column whole. */
+  #files-table .cell-wrap span { font-family: var(--font); font-size: 0.8rem; }
 }
 """.replace("%(phone)s", PHONE)
 
 # Run once in the page: accessible names for the example thumbnails and the photo (Gradio leaves alt=""), "<1%"
 # for probabilities that gr.Label would round to "0%" (every word it shows has p > 0), and on a phone a tapped
-# example scrolls the page back to the photo, so the caption streams in view.
+# example scrolls the page back to the photo, and "Re-decode from here" to the caption, so the caption streams in view.
 JS = """
 (examples) => {
   const fix = () => {
@@ -132,10 +129,9 @@ JS = """
                                                     attributes: true, attributeFilter: ['src', 'alt']});
   fix();
   document.addEventListener('click', e => {
-    if (e.target.closest && e.target.closest('button.gallery-item') && window.matchMedia('(max-width: %(phone)s)').matches) {
-      const photo = document.querySelector('#photo');
-      if (photo) photo.scrollIntoView({block: 'start'});
-    }
+    if (!e.target.closest || !window.matchMedia('(max-width: %(phone)s)').matches) return;
+    const to = e.target.closest('button.gallery-item') ? '#photo' : e.target.closest('#redecode-btn') ? '#caption' : null;
+    if (to) document.querySelector(to)?.scrollIntoView({block: 'start'});
   }, true);
 }
 """.replace("%(phone)s", PHONE)
@@ -783,7 +779,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                 files = gr.File(label="Photos", file_count="multiple", file_types=["image"], type="filepath", elem_id="files")
                 files_btn = gr.Button("Caption all", variant="primary", elem_id="files-btn")
                 files_table = gr.Dataframe(value={"headers": FILES_HEADERS, "data": []}, label="Captions", interactive=False,
-                                           wrap=True, column_widths=["30%", "45%", "25%"], elem_id="files-table")
+                                           wrap=True, column_widths=["42%", "36%", "22%"], elem_id="files-table")
                 files_out = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="files-download")
 
         with gr.Row(visible=False):  # /branch's own inputs (API only)
