@@ -12,6 +12,7 @@ to the previous caption first, stream the new one, and end with the inspector at
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import functools
 import hashlib
@@ -138,13 +139,8 @@ JS = """
 
 
 # Download decoding (JSON): after the click's handler has written the file (into a hidden gr.File), save it.
-SAVE_JS = """(file) => {
-  if (!file || !file.url) return;
-  const a = Object.assign(document.createElement('a'), {href: file.url, download: file.orig_name || 'decoding.json'});
-  document.body.appendChild(a);
-  a.click();
-  a.remove();
-}"""
+SAVE_JS = """(file) => { if (file && file.url) Object.assign(document.createElement('a'),
+                                              {href: file.url, download: file.orig_name || 'decoding.json'}).click(); }"""
 
 
 def example_descriptions() -> dict[str, str]:
@@ -153,10 +149,7 @@ def example_descriptions() -> dict[str, str]:
         text = (EXAMPLES_DIR / "README.md").read_text(encoding="utf-8")
     except OSError:
         return {}
-    out = {}
-    for m in re.finditer(r"^\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", text, re.M):
-        out[m.group(1)] = m.group(2).replace("`", "")
-    return out
+    return {m[1]: m[2].replace("`", "") for m in re.finditer(r"^\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", text, re.M)}
 
 
 def launch_options() -> dict[str, Any]:
@@ -325,13 +318,10 @@ def write_download(name: str, text: str) -> str:
     """Write `text` to a fresh temporary folder as `name` (the name the browser saves it under); returns the path.
     Gradio copies returned files into its own cache, so these are pruned after DOWNLOAD_MAX_AGE."""
     DOWNLOADS.mkdir(parents=True, exist_ok=True)
-    now = time.time()
     for old in DOWNLOADS.iterdir():
-        try:
-            if now - old.stat().st_mtime > DOWNLOAD_MAX_AGE:
+        with contextlib.suppress(OSError):  # another request's pruning may remove it first
+            if time.time() - old.stat().st_mtime > DOWNLOAD_MAX_AGE:
                 shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
     path = Path(tempfile.mkdtemp(dir=DOWNLOADS)) / name
     path.write_text(text, encoding="utf-8")
     return str(path)
@@ -344,24 +334,22 @@ def write_download(name: str, text: str) -> str:
 def read_upload(image) -> tuple[bytes | Image.Image, str]:
     """What the image input hands a handler -> (the file's bytes, or a PIL image; the name messages call it).
 
-    The decoding events run with preprocess=False: Gradio passes the upload as its FileData dict, undecoded (plain
-    gr.Image would open it with PIL first, and a text file named .jpg would fail there with an unhelpful error), or
-    an API client's base64 data: URL. Paths and PIL images (direct calls, tests) work too. The file is read once,
-    here: its bytes are both hashed (the cache key) and decoded."""
-    name = ""
+    The decoding events run with preprocess=False: Gradio passes the upload undecoded, as its FileData dict (plain
+    gr.Image would open it with PIL first, and a text file named .jpg would fail there with an unhelpful error), or an
+    API client's base64 data: URL; paths and PIL images (direct calls, tests) work too. The file is read once, here:
+    its bytes are both hashed (the cache key) and decoded."""
+    name = None
     if isinstance(image, dict):
-        url = image.get("url") or ""
-        if url.startswith("data:"):
+        if (image.get("url") or "").startswith("data:"):
             try:
-                return base64.b64decode(url.split(",", 1)[1], validate=False), "image"
+                return base64.b64decode(image["url"].split(",", 1)[1]), "image"
             except (IndexError, ValueError):
                 raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
-        name, image = image.get("orig_name") or "", image.get("path")
+        name, image = image.get("orig_name"), image.get("path")
     if isinstance(image, (str, os.PathLike)):
         name = os.path.basename(name or image)  # the file the user chose, not Gradio's temporary path
         try:
-            with open(image, "rb") as f:
-                return f.read(), name
+            return Path(image).read_bytes(), name
         except OSError as e:
             raise PhotoError(f"{name}: cannot read the uploaded file ({e.strerror}); upload it again") from None
     return image, "image"
@@ -377,12 +365,8 @@ def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationCon
                 continue
             if name == "seed":
                 out[name] = None if int(value) < 0 else int(value)
-            elif GenerationConfig.kind(name) is int:
-                out[name] = int(round(float(value)))
-            elif GenerationConfig.kind(name) is float:
-                out[name] = float(value)
             else:
-                out[name] = value
+                out[name] = int(round(float(value))) if GenerationConfig.kind(name) is int else GenerationConfig.kind(name)(value)
         return GenerationConfig.make(replace(APP_DEFAULTS, max_len=default_max_len), **out)
     except (TypeError, ValueError) as e:
         raise gr.Error(f"bad decoding setting: {e}", title="Bad decoding setting", print_exception=False) from None
@@ -412,10 +396,7 @@ class Handlers:
             raise gr.Error("No image yet: drop a photo on the image box, upload or paste one, or pick an example.",
                            title="No image", print_exception=False)
         data, name = read_upload(image)
-        if isinstance(data, (bytes, bytearray)):
-            key = hashlib.sha256(data).hexdigest()
-        else:
-            key = "pil:" + hashlib.sha256(data.tobytes() + repr((data.size, data.mode)).encode()).hexdigest()
+        key = hashlib.sha256(data if isinstance(data, bytes) else data.tobytes() + repr((data.size, data.mode)).encode()).hexdigest()
         if cache and cache.key == key:
             return cache
         try:
@@ -437,7 +418,9 @@ class Handlers:
             raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
 
     def _decode(self, cache: ImageCache, settings: GenerationConfig, prefix: tuple[int, ...] = (), focus: int = 0) -> Iterator[Update]:
-        """One Update per Step of decode.stream, paced by word_delay; the last carries the finished Decoding."""
+        """One Update per Step of decode.stream, paced by word_delay; the last carries the finished Decoding. A branch
+        (`prefix`: the forced first words, `focus` the last of them) may run past max_len to keep its words."""
+        settings = replace(settings, max_len=max(settings.resolved_max_len(self.model.config.max_len), len(prefix)))
         rows: list[Step] = []
         last = 0.0
         for step in self._stream(cache, settings, prefix):
@@ -457,11 +440,6 @@ class Handlers:
         settings = self.settings(**controls)
         yield from self._decode(self.features(image, cache), settings)
 
-    def _branched(self, decoding: Decoding, t: int, token: int, settings: GenerationConfig, cache: ImageCache) -> Iterator[Update]:
-        prefix = (*decoding.tokens[:t], int(token))
-        settings = replace(settings, max_len=max(settings.resolved_max_len(self.model.config.max_len), len(prefix)))
-        yield from self._decode(cache, settings, prefix, t)
-
     def redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """Branch: force the inspected step's word to `choice` (a token id), keep the words before it, and
         decode the rest again from the cached image features."""
@@ -474,19 +452,17 @@ class Handlers:
         t = self._index(decoding, step_number)
         if int(choice) not in {a.token for a in decoding.steps[t].alternatives}:
             raise gr.Error(f"word id {choice} is not among step {t + 1}'s alternatives", print_exception=False)
-        yield from self._branched(decoding, t, int(choice), self.settings(**controls), cache)
+        yield from self._decode(cache, self.settings(**controls), (*decoding.tokens[:t], int(choice)), t)
 
     def word_id(self, word) -> int:
         """A word of the model's vocabulary (or its id, as a number or a string of digits) -> its token id."""
         vocab = self.model.vocab
         text = str(word).strip() if word is not None else ""
-        if re.fullmatch(r"\d+(\.0*)?", text):
+        if re.fullmatch(r"\d+(\.0*)?", text):  # a word id
             token = int(float(text))
             if not 0 <= token < len(vocab):
                 raise gr.Error(f"word id {token} is not in the model's vocabulary (ids 0 to {len(vocab) - 1})", print_exception=False)
-        elif text in vocab.stoi or text.lower() in vocab.stoi:
-            token = vocab.stoi.get(text, vocab.stoi.get(text.lower()))
-        else:
+        elif (token := vocab.stoi.get(text, vocab.stoi.get(text.lower()))) is None:
             raise gr.Error(f"{text!r} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
                            title="Unknown word", print_exception=False)
         if token in vocab.unsaid:
@@ -510,7 +486,7 @@ class Handlers:
         if not 1 <= n <= len(steps):
             raise gr.Error(f"step={n}: this caption has {len(steps)} words ({last.text!r}); give 1 to {len(steps)}",
                            print_exception=False)
-        yield from self._branched(Decoding(steps, last.stop, settings, (), 0, cache.key, cache.photo), n - 1, token, settings, cache)
+        yield from self._decode(cache, settings, (*last.tokens[: n - 1], token), n - 1)
 
     # --- the page: every decoding event updates the page's outputs by name (build_demo maps names to components) ---
 
@@ -611,26 +587,16 @@ class Handlers:
             heatmap_view(s, decoding.photo),
         )
 
-    def move(self, decoding: Decoding | None, step_number, delta: int) -> Inspector:
-        """Prev / Next."""
+    def select(self, decoding: Decoding | None, step_number, delta: int = 0) -> Inspector:
+        """The step slider moved (dragged, arrow keys, a typed number), or Prev / Next (`delta` -1 / +1): select that
+        step. After the slider moved it is left as the user has it (no update that could fight a drag in progress)
+        unless the number had to be clamped; a box being typed into (empty, not a number) changes nothing."""
         try:
-            n = float(step_number)
-        except (TypeError, ValueError):
-            n = 1
-        return self.inspect(decoding, n + delta)
-
-    def select(self, decoding: Decoding | None, step_number) -> Inspector:
-        """The step slider moved (dragged, arrow keys, a typed number): select that step. The slider itself is left
-        as the user has it (no update that could fight a drag in progress) unless the number had to be clamped;
-        a box being typed into (empty, not a number) changes nothing."""
-        try:
-            n = float(step_number)
+            n = float(step_number) + delta
         except (TypeError, ValueError):
             return Inspector(*[gr.skip()] * len(Inspector._fields))
         view = self.inspect(decoding, n)
-        if decoding and self._index(decoding, n) + 1 == n:
-            view = view._replace(slider=gr.skip())
-        return view
+        return view._replace(slider=gr.skip()) if decoding and not delta and self._index(decoding, n) + 1 == n else view
 
     # --- several photos at once ---
 
@@ -706,10 +672,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                                      "Webcam: take a photo, then press Caption", height=340, elem_id="photo")
                         caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                         paths = example_paths()
-                        examples = None
-                        if paths:
-                            examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public domain, CC0)",
-                                                   examples_per_page=8, cache_examples=False, elem_id="examples")
+                        examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public domain, CC0)",
+                                               examples_per_page=8, cache_examples=False, elem_id="examples") if paths else None
                         with gr.Accordion("Decoding settings", open=False, elem_id="settings"):
                             d = APP_DEFAULTS  # every default comes from the one settings object
                             strategy = gr.Radio(list(STRATEGIES), value=d.strategy, label="Strategy",
@@ -820,8 +784,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         outputs = list(page.values())
         auto = dict(fn=on_page(h.page_caption), inputs=[image, cache], outputs=outputs, trigger_mode="always_last",
                     show_progress_on=[caption], **common, **private)
-        caption_btn.click(**auto)
-        image.upload(**auto)
+        gr.on([caption_btn.click, image.upload], **auto)
         image.clear(lambda: {page[k]: v for k, v in h.cleared().items()}, None, outputs, queue=False, **private)
         if examples is not None:
             examples.load_input_event.then(**auto)
@@ -831,8 +794,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         # One selected step: "This step" follows the slider (mouse, arrow keys, a typed number) and Prev / Next.
         # .input fires on the user's changes only, never on the updates these handlers send, so nothing loops.
         step.input(h.select, [decode_state, step], inspector, trigger_mode="always_last", show_progress="hidden", **private)
-        prev_btn.click(lambda d, s: h.move(d, s, -1), [decode_state, step], inspector, show_progress="hidden", **private)
-        next_btn.click(lambda d, s: h.move(d, s, +1), [decode_state, step], inspector, show_progress="hidden", **private)
+        prev_btn.click(lambda d, s: h.select(d, s, -1), [decode_state, step], inspector, show_progress="hidden", **private)
+        next_btn.click(lambda d, s: h.select(d, s, +1), [decode_state, step], inspector, show_progress="hidden", **private)
         download.click(h.download, [decode_state], download_file, **private).then(None, [download_file], None, js=SAVE_JS, **private)
 
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)

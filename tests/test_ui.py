@@ -228,7 +228,7 @@ def test_inspector_step_view_equals_the_core_records(handlers, model, photo_path
     # Out of range steps are clamped; prev/next move by one.
     assert handlers.inspect(decoding, 99).slider.value == len(steps)
     assert handlers.inspect(decoding, -3).slider.value == 1
-    assert handlers.move(decoding, 2, +1).slider.value == 3 and handlers.move(decoding, 1, -1).slider.value == 1
+    assert handlers.select(decoding, 2, +1).slider.value == 3 and handlers.select(decoding, 1, -1).slider.value == 1
 
 
 def _step(t, word, text, prob):
@@ -317,7 +317,7 @@ def test_moving_the_inspector_moves_this_step_too(handlers, photo_path):
         assert view.slider == {"__type__": "update"}  # the slider is where the user put it: no update to fight a drag
     assert handlers.select(decoding, 99).slider.value == len(decoding.steps)  # a typed number beyond the end: clamped
     assert all(v == {"__type__": "update"} for v in handlers.select(decoding, ""))  # a box being typed into: no change
-    assert handlers.move(decoding, 2, +1).current == {a.word: a.prob for a in decoding.steps[2].alternatives}
+    assert handlers.select(decoding, 2, +1).current == {a.word: a.prob for a in decoding.steps[2].alternatives}
 
 
 def test_a_failed_upload_after_a_good_one_leaves_empty_outputs(handlers, photo_path, tmp_path):
@@ -686,11 +686,11 @@ def test_the_heatmap_follows_the_selected_step(attend_handlers, photo_path):
     assert hm["visible"] is True and hm["label"] == f"Where it looked for “{steps[0].word}”"
     assert np.array_equal(pixels(hm["value"]), pixels(attention_overlay(cache.photo, steps[0].attention)))
     # Next, the slider and the keyboard (select) move it: a step whose attention differs has another image.
-    nxt = attend_handlers.move(decoding, 1, +1).heatmap
+    nxt = attend_handlers.select(decoding, 1, +1).heatmap
     assert nxt["label"].startswith(f"Where it looked for “{steps[1].word}”")
     assert np.abs(pixels(nxt["value"]) - pixels(hm["value"])).max() > 20
     assert np.array_equal(pixels(attend_handlers.select(decoding, 2).heatmap["value"]), pixels(nxt["value"]))
-    assert np.array_equal(pixels(attend_handlers.move(decoding, 2, -1).heatmap["value"]), pixels(hm["value"]))
+    assert np.array_equal(pixels(attend_handlers.select(decoding, 2, -1).heatmap["value"]), pixels(hm["value"]))
     for n in range(1, len(steps) + 1):
         view = attend_handlers.inspect(decoding, n).heatmap
         assert np.array_equal(pixels(view["value"]), pixels(attention_overlay(cache.photo, steps[n - 1].attention)))
@@ -716,7 +716,7 @@ def test_no_heatmap_for_a_model_that_does_not_attend(handlers, model, photo_path
     page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
     assert page["decoding"].steps[0].attention is None and page["cache"].photo is None  # nothing kept that nobody draws
     assert page["heatmap"] == {"__type__": "update", "value": None, "visible": False}
-    assert handlers.move(page["decoding"], 1, +1).heatmap["visible"] is False
+    assert handlers.select(page["decoding"], 1, +1).heatmap["visible"] is False
     demo = build_demo(model, "tiny")
     (image,) = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "heatmap"]
     assert image["props"]["visible"] is False
