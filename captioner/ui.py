@@ -183,11 +183,9 @@ class ImageCache:
 
     key: str  # sha256 of the image's bytes (or pixels)
     features: ImageFeatures  # batch of 1
-    # What the CNN sees: the top ImageNet labels (name, probability), likeliest first, computed once with the
-    # features; None when the model has no ImageNet head.
+    # What the CNN sees: the top ImageNet labels (name, probability), likeliest first; None without an ImageNet head.
     labels: tuple[tuple[str, float], ...] | None = None
-    # The photo as the encoder saw it (preprocess.encoder_view), at most PHOTO_MAX_SIDE pixels a side: what the
-    # inspector draws a step's attention over. None for decoders without a grid to attend over.
+    # The photo as the encoder saw it, at most PHOTO_MAX_SIDE a side: the heatmaps' base (None: nothing attends).
     photo: Image.Image | None = None
 
 
@@ -491,17 +489,15 @@ class Handlers:
     # --- the page: every decoding event updates the page's outputs by name (build_demo maps names to components) ---
 
     def cleared(self) -> dict:
-        """The page with nothing from an earlier caption: empty caption, the CNN's labels, history, inspector; no
-        download, no message."""
+        """The page with nothing from an earlier caption: no caption, labels, history, inspector, download or message."""
         return dict(caption="", table=history_table([]), decoding=None, labels="", **self.inspect(None)._asdict(),
                     download=gr.update(interactive=False), status=gr.update(value="", visible=False))
 
     def _page(self, updates: Iterator[Update], *, clear_first: bool) -> Iterator[dict]:
         """A decode's updates as page updates. The page is cleared first (`clear_first`: before the work starts, so a
-        failure leaves nothing stale behind; else with the first word, after the request was checked); the first
-        word brings what the CNN sees; the last selects the focus step in "This step" and the inspector and offers
-        the download. A request that fails says why beside the caption (and in a warning), not as an error badge
-        over it; a photo that cannot be read leaves the photo box, not a broken image in it."""
+        failure leaves nothing stale behind; else with the first word, after the request was checked); the first word
+        brings what the CNN sees; the last selects the focus step and offers the download. A failure is said beside the
+        caption (and in a warning), not as an error badge over it; an unreadable photo is taken out of the photo box."""
         try:
             if clear_first:
                 yield self.cleared()
@@ -534,9 +530,8 @@ class Handlers:
 
     def download(self, decoding: Decoding | None) -> str | None:
         """Download decoding (JSON): the file is written when it is asked for, not after every caption."""
-        if not decoding:
-            return None
-        return write_download("decoding.json", json.dumps(decoding_record(decoding, self.model_id, self.model.precision), indent=1))
+        record = decoding and decoding_record(decoding, self.model_id, self.model.precision)
+        return write_download("decoding.json", json.dumps(record, indent=1)) if record else None
 
     # --- the selected step: "This step" and the inspector show the same one ---
 
