@@ -33,8 +33,10 @@ def attention_overlay(image: Image.Image, weights: Sequence[float], *, alpha: fl
         raise ValueError(f"{n} attention weights: expected one per region of a square grid (e.g. 49 = 7 x 7)")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}: expected a value in [0, 1]")
-    photo = image.convert("RGB")
-    photo.thumbnail((max_side, max_side))
+    photo = image
+    if photo.mode != "RGB" or max(photo.size) > max_side:  # else drawn over as it is (the app's photo is shrunk once)
+        photo = image.convert("RGB")
+        photo.thumbnail((max_side, max_side))
     grid = np.asarray(weights, dtype=np.float32).reshape(side, side)  # (side, side)
     grid = grid / grid.max() if grid.max() > 0 else grid
     small = Image.fromarray(np.uint8(np.clip(grid, 0, 1) * 255), mode="L")

@@ -11,7 +11,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .config import CaptionerConfig
 
@@ -25,22 +25,21 @@ class ImageError(ValueError):
     """An input that cannot be read as an image; the message says why and what to do."""
 
 
-def open_image(source: ImageLike) -> Image.Image:
-    """Open a path, bytes or PIL image as an RGB image, with clear errors for bad files."""
-    name = "image"
+def open_image(source: ImageLike, name: str | None = None) -> Image.Image:
+    """Open a path, bytes or PIL image as an RGB image, with clear errors for bad files.
+
+    `name` is what the error messages call the image (default: its path, or "image")."""
+    is_path = isinstance(source, (str, os.PathLike))
+    name = name or (os.fspath(source) if is_path else "image")
     try:
         if isinstance(source, Image.Image):
             img = source
         else:
-            if isinstance(source, (bytes, bytearray)):
-                fp = io.BytesIO(source)
-            else:
-                name = os.fspath(source)
-                if not os.path.isfile(name):
-                    raise ImageError(f"{name}: no such file")
-                if os.path.getsize(name) == 0:
-                    raise ImageError(f"{name}: the file is empty; choose a JPEG, PNG, WebP or GIF photo")
-                fp = name
+            if is_path and not os.path.isfile(source):
+                raise ImageError(f"{name}: no such file")
+            if (os.path.getsize(source) if is_path else len(source)) == 0:
+                raise ImageError(f"{name}: the file is empty; choose a JPEG, PNG, WebP or GIF photo")
+            fp = source if is_path else io.BytesIO(source)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(fp)
@@ -64,8 +63,10 @@ def open_image(source: ImageLike) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: EXIF orientation applied, transparency over white."""
-    img = ImageOps.exif_transpose(img) or img
+    """Convert any PIL mode to 8-bit RGB: EXIF orientation applied, transparency over white.
+    An RGB image that needs no turning is returned as it is, not copied (a 12 MP photo is 36 MB)."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose would copy even when it does nothing
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # High bit depth: scale the real range to 0..255 instead of clipping at 255.
         a = np.asarray(img, dtype=np.float64)
@@ -80,28 +81,54 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def _crop_geometry(w: int, h: int, config: CaptionerConfig) -> tuple[int, int, int, int]:
+    """The "crop" policy for a w x h photo: the size (nw, nh) it is scaled to, and the crop's top-left there."""
+    size = config.image_size
+    short = max(1, round(size / config.crop_pct))
+    scale = short / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
 def resize(img: Image.Image, config: CaptionerConfig) -> Image.Image:
     """Apply the model's resize policy: squash to a square, or shorter side then centre crop."""
     size = config.image_size
     if config.resize == "squash":
         return img.resize((size, size), Image.BILINEAR)
+    nw, nh, left, top = _crop_geometry(*img.size, config)
+    return img.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size))
+
+
+def encoder_view(img: Image.Image, config: CaptionerConfig, max_side: int = 512) -> Image.Image:
+    """The part of an RGB image the encoder sees (all of it when the model squashes; the centre square it crops
+    otherwise), at most `max_side` pixels a side, in one resampling pass: what attention heatmaps are drawn over.
+    An image that is already small enough (and not cropped) is returned as it is."""
     w, h = img.size
-    short = max(1, round(size / config.crop_pct))
-    scale = short / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    box = None
+    if config.resize != "squash":  # the crop in the photo's own pixels, from the same numbers `resize` uses
+        nw, nh, left, top = _crop_geometry(w, h, config)
+        size = config.image_size
+        box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
+        w = h = max(box[2] - box[0], box[3] - box[1])  # shown square, as the encoder's grid is
+    scale = min(1.0, max_side / max(w, h))
+    out = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if box is None and out == img.size:
+        return img
+    return img.resize(out, Image.BICUBIC, box=box, reducing_gap=2.0)
 
 
-def preprocess(source: ImageLike, config: CaptionerConfig) -> torch.Tensor:
-    """One image to a normalised float tensor (3, S, S)."""
-    img = resize(open_image(source), config)
-    a = np.asarray(img, dtype=np.float32)  # (S, S, 3), 0..255
+def to_tensor(img: Image.Image, config: CaptionerConfig) -> torch.Tensor:
+    """An RGB image (from open_image) to the normalised float tensor (3, S, S) the model takes."""
+    a = np.asarray(resize(img, config), dtype=np.float32)  # (S, S, 3), 0..255
     mean = np.asarray(config.mean, dtype=np.float32) * 255.0
     inv_std = 1.0 / (np.asarray(config.std, dtype=np.float32) * 255.0)
     a = (a - mean) * inv_std  # one fused pass: (x/255 - mean)/std
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+
+def preprocess(source: ImageLike, config: CaptionerConfig) -> torch.Tensor:
+    """One image (a path, bytes or PIL image) to a normalised float tensor (3, S, S)."""
+    return to_tensor(open_image(source), config)
 
 
 def preprocess_batch(sources: list, config: CaptionerConfig) -> torch.Tensor:

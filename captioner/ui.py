@@ -5,15 +5,17 @@ values of that user's session: an ImageCache (the last image's encoder output, s
 settings or branching never re-runs the CNN) and the finished Decoding (decode's own Step records) that the
 inspector reads. Decoding settings are one GenerationConfig, built from the controls by field name.
 
-The page's events (upload, example, Caption, Re-decode) each update the whole page: they clear what belonged
-to the previous caption first, stream the new one, and end with the inspector and the download at the focus
-step. The API endpoints (/caption, /branch, /caption_files) stream only the caption, its words and its history.
+The page's events (upload, example, Caption, Re-decode) update the page's outputs by name: they clear what belonged
+to the previous caption first, stream the new one, and end with the inspector at the focus step. The API endpoints
+(/caption, /branch, /caption_files) stream only the caption, its words and its history (Update).
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import csv
+import functools
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -32,9 +34,9 @@ from PIL import Image
 from .decode import Step, caption_batch, describe_stop, encode, stream
 from .generation import STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
-from .imagenet import Constraint, describe_labels, labels as imagenet_labels
+from .imagenet import describe_labels, labels as imagenet_labels
 from .model import ImageFeatures
-from .preprocess import ImageError, open_image
+from .preprocess import ImageError, encoder_view, open_image, to_tensor
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -56,7 +58,7 @@ CONFIDENCE = {  # HighlightedText categories of per-word probability, most confi
 }
 INSPECTOR_EMPTY = "Caption an image, then step through its decoding here."
 STEP_HEADING = "**This step:** the words the model weighed"
-HEATMAP_LABEL = "Where the model looked"
+HEATMAP_LABEL = "Where it looked"
 PHOTO_MAX_SIDE = 512  # the photo a session keeps for the inspector's heatmap is at most this many pixels a side
 NUM_LABELS = 5  # ImageNet labels shown under "The CNN sees"
 # The app's decoding defaults: guided decoding, which on dev scored level with greedy and named more of the subjects
@@ -74,43 +76,40 @@ PHONE = "640px"  # at this width and below the two columns stack: the caption co
 CSS = """
 #title { margin-bottom: 0; }
 #caption textarea { font-size: 1.35rem !important; line-height: 1.5 !important; font-weight: 500; }
+#status { border-left: 4px solid #f59e0b; padding-left: 0.6rem; }
 #step-heading { margin-bottom: -0.5rem; }
 #cnn-labels { margin-top: -0.4rem; }
 #training-note { font-size: 0.85rem; opacity: 0.8; margin-top: -0.6rem; }
 #inspector { margin-top: 1.2rem; }
-#step-nav { align-items: center; }
+#step-nav { align-items: center; flex-wrap: nowrap; }
 #step-nav button { max-width: 7rem; }
 #history th, #history th * { white-space: nowrap !important; }  /* "p(<EOS>)", not "p(<EOS>" over ")" */
+#heatmap label[data-testid=block-label] { max-width: calc(100% - 3rem); }  /* wraps clear of the fullscreen button */
+#branch label.selected, .dark #branch label.selected { background: #4338ca; color: #fff; }  /* 8:1, not 4.5:1 */
 @media (max-width: %(phone)s) {
   /* Phones: one column, in the order a phone user needs: the photo, the Caption button, then the caption
-     itself (so it streams in view right after an upload), this step's words and the history; the examples,
-     the settings and the model line after them. The photo box is shorter, so the caption stays on screen. */
+     itself (so it streams in view right after an upload), what belongs to it (status, labels, this step's words,
+     the history); the examples, the settings and the model line after them. The photo box is shorter, so the
+     caption stays on screen. */
   #main-row > .column { display: contents; }
   #main-row > .column > * { flex: 1 1 100%; min-width: 100%; }
-  #photo { order: 1; }
-  #caption-btn { order: 2; }
-  #main-row .form:has(#caption), #caption { order: 3; }
-  #cnn-labels { order: 4; }
-  #training-note { order: 5; }
-  #step-heading { order: 6; }
-  #current-step { order: 7; }
-  #history { order: 8; }
-  #download-decoding { order: 9; }
-  #examples { order: 10; }
-  #settings { order: 11; }
-  #model-info { order: 12; }
+  #main-row > .column:last-child > * { order: 1; }
+  #examples, #settings, #model-info { order: 2; }
   #photo, #photo .image-container { height: 230px !important; max-height: 230px !important; }
   #photo .upload-container { height: 190px !important; }
   #photo img { max-height: 190px; object-fit: contain; }
   #caption textarea { font-size: 1.15rem !important; }
   /* The history table keeps its columns' widths in px (whole words and numbers, never "wor d" or "62 .4 %")
-     and scrolls sideways to the alternatives. */
+     and scrolls sideways to the alternatives, which its label says. */
+  #history .label p::after { content: " · scroll sideways for the alternatives →"; font-weight: normal; }
+  /* Several photos: a narrower font, so a file name (and a word of an error) fits its column whole. */
+  #files-table .cell-wrap span { font-family: var(--font); font-size: 0.8rem; }
 }
 """.replace("%(phone)s", PHONE)
 
 # Run once in the page: accessible names for the example thumbnails and the photo (Gradio leaves alt=""), "<1%"
 # for probabilities that gr.Label would round to "0%" (every word it shows has p > 0), and on a phone a tapped
-# example scrolls the page back to the photo, so the caption streams in view.
+# example scrolls the page back to the photo, and "Re-decode from here" to the caption, so the caption streams in view.
 JS = """
 (examples) => {
   const fix = () => {
@@ -131,13 +130,17 @@ JS = """
                                                     attributes: true, attributeFilter: ['src', 'alt']});
   fix();
   document.addEventListener('click', e => {
-    if (e.target.closest && e.target.closest('button.gallery-item') && window.matchMedia('(max-width: %(phone)s)').matches) {
-      const photo = document.querySelector('#photo');
-      if (photo) photo.scrollIntoView({block: 'start'});
-    }
+    if (!e.target.closest || !window.matchMedia('(max-width: %(phone)s)').matches) return;
+    const to = e.target.closest('button.gallery-item') ? '#photo' : e.target.closest('#redecode-btn') ? '#caption' : null;
+    if (to) document.querySelector(to)?.scrollIntoView({block: 'start'});
   }, true);
 }
 """.replace("%(phone)s", PHONE)
+
+
+# Download decoding (JSON): after the click's handler has written the file (into a hidden gr.File), save it.
+SAVE_JS = """(file) => { if (file && file.url) Object.assign(document.createElement('a'),
+                                              {href: file.url, download: file.orig_name || 'decoding.json'}).click(); }"""
 
 
 def example_descriptions() -> dict[str, str]:
@@ -146,10 +149,7 @@ def example_descriptions() -> dict[str, str]:
         text = (EXAMPLES_DIR / "README.md").read_text(encoding="utf-8")
     except OSError:
         return {}
-    out = {}
-    for m in re.finditer(r"^\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", text, re.M):
-        out[m.group(1)] = m.group(2).replace("`", "")
-    return out
+    return {m[1]: m[2].replace("`", "") for m in re.finditer(r"^\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", text, re.M)}
 
 
 def launch_options() -> dict[str, Any]:
@@ -183,11 +183,9 @@ class ImageCache:
 
     key: str  # sha256 of the image's bytes (or pixels)
     features: ImageFeatures  # batch of 1
-    # What the CNN sees: the top ImageNet labels (name, probability), likeliest first, computed once with the
-    # features; None when the model has no ImageNet head.
+    # What the CNN sees: the top ImageNet labels (name, probability), likeliest first; None without an ImageNet head.
     labels: tuple[tuple[str, float], ...] | None = None
-    # The photo as the encoder saw it (the centre crop for models that crop), at most PHOTO_MAX_SIDE pixels a side:
-    # what the inspector draws a step's attention over. None where it was not kept.
+    # The photo as the encoder saw it, at most PHOTO_MAX_SIDE a side: the heatmaps' base (None: nothing attends).
     photo: Image.Image | None = None
 
 
@@ -212,184 +210,14 @@ class Decoding:
         return self.steps[-1].text
 
 
-# ----------------------------------------------------------------------------------------------------
-# Views of the decoder's records
+class Update(NamedTuple):
+    """One streamed update of a decode: what /caption and /branch send (caption, words, history), and the states."""
 
-
-def percent(p: float, digits: int = 0) -> str:
-    """A probability as a percentage with `digits` decimals; one above 0 that would round to 0 reads "<1%"
-    (or "<0.1%"), never "0%", which would say the model ruled the word out."""
-    if 0 < p and round(p * 100, digits) == 0:
-        return f"<{10 ** -digits:g}%"
-    return f"{p * 100:.{digits}f}%"
-
-
-def top_words(step: Step) -> dict[str, float]:
-    """A step's alternatives as gr.Label data: word -> probability."""
-    return {a.word: a.prob for a in step.alternatives}
-
-
-def table_row(step: Step) -> list:
-    # a no-break space inside "word 12%": a narrow column wraps between alternatives, not inside one
-    alts = ", ".join(f"{a.word}\u00a0{percent(a.prob)}" for a in step.alternatives)
-    return [step.t + 1, step.word, percent(step.prob, 1), percent(step.eos_prob, 1), alts]
-
-
-def history_table(steps: Sequence[Step]) -> dict:
-    return {"headers": TABLE_HEADERS, "data": [table_row(s) for s in steps]}
-
-
-def confidence_of(prob: float) -> str:
-    for name, (low, _) in CONFIDENCE.items():
-        if prob >= low:
-            return name
-    return name
-
-
-def highlighted(steps: Sequence[Step]) -> list[tuple[str, str | None]]:
-    """The caption as HighlightedText data: each word tagged with its confidence, spaces untagged."""
-    out: list[tuple[str, str | None]] = []
-    prev = ""
-    for s in steps:
-        piece = s.text[len(prev):] if s.text.startswith(prev) else " " + s.word
-        prev = s.text
-        stripped = piece.lstrip(" ")
-        if len(stripped) < len(piece):
-            out.append((piece[: len(piece) - len(stripped)], None))
-        out.append((stripped, confidence_of(s.prob)))
-    return out
-
-
-def labels_markdown(cache: "ImageCache | None") -> str:
-    """What the CNN sees in the session's photo, as one line beside the caption ("" before a photo, or without an
-    ImageNet head: then the line is hidden)."""
-    if cache is None or not cache.labels:
-        return ""
-    return f"**The CNN sees:** {describe_labels(cache.labels)}"
-
-
-def inspector_photo(img: Image.Image, config, max_side: int = PHOTO_MAX_SIDE) -> Image.Image:
-    """The part of the photo the encoder saw (all of it when the model squashes; the centre square it crops
-    otherwise), at most `max_side` pixels a side: the base of the attention heatmaps, whose grid covers just that."""
-    photo = img.convert("RGB")
-    if getattr(config, "resize", "squash") == "crop":
-        w, h = photo.size
-        short = max(1, round(config.image_size / config.crop_pct))
-        side = config.image_size * min(w, h) / short  # the crop's side in the photo's own pixels
-        left, top = (w - side) / 2, (h - side) / 2
-        photo = photo.crop((round(left), round(top), round(left + side), round(top + side)))
-    else:
-        photo = photo.copy()
-    photo.thumbnail((max_side, max_side))
-    return photo
-
-
-def heatmap_view(step: Step | None, photo: Image.Image | None) -> dict:
-    """The inspector's heatmap for one step: the photo with the step's attention weights over it, captioned with
-    the word and its probability; hidden for decoders that do not attend (step.attention is None)."""
-    if step is None:
-        return gr.update(value=None, label=HEATMAP_LABEL)
-    if step.attention is None or photo is None:
-        return gr.update(value=None, visible=False)
-    label = f"Where it looked for “{step.word}” (p = {percent(step.prob, 1)})"
-    return gr.update(value=attention_overlay(photo, step.attention), label=label, visible=True,
-                     alt_text=f"The photo with a heatmap of where the model looked when it chose the word {step.word}")
-
-
-def guided_line(constraint: Constraint, step: Step) -> str:
-    """The inspector's line on guided decoding: the word required and why (which labels, how confident), and
-    whether this step's word is the one that meets it."""
-    line = "**Guided:** " + constraint.describe().removeprefix("guided: ")
-    if constraint.used and step.word == constraint.used and step.token not in step.tokens[:-1]:  # its first use
-        line += " · **this step's word is the required one**"
-    return line
-
-
-def step_record(step: Step) -> dict:
-    """One Step as plain JSON data (its fields, without the last record's copy of the caption's history)."""
-    d = asdict(replace(step, history=()))
-    d.pop("history")
-    return d
-
-
-def decoding_record(decoding: Decoding, model_id: str, precision: str = "fp32") -> dict:
-    """What "Download decoding (JSON)" holds: the caption, every step's word, probabilities and alternatives,
-    the settings, the model and the precision it ran at."""
-    return {"model": model_id, "precision": precision, "caption": decoding.text, "stop": decoding.stop,
-            "settings": asdict(decoding.settings),
-            "prefix": list(decoding.prefix), "steps": [step_record(s) for s in decoding.steps]}
-
-
-def write_download(name: str, text: str) -> str:
-    """Write `text` to a fresh temporary folder as `name` (the name the browser saves it under); returns the path.
-    Gradio copies returned files into its own cache, so these are pruned after DOWNLOAD_MAX_AGE."""
-    DOWNLOADS.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for old in DOWNLOADS.iterdir():
-        try:
-            if now - old.stat().st_mtime > DOWNLOAD_MAX_AGE:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
-    path = Path(tempfile.mkdtemp(dir=DOWNLOADS)) / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Handlers
-
-
-def image_source(image):
-    """What the image input hands a handler -> (something open_image reads, a file path or None).
-
-    The decoding events run with preprocess=False, so Gradio passes the upload as its FileData dict
-    without decoding it: plain gr.Image would open it with PIL first, and a text file named .jpg would fail
-    there with an unhelpful error instead of captioner's clear ImageError message. Paths and PIL images
-    (direct calls, tests) pass through.
-    """
-    if isinstance(image, dict):
-        url, path = image.get("url") or "", image.get("path")
-        if url.startswith("data:"):  # base64 data sent by an API client
-            import base64
-
-            try:
-                return base64.b64decode(url.split(",", 1)[1], validate=False), None
-            except (IndexError, ValueError):
-                raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
-        image = path
-    if isinstance(image, (str, os.PathLike)):
-        return os.fspath(image), os.fspath(image)
-    return image, None
-
-
-def _clear_error(e: Exception, path: str | None = None) -> gr.Error:
-    msg = str(e)
-    if path:  # name the file the user chose, not Gradio's temporary path
-        msg = msg.replace(path, os.path.basename(path))
-    return gr.Error(msg, title="Cannot caption this image", print_exception=False)
-
-
-def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationConfig:
-    """The app's control values (any of them None or missing from an API client) -> a GenerationConfig.
-    Sliders send floats: integer settings are rounded; a negative or empty seed means a new one each run."""
-    defaults = replace(APP_DEFAULTS, max_len=default_max_len)
-    out: dict[str, Any] = {}
-    try:
-        for name, value in values.items():
-            if value is None or value == "":
-                continue
-            if name == "seed":
-                out[name] = None if int(value) < 0 else int(value)
-            elif GenerationConfig.kind(name) is int:
-                out[name] = int(round(float(value)))
-            elif GenerationConfig.kind(name) is float:
-                out[name] = float(value)
-            else:
-                out[name] = value
-        return GenerationConfig.make(defaults, **out)
-    except (TypeError, ValueError) as e:
-        raise gr.Error(f"bad decoding setting: {e}", title="Bad decoding setting", print_exception=False) from None
+    caption: str
+    words: dict[str, float]  # this step's alternatives (gr.Label data)
+    table: dict  # the history so far
+    decoding: Decoding | None  # set on the last update only
+    cache: ImageCache
 
 
 class Inspector(NamedTuple):
@@ -403,97 +231,214 @@ class Inspector(NamedTuple):
     alternatives: Any  # the inspector's alternatives (gr.Label data)
     confidence: Any  # the caption, coloured by confidence
     branch: Any  # gr.Radio update: the words to branch on
-    heatmap: Any  # gr.update of the heatmap image: the photo with this step's attention over it (attend decoders)
+    heatmap: Any  # gr.update of the heatmap image: the photo with this step's attention over it (grid decoders)
+
+
+class PhotoError(gr.Error):
+    """A photo that cannot be captioned (not an image, damaged, too large): the page empties the photo box."""
+
+    def __init__(self, message: str):
+        super().__init__(message, title="Cannot caption this image", print_exception=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Views of the decoder's records
+
+
+def percent(p: float, digits: int = 0) -> str:
+    """A probability as a percentage with `digits` decimals; one above 0 that would round to 0 reads "<1%"
+    (or "<0.1%"), never "0%", which would say the model ruled the word out."""
+    if 0 < p and round(p * 100, digits) == 0:
+        return f"<{10 ** -digits:g}%"
+    return f"{p * 100:.{digits}f}%"
+
+
+def quoted(word: str) -> str:
+    """A word as a list of words shows it: punctuation in quotes ("“,” 2%"), which bare reads as the list's own."""
+    return word if any(c.isalnum() for c in word) else f"“{word}”"
+
+
+def top_words(step: Step) -> dict[str, float]:
+    """A step's alternatives as gr.Label data: word -> probability."""
+    return {a.word: a.prob for a in step.alternatives}
+
+
+def table_row(step: Step) -> list:
+    # a no-break space inside "word 12%": a narrow column wraps between alternatives, not inside one
+    alts = ", ".join(f"{quoted(a.word)}\u00a0{percent(a.prob)}" for a in step.alternatives)
+    return [step.t + 1, step.word, percent(step.prob, 1), percent(step.eos_prob, 1), alts]
+
+
+def history_table(steps: Sequence[Step]) -> dict:
+    return {"headers": TABLE_HEADERS, "data": [table_row(s) for s in steps]}
+
+
+def highlighted(steps: Sequence[Step]) -> list[tuple[str, str | None]]:
+    """The caption as HighlightedText data: each word tagged with its confidence, spaces untagged."""
+    out: list[tuple[str, str | None]] = []
+    prev = ""
+    for s in steps:
+        piece = s.text[len(prev):] if s.text.startswith(prev) else " " + s.word
+        prev = s.text
+        stripped = piece.lstrip(" ")
+        if len(stripped) < len(piece):
+            out.append((piece[: len(piece) - len(stripped)], None))
+        out.append((stripped, next(name for name, (low, _) in CONFIDENCE.items() if s.prob >= low)))
+    return out
+
+
+def labels_markdown(cache: ImageCache | None) -> str:
+    """What the CNN sees in the session's photo, as one line beside the caption ("" before a photo, or without an
+    ImageNet head: then the line is hidden)."""
+    return f"**The CNN sees:** {describe_labels(cache.labels)}" if cache and cache.labels else ""
+
+
+def heatmap_view(step: Step | None, photo: Image.Image | None) -> dict:
+    """The inspector's heatmap for one step: the photo with the step's attention weights over it, labelled with the
+    word (its probability is in the step's line beside it); hidden for decoders that do not attend."""
+    if step is None:
+        return gr.update(value=None, label=HEATMAP_LABEL)
+    if step.attention is None or photo is None:
+        return gr.update(value=None, visible=False)
+    return gr.update(value=attention_overlay(photo, step.attention), label=f"Where it looked for “{step.word}”", visible=True,
+                     alt_text=f"The photo with a heatmap of where the model looked when it chose the word {step.word}")
+
+
+def decoding_record(decoding: Decoding, model_id: str, precision: str = "fp32") -> dict:
+    """What "Download decoding (JSON)" holds: the caption, every step's fields (word, probabilities, alternatives,
+    attention; not the last record's copy of the history), the settings, the model and the precision it ran at."""
+    steps = [{k: v for k, v in asdict(replace(s, history=())).items() if k != "history"} for s in decoding.steps]
+    return {"model": model_id, "precision": precision, "caption": decoding.text, "stop": decoding.stop,
+            "settings": asdict(decoding.settings), "prefix": list(decoding.prefix), "steps": steps}
+
+
+def write_download(name: str, text: str) -> str:
+    """Write `text` to a fresh temporary folder as `name` (the name the browser saves it under); returns the path.
+    Gradio copies returned files into its own cache, so these are pruned after DOWNLOAD_MAX_AGE."""
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    for old in DOWNLOADS.iterdir():
+        with contextlib.suppress(OSError):  # another request's pruning may remove it first
+            if time.time() - old.stat().st_mtime > DOWNLOAD_MAX_AGE:
+                shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(dir=DOWNLOADS)) / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Handlers
+
+
+def read_upload(image) -> tuple[bytes | Image.Image, str]:
+    """What the image input hands a handler -> (the file's bytes, or a PIL image; the name messages call it).
+
+    The decoding events run with preprocess=False: Gradio passes the upload undecoded, as its FileData dict (plain
+    gr.Image would open it with PIL first, and a text file named .jpg would fail there with an unhelpful error), or an
+    API client's base64 data: URL; paths and PIL images (direct calls, tests) work too. The file is read once, here:
+    its bytes are both hashed (the cache key) and decoded."""
+    name = None
+    if isinstance(image, dict):
+        if (image.get("url") or "").startswith("data:"):
+            try:
+                return base64.b64decode(image["url"].split(",", 1)[1]), "image"
+            except (IndexError, ValueError):
+                raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
+        name, image = image.get("orig_name"), image.get("path")
+    if isinstance(image, (str, os.PathLike)):
+        name = os.path.basename(name or image)  # the file the user chose, not Gradio's temporary path
+        try:
+            return Path(image).read_bytes(), name
+        except OSError as e:
+            raise PhotoError(f"{name}: cannot read the uploaded file ({e.strerror}); upload it again") from None
+    return image, "image"
+
+
+def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationConfig:
+    """The app's control values (any of them None or missing from an API client) -> a GenerationConfig.
+    Sliders send floats: integer settings are rounded; a negative or empty seed means a new one each run."""
+    out: dict[str, Any] = {}
+    try:
+        for name, value in values.items():
+            if value is None or value == "":
+                continue
+            if name == "seed":
+                out[name] = None if int(value) < 0 else int(value)
+            else:
+                out[name] = int(round(float(value))) if GenerationConfig.kind(name) is int else GenerationConfig.kind(name)(value)
+        return GenerationConfig.make(replace(APP_DEFAULTS, max_len=default_max_len), **out)
+    except (TypeError, ValueError) as e:
+        raise gr.Error(f"bad decoding setting: {e}", title="Bad decoding setting", print_exception=False) from None
 
 
 class Handlers:
     """The app's event handlers around one shared, read-only model. Per-user data only passes through
-    arguments and return values (gr.State), never through attributes, so nothing leaks between users."""
+    arguments and return values (gr.State), never through attributes, so nothing leaks between users.
+    Decoding settings arrive as keyword arguments named after GenerationConfig's fields (`**controls`)."""
 
     def __init__(self, model, *, word_delay: float = WORD_DELAY, model_id: str = "captioner"):
         self.model = model
         self.word_delay = word_delay
         self.model_id = model_id
+        # Heatmaps for decoders whose steps attend over the image's grid of regions.
+        self.uses_grid = bool(getattr(model.decoder, "uses_grid", False))
 
-    def settings(self, **values) -> GenerationConfig:
-        return settings_from(values, self.model.config.max_len)
+    def settings(self, **controls) -> GenerationConfig:
+        return settings_from(controls, self.model.config.max_len)
 
     # --- the image feature cache (per session, in a gr.State) ---
 
     def features(self, image, cache: ImageCache | None) -> ImageCache:
-        """The ImageCache of `image` (an upload, a path or a PIL image): `cache` itself when it holds that image."""
+        """The ImageCache of `image` (an upload, a path or a PIL image): `cache` itself when it holds that image.
+        The photo is read and decoded once; the encoder's input and the heatmaps' base are both made from it."""
         if image is None:
             raise gr.Error("No image yet: drop a photo on the image box, upload or paste one, or pick an example.",
                            title="No image", print_exception=False)
-        image, path = image_source(image)
-        if path is not None:
-            try:
-                with open(path, "rb") as f:
-                    key = hashlib.sha256(f.read()).hexdigest()
-            except OSError as e:
-                raise gr.Error(f"{os.path.basename(path)}: cannot read the uploaded file ({e.strerror}); upload it again",
-                               print_exception=False) from None
-        elif isinstance(image, (bytes, bytearray)):
-            key = hashlib.sha256(image).hexdigest()
-        else:
-            key = "pil:" + hashlib.sha256(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
+        data, name = read_upload(image)
+        key = hashlib.sha256(data if isinstance(data, bytes) else data.tobytes() + repr((data.size, data.mode)).encode()).hexdigest()
         if cache and cache.key == key:
             return cache
         try:
-            img = open_image(image)  # decoded once: encode() preprocesses this PIL image as it is
+            img = open_image(data, name)
         except ImageError as e:
-            raise _clear_error(e, path) from None
+            raise PhotoError(str(e)) from None
+        config = self.model.config
         with torch.inference_mode():
-            features = encode(self.model, img)
+            features = encode(self.model, to_tensor(img, config))
         labels = None if features.labels is None else tuple(imagenet_labels(features, NUM_LABELS))
-        photo = inspector_photo(img, self.model.config) if self.attends else None
-        return ImageCache(key, features, labels, photo)
-
-    @property
-    def attends(self) -> bool:
-        """Whether the model's decoder attends over image regions (its steps carry attention weights to draw)."""
-        return self.model.config.decoder == "attend"
+        return ImageCache(key, features, labels, encoder_view(img, config, PHOTO_MAX_SIDE) if self.uses_grid else None)
 
     # --- decoding, streamed: the API's outputs (caption, words, history) and the states ---
 
-    def _decode(self, cache: ImageCache, settings: GenerationConfig, prefix: tuple[int, ...], focus: int) -> Iterator[tuple]:
-        """Yield (caption, top words, table, decoding, cache) once per Step of decode.stream; the last yield
-        carries the finished Decoding for the inspector."""
-        rows: list[Step] = []
-        last = 0.0
+    def _stream(self, cache: ImageCache, settings: GenerationConfig, prefix: Sequence[int] = ()) -> Iterator[Step]:
         try:
-            for step in stream(self.model, config=settings, features=cache.features, prefix=prefix):
-                decoding = None
-                if step.stop is None:
-                    rows.append(step)
-                    table = history_table(rows)
-                else:
-                    steps = step.caption_steps()  # beam search: the winner's records, which the stream may not have shown
-                    decoding = Decoding(steps, step.stop, settings, prefix, min(focus, len(steps) - 1), cache.key, cache.photo)
-                    table = history_table(steps)
-                if self.word_delay:
-                    wait = self.word_delay - (time.monotonic() - last)
-                    if wait > 0 and rows:
-                        time.sleep(wait)
-                    last = time.monotonic()
-                yield step.text, top_words(step), table, decoding, cache
+            yield from stream(self.model, config=settings, features=cache.features, prefix=prefix)
         except ValueError as e:  # a setting out of range (decode.stream says which and why)
             raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
 
-    def caption(self, image, settings: GenerationConfig | None = None, cache: ImageCache | None = None) -> Iterator[tuple]:
-        """/caption: stream the caption of `image` word by word."""
-        settings = settings or self.settings()
-        yield from self._decode(self.features(image, cache), settings, (), 0)
-
-    def _branched(self, decoding: Decoding, t: int, token: int, settings: GenerationConfig | None,
-                  cache: ImageCache) -> Iterator[tuple]:
-        settings = settings or self.settings()
-        prefix = (*decoding.tokens[:t], int(token))
+    def _decode(self, cache: ImageCache, settings: GenerationConfig, prefix: tuple[int, ...] = (), focus: int = 0) -> Iterator[Update]:
+        """One Update per Step of decode.stream, paced by word_delay; the last carries the finished Decoding. A branch
+        (`prefix`: the forced first words, `focus` the last of them) may run past max_len to keep its words."""
         settings = replace(settings, max_len=max(settings.resolved_max_len(self.model.config.max_len), len(prefix)))
-        yield from self._decode(cache, settings, prefix, t)
+        rows: list[Step] = []
+        last = 0.0
+        for step in self._stream(cache, settings, prefix):
+            decoding = None
+            if step.stop is None:
+                rows.append(step)
+            else:
+                rows = list(step.caption_steps())  # beam search: the winner's records, which the stream may not have shown
+                decoding = Decoding(tuple(rows), step.stop, settings, prefix, min(focus, len(rows) - 1), cache.key, cache.photo)
+            if self.word_delay:  # the first word at once, then one every word_delay
+                time.sleep(max(0.0, self.word_delay - (time.monotonic() - last)))
+                last = time.monotonic()
+            yield Update(step.text, top_words(step), history_table(rows), decoding, cache)
 
-    def redecode(self, decoding: Decoding | None, step_number, choice, settings: GenerationConfig | None = None,
-                 cache: ImageCache | None = None) -> Iterator[tuple]:
+    def caption(self, image, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
+        """/caption: stream the caption of `image` word by word."""
+        settings = self.settings(**controls)
+        yield from self._decode(self.features(image, cache), settings)
+
+    def redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """Branch: force the inspected step's word to `choice` (a token id), keep the words before it, and
         decode the rest again from the cached image features."""
         if not decoding:
@@ -505,19 +450,17 @@ class Handlers:
         t = self._index(decoding, step_number)
         if int(choice) not in {a.token for a in decoding.steps[t].alternatives}:
             raise gr.Error(f"word id {choice} is not among step {t + 1}'s alternatives", print_exception=False)
-        yield from self._branched(decoding, t, int(choice), settings, cache)
+        yield from self._decode(cache, self.settings(**controls), (*decoding.tokens[:t], int(choice)), t)
 
     def word_id(self, word) -> int:
         """A word of the model's vocabulary (or its id, as a number or a string of digits) -> its token id."""
         vocab = self.model.vocab
         text = str(word).strip() if word is not None else ""
-        if re.fullmatch(r"\d+(\.0*)?", text):
+        if re.fullmatch(r"\d+(\.0*)?", text):  # a word id
             token = int(float(text))
             if not 0 <= token < len(vocab):
                 raise gr.Error(f"word id {token} is not in the model's vocabulary (ids 0 to {len(vocab) - 1})", print_exception=False)
-        elif text in vocab.stoi or text.lower() in vocab.stoi:
-            token = vocab.stoi.get(text, vocab.stoi.get(text.lower()))
-        else:
+        elif (token := vocab.stoi.get(text, vocab.stoi.get(text.lower()))) is None:
             raise gr.Error(f"{text!r} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
                            title="Unknown word", print_exception=False)
         if token in vocab.unsaid:
@@ -525,84 +468,80 @@ class Handlers:
                            print_exception=False)
         return token
 
-    def branch(self, image, step, word, settings: GenerationConfig | None = None, cache: ImageCache | None = None) -> Iterator[tuple]:
+    def branch(self, image, step, word, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """/branch: caption `image` with the settings, then make word number `step` (from 1) `word` (a word, or its
         id; "<EOS>" ends the caption there), keep the words before it, and stream the caption decoded from there."""
-        settings = settings or self.settings()
+        settings = self.settings(**controls)
         cache = self.features(image, cache)
         token = self.word_id(word)
-        decoding = self._decoded(cache, settings)
+        *_, last = self._stream(cache, settings)  # the caption to branch from, unpaced
+        steps = last.caption_steps()
         try:
             n = int(round(float(step)))
         except (TypeError, ValueError):
-            raise gr.Error(f"step={step!r}: give the number of the word to change, from 1 to {len(decoding.steps)}",
+            raise gr.Error(f"step={step!r}: give the number of the word to change, from 1 to {len(steps)}",
                            print_exception=False) from None
-        if not 1 <= n <= len(decoding.steps):
-            raise gr.Error(f"step={n}: this caption has {len(decoding.steps)} words ({decoding.text!r}); give 1 to "
-                           f"{len(decoding.steps)}", print_exception=False)
-        yield from self._branched(decoding, n - 1, token, settings, cache)
+        if not 1 <= n <= len(steps):
+            raise gr.Error(f"step={n}: this caption has {len(steps)} words ({last.text!r}); give 1 to {len(steps)}",
+                           print_exception=False)
+        yield from self._decode(cache, settings, (*last.tokens[: n - 1], token), n - 1)
 
-    def _decoded(self, cache: ImageCache, settings: GenerationConfig) -> Decoding:
-        """The finished Decoding of the image with these settings, unpaced (what /branch branches from)."""
-        last = None
+    # --- the page: every decoding event updates the page's outputs by name (build_demo maps names to components) ---
+
+    def cleared(self) -> dict:
+        """The page with nothing from an earlier caption: no caption, labels, history, inspector, download or message."""
+        return dict(caption="", table=history_table([]), decoding=None, labels="", **self.inspect(None)._asdict(),
+                    download=gr.update(interactive=False), status=gr.update(value="", visible=False))
+
+    def _page(self, updates: Iterator[Update], *, clear_first: bool) -> Iterator[dict]:
+        """A decode's updates as page updates. The page is cleared first (`clear_first`: before the work starts, so a
+        failure leaves nothing stale behind; else with the first word, after the request was checked); the first word
+        brings what the CNN sees; the last selects the focus step and offers the download. A failure is said beside the
+        caption (and in a warning), not as an error badge over it; an unreadable photo is taken out of the photo box."""
         try:
-            for last in stream(self.model, config=settings, features=cache.features):
-                pass
-        except ValueError as e:
-            raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
-        return Decoding(last.caption_steps(), last.stop, settings, (), 0, cache.key, cache.photo)
+            if clear_first:
+                yield self.cleared()
+            first = True
+            for u in updates:
+                out = dict(caption=u.caption, table=u.table, current=u.words)
+                if first:
+                    out = {**({} if clear_first else self.cleared()), **out, "labels": labels_markdown(u.cache)}
+                if u.decoding is not None:
+                    out.update(decoding=u.decoding, cache=u.cache, **self.finished(u.decoding))
+                first = False
+                yield out
+        except gr.Error as e:
+            gr.Warning(e.message, title=e.title)
+            yield dict(status=gr.update(value=f"**{e.title}:** {e.message}", visible=True), **({"photo": None} if isinstance(e, PhotoError) else {}))
 
-    # --- the page: every decoding event updates the whole page (the API's outputs, the inspector, the download) ---
-
-    def cleared(self) -> tuple:
-        """The page with nothing from an earlier caption: empty caption, the CNN's labels, history, inspector; no download."""
-        return ("", history_table([]), None, gr.skip(), "", *self.inspect(None), gr.DownloadButton(value=None, interactive=False))
-
-    def _page(self, updates: Iterator[tuple], *, clear_first: bool) -> Iterator[tuple]:
-        """The updates of a decode (caption, words, table, decoding, cache) as page updates: (caption, table,
-        decoding, cache, labels, *Inspector, download). The page is cleared first (`clear_first`: before the work
-        starts, so a failure leaves nothing stale behind; else with the first word, after the request was checked);
-        the first word brings what the CNN sees, and the last update selects the focus step in "This step" and the
-        inspector and offers the download."""
-        cleared = self.cleared()
-        if clear_first:
-            yield cleared
-        first = True
-        for text, words, table, decoding, cache in updates:
-            labels = labels_markdown(cache) if first or decoding is not None else gr.skip()
-            if decoding is not None:
-                yield (text, table, decoding, cache, labels, *self.finished(decoding))
-            elif first and not clear_first:
-                yield (text, table, *cleared[2:4], labels, words, *cleared[6:])
-            else:
-                yield (text, table, gr.skip(), gr.skip(), labels, words, *[gr.skip()] * (len(Inspector._fields) - 1), gr.skip())
-            first = False
-
-    def page_caption(self, image, settings: GenerationConfig | None = None, cache: ImageCache | None = None) -> Iterator[tuple]:
+    def page_caption(self, image, cache: ImageCache | None = None, **controls) -> Iterator[dict]:
         """The Caption button, an upload, a pasted photo, an example: clear the page, then caption the image
         (so a file that fails leaves no caption of the photo before it beside it)."""
-        yield from self._page(self.caption(image, settings, cache), clear_first=True)
+        yield from self._page(self.caption(image, cache, **controls), clear_first=True)
 
-    def page_redecode(self, decoding: Decoding | None, step_number, choice, settings: GenerationConfig | None = None,
-                      cache: ImageCache | None = None) -> Iterator[tuple]:
+    def page_redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None,
+                      **controls) -> Iterator[dict]:
         """Re-decode from here: the branch replaces the caption; a request that cannot be done changes nothing."""
-        yield from self._page(self.redecode(decoding, step_number, choice, settings, cache), clear_first=False)
+        yield from self._page(self.redecode(decoding, step_number, choice, cache, **controls), clear_first=False)
 
-    def finished(self, decoding: Decoding) -> tuple:
-        """After a decode: "This step" and the inspector at its focus step, and the decoding offered as JSON."""
-        path = write_download("decoding.json", json.dumps(decoding_record(decoding, self.model_id, self.model.precision), indent=1))
-        return (*self.inspect(decoding, decoding.focus + 1), gr.DownloadButton(value=path, interactive=True))
+    def finished(self, decoding: Decoding) -> dict:
+        """After a decode: "This step" and the inspector at its focus step, and the download offered."""
+        return dict(**self.inspect(decoding, decoding.focus + 1)._asdict(), download=gr.update(interactive=True))
+
+    def download(self, decoding: Decoding | None) -> str | None:
+        """Download decoding (JSON): the file is written when it is asked for, not after every caption."""
+        record = decoding and decoding_record(decoding, self.model_id, self.model.precision)
+        return write_download("decoding.json", json.dumps(record, indent=1)) if record else None
 
     # --- the selected step: "This step" and the inspector show the same one ---
 
     @staticmethod
     def _index(decoding: Decoding, step_number) -> int:
-        n = len(decoding.steps)
         try:
             t = int(round(float(step_number))) - 1
         except (TypeError, ValueError):
             t = 0
-        return min(max(t, 0), n - 1)
+        return min(max(t, 0), len(decoding.steps) - 1)
 
     def inspect(self, decoding: Decoding | None, step_number=1) -> Inspector:
         """Step `step_number` (1-based, clamped) selected: "This step" (its words and heading) and the inspector
@@ -613,12 +552,9 @@ class Handlers:
         steps = decoding.steps
         t = self._index(decoding, step_number)
         s = steps[t]
-        prefix = steps[t - 1].text if t else ""
         ended = describe_stop(steps[-1])
-        info = (
-            f"**Step {t + 1} of {len(steps)}** · chose **{s.word}** with p = {percent(s.prob, 1)} · "
-            f"p(`<EOS>`) here = {percent(s.eos_prob, 1)} (the chance the model ends the caption instead)"
-        )
+        info = (f"**Step {t + 1} of {len(steps)}** · chose **{s.word}** with p = {percent(s.prob, 1)} · "
+                f"p(`<EOS>`) here = {percent(s.eos_prob, 1)} (the chance the model ends the caption instead)")
         if s.unk_prob >= 0.05:  # decoding masks <UNK>: the probabilities shown are of the rest, renormalised
             info += (f"  \np(`<UNK>`) here = {percent(s.unk_prob, 1)}: the model's weight on a word outside its "
                      "vocabulary, which is never emitted (the probabilities above share out the rest)")
@@ -630,45 +566,36 @@ class Handlers:
             info += f"  \nBranched: the caption was made to end after word {len(steps)} (`<EOS>` forced)."
         constraint = steps[-1].constraint  # guided decoding: the last record says how the requirement ended
         if constraint is not None:
-            info += "  \n" + guided_line(constraint, s)
-        choices = [(f"{a.word}  ({percent(a.prob)})", a.token) for a in s.alternatives]
+            info += "  \n**Guided:** " + constraint.describe().removeprefix("guided: ")
+            if constraint.used and s.word == constraint.used and s.token not in s.tokens[:-1]:  # its first use
+                info += " · **this step's word is the required one**"
         words = top_words(s)
         return Inspector(
             words,
             f"**This step: {t + 1} of {len(steps)}** (“{s.word}”): the words the model weighed",
             gr.Slider(minimum=1, maximum=max(len(steps), 2), value=t + 1, step=1, interactive=len(steps) > 1),
-            prefix,
+            steps[t - 1].text if t else "",
             info,
             words,
             highlighted(steps),
-            gr.Radio(choices=choices, value=None),
+            gr.Radio(choices=[(f"{quoted(a.word)}  ({percent(a.prob)})", a.token) for a in s.alternatives], value=None),
             heatmap_view(s, decoding.photo),
         )
 
-    def move(self, decoding: Decoding | None, step_number, delta: int) -> Inspector:
-        """Prev / Next."""
+    def select(self, decoding: Decoding | None, step_number, delta: int = 0) -> Inspector:
+        """The step slider moved (dragged, arrow keys, a typed number), or Prev / Next (`delta` -1 / +1): select that
+        step. After the slider moved it is left as the user has it (no update that could fight a drag in progress)
+        unless the number had to be clamped; a box being typed into (empty, not a number) changes nothing."""
         try:
-            n = float(step_number)
-        except (TypeError, ValueError):
-            n = 1
-        return self.inspect(decoding, n + delta)
-
-    def select(self, decoding: Decoding | None, step_number) -> Inspector:
-        """The step slider moved (dragged, arrow keys, a typed number): select that step. The slider itself is left
-        as the user has it (no update that could fight a drag in progress) unless the number had to be clamped;
-        a box being typed into (empty, not a number) changes nothing."""
-        try:
-            n = float(step_number)
+            n = float(step_number) + delta
         except (TypeError, ValueError):
             return Inspector(*[gr.skip()] * len(Inspector._fields))
         view = self.inspect(decoding, n)
-        if decoding and self._index(decoding, n) + 1 == n:
-            view = view._replace(slider=gr.skip())
-        return view
+        return view._replace(slider=gr.skip()) if decoding and not delta and self._index(decoding, n) + 1 == n else view
 
     # --- several photos at once ---
 
-    def caption_files(self, files, settings: GenerationConfig | None = None) -> tuple[dict, list[str] | None]:
+    def caption_files(self, files, **controls) -> tuple[dict, list[str] | None]:
         """/caption_files: caption several images. Returns the table (image, caption, error: a bad file is named with
         its reason and the rest still get captions, as the CLI does) and the same as captions.csv and captions.json."""
         if not files:
@@ -676,7 +603,7 @@ class Handlers:
         if len(files) > MAX_FILES:
             raise gr.Error(f"{len(files)} files: at most {MAX_FILES} at a time here (the command line takes any number)",
                            print_exception=False)
-        settings = settings or self.settings()
+        settings = self.settings(**controls)
         records: list[dict] = []
         good: list[tuple[dict, Any]] = []
         for f in files:
@@ -684,9 +611,9 @@ class Handlers:
             name = (f.get("orig_name") if isinstance(f, dict) else None) or os.path.basename(path)
             rec = {"image": name}
             try:
-                good.append((rec, open_image(path)))
+                good.append((rec, open_image(path, name)))
             except ImageError as e:
-                rec["error"] = str(e).removeprefix(path + ": ").replace(path, name)
+                rec["error"] = str(e).removeprefix(name + ": ")
             records.append(rec)
         if good:
             try:
@@ -695,41 +622,13 @@ class Handlers:
             except ValueError as e:
                 raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
             for (rec, _), text in zip(good, texts):
-                rec["caption"] = text
-                rec["precision"] = self.model.precision
+                rec.update(caption=text, precision=self.model.precision)
         rows = [[r["image"], r.get("caption", ""), r.get("error", "")] for r in records]
         out = io.StringIO()
         csv.writer(out).writerows([FILES_HEADERS, *rows])
         folder = Path(write_download("captions.csv", out.getvalue())).parent
         (folder / "captions.json").write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
         return {"headers": FILES_HEADERS, "data": rows}, [str(folder / "captions.csv"), str(folder / "captions.json")]
-
-
-def with_settings(fn: Callable, settings_of: Callable[..., GenerationConfig], before: Sequence[str],
-                  controls: dict[str, Any], after: Sequence[str]) -> Callable:
-    """A Gradio handler for fn(*before, settings, *after) whose inputs are (*before, *control values, *after).
-    Its signature names every setting, with the control's value as default, so the API documents them."""
-    names = list(controls)
-
-    def call(args):
-        head, values, tail = args[: len(before)], args[len(before) : len(before) + len(names)], args[len(before) + len(names) :]
-        return fn(*head, settings_of(**dict(zip(names, values))), *tail)
-
-    if inspect.isgeneratorfunction(fn):
-        def handler(*args):
-            yield from call(args)
-    else:
-        def handler(*args):
-            return call(args)
-
-    P = inspect.Parameter
-    params = [P(n, P.POSITIONAL_OR_KEYWORD) for n in before]
-    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=getattr(c, "value", None)) for n, c in controls.items()]
-    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in after]
-    handler.__signature__ = inspect.Signature(params)
-    handler.__name__ = fn.__name__
-    handler.__doc__ = fn.__doc__
-    return handler
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -739,19 +638,15 @@ def with_settings(fn: Callable, settings_of: Callable[..., GenerationConfig], be
 def model_markdown(model, model_label: str) -> str:
     c = model.config
     vocab = len(model.vocab) if model.vocab is not None else c.vocab_size
-    attends = " with soft attention over the CNN's regions" if c.decoder == "attend" else ""
-    return (
-        f"**Model:** `{model_label}` · vocabulary {vocab:,} words · `{c.backbone}` encoder + "
-        f"{c.num_layers}-layer LSTM ({c.hidden_size}){attends} · up to {c.max_len} words · "
-        f"{getattr(model, 'precision', 'fp32')}"
-    )
+    attends = " with soft attention over the CNN's regions" if getattr(model.decoder, "uses_grid", False) else ""
+    return (f"**Model:** `{model_label}` · vocabulary {vocab:,} words · `{c.backbone}` encoder + "
+            f"{c.num_layers}-layer LSTM ({c.hidden_size}){attends} · up to {c.max_len} words · {getattr(model, 'precision', 'fp32')}")
 
 
 def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr.Blocks:
     """The whole app around one loaded model, with its queue set up; launch it with demo.launch(**launch_options())."""
     h = Handlers(model, word_delay=word_delay, model_id=model_label)
-    default_max_len = model.config.max_len
-    attends = h.attends
+    attends = h.uses_grid
     has_labels = bool(getattr(model.config, "imagenet_head", False))
     # delete_cache: heatmaps, downloads and uploads are temporary files; a long-running server drops those over an hour old.
     with gr.Blocks(title="Captioner: watch a CNN+LSTM caption a photo", delete_cache=(1800, 3600)) as demo:
@@ -772,10 +667,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                                      "Webcam: take a photo, then press Caption", height=340, elem_id="photo")
                         caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                         paths = example_paths()
-                        examples = None
-                        if paths:
-                            examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public-domain and CC0 photos)",
-                                                   examples_per_page=8, cache_examples=False, elem_id="examples")
+                        examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public domain, CC0)",
+                                               examples_per_page=8, cache_examples=False, elem_id="examples") if paths else None
                         with gr.Accordion("Decoding settings", open=False, elem_id="settings"):
                             d = APP_DEFAULTS  # every default comes from the one settings object
                             strategy = gr.Radio(list(STRATEGIES), value=d.strategy, label="Strategy",
@@ -784,12 +677,12 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                                      "the CNN is sure of")
                             with gr.Row():
                                 beam_size = gr.Slider(1, 10, value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search and guided")
-                                max_len = gr.Slider(1, max(50, default_max_len), value=default_max_len, step=1, precision=0,
+                                max_len = gr.Slider(1, max(50, model.config.max_len), value=model.config.max_len, step=1, precision=0,
                                                     label="Max length (words)")
                             guide_threshold = gr.Slider(0.05, 1.0, value=d.guide_threshold, step=0.05, label="Guidance threshold",
                                                         info="guided: a word is required when the CNN's ImageNet labels for it add up "
                                                              "to this probability", elem_id="guide-threshold")
-                            num_alternatives = gr.Slider(1, 10, value=d.num_alternatives, step=1, precision=0, label="Alternatives shown per step")
+                            num_alternatives = gr.Slider(1, 10, value=d.num_alternatives, step=1, precision=0, label="Words shown per step")
                             with gr.Row():
                                 temperature = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05, label="Temperature", info="sampling")
                                 top_k = gr.Slider(0, 100, value=d.top_k, step=1, precision=0, label="Top-k", info="sampling; 0 = all words")
@@ -800,6 +693,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                     with gr.Column(scale=6):
                         caption = gr.Textbox(label="Caption", lines=2, interactive=False, buttons=["copy"], elem_id="caption",
                                              placeholder="The caption appears here, word by word.")
+                        # Why the last request could not be done (an unreadable photo, no word picked), beside the caption.
+                        status = gr.Markdown("", visible=False, elem_id="status")
                         # What the CNN's own ImageNet classifier sees in the photo (models saved with its head only).
                         cnn_labels = gr.Markdown("", visible=has_labels, elem_id="cnn-labels")
                         gr.Markdown(TRAINING_NOTE + (TRAINING_NOTE_LABELS if has_labels else "") + ".", elem_id="training-note")
@@ -807,8 +702,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                         current = gr.Label(label="Words", show_label=False, show_heading=False, elem_id="current-step")
                         table = gr.Dataframe(value=history_table([]), label="History", interactive=False, wrap=True, max_height=440,
                                              column_widths=["44px", "118px", "70px", "92px", "330px"], elem_id="history")
-                        download = gr.DownloadButton("Download decoding (JSON)", value=None, interactive=False, size="sm",
-                                                     elem_id="download-decoding")
+                        download = gr.Button("Download decoding (JSON)", interactive=False, size="sm", elem_id="download-decoding")
+                        download_file = gr.File(visible=False)  # written on the click, then saved by the browser (SAVE_JS)
 
                 with gr.Column(elem_id="inspector"):
                     gr.Markdown("## Step-by-step inspector\nEach word coloured by how sure the model was; pick a step to see what "
@@ -817,23 +712,23 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                     confidence = gr.HighlightedText(label="Caption by confidence", color_map={k: v[1] for k, v in CONFIDENCE.items()},
                                                     show_legend=True, show_inline_category=False, combine_adjacent=False, elem_id="confidence")
                     with gr.Row(elem_id="step-nav"):
-                        prev_btn = gr.Button("◀ Prev", size="sm", elem_id="prev-step", scale=0, min_width=90)
+                        prev_btn = gr.Button("◀ Prev", size="sm", elem_id="prev-step", scale=0, min_width=70)
                         step = gr.Slider(1, 2, value=1, step=1, precision=0, label="Step", interactive=False, buttons=[],
-                                         elem_id="step-slider", scale=1)
-                        next_btn = gr.Button("Next ▶", size="sm", elem_id="next-step", scale=0, min_width=90)
+                                         elem_id="step-slider", scale=1, min_width=120)
+                        next_btn = gr.Button("Next ▶", size="sm", elem_id="next-step", scale=0, min_width=70)
                     with gr.Row(equal_height=False):
                         # The photo with the selected step's attention over it: only for decoders that attend.
                         with gr.Column(scale=3, min_width=240, visible=attends, elem_id="heatmap-column"):
                             heatmap = gr.Image(label=HEATMAP_LABEL, type="pil", interactive=False, height=300,
                                                buttons=["fullscreen"], visible=attends, elem_id="heatmap")
                         with gr.Column(scale=3, min_width=240):
-                            prefix = gr.Textbox(label="Prefix so far (the words before this step)", interactive=False, elem_id="prefix",
+                            prefix = gr.Textbox(label="Words before this step", interactive=False, elem_id="prefix",
                                                 placeholder="(the start of the caption)")
                             step_info = gr.Markdown(INSPECTOR_EMPTY, elem_id="step-info")
                         with gr.Column(scale=3, min_width=240):
                             step_alts = gr.Label(label="Alternatives at this step", show_heading=False, elem_id="step-alternatives")
                         with gr.Column(scale=3, min_width=240):
-                            branch = gr.Radio(choices=[], label="Branch: use this word here instead", elem_id="branch")
+                            branch = gr.Radio(choices=[], label="Branch: use this word instead", elem_id="branch")
                             redecode_btn = gr.Button("Re-decode from here", variant="primary", elem_id="redecode-btn")
 
             with gr.Tab("Several photos", id="many", elem_id="tab-many"):
@@ -843,56 +738,60 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                 files = gr.File(label="Photos", file_count="multiple", file_types=["image"], type="filepath", elem_id="files")
                 files_btn = gr.Button("Caption all", variant="primary", elem_id="files-btn")
                 files_table = gr.Dataframe(value={"headers": FILES_HEADERS, "data": []}, label="Captions", interactive=False,
-                                           wrap=True, column_widths=["22%", "43%", "35%"], elem_id="files-table")
+                                           wrap=True, column_widths=["42%", "36%", "22%"], elem_id="files-table")
                 files_out = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="files-download")
 
-        # API-only inputs and trigger: /caption and /branch stream (caption, words, history), as clients want them
-        with gr.Row(visible=False):
+        with gr.Row(visible=False):  # /branch's own inputs (API only)
             api_step = gr.Number(label="step", precision=0, value=None)
             api_word = gr.Textbox(label="word", value=None)
-            api_trigger = gr.Button("api")
 
-        # Keyed by GenerationConfig's field names: a new decoding setting is its field plus its control here.
-        # (guide_threshold last: API clients that pass the settings by position keep working.)
+        # Keyed by GenerationConfig's field names, which the handlers take as keyword arguments: a new decoding setting
+        # is its field plus its control here. (guide_threshold last: API clients that pass settings by position keep working.)
         controls = dict(strategy=strategy, beam_size=beam_size, max_len=max_len, num_alternatives=num_alternatives,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, guide_threshold=guide_threshold)
-        settings_in = list(controls.values())
-        streamed = [caption, current, table, decode_state, cache]
-        inspector = [current, heading, step, prefix, step_info, step_alts, confidence, branch, heatmap]
-        assert len(inspector) == len(Inspector._fields)
-        page = [caption, table, decode_state, cache, cnn_labels, *inspector, download]
-        # preprocess=False: the handlers get the upload undecoded and open it themselves (see image_source)
-        common = dict(concurrency_id="decode", show_progress="minimal", preprocess=False)
+        streamed = [caption, current, table, decode_state, cache]  # in Update's order
+        inspector = [current, heading, step, prefix, step_info, step_alts, confidence, branch, heatmap]  # in Inspector's order
+        page = dict(zip(Inspector._fields, inspector), caption=caption, table=table, decoding=decode_state, cache=cache,
+                    labels=cnn_labels, download=download, status=status, photo=image)  # the page's outputs by name
+
+        def on_page(fn: Callable[..., Iterator[dict]]) -> Callable[..., Iterator[dict]]:
+            """A page handler whose updates name their outputs, as Gradio takes them (keyed by component)."""
+            @functools.wraps(fn)
+            def run(*args, **kw):
+                for update in fn(*args, **kw):
+                    yield {page[name]: value for name, value in update.items()}
+            return run
+
+        # preprocess=False: the handlers get the upload undecoded and open it themselves (see read_upload)
+        common = dict(concurrency_id="decode", show_progress="minimal", preprocess=False, inputs_kwargs=controls)
         private = dict(api_visibility="private")
 
-        # The API: /caption and /branch (streamed), /caption_files (several photos: the tab's button).
-        api_trigger.click(with_settings(h.caption, h.settings, ["image"], controls, ["cache"]), [image, *settings_in, cache],
-                          streamed, api_name="caption", **common)
-        api_trigger.click(with_settings(h.branch, h.settings, ["image", "step", "word"], controls, ["cache"]),
-                          [image, api_step, api_word, *settings_in, cache], streamed, api_name="branch", **common)
-        files_btn.click(with_settings(h.caption_files, h.settings, ["files"], controls, []), [files, *settings_in],
-                        [files_table, files_out], api_name="caption_files", concurrency_id="decode", show_progress="full")
+        # The API: /caption and /branch (streamed; events with no trigger in the page), /caption_files (the tab's button).
+        gr.on([], h.caption, [image, cache], streamed, api_name="caption", **common)
+        gr.on([], h.branch, [image, api_step, api_word, cache], streamed, api_name="branch", **common)
+        files_btn.click(h.caption_files, [files], [files_table, files_out], api_name="caption_files", concurrency_id="decode",
+                        show_progress="full", inputs_kwargs=controls)
 
         # The page: a new photo captions itself, on upload, drop or paste, and on picking an example. (Not on .change:
         # Gradio's frontend fires it twice when a photo replaces another, which would run two decodes. A webcam
         # snapshot only fires .change, so there the Caption button does it.) Each clears the previous caption first.
-        page_caption = with_settings(h.page_caption, h.settings, ["image"], controls, ["cache"])
-        # The progress (and a failure's "Error" badge) shows on the caption alone, not on every output of the page.
-        on_page = dict(common, show_progress_on=[caption])
-        auto = dict(fn=page_caption, inputs=[image, *settings_in, cache], outputs=page, trigger_mode="always_last", **on_page, **private)
-        caption_btn.click(**auto)
-        image.upload(**auto)
-        image.clear(lambda: h.cleared(), None, page, queue=False, **private)
+        # The progress shows on the caption alone, not on every output of the page.
+        outputs = list(page.values())
+        auto = dict(fn=on_page(h.page_caption), inputs=[image, cache], outputs=outputs, trigger_mode="always_last",
+                    show_progress_on=[caption], **common, **private)
+        gr.on([caption_btn.click, image.upload], **auto)
+        image.clear(lambda: {page[k]: v for k, v in h.cleared().items()}, None, outputs, queue=False, **private)
         if examples is not None:
             examples.load_input_event.then(**auto)
         # Branching reads choices the inspector put in this page's session (the API has /branch).
-        redecode_btn.click(with_settings(h.page_redecode, h.settings, ["decoding", "step_number", "choice"], controls, ["cache"]),
-                           [decode_state, step, branch, *settings_in, cache], page, **on_page, **private)
+        redecode_btn.click(on_page(h.page_redecode), [decode_state, step, branch, cache], outputs, show_progress_on=[caption],
+                           **common, **private)
         # One selected step: "This step" follows the slider (mouse, arrow keys, a typed number) and Prev / Next.
         # .input fires on the user's changes only, never on the updates these handlers send, so nothing loops.
         step.input(h.select, [decode_state, step], inspector, trigger_mode="always_last", show_progress="hidden", **private)
-        prev_btn.click(lambda d, s: h.move(d, s, -1), [decode_state, step], inspector, show_progress="hidden", **private)
-        next_btn.click(lambda d, s: h.move(d, s, +1), [decode_state, step], inspector, show_progress="hidden", **private)
+        prev_btn.click(lambda d, s: h.select(d, s, -1), [decode_state, step], inspector, show_progress="hidden", **private)
+        next_btn.click(lambda d, s: h.select(d, s, +1), [decode_state, step], inspector, show_progress="hidden", **private)
+        download.click(h.download, [decode_state], download_file, **private).then(None, [download_file], None, js=SAVE_JS, **private)
 
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
     return demo

@@ -17,7 +17,8 @@ from captioner.decode import Step, caption, stream
 from captioner.generation import STRATEGIES, GenerationConfig
 from captioner.heatmap import attention_overlay
 from captioner.imagenet import describe_labels, top_labels
-from captioner.ui import (APP_DEFAULTS, PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, inspector_photo,
+from captioner.preprocess import encoder_view
+from captioner.ui import (APP_DEFAULTS, PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted,
                           percent, table_row)
 from tiny import assert_all_different, attend_model, tiny_model
 
@@ -69,11 +70,11 @@ def handlers(model):
 
 def cap(handlers, image, cache=None, **controls):
     """Every update of /caption for `image`, the settings given as the app's control values."""
-    return list(handlers.caption(image, handlers.settings(**controls), cache))
+    return list(handlers.caption(image, cache, **controls))
 
 
 def branch(handlers, decoding, step_number, choice, cache=None, **controls):
-    return list(handlers.redecode(decoding, step_number, choice, handlers.settings(**controls), cache))
+    return list(handlers.redecode(decoding, step_number, choice, cache, **controls))
 
 
 class CallCounter:
@@ -218,14 +219,16 @@ def test_inspector_step_view_equals_the_core_records(handlers, model, photo_path
         assert f"**{st.word}**" in view.info and f"p(`<EOS>`) here = {percent(st.eos_prob, 1)}" in view.info
         assert f"p = {percent(st.prob, 1)}" in view.info
         assert [value for _, value in view.branch.choices] == [a.token for a in st.alternatives]
-        assert [label for label, _ in view.branch.choices] == [f"{a.word}  ({percent(a.prob)})" for a in st.alternatives]
+        # punctuation quoted: "“.”  (4%)", not a bare ". (4%)"
+        assert [label for label, _ in view.branch.choices] == [f"{'“.”' if a.word == '.' else a.word}  ({percent(a.prob)})"
+                                                               for a in st.alternatives]
         assert "".join(text for text, _ in view.confidence) == steps[-1].text
         # One selected step: "This step" shows the same step's words, and says which step it is.
         assert view.current == view.alternatives and f"{t + 1} of {len(steps)}" in view.heading
     # Out of range steps are clamped; prev/next move by one.
     assert handlers.inspect(decoding, 99).slider.value == len(steps)
     assert handlers.inspect(decoding, -3).slider.value == 1
-    assert handlers.move(decoding, 2, +1).slider.value == 3 and handlers.move(decoding, 1, -1).slider.value == 1
+    assert handlers.select(decoding, 2, +1).slider.value == 3 and handlers.select(decoding, 1, -1).slider.value == 1
 
 
 def _step(t, word, text, prob):
@@ -254,7 +257,7 @@ def test_branching_equals_stream_with_a_prefix(handlers, model, photo_path, s, m
     assert new.tokens == want[-1].tokens and new.tokens[: t + 1] == prefix
     assert new.prefix == prefix and new.focus == t
     # The inspector then shows the new caption, at the step where it branched.
-    view = Inspector(*handlers.finished(new)[:-1])
+    view = Inspector(*(handlers.finished(new)[k] for k in Inspector._fields))
     assert view.slider.value == t + 1 and "".join(w for w, _ in view.confidence) == want[-1].text
     assert view.prefix == (new.steps[t - 1].text if t else "") and f"**{alt.word}**" in view.info
 
@@ -266,19 +269,19 @@ def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
     assert eos is not None, "the fixture's step 4 must offer <EOS> (5 alternatives of 8 words)"
     outs = branch(handlers, decoding, 4, eos.token, cache, strategy="greedy", max_len=8)
     assert outs[-1][3].tokens == decoding.tokens[:3] and outs[-1][3].stop == "eos"
-    view = Inspector(*handlers.finished(outs[-1][3])[:-1])
+    view = Inspector(*(handlers.finished(outs[-1][3])[k] for k in Inspector._fields))
     assert view.slider.value == 3 and "made to end after word 3" in view.info
 
 
 # ---------------------------------------------------------------- the page: one selected step, nothing stale
 
-PAGE = ["caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download"]
+PAGE = {"caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download", "status", "photo"}
 
 
-def apply(page: dict, update: tuple) -> dict:
-    """A page event's update applied to the page's values (gr.skip(): that output keeps its value)."""
-    assert len(update) == len(PAGE)
-    return {**page, **{name: value for name, value in zip(PAGE, update) if value != {"__type__": "update"}}}
+def apply(page: dict, update: dict) -> dict:
+    """A page event's update (outputs by name; one left out, or gr.skip(), keeps its value) applied to the page."""
+    assert set(update) <= PAGE, set(update) - PAGE
+    return {**page, **{name: value for name, value in update.items() if value != {"__type__": "update"}}}
 
 
 def run_page(page: dict, events) -> tuple[dict, list[dict]]:
@@ -291,7 +294,7 @@ def run_page(page: dict, events) -> tuple[dict, list[dict]]:
 
 
 def test_a_page_decode_clears_then_streams_then_selects_the_focus_step(handlers, model, photo_path):
-    page, seen = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    page, seen = run_page({}, handlers.page_caption(photo_path, max_len=8))
     assert seen[0]["caption"] == "" and seen[0]["decoding"] is None and seen[0]["current"] is None  # cleared first
     steps = list(stream(model, photo_path, APP_DEFAULTS, max_len=8))
     assert [p["caption"] for p in seen[1:]] == [st.text for st in steps]
@@ -305,7 +308,7 @@ def test_a_page_decode_clears_then_streams_then_selects_the_focus_step(handlers,
 
 
 def test_moving_the_inspector_moves_this_step_too(handlers, photo_path):
-    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
     decoding = page["decoding"]
     for n in (3, 2, len(decoding.steps)):
         view = handlers.select(decoding, n)  # the slider: dragged, arrow keys, a typed number
@@ -314,32 +317,34 @@ def test_moving_the_inspector_moves_this_step_too(handlers, photo_path):
         assert view.slider == {"__type__": "update"}  # the slider is where the user put it: no update to fight a drag
     assert handlers.select(decoding, 99).slider.value == len(decoding.steps)  # a typed number beyond the end: clamped
     assert all(v == {"__type__": "update"} for v in handlers.select(decoding, ""))  # a box being typed into: no change
-    assert handlers.move(decoding, 2, +1).current == {a.word: a.prob for a in decoding.steps[2].alternatives}
+    assert handlers.select(decoding, 2, +1).current == {a.word: a.prob for a in decoding.steps[2].alternatives}
 
 
 def test_a_failed_upload_after_a_good_one_leaves_empty_outputs(handlers, photo_path, tmp_path):
-    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
     assert page["caption"] and page["table"]["data"] and page["decoding"] and page["current"]
     bad = tmp_path / "notes.jpg"
     bad.write_text("a shopping list, not a photo\n")
-    events = handlers.page_caption(str(bad), handlers.settings(max_len=8), page["cache"])
-    page = apply(page, next(events))  # the first update clears the page, before the file is read
-    with pytest.raises(gr.Error, match="notes.jpg: not an image file"):
-        next(events)
+    with pytest.warns(UserWarning, match="notes.jpg: not an image file"):  # gr.Warning, outside a served page
+        page, seen = run_page(page, handlers.page_caption(str(bad), page["cache"], max_len=8))
+    assert seen[0]["caption"] == "" and seen[0]["status"]["visible"] is False  # cleared first, before the file is read
     assert page["caption"] == "" and page["table"]["data"] == [] and page["decoding"] is None
     assert page["current"] is None and page["alternatives"] is None and page["confidence"] is None
     assert page["prefix"] == "" and page["branch"].choices == [] and "Caption an image" in page["info"]
-    assert page["download"].value is None and page["labels"] == "" and page["heatmap"]["value"] is None
+    assert page["download"]["interactive"] is False and page["labels"] == "" and page["heatmap"]["value"] is None
+    # Why, beside the caption (not an error badge over it), and the photo box emptied (not a broken image).
+    assert page["status"]["visible"] is True and "notes.jpg: not an image file" in page["status"]["value"]
+    assert str(bad.parent) not in page["status"]["value"] and "photo" in page and page["photo"] is None
 
 
 def test_a_branch_that_cannot_be_done_changes_nothing(handlers, photo_path):
-    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
-    events = handlers.page_redecode(page["decoding"], 1, None, handlers.settings(max_len=8), page["cache"])
-    with pytest.raises(gr.Error, match="Pick one of this step's words"):
-        next(events)  # raised before any update: the caption and its inspector stay
+    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
+    with pytest.warns(UserWarning, match="Pick one of this step's words"):
+        (update,) = handlers.page_redecode(page["decoding"], 1, None, page["cache"], max_len=8)
+    assert set(update) == {"status"} and "Pick one of this step's words" in update["status"]["value"]  # nothing else changes
     t = 1
     alt = next(a for a in page["decoding"].steps[t].alternatives[::-1] if a.word != "<EOS>")
-    new, seen = run_page(page, handlers.page_redecode(page["decoding"], t + 1, alt.token, handlers.settings(max_len=8), page["cache"]))
+    new, seen = run_page(page, handlers.page_redecode(page["decoding"], t + 1, alt.token, page["cache"], max_len=8))
     assert seen[0]["decoding"] is None and seen[0]["current"] is not None  # the old decoding goes with the first new word
     assert new["decoding"].prefix == (*page["decoding"].tokens[:t], alt.token) and new["slider"].value == t + 1
 
@@ -368,12 +373,18 @@ def test_table_and_radio_show_small_probabilities_as_less_than_one_percent(handl
     assert "p(`<EOS>`) here = <0.1%" in view.info
 
 
-def test_the_decoding_download_holds_steps_words_probabilities_alternatives_settings_and_model(handlers, model, photo_path):
-    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(strategy="beam", max_len=8)))
+def test_the_decoding_download_holds_steps_words_probabilities_alternatives_settings_and_model(handlers, model, photo_path,
+                                                                                               monkeypatch):
+    import captioner.ui
+
+    written = []
+    monkeypatch.setattr(captioner.ui, "write_download", lambda *a, w=captioner.ui.write_download: written.append(a) or w(*a))
+    page, _ = run_page({}, handlers.page_caption(photo_path, strategy="beam", max_len=8))
+    assert written == []  # a caption writes no file that nobody may ask for
     decoding = page["decoding"]
-    assert page["download"].interactive
-    path = page["download"].value["path"]
-    assert path.endswith(".json")
+    assert page["download"]["interactive"]
+    path = handlers.download(decoding)  # written when asked for, on the button's click
+    assert path.endswith(".json") and len(written) == 1 and handlers.download(None) is None
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
     assert record["model"] == handlers.model_id and record["caption"] == decoding.text and record["stop"] == decoding.stop
@@ -394,11 +405,11 @@ def test_branch_api_equals_stream_with_a_prefix(handlers, model, photo_path):
     alt = next(a for a in final.caption_steps()[1].alternatives if a.token != final.tokens[1] and a.word != "<EOS>")
     want = list(stream(model, photo_path, APP_DEFAULTS, prefix=[final.tokens[0], alt.token], max_len=8))
     for word in (alt.word, alt.token, str(alt.token), alt.word.upper()):
-        outs = list(handlers.branch(photo_path, 2, word, handlers.settings(max_len=8)))
+        outs = list(handlers.branch(photo_path, 2, word, max_len=8))
         assert [o[0] for o in outs] == [w.text for w in want], word
         assert outs[-1][3].prefix == (final.tokens[0], alt.token) and outs[-1][3].focus == 1
     # "<EOS>" ends the caption there
-    outs = list(handlers.branch(photo_path, 3, "<EOS>", handlers.settings(max_len=8)))
+    outs = list(handlers.branch(photo_path, 3, "<EOS>", max_len=8))
     assert outs[-1][3].tokens == final.tokens[:2] and outs[-1][3].stop == "eos"
 
 
@@ -413,7 +424,7 @@ def test_branch_api_equals_stream_with_a_prefix(handlers, model, photo_path):
 ])
 def test_branch_api_errors_are_clear(handlers, photo_path, step, word, message):
     with pytest.raises(gr.Error, match=message):
-        list(handlers.branch(photo_path, step, word, handlers.settings(max_len=8)))
+        list(handlers.branch(photo_path, step, word, max_len=8))
 
 
 # ---------------------------------------------------------------- several photos at once
@@ -429,7 +440,7 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     files = [photo_path, str(bad), str(other), str(empty)]
-    table, downloads = handlers.caption_files(files, handlers.settings(max_len=8))
+    table, downloads = handlers.caption_files(files, max_len=8)
     want = [caption(model, p, APP_DEFAULTS, max_len=8) for p in (photo_path, str(other))]
     assert table["headers"] == ["image", "caption", "error"]
     assert [row[0] for row in table["data"]] == ["photo.jpg", "notes.jpg", "grey.png", "empty.png"]  # the input order
@@ -445,7 +456,7 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
     assert records[0] == {"image": "photo.jpg", "caption": want[0], "precision": model.precision}
     assert set(records[1]) == {"image", "error"}
     # Gradio's upload payloads (file dicts with the original name) work too
-    table2, _ = handlers.caption_files([{"path": str(bad), "orig_name": "my notes.jpg"}], handlers.settings(max_len=8))
+    table2, _ = handlers.caption_files([{"path": str(bad), "orig_name": "my notes.jpg"}], max_len=8)
     assert table2["data"][0][0] == "my notes.jpg" and table2["data"][0][2].startswith("not an image file")
 
 
@@ -459,10 +470,9 @@ def test_each_photo_gets_its_own_caption_in_the_table_and_one_by_one(distinct, d
     bad.write_text("not a photo\n")
     order = [paths[i] for i in (2, 5, 0)] + [bad] + [paths[i] for i in (4, 1, 3)]
     for controls in ({}, {"strategy": "greedy"}):  # {}: the app's defaults
-        settings = handlers.settings(**controls)
-        expected = {p.name: caption(model, p, settings) for p in paths}
+        expected = {p.name: caption(model, p, handlers.settings(**controls)) for p in paths}
         assert_all_different(expected.values())
-        table, _ = handlers.caption_files([str(p) for p in order], settings)
+        table, _ = handlers.caption_files([str(p) for p in order], **controls)
         assert [(row[0], row[1]) for row in table["data"]] == [(p.name, expected.get(p.name, "")) for p in order]
         cache = None
         for p in order:
@@ -475,7 +485,7 @@ def test_each_photo_gets_its_own_caption_in_the_table_and_one_by_one(distinct, d
 
 def test_caption_files_without_files_is_a_clear_error(handlers):
     with pytest.raises(gr.Error, match="No photos yet"):
-        handlers.caption_files([], handlers.settings())
+        handlers.caption_files([])
 
 
 def test_redecode_without_a_caption_or_a_word_is_a_clear_error(handlers, photo_path):
@@ -516,7 +526,7 @@ def test_cleared_image_just_clears_the_outputs(handlers):
     page = apply({}, handlers.cleared())
     assert page["caption"] == "" and page["table"]["data"] == [] and page["decoding"] is None and "cache" not in page
     assert page["current"] is None and page["alternatives"] is None and page["confidence"] is None and page["prefix"] == ""
-    assert page["download"].value is None and page["download"].interactive is False
+    assert page["download"]["interactive"] is False and page["status"]["visible"] is False
     assert page["labels"] == "" and page["heatmap"]["value"] is None
 
 
@@ -640,23 +650,22 @@ def pixels(image) -> np.ndarray:
 def test_the_cnns_labels_are_shown_beside_the_caption_computed_once_per_photo(attend_handlers, attend, photo_path, monkeypatch):
     want = top_labels(attend, photo_path, k=5)  # the Python API's labels
     counter = EncodeCounter(attend, monkeypatch)
-    page, seen = run_page({}, attend_handlers.page_caption(photo_path, attend_handlers.settings()))
+    page, seen = run_page({}, attend_handlers.page_caption(photo_path))
     assert len(want) == 5 and want[0][1] > want[-1][1] > 0  # the fixture's head gives distinct labels
     assert page["cache"].labels == tuple(want)
     assert page["labels"] == "**The CNN sees:** " + describe_labels(want) and "%" in page["labels"]
     assert seen[0]["labels"] == "" and seen[1]["labels"] == page["labels"]  # cleared, then with the first word
     # Re-decoding, branching and other settings reuse them with the features: the CNN ran once.
-    run_page(page, attend_handlers.page_caption(photo_path, attend_handlers.settings(strategy="beam"), page["cache"]))
+    run_page(page, attend_handlers.page_caption(photo_path, page["cache"], strategy="beam"))
     t = 1
     alt = next(a for a in page["decoding"].steps[t].alternatives if a.token != page["decoding"].steps[t].token)
-    new, _ = run_page(page, attend_handlers.page_redecode(page["decoding"], t + 1, alt.token, attend_handlers.settings(),
-                                                          page["cache"]))
+    new, _ = run_page(page, attend_handlers.page_redecode(page["decoding"], t + 1, alt.token, page["cache"]))
     assert new["labels"] == page["labels"] and counter.n == 1
 
 
 def test_no_labels_for_a_model_without_an_imagenet_head(handlers, model, photo_path):
     assert not model.config.imagenet_head
-    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
     assert page["cache"].labels is None and page["labels"] == ""
     demo = build_demo(model, "tiny")
     (line,) = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "cnn-labels"]
@@ -666,7 +675,7 @@ def test_no_labels_for_a_model_without_an_imagenet_head(handlers, model, photo_p
 
 
 def test_the_heatmap_follows_the_selected_step(attend_handlers, photo_path):
-    page, _ = run_page({}, attend_handlers.page_caption(photo_path, attend_handlers.settings()))
+    page, _ = run_page({}, attend_handlers.page_caption(photo_path))
     decoding, cache = page["decoding"], page["cache"]
     assert cache.photo is not None and decoding.photo is cache.photo  # kept once per photo, shared with the decoding
     steps = decoding.steps
@@ -674,25 +683,25 @@ def test_the_heatmap_follows_the_selected_step(attend_handlers, photo_path):
     assert steps[0].attention != steps[1].attention
     # After the decode: step 1's heatmap, captioned with its word and probability.
     hm = page["heatmap"]
-    assert hm["visible"] is True and hm["label"] == f"Where it looked for “{steps[0].word}” (p = {percent(steps[0].prob, 1)})"
+    assert hm["visible"] is True and hm["label"] == f"Where it looked for “{steps[0].word}”"
     assert np.array_equal(pixels(hm["value"]), pixels(attention_overlay(cache.photo, steps[0].attention)))
     # Next, the slider and the keyboard (select) move it: a step whose attention differs has another image.
-    nxt = attend_handlers.move(decoding, 1, +1).heatmap
+    nxt = attend_handlers.select(decoding, 1, +1).heatmap
     assert nxt["label"].startswith(f"Where it looked for “{steps[1].word}”")
     assert np.abs(pixels(nxt["value"]) - pixels(hm["value"])).max() > 20
     assert np.array_equal(pixels(attend_handlers.select(decoding, 2).heatmap["value"]), pixels(nxt["value"]))
-    assert np.array_equal(pixels(attend_handlers.move(decoding, 2, -1).heatmap["value"]), pixels(hm["value"]))
+    assert np.array_equal(pixels(attend_handlers.select(decoding, 2, -1).heatmap["value"]), pixels(hm["value"]))
     for n in range(1, len(steps) + 1):
         view = attend_handlers.inspect(decoding, n).heatmap
         assert np.array_equal(pixels(view["value"]), pixels(attention_overlay(cache.photo, steps[n - 1].attention)))
 
 
 def test_branching_shows_the_new_captions_heatmaps(attend_handlers, attend, photo_path):
-    page, _ = run_page({}, attend_handlers.page_caption(photo_path, attend_handlers.settings()))
+    page, _ = run_page({}, attend_handlers.page_caption(photo_path))
     decoding = page["decoding"]
     t = 1
     alt = next(a for a in decoding.steps[t].alternatives if a.token != decoding.steps[t].token and a.word != "<EOS>")
-    new, _ = run_page(page, attend_handlers.page_redecode(decoding, t + 1, alt.token, attend_handlers.settings(), page["cache"]))
+    new, _ = run_page(page, attend_handlers.page_redecode(decoding, t + 1, alt.token, page["cache"]))
     branched = new["decoding"]
     want = list(stream(attend, photo_path, prefix=(*decoding.tokens[:t], alt.token), max_len=attend.config.max_len))[-1]
     assert branched.tokens == want.tokens
@@ -704,10 +713,10 @@ def test_branching_shows_the_new_captions_heatmaps(attend_handlers, attend, phot
 
 
 def test_no_heatmap_for_a_model_that_does_not_attend(handlers, model, photo_path):
-    page, _ = run_page({}, handlers.page_caption(photo_path, handlers.settings(max_len=8)))
+    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
     assert page["decoding"].steps[0].attention is None and page["cache"].photo is None  # nothing kept that nobody draws
     assert page["heatmap"] == {"__type__": "update", "value": None, "visible": False}
-    assert handlers.move(page["decoding"], 1, +1).heatmap["visible"] is False
+    assert handlers.select(page["decoding"], 1, +1).heatmap["visible"] is False
     demo = build_demo(model, "tiny")
     (image,) = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "heatmap"]
     assert image["props"]["visible"] is False
@@ -730,7 +739,7 @@ def test_the_photo_kept_for_the_heatmap_is_what_the_encoder_saw_at_most_512_px(a
     crop = dataclasses.replace(attend.config, resize="crop", crop_pct=0.875)
     a = np.zeros((800, 1200, 3), np.uint8)
     a[:, 400:800] = 255  # a white centre square, 800 x 400 wide band
-    photo = inspector_photo(Image.fromarray(a), crop)
+    photo = encoder_view(Image.fromarray(a), crop, PHOTO_MAX_SIDE)
     assert photo.size[0] == photo.size[1] <= PHOTO_MAX_SIDE
     side = round(800 * 0.875)  # the crop's side in the photo's pixels (crop_pct of the shorter side)
     assert abs(photo.size[0] - min(PHOTO_MAX_SIDE, side)) <= 1
@@ -740,8 +749,8 @@ def test_the_photo_kept_for_the_heatmap_is_what_the_encoder_saw_at_most_512_px(a
 
 def test_the_decoding_download_holds_each_steps_attention(attend_handlers, handlers, photo_path):
     for h in (attend_handlers, handlers):
-        page, _ = run_page({}, h.page_caption(photo_path, h.settings(max_len=8)))
-        with open(page["download"].value["path"], encoding="utf-8") as f:
+        page, _ = run_page({}, h.page_caption(photo_path, max_len=8))
+        with open(h.download(page["decoding"]), encoding="utf-8") as f:
             record = json.load(f)
         for got, st in zip(record["steps"], page["decoding"].steps, strict=True):
             assert got["attention"] == (None if st.attention is None else list(st.attention))
@@ -758,7 +767,7 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
     h = Handlers(load(tmp_path / "m"), word_delay=0)
     assert h.settings(guide_threshold=0.3).guide_threshold == 0.3
     assert h.settings(guide_threshold=None).guide_threshold == GenerationConfig().guide_threshold
-    page, _ = run_page({}, h.page_caption(photo_path, h.settings(strategy="guided", guide_threshold=0.4)))
+    page, _ = run_page({}, h.page_caption(photo_path, strategy="guided", guide_threshold=0.4))
     decoding = page["decoding"]
     assert decoding.settings.strategy == "guided" and decoding.settings.guide_threshold == 0.4
     final = decoding.steps[-1].constraint
@@ -770,5 +779,5 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
         assert "**Guided:** required one of dog" in info and "golden retriever" in info and 'the caption uses "dog"' in info
         assert ("this step's word is the required one" in info) == (n - 1 == first_dog)
     # Not guided: no such line.
-    plain, _ = run_page({}, h.page_caption(photo_path, h.settings(strategy="beam"), page["cache"]))
+    plain, _ = run_page({}, h.page_caption(photo_path, page["cache"], strategy="beam"))
     assert "Guided" not in plain["info"]
