@@ -268,14 +268,15 @@ def _pick(logp: torch.Tensor, config: GenerationConfig, generator) -> int:
 
 @torch.inference_mode()
 def stream(model, image=None, config: GenerationConfig | None = None, *, features: ImageFeatures | None = None,
-           prefix: Sequence[int] = (), **settings) -> Iterator[Step]:
+           prefix: Sequence[int] = (), constraint: Constraint | None = None, **settings) -> Iterator[Step]:
     """Yield one Step per generated word (beam: the current best hypothesis each step, then the final one).
 
     Give an image, or `features` from `encode` (decode one photo many times without re-running the CNN).
     Settings come from `config` with keyword overrides (`stream(model, img, strategy="beam")`).
     `prefix` forces the first words (branching: "what if it had said *cat* here?"); a prefix ending in <EOS>
     forces the end, which rescores a given caption. The last record's `stop` says why decoding ended, and its
-    `history` holds the final caption's earlier records.
+    `history` holds the final caption's earlier records. Guided decoding takes the image's `constraint` when given
+    (it depends only on the image and guide_threshold: the app keeps it with the image), else works it out.
     """
     config = GenerationConfig.make(config, **settings)
     _check_model(model)
@@ -292,7 +293,9 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
         yield from _beam(model, features, config, max_len, prefix)
         return
     if config.strategy == "guided":
-        yield from _beam(model, features, config, max_len, prefix, constraint_for(features, vocab, config.guide_threshold))
+        if constraint is None:
+            constraint = constraint_for(features, vocab, config.guide_threshold)
+        yield from _beam(model, features, config, max_len, prefix, constraint)
         return
     generator = None
     if config.strategy == "sample":

@@ -146,10 +146,12 @@ def top_labels(model, image_or_features, k: int = 5) -> list[tuple[str, float]]:
 
 def describe_labels(pairs, digits: int = 0) -> str:
     """[(name, p), ...] -> "tabby cat 62%, Egyptian cat 21%" (what the app and the CLI print)."""
-    return ", ".join(f"{name} {_percent(p, digits)}" for name, p in pairs)
+    return ", ".join(f"{name} {percent(p, digits)}" for name, p in pairs)
 
 
-def _percent(p: float, digits: int = 0) -> str:
+def percent(p: float, digits: int = 0) -> str:
+    """A probability as a percentage with `digits` decimals; one above 0 that would round to 0 reads "<1%"
+    (or "<0.1%"), never "0%", which would say the model ruled the word out."""
     if 0 < p and round(p * 100, digits) == 0:
         return f"<{10 ** -digits:g}%"
     return f"{p * 100:.{digits}f}%"
@@ -206,7 +208,7 @@ class Constraint:
         for e in self.evidence:
             needs = e.threshold if calibrated else None
             groups.setdefault((round(e.confidence, 4), e.labels, needs), []).append(e.word)
-        why = "; ".join(f"{'/'.join(ws)} {_percent(conf)}{f' (needs {_percent(needs)})' if needs is not None else ''} "
+        why = "; ".join(f"{'/'.join(ws)} {percent(conf)}{f' (needs {percent(needs)})' if needs is not None else ''} "
                         f"from {describe_labels(lbls)}" for (conf, lbls, needs), ws in groups.items())
         text = f"guided: required one of {', '.join(self.words)} ({why})"
         if calibrated:
@@ -253,9 +255,9 @@ def constraint_for(features, vocab, threshold: float | None) -> Constraint:
         note = f"{', '.join(missing)} confident, but not in this model's vocabulary"
     if not confident and threshold is not None:
         best = max(conf, key=conf.get)
-        note = f"no mapped word reaches {_percent(threshold)}; the likeliest is {best}, {_percent(conf[best])}"
+        note = f"no mapped word reaches {percent(threshold)}; the likeliest is {best}, {percent(conf[best])}"
     elif not confident:
         best = max(conf, key=conf.get)
-        needs = f"needs {_percent(per_word[best])}" if best in per_word else "never required: no calibrated threshold"
-        note = f"no mapped word reaches its calibrated threshold; the likeliest is {best}, {_percent(conf[best])} ({needs})"
+        needs = f"needs {percent(per_word[best])}" if best in per_word else "never required: no calibrated threshold"
+        note = f"no mapped word reaches its calibrated threshold; the likeliest is {best}, {percent(conf[best])} ({needs})"
     return Constraint(tuple(known), tuple(evidence), threshold, note=note)

@@ -13,11 +13,6 @@ from .model import Captioner
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
 
-def load(src, *, revision: str | None = None, **kwargs) -> Captioner:
-    """A Captioner from a local folder or a Hub repo id (see Captioner.from_pretrained)."""
-    return Captioner.from_pretrained(src, revision=revision, **kwargs)
-
-
 def load_model(src=None, *, revision: str | None = None, precision: str = "auto") -> Captioner:
     """A model ready for inference from SRC, else $CAPTIONER_MODEL (at $CAPTIONER_REVISION), else the bundled
     default, at `precision` (auto | fp32 | bf16 | int8: captioner.precision.inference_plan); raises ModelLoadError."""
@@ -26,4 +21,5 @@ def load_model(src=None, *, revision: str | None = None, precision: str = "auto"
         if not (DEFAULT_MODEL / "model.safetensors").exists():
             raise ModelLoadError(f"the bundled default model is missing from {DEFAULT_MODEL}; pass --model FOLDER_OR_REPO_ID")
         src = DEFAULT_MODEL
-    return load(src, revision=revision or os.environ.get("CAPTIONER_REVISION") or None).optimize_for_inference(precision)
+    model = Captioner.from_pretrained(src, revision=revision or os.environ.get("CAPTIONER_REVISION") or None)
+    return model.optimize_for_inference(precision)

@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -34,7 +34,7 @@ from PIL import Image
 from .decode import Step, caption_batch, describe_stop, encode, stream
 from .generation import STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
-from .imagenet import describe_labels, labels as imagenet_labels
+from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
 from .model import ImageFeatures
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
 
@@ -161,7 +161,7 @@ def launch_options() -> dict[str, Any]:
 
 def configure_torch(threads: int | None = None) -> int:
     """Intra-op threads for inference: by default half the cores (at least 1), since up to CONCURRENCY
-    requests run side by side and an oversubscribed CPU serves everyone more slowly (measured: app.py's THREADS_HELP)."""
+    requests run side by side and an oversubscribed CPU serves everyone more slowly (measured: the comment above app.py's THREADS_HELP)."""
     n = threads or max(1, (os.cpu_count() or 1) // 2)
     torch.set_num_threads(n)
     return n
@@ -187,6 +187,13 @@ class ImageCache:
     labels: tuple[tuple[str, float], ...] | None = None
     # The photo as the encoder saw it, at most PHOTO_MAX_SIDE a side: the heatmaps' base (None: nothing attends).
     photo: Image.Image | None = None
+    constraints: dict = field(default_factory=dict, compare=False)  # guide_threshold -> guided decoding's Constraint
+
+    def constraint(self, vocab, threshold: float | None) -> Constraint:
+        """Guided decoding's requirement for this image: it depends on nothing else, so it is worked out once."""
+        if threshold not in self.constraints:
+            self.constraints[threshold] = constraint_for(self.features, vocab, threshold)
+        return self.constraints[threshold]
 
 
 @dataclass(frozen=True)
@@ -245,14 +252,6 @@ class PhotoError(gr.Error):
 # Views of the decoder's records
 
 
-def percent(p: float, digits: int = 0) -> str:
-    """A probability as a percentage with `digits` decimals; one above 0 that would round to 0 reads "<1%"
-    (or "<0.1%"), never "0%", which would say the model ruled the word out."""
-    if 0 < p and round(p * 100, digits) == 0:
-        return f"<{10 ** -digits:g}%"
-    return f"{p * 100:.{digits}f}%"
-
-
 def quoted(word: str) -> str:
     """A word as a list of words shows it: punctuation in quotes ("“,” 2%"), which bare reads as the list's own."""
     return word if any(c.isalnum() for c in word) else f"“{word}”"
@@ -305,11 +304,12 @@ def heatmap_view(step: Step | None, photo: Image.Image | None) -> dict:
 
 
 def decoding_record(decoding: Decoding, model_id: str, precision: str = "fp32") -> dict:
-    """What "Download decoding (JSON)" holds: the caption, every step's fields (word, probabilities, alternatives,
-    attention; not the last record's copy of the history), the settings, the model and the precision it ran at."""
-    steps = [{k: v for k, v in asdict(replace(s, history=())).items() if k != "history"} for s in decoding.steps]
+    """What "Download decoding (JSON)" holds: the caption, every step's record (Step.record), guided decoding's
+    constraint (which word was tried, whether it was kept, and why), the settings, the model and its precision."""
+    constraint = decoding.steps[-1].constraint if decoding.steps else None
     return {"model": model_id, "precision": precision, "caption": decoding.text, "stop": decoding.stop,
-            "settings": asdict(decoding.settings), "prefix": list(decoding.prefix), "steps": steps}
+            "settings": asdict(decoding.settings), "prefix": list(decoding.prefix),
+            "constraint": None if constraint is None else constraint.record(), "steps": [s.record() for s in decoding.steps]}
 
 
 def write_download(name: str, text: str) -> str:
@@ -402,8 +402,7 @@ class Handlers:
         except ImageError as e:
             raise PhotoError(str(e)) from None
         config = self.model.config
-        with torch.inference_mode():
-            features = encode(self.model, to_tensor(img, config))
+        features = encode(self.model, to_tensor(img, config))
         labels = None if features.labels is None else tuple(imagenet_labels(features, NUM_LABELS))
         return ImageCache(key, features, labels, encoder_view(img, config, PHOTO_MAX_SIDE) if self.uses_grid else None)
 
@@ -411,7 +410,8 @@ class Handlers:
 
     def _stream(self, cache: ImageCache, settings: GenerationConfig, prefix: Sequence[int] = ()) -> Iterator[Step]:
         try:
-            yield from stream(self.model, config=settings, features=cache.features, prefix=prefix)
+            constraint = cache.constraint(self.model.vocab, settings.guide_threshold) if settings.strategy == "guided" else None
+            yield from stream(self.model, config=settings, features=cache.features, prefix=prefix, constraint=constraint)
         except ValueError as e:  # a setting out of range (decode.stream says which and why)
             raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
 
@@ -617,8 +617,7 @@ class Handlers:
             records.append(rec)
         if good:
             try:
-                with torch.inference_mode():
-                    texts = caption_batch(self.model, [img for _, img in good], replace(settings, num_alternatives=0))
+                texts = caption_batch(self.model, [img for _, img in good], replace(settings, num_alternatives=0))
             except ValueError as e:
                 raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
             for (rec, _), text in zip(good, texts):

@@ -12,7 +12,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from captioner import load
+from captioner import Captioner
 from captioner.decode import caption, stream
 from tiny import app_env, assert_all_different, endless_model_dir, free_port, serve_demo, start_app
 
@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return load(model_dir)
+    return Captioner.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from captioner.decode import stream
 from captioner.imagenet import describe_labels, top_labels
-from captioner.ui import percent
+from captioner.imagenet import percent
 from tiny import attend_model, endless_model_dir, serve_demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +43,10 @@ def served(tmp_path_factory):
         model = load_model()  # $CAPTIONER_MODEL, else the bundled default, as app.py does
         label = os.environ.get("CAPTIONER_MODEL") or "captioner/default_model (bundled)"
     else:
-        from captioner import load
+        from captioner import Captioner
 
         folder = endless_model_dir(tmp_path_factory.mktemp("browser_model"), 8)  # 8-word captions
-        model, label = load(folder), "tiny random model (tests)"
+        model, label = Captioner.from_pretrained(folder), "tiny random model (tests)"
     with serve_demo(model, label) as url:
         yield url, model, real
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import Captioner, CaptionerConfig, ImageError, ModelLoadError, Vocabulary, load, preprocess
+from captioner import Captioner, CaptionerConfig, ImageError, ModelLoadError, Vocabulary, preprocess
 from captioner.decode import caption, caption_batch, rescore, stream
 from captioner.model import caption_loss
 from captioner.vocab import detokenize, tokenize
@@ -109,14 +109,14 @@ def test_strict_loading_rejects_wrong_files(tmp_path):
     extra = dict(state, **{"decoder.extra": torch.zeros(1)})
     save_file(extra, d / "model.safetensors")
     with pytest.raises(ModelLoadError, match="unexpected"):
-        load(d)
+        Captioner.from_pretrained(d)
     state.pop("decoder.head.bias")
     save_file(state, d / "model.safetensors")
     with pytest.raises(ModelLoadError, match="missing"):
-        load(d)
+        Captioner.from_pretrained(d)
     (d / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ModelLoadError, match="corrupted or truncated"):
-        load(d)
+        Captioner.from_pretrained(d)
     assert not (d / "pytorch_model.bin").exists()  # never falls back to a pickle
 
 
@@ -129,16 +129,16 @@ def test_load_errors_for_config_and_vocab(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "format_version": 99}))
     with pytest.raises(ModelLoadError, match="newer"):
-        load(d)
+        Captioner.from_pretrained(d)
     (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
     with pytest.raises(ModelLoadError, match="hidden_size"):
-        load(d)
+        Captioner.from_pretrained(d)
     (d / "config.json").write_text(json.dumps(cfg))
     Vocabulary(WORDS[:-1]).save(d)
     with pytest.raises(ModelLoadError, match=r"7 words.*vocab_size=8"):
-        load(d)
+        Captioner.from_pretrained(d)
     with pytest.raises(ModelLoadError, match="does not exist"):
-        load(tmp_path / "nowhere")
+        Captioner.from_pretrained(tmp_path / "nowhere")
 
 
 def test_load_errors_for_shapes_json_vocab_and_backbone(tmp_path):
@@ -152,20 +152,20 @@ def test_load_errors_for_shapes_json_vocab_and_backbone(tmp_path):
     tiny_model(hidden_size=24).save_pretrained(tmp_path / "wide")
     shutil.copy(tmp_path / "wide" / "model.safetensors", d / "model.safetensors")
     with pytest.raises(ModelLoadError, match=r"has shape \(96, 16\), the config needs \(64, 16\)"):
-        load(d)
+        Captioner.from_pretrained(d)
     tiny_model().save_pretrained(d)
     (d / "config.json").write_text('{"backbone": "test_efficientnet", ')  # cut off
     with pytest.raises(ModelLoadError, match="bad config.json"):
-        load(d)
+        Captioner.from_pretrained(d)
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "vocab.json").unlink()
     with pytest.raises(ModelLoadError, match="missing vocab.json"):
-        load(d)
+        Captioner.from_pretrained(d)
     # a config naming a backbone timm does not know: a ModelLoadError with timm's reason, not timm's RuntimeError
     tiny_model().save_pretrained(d)
     (d / "config.json").write_text(json.dumps({**cfg, "backbone": "no_such_backbone"}))
     with pytest.raises(ModelLoadError, match="no_such_backbone"):
-        load(d)
+        Captioner.from_pretrained(d)
 
 
 # ---------------------------------------------------------------- decoding

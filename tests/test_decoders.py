@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import GenerationConfig, ImageFeatures, ModelLoadError, load
+from captioner import GenerationConfig, ImageFeatures, ModelLoadError, Captioner
 from captioner.decode import caption, caption_batch, encode, final, generate_batch, rescore, stream
 from tiny import WORDS, assert_all_different, scripted_model, tiny_model
 
@@ -174,7 +174,7 @@ def test_generate_batch_matches_greedy(distinct_of):
 def test_save_load_round_trip(decoder, tmp_path):
     m = model_of(decoder, 7, image_size=64)
     m.save_pretrained(tmp_path)
-    back = load(tmp_path)
+    back = Captioner.from_pretrained(tmp_path)
     assert back.config.decoder == decoder
     assert caption(back, photo(), strategy="beam") == caption(m, photo(), strategy="beam")
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -187,11 +187,11 @@ def test_old_configs_without_a_decoder_field_load_as_show_tell(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     del cfg["decoder"], cfg["attention_size"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert load(tmp_path).config.decoder == "show-tell"
+    assert Captioner.from_pretrained(tmp_path).config.decoder == "show-tell"
     cfg["decoder"] = "transformer"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="decoder='transformer'"):
-        load(tmp_path)
+        Captioner.from_pretrained(tmp_path)
 
 
 # ---------------------------------------------------------------- one settings object

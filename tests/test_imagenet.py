@@ -31,13 +31,13 @@ def photo(seed=0):
 
 
 def test_head_round_trip_through_save_and_load(tmp_path):
-    from captioner import load
+    from captioner import Captioner
     from captioner.decode import encode
 
     m = with_head(1, hot=[283])
     m.save_pretrained(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["imagenet_head"] is True
-    loaded = load(tmp_path / "m")
+    loaded = Captioner.from_pretrained(tmp_path / "m")
     for name in ("weight", "bias"):
         assert torch.equal(getattr(loaded.encoder.classifier, name), getattr(m.encoder.classifier, name))
     assert not any(p.requires_grad for p in loaded.encoder.classifier.parameters())  # never trained
@@ -50,7 +50,7 @@ def test_head_round_trip_through_save_and_load(tmp_path):
 
 
 def test_a_model_without_the_head_has_none_and_old_configs_load(tmp_path):
-    from captioner import load
+    from captioner import Captioner
     from captioner.decode import encode
     from captioner.imagenet import top_labels
 
@@ -60,7 +60,7 @@ def test_a_model_without_the_head_has_none_and_old_configs_load(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg.pop("imagenet_head")  # written before the field existed
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    loaded = load(tmp_path / "m")  # strict: no unexpected or missing tensors
+    loaded = Captioner.from_pretrained(tmp_path / "m")  # strict: no unexpected or missing tensors
     assert loaded.config.imagenet_head is False and encode(loaded, photo()).labels is None
     assert top_labels(loaded, photo()) == []
 

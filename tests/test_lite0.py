@@ -106,11 +106,11 @@ def test_optimize_for_inference_matches_plain_path():
 
 @pytest.mark.slow
 def test_default_model_loads_and_captions_without_timm_or_torchvision():
-    from captioner import load
+    from captioner import Captioner
 
     from captioner.preprocess import preprocess_batch
 
-    model = load(ROOT / "captioner" / "default_model")
+    model = Captioner.from_pretrained(ROOT / "captioner" / "default_model")
     assert isinstance(model.encoder.backbone, EfficientNetLite0)  # loaded strictly: the checkpoint's keys are timm's
     ref = timm_lite0().eval()
     ref.load_state_dict(model.encoder.backbone.state_dict(), strict=True)

@@ -55,7 +55,7 @@ def test_autocast_runs_the_forward_in_bf16():
 
 @pytest.mark.slow
 def test_tiny_bf16_run_trains_and_saves_a_float32_model_that_loads(tmp_path):
-    from captioner.loading import load
+    from captioner.model import Captioner
     from train.config import parse_args
     from train.train import train
 
@@ -70,7 +70,7 @@ def test_tiny_bf16_run_trains_and_saves_a_float32_model_that_loads(tmp_path):
     with safe_open(out / "best" / "model.safetensors", "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()}
     assert dtypes == {torch.float32}
-    model = load(out / "best")
+    model = Captioner.from_pretrained(out / "best")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # the checkpoint the run would resume from holds float32 weights and optimizer state too
     for ckpt in (out / "checkpoint" / "model.safetensors", out / "checkpoint" / "optimizer.safetensors"):

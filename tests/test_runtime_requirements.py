@@ -4,7 +4,6 @@ first on PYTHONPATH: the nearest thing to an install without it on a machine whe
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file

@@ -21,7 +21,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from captioner import load
+from captioner import Captioner
 from captioner.decode import caption, stream
 from captioner.hub import ModelLoadError
 from captioner.preprocess import open_image
@@ -135,7 +135,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return load(model_dir)
+    return Captioner.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +305,7 @@ def test_32_clients_10_captions_each(app_process, distinct, distinct_dir):
 
 
 def _failed_load(monkeypatch, *args, builds: int = 0, **kw) -> ModelLoadError:
-    """load(*args, **kw), which must raise ModelLoadError after reading the weights at most once and building
+    """Captioner.from_pretrained(*args, **kw), which must raise ModelLoadError after reading the weights at most once and building
     `builds` models (0: the fault is found in the files, before any model is built)."""
     import safetensors.torch
 
@@ -316,7 +316,7 @@ def _failed_load(monkeypatch, *args, builds: int = 0, **kw) -> ModelLoadError:
     monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: reads.append(a) or real_read(*a, **k))
     monkeypatch.setattr(Captioner, "__init__", lambda self, *a, **k: built.append(a) or real_init(self, *a, **k))
     with pytest.raises(ModelLoadError) as e:
-        load(*args, **kw)
+        Captioner.from_pretrained(*args, **kw)
     assert len(reads) <= 1, f"the weights were read {len(reads)} times"
     assert len(built) == builds, f"{len(built)} models built, expected {builds}"
     return e.value
@@ -325,7 +325,7 @@ def _failed_load(monkeypatch, *args, builds: int = 0, **kw) -> ModelLoadError:
 @pytest.fixture
 def broken(tmp_path):
     tiny_model(seed=3).save_pretrained(tmp_path / "m")
-    load(tmp_path / "m")  # warm: imports, and a good load works
+    Captioner.from_pretrained(tmp_path / "m")  # warm: imports, and a good load works
     return tmp_path / "m"
 
 

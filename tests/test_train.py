@@ -138,9 +138,9 @@ def test_train_evaluate_export_and_scst(tmp_path):
     final = json.loads((out / "final_metrics.json").read_text())
     assert set(final) == {"greedy", "beam 2"}
     # the exported best model loads, with the vocabulary built from the training split only
-    from captioner import load
+    from captioner import Captioner
 
-    best = load(out / "best")
+    best = Captioner.from_pretrained(out / "best")
     assert "cyclist" in best.vocab.stoi and "today" in best.vocab.stoi
     assert json.loads((out / "best" / "config.json").read_text())["extra"]["trained_epochs"] >= 1
     # export: Hub folder + model card with the metrics, the data's terms and citation
@@ -149,7 +149,7 @@ def test_train_evaluate_export_and_scst(tmp_path):
     card = (tmp_path / "export" / "README.md").read_text()
     assert "Hodosh" in card and "| greedy |" in card and "| beam 2 |" in card and "research" in card
     assert "`test_efficientnet` (timm), randomly initialised (no ImageNet weights)" in card  # the run's own backbone, --no-pretrained
-    assert load(tmp_path / "export").vocab == best.vocab
+    assert Captioner.from_pretrained(tmp_path / "export").vocab == best.vocab
     # evaluate CLI scores any saved model on any split
     ev = run_here("train.evaluate", ["--model", str(out / "best"), "--data", str(data), "--split", "dev", "--json"])
     assert ev.returncode == 0, ev.stderr
@@ -170,19 +170,19 @@ def test_train_evaluate_export_and_scst(tmp_path):
 
 def test_scst_from_a_saved_model_keeps_its_vocabulary_and_sizes(tmp_path):
     """--init starts from an exported model (self-critical after teacher forcing) instead of a fresh one."""
-    from captioner import load
+    from captioner import Captioner
 
     data = write_dataset(tmp_path / "data")
     first = tmp_path / "xe"
     assert run_train(tiny_args(data, first, epochs=1)).returncode == 0
-    start = load(first / "best")
+    start = Captioner.from_pretrained(first / "best")
     out = tmp_path / "scst"
     # sizes and min-freq given here differ from the saved model's: the saved model's own win
     r = run_train(tiny_args(data, out, **{"init": first / "best", "epochs": 0, "scst-epochs": 1, "scst-batch-images": 4,
                                           "scst-samples": 3, "scst-top-k": 2, "hidden-size": 24, "min-freq": 3}))
     assert r.returncode == 0, r.stderr[-3000:]
     assert [h["phase"] for h in read_metrics(out)] == ["scst"]
-    best = load(out / "best")
+    best = Captioner.from_pretrained(out / "best")
     assert best.vocab == start.vocab and best.config.hidden_size == start.config.hidden_size == 16
     extra = json.loads((out / "best" / "config.json").read_text())["extra"]
     assert extra["init"] == "xe" and extra["init_trained_epochs"] == 1
@@ -245,8 +245,6 @@ def test_teacher_forcing_loss_falls_on_a_tiny_dataset(tmp_path):
 
 def test_scst_xe_weight_mixes_in_teacher_forcing(tmp_path):
     """--scst-xe-weight adds teacher forcing to the self-critical steps: same seed, different weights; bad values are refused."""
-    from captioner import load
-
     data = write_dataset(tmp_path / "data")
     common = {"epochs": 1, "scst-epochs": 1, "scst-batch-images": 4, "scst-samples": 2, "scst-lr": 1e-2, "eval-beam": 0}
     runs = {}
@@ -481,7 +479,7 @@ def test_sweep_runs_each_combination_once_and_tabulates_them(tmp_path):
 
 
 def test_embed_init_sets_the_scale_of_the_word_vectors(tmp_path):
-    from captioner.loading import load
+    from captioner.model import Captioner
 
     data = write_dataset(tmp_path / "data")
     stds = {}
@@ -489,7 +487,7 @@ def test_embed_init_sets_the_scale_of_the_word_vectors(tmp_path):
         out = tmp_path / f"run{init}"
         r = run_train(tiny_args(data, out, epochs=1, **{"eval-beam": 0, "embed-init": init, "embed-size": 64}))
         assert r.returncode == 0, r.stderr[-3000:]
-        stds[init] = float(load(out / "best").decoder.embed.weight.detach().std())
+        stds[init] = float(Captioner.from_pretrained(out / "best").decoder.embed.weight.detach().std())
     assert stds[0.0] > 0.8  # PyTorch's N(0, 1), barely moved by 10 steps
     assert 0.03 < stds[0.05] < 0.08
 
@@ -533,7 +531,7 @@ def test_split_backbone_top_of_bottom_is_the_backbone():
 
 
 def test_tune_top_stages_trains_only_the_last_stages_on_cached_maps(tmp_path):
-    from captioner import load
+    from captioner import Captioner
     from train.features import cache_key, extract_features, split_backbone, top_parameter_names
     from train.inputs import pooled_features
 
@@ -543,7 +541,7 @@ def test_tune_top_stages_trains_only_the_last_stages_on_cached_maps(tmp_path):
     r = run_train(tiny_args(data, tuned, **common, **{"tune-top-stages": 1}))
     assert r.returncode == 0, r.stderr[-3000:]
     assert run_train(tiny_args(data, plain, **common)).returncode == 0
-    a, b = load(tuned / "checkpoint"), load(plain / "checkpoint")  # same seed: the same initial weights
+    a, b = Captioner.from_pretrained(tuned / "checkpoint"), Captioner.from_pretrained(plain / "checkpoint")  # same seed: the same initial weights
     top = top_parameter_names(a.encoder.backbone, 1)
     sa, sb = a.encoder.backbone.state_dict(), b.encoder.backbone.state_dict()
     assert top and all(torch.equal(sa[k], sb[k]) for k in sa if k not in top)  # the bottom stayed frozen
@@ -572,7 +570,7 @@ def test_two_layer_lstm_trains_saves_loads_and_captions_identically(tmp_path):
     """--num-layers 2: a tiny two-layer model trains (both phases), its checkpoint loads with the same weights and
     captions, and decoding step by step (start/step, one lstm_cell per layer) gives the teacher-forcing logits."""
     from captioner.decode import caption_batch
-    from captioner.loading import load
+    from captioner.model import Captioner
     from train.config import parse_args
     from train.train import Trainer
 
@@ -589,7 +587,7 @@ def test_two_layer_lstm_trains_saves_loads_and_captions_identically(tmp_path):
     model = trainer.model.eval()
     assert model.decoder.lstm.num_layers == 2 and set(result["final"]) == {"greedy", "beam 2"}
     assert not torch.equal(first["decoder.lstm.weight_ih_l1"], model.state_dict()["decoder.lstm.weight_ih_l1"])  # layer 2 learned
-    saved = load(tmp_path / "run" / "checkpoint")
+    saved = Captioner.from_pretrained(tmp_path / "run" / "checkpoint")
     assert saved.config.num_layers == 2
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
     images = sorted(str(p) for p in (data / "Images").iterdir())
@@ -612,7 +610,7 @@ def test_two_layer_lstm_trains_saves_loads_and_captions_identically(tmp_path):
 def test_finetune_backbone_trains_the_cnn_and_scores_dev_with_it(tmp_path):
     """--finetune-backbone (raw images, no feature cache): a tiny epoch changes the CNN's weights, the dev loss it logs
     is the trained CNN's, and the saved model loads. Also --limit-train / --limit-val."""
-    from captioner.loading import load
+    from captioner.model import Captioner
     from captioner.preprocess import preprocess_batch
     from train.data import collate_captions, load_dataset
     from train.inputs import encode_captions
@@ -626,7 +624,7 @@ def test_finetune_backbone_trains_the_cnn_and_scores_dev_with_it(tmp_path):
     assert "data: 4 train images, 2 val images" in r.stderr
     assert not (tmp_path / "cache").exists()  # images go through the CNN every step: nothing cached
     assert run_train(tiny_args(data, plain, **common)).returncode == 0
-    a, b = load(tuned / "best"), load(plain / "best")  # same seed: the same initial weights
+    a, b = Captioner.from_pretrained(tuned / "best"), Captioner.from_pretrained(plain / "best")  # same seed: the same initial weights
     assert a.config.train_backbone and not b.config.train_backbone
     sa, sb = a.encoder.backbone.state_dict(), b.encoder.backbone.state_dict()
     assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.endswith("weight") and "conv" in k)  # the CNN learned
@@ -643,7 +641,7 @@ def test_finetune_backbone_trains_the_cnn_and_scores_dev_with_it(tmp_path):
 def test_attend_decoder_trains_through_the_same_loop(tmp_path):
     """--decoder attend: the same loop (teacher forcing, self-critical, augmented views, beam eval) trains a decoder
     that attends over cached spatial maps; no edit to the loop."""
-    from captioner.loading import load
+    from captioner.model import Captioner
 
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "run"
@@ -653,7 +651,7 @@ def test_attend_decoder_trains_through_the_same_loop(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert [h["phase"] for h in read_metrics(out)] == ["xe", "scst"]
     assert set(json.loads((out / "final_metrics.json").read_text())) == {"greedy", "beam 2"}
-    best = load(out / "best")
+    best = Captioner.from_pretrained(out / "best")
     assert best.config.decoder == "attend" and best.config.attention_size == 8
     ex = run_here("train.export", ["--run", str(out), "--out", str(tmp_path / "export")])
     assert ex.returncode == 0, ex.stderr

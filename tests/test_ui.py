@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import load
+from captioner import Captioner
 from captioner.decode import Step, caption, stream
 from captioner.generation import STRATEGIES, GenerationConfig
 from captioner.heatmap import attention_overlay
 from captioner.imagenet import describe_labels, top_labels
 from captioner.preprocess import encoder_view
-from captioner.ui import (APP_DEFAULTS, PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted,
-                          percent, table_row)
+from captioner.ui import (APP_DEFAULTS, PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, table_row)
+from captioner.imagenet import percent
 from tiny import assert_all_different, attend_model, tiny_model
 
 SETTINGS = [
@@ -52,7 +52,7 @@ def model(tmp_path_factory):
         m.decoder.head.bias[2] -= 2.0  # <EOS> less likely but possible: some captions end early
     folder = tmp_path_factory.mktemp("tiny_model")
     m.save_pretrained(folder)
-    return load(folder)
+    return Captioner.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -635,7 +635,7 @@ def attend(tmp_path_factory):
     """A tiny attention decoder with an ImageNet head, saved and loaded back as the app would load it."""
     folder = tmp_path_factory.mktemp("tiny_attend")
     attend_model(seed=3).save_pretrained(folder)
-    return load(folder)
+    return Captioner.from_pretrained(folder)
 
 
 @pytest.fixture
@@ -764,7 +764,7 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
     with torch.no_grad():
         m.encoder.classifier.bias[dog] = 60.0  # the CNN is sure it is a dog
     m.save_pretrained(tmp_path / "m")
-    h = Handlers(load(tmp_path / "m"), word_delay=0)
+    h = Handlers(Captioner.from_pretrained(tmp_path / "m"), word_delay=0)
     assert h.settings(guide_threshold=0.3).guide_threshold == 0.3
     assert h.settings(guide_threshold=None).guide_threshold == GenerationConfig().guide_threshold
     page, _ = run_page({}, h.page_caption(photo_path, strategy="guided", guide_threshold=0.4))

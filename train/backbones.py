@@ -167,9 +167,9 @@ def main(argv=None) -> int:
     add.add_argument("model", help="model folder")
     add.add_argument("--out", default=None, help="write here instead of over MODEL")
     args = p.parse_args(argv)
-    from captioner.loading import load
+    from captioner.model import Captioner
 
-    model = load(args.model)
+    model = Captioner.from_pretrained(args.model)
     if model.config.imagenet_head:
         print(f"{args.model} already has its ImageNet head", file=sys.stderr)
         return 0

@@ -139,7 +139,7 @@ def check(labels, references: Sequence[Sequence[str]], thresholds: dict[str, flo
 def format_check(result: dict, thresholds: dict[str, float], global_threshold: float = 0.25) -> str:
     g, c = result["global"], result["calibrated"]
     pct = lambda a, b: f"{a}/{b} = {a / max(1, b):.1%}"  # noqa: E731
-    lines = [f"| thresholds | photos with a requirement | a reference has a required word | a reference names one (concept words) |",
+    lines = ["| thresholds | photos with a requirement | a reference has a required word | a reference names one (concept words) |",
              "|---|---|---|---|",
              f"| global {global_threshold:g} | {g['required']} of {g['photos']} | {pct(g['word_in_reference'], g['required'])} | {pct(g['named'], g['required'])} |",
              f"| calibrated per word | {c['required']} of {c['photos']} | {pct(c['word_in_reference'], c['required'])} | {pct(c['named'], c['required'])} |",

@@ -71,11 +71,11 @@ def load_checkpoint(folder: Path):
     """(model, optimizer state dict, trainer record) of a checkpoint; restores the CPU random state it saved."""
     from safetensors.torch import load_file
 
-    from captioner.loading import load
+    from captioner.model import Captioner
 
     if not folder.exists() and folder.with_name(folder.name + ".old").exists():
         folder = folder.with_name(folder.name + ".old")  # interrupted during the swap
-    model = load(folder)
+    model = Captioner.from_pretrained(folder)
     meta = json.loads((folder / TRAINER_FILE).read_text())
     opt_state = optimizer_from_files(load_file(str(folder / "optimizer.safetensors")), meta.pop("optimizer"))
     torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])

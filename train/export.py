@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from captioner.hub import MODEL_FILES
-from captioner.loading import load
+from captioner.model import Captioner
 from train.backbones import weights_source
 from train.checkpoint import trainer_state
 
@@ -177,7 +177,7 @@ def _halve(weights: Path) -> None:
 
 def export(run: Path, out: Path, *, repo_hint: str = "path/to/model", half: bool = False) -> Path:
     best = run / "best"
-    model = load(best)
+    model = Captioner.from_pretrained(best)
     final = json.loads((run / "final_metrics.json").read_text()) if (run / "final_metrics.json").exists() else {}
     train_config = _train_config(run)
     tmp = out.with_name(out.name + ".tmp")
@@ -190,7 +190,7 @@ def export(run: Path, out: Path, *, repo_hint: str = "path/to/model", half: bool
     (tmp / "README.md").write_text(model_card(model, run, final, train_config, repo_hint))
     if (run / "plot.png").exists():
         shutil.copy2(run / "plot.png", tmp / "training.png")
-    load(tmp)  # the exported folder must load before it replaces anything
+    Captioner.from_pretrained(tmp)  # the exported folder must load before it replaces anything
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -60,10 +60,10 @@ def main(argv=None) -> int:
         return _fail(f"model folder {str(folder)!r} does not exist (or is not a folder)")
 
     from captioner.hub import MODEL_FILES, ModelLoadError
-    from captioner.loading import load
+    from captioner.model import Captioner
 
     try:
-        load(folder)  # strict: refuses a folder that would not load back from the Hub
+        Captioner.from_pretrained(folder)  # strict: refuses a folder that would not load back from the Hub
     except ModelLoadError as e:
         return _fail(f"not a loadable captioner, nothing was published: {e}")
 

@@ -120,9 +120,9 @@ def start(cfg: TrainConfig, train_set, ckpt: Path, resume: bool, is_main: bool):
     meta = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}
     if not cfg.init:
         return cfg, new_model(cfg, train_set), None, meta, None
-    from captioner.loading import load
+    from captioner.model import Captioner
 
-    model = load(cfg.init)  # its vocabulary, sizes and backbone weights carry on
+    model = Captioner.from_pretrained(cfg.init)  # its vocabulary, sizes and backbone weights carry on
     c = model.config
     cfg = replace(cfg, backbone=c.backbone, decoder=c.decoder, attention_size=c.attention_size, embed_size=c.embed_size,
                   attention_score=c.attention_score, region_size=c.region_size,
@@ -351,10 +351,10 @@ class Trainer:
 
     def final_scores(self) -> dict:
         """Greedy and beam scores of the best model on the dev split (final_metrics.json)."""
-        from captioner.loading import load
+        from captioner.model import Captioner
         from train.evaluate import format_table, score
 
-        best = load(self.out / "best").to(self.device)
+        best = Captioner.from_pretrained(self.out / "best").to(self.device)
         feats = self.inputs.val_features(best)  # (N, F), through the best model's own trained parts
         refs, beam = self.inputs.val_references, self.cfg.eval_beam
         rows = {"greedy": score(decode_val(best, feats, self.device, strategy="greedy"), refs),
