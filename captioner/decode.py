@@ -382,6 +382,8 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
             return True
         if len(ends) < beam_size:
             return False
+        if beam_size == 1:  # the first end, as greedy decoding: beam search of size 1 is greedy, word for word
+            return True
         best_live = max(h.score for h in hyps) / max(1, t + 1) ** config.length_penalty
         return best_live <= ends[beam_size - 1]
 

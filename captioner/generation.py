@@ -24,9 +24,11 @@ class GenerationConfig:
                                  "of with and without the required word)")
     length_penalty: float = _setting(1.0, "beam search and guided: a caption's log-probability is divided by its length "
                                           "to this power (0 = none; higher favours longer captions)")
-    guide_threshold: float = _setting(0.25, "guided: a caption word is required when the ImageNet labels that map to it "
-                                            "(captioner/data/imagenet_words.json) sum to this probability (how 0.25 was "
-                                            "chosen: docs/guided.md)")
+    guide_threshold: float | None = _setting(None, "guided: how sure the CNN's ImageNet labels for a caption word must be "
+                                                   "(their summed probability) before the caption must use it. None: each "
+                                                   "word's own threshold, calibrated on the training photos "
+                                                   "(captioner/data/imagenet_thresholds.json, docs/guided.md); a number: "
+                                                   "that one threshold for every mapped word")
     temperature: float = _setting(1.0, "sampling: below 1 sharpens the distribution, above 1 flattens it")
     top_k: int = _setting(0, "sampling: draw only from the K likeliest words (0 = all)")
     top_p: float = _setting(0.9, "sampling: draw only from the smallest set of words whose probability reaches P (nucleus)")
@@ -46,7 +48,7 @@ class GenerationConfig:
             raise ValueError(f"max_len={self.max_len}: expected at least 1 word")
         if self.beam_size < 1:
             raise ValueError(f"beam_size={self.beam_size}: expected 1 or more")
-        if not 0 < self.guide_threshold <= 1:
+        if self.guide_threshold is not None and not 0 < self.guide_threshold <= 1:
             raise ValueError(f"guide_threshold={self.guide_threshold}: expected a probability in (0, 1]")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature}: expected a positive number")

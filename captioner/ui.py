@@ -363,6 +363,10 @@ def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationCon
                 continue
             if name == "seed":
                 out[name] = None if int(value) < 0 else int(value)
+            elif name == "guide_threshold" and float(value) == 0:
+                out[name] = None  # the slider's 0: each word's calibrated threshold
+            elif GenerationConfig.kind(name) is bool:
+                out[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
             else:
                 out[name] = int(round(float(value))) if GenerationConfig.kind(name) is int else GenerationConfig.kind(name)(value)
         return GenerationConfig.make(replace(APP_DEFAULTS, max_len=default_max_len), **out)
@@ -678,9 +682,9 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                 beam_size = gr.Slider(1, 10, value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search and guided")
                                 max_len = gr.Slider(1, max(50, model.config.max_len), value=model.config.max_len, step=1, precision=0,
                                                     label="Max length (words)")
-                            guide_threshold = gr.Slider(0.05, 1.0, value=d.guide_threshold, step=0.05, label="Guidance threshold",
-                                                        info="guided: a word is required when the CNN's ImageNet labels for it add up "
-                                                             "to this probability", elem_id="guide-threshold")
+                            guide_threshold = gr.Slider(0, 1.0, value=d.guide_threshold or 0, step=0.05, label="Guidance threshold",
+                                                        info="guided: how sure the CNN must be of a word before the caption must "
+                                                             "use it; 0 = each word's own, calibrated", elem_id="guide-threshold")
                             num_alternatives = gr.Slider(1, 10, value=d.num_alternatives, step=1, precision=0, label="Words shown per step")
                             with gr.Row():
                                 temperature = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05, label="Temperature", info="sampling")

@@ -250,10 +250,11 @@ def test_sampling_is_seedable():
 def test_no_repeat_ngram_blocks_repeats():
     m = tiny_model(1, max_len=12)
     img = photo()
-    for s in [stream(m, img, no_repeat_ngram=1), stream(m, img, strategy="beam", no_repeat_ngram=1)]:
+    plain = dict(block_function_words=True)  # every n-gram, function words too
+    for s in [stream(m, img, no_repeat_ngram=1, **plain), stream(m, img, strategy="beam", no_repeat_ngram=1, **plain)]:
         toks = list(s)[-1].tokens
         assert len(toks) == len(set(toks))
-    toks = list(stream(m, img, no_repeat_ngram=2))[-1].tokens
+    toks = list(stream(m, img, no_repeat_ngram=2, **plain))[-1].tokens
     bigrams = list(zip(toks, toks[1:]))
     assert len(bigrams) == len(set(bigrams))
 

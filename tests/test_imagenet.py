@@ -321,7 +321,12 @@ def test_the_shipped_thresholds_load_and_cover_only_mapped_words(tmp_path):
     assert all(0 < t <= 1 for t in ts.values())
     assert set(raw["thresholds"]) | set(raw["dropped"]) == set(word_classes())  # every mapped word: kept or dropped
     for w, r in raw["thresholds"].items():
-        assert r["support"] >= raw["support"] and r["precision"] >= raw["precision"], w
+        if r.get("thin"):  # too few photos for the main rule: the stricter one (train.calibrate.THIN_*)
+            from train.calibrate import THIN_FLOOR, THIN_SUPPORT
+
+            assert r["support"] >= THIN_SUPPORT and r["precision"] == 1.0 and r["threshold"] >= THIN_FLOOR, w
+        else:
+            assert r["support"] >= raw["support"] and r["precision"] >= raw["precision"], w
     # A concept's words share their classes and their names, so their thresholds.
     assert ts["dog"] == ts["dogs"] == ts["puppy"]
     bad = tmp_path / "t.json"
@@ -332,3 +337,17 @@ def test_the_shipped_thresholds_load_and_cover_only_mapped_words(tmp_path):
         bad.write_text(json.dumps({"thresholds": {"cat": {"threshold": t}}}))
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
             load_thresholds(bad)
+
+
+def test_calibrate_keeps_a_rarely_seen_word_only_where_the_cnn_is_sure_and_every_photo_names_it():
+    from train.calibrate import THIN_FLOOR, calibrate
+
+    labels = torch.zeros(6, 1000)
+    labels[0, 281], labels[1, 281], labels[2, 281] = 0.8, 0.6, 0.3  # three cat photos: too few for the main rule
+    labels[3, 504], labels[4, 504], labels[5, 504] = 0.9, 0.7, 0.6  # three "cup" photos, one not named
+    refs = [{"cat"}, {"cat"}, {"dog"}, {"cup"}, {"cup"}, {"table"}]
+    grid = [round(i / 10, 1) for i in range(1, 10)]
+    out = calibrate(labels, None, refs=refs, grid=grid)
+    assert out["thresholds"]["cat"] == {"threshold": THIN_FLOOR, "support": 2, "precision": 1.0, "thin": True}
+    assert "cup" not in out["thresholds"]  # at 0.5 one of three photos is not named
+    assert "cat" not in calibrate(labels, None, refs=refs, grid=grid, thin=False)["thresholds"]
