@@ -2,6 +2,7 @@
 and caption() agree, branching works, and it falls back cleanly (nothing confident, the word not in the vocabulary,
 no ImageNet head, no caption that can meet it)."""
 import dataclasses
+import math
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from captioner import GenerationConfig
-from captioner.decode import caption, caption_batch, encode, rescore, stream
+from captioner.decode import caption, caption_batch, encode, final, rescore, stream
 from tiny import WORDS, tiny_model
 
 DECODERS = ["show-tell", "attend"]
@@ -213,3 +214,32 @@ def test_guided_decoding_with_calibrated_per_word_thresholds(monkeypatch):
     monkeypatch.setattr(imagenet, "thresholds", lambda: {"cat": 0.5})  # no threshold for dog: never required
     last = list(stream(m, photo(), strategy="guided", beam_size=3))[-1]
     assert last.constraint.words == () and last.text == list(stream(m, photo(), strategy="beam", beam_size=3))[-1].text
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_constraint_is_kept_only_when_it_fits(decoder):
+    """The model rarely says "dog" (its bias -4): the caption with it is less likely per word than the best without.
+    Within the margin the constrained caption is kept; beyond it the caption is the one without the word, and the
+    constraint says which word was tried, that it did not fit, and both scores (inspector text and JSON)."""
+    m = model_of(decoder, 1)
+    img = photo()
+    kept = final(m, img, strategy="guided", guide_margin=math.inf)
+    c = kept.constraint
+    assert c.met is True and c.used == "dog" and "dog" in words_of(kept) and c.unfit is False
+    assert c.fit is not None and c.free is not None and c.free > c.fit  # the caption without "dog" is likelier
+    gap = c.free - c.fit
+    assert final(m, img, strategy="guided", guide_margin=gap + 0.01).constraint.met is True
+    dropped = final(m, img, strategy="guided", guide_margin=gap / 2)
+    d = dropped.constraint
+    assert d.met is False and d.unfit is True and d.used is None and "dog" not in words_of(dropped)
+    assert (d.fit, d.free) == pytest.approx((c.fit, c.free))
+    # the caption is the best one without the word: the same as with a margin of 0
+    assert dropped.text == final(m, img, strategy="guided", guide_margin=0.0).text
+    text = d.describe()
+    assert "could not fit" in text and "dog" in text and f"{d.fit:.2f}" in text and f"{d.free:.2f}" in text
+    record = json.loads(json.dumps(d.record()))
+    assert record["met"] is False and record["unfit"] is True and record["words"] == ["dog"]
+    assert record["fit"] == pytest.approx(d.fit) and record["free"] == pytest.approx(d.free) and record["margin"] == gap / 2
+    assert "could not fit" in record["text"]
+    with pytest.raises(ValueError, match="guide_margin"):
+        GenerationConfig(guide_margin=-1)

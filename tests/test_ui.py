@@ -778,6 +778,18 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
         info = h.inspect(decoding, n).info
         assert "**Guided:** required one of dog" in info and "golden retriever" in info and 'the caption uses "dog"' in info
         assert ("this step's word is the required one" in info) == (n - 1 == first_dog)
+    # The download says which constraint was tried and whether it was kept.
+    with open(h.download(decoding), encoding="utf-8") as f:
+        record = json.load(f)["constraint"]
+    assert record["words"] == ["dog"] and record["met"] is True and record["used"] == "dog" and record["unfit"] is False
+    # A constraint that does not fit (no margin at all for a less likely caption): the caption without the word,
+    # and the inspector says why.
+    tight, _ = run_page({}, h.page_caption(photo_path, page["cache"], strategy="guided", guide_threshold=0.4, guide_margin=0))
+    c = tight["decoding"].steps[-1].constraint
+    if c.unfit:  # the constrained caption was less likely than the free one
+        assert "dog" not in [s.word for s in tight["decoding"].steps] and "could not fit" in h.inspect(tight["decoding"], 1).info
+    else:
+        assert c.met and c.fit >= c.free
     # Not guided: no such line.
     plain, _ = run_page({}, h.page_caption(photo_path, page["cache"], strategy="beam"))
     assert "Guided" not in plain["info"]
