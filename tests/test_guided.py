@@ -149,7 +149,7 @@ def test_nothing_required_is_beam_search(decoder):
             notes[why] = c.describe()
         # beam size 1 without a requirement is greedy
         assert caption(m, photo(3), strategy="guided", beam_size=1) == caption(m, photo(3))
-    assert "no mapped word reaches 25%" in notes["nothing confident"]
+    assert "no mapped word reaches its calibrated threshold" in notes["nothing confident"]
     assert "cat, cats, kitten confident, but not in this model's vocabulary" in notes["word not in the vocabulary"]
     assert "no ImageNet head" in notes["no ImageNet head"]
 
@@ -176,8 +176,10 @@ def test_settings():
 
 
 def test_guided_names_the_subject_of_the_example_photos():
-    """The bundled model on examples/ (expectations in examples/subjects.json, written before any caption): unguided
-    greedy names 3 of the 6 subjects, guided decoding all 6 (docs/guided.md); at least 5 here."""
+    """The bundled model on examples/ (expectations in examples/subjects.json, written before any caption): guided
+    decoding names the cat, which beam search calls a dog; it requires nothing where train did not show the CNN's
+    word to be right (cup for the espresso, rocket for the missile: docs/guided.md), so no caption puts a subject
+    where it cannot be ("running through the cup"); the people are named as by beam search."""
     from captioner.loading import load_model
     from captioner.vocab import tokenize
     from conftest import ROOT
@@ -188,13 +190,15 @@ def test_guided_names_the_subject_of_the_example_photos():
     for name, spec in expectations.items():
         if name.startswith("_"):
             continue
-        last = list(stream(model, ROOT / "examples" / name, strategy="guided"))[-1]
+        last = final(model, ROOT / "examples" / name, strategy="guided")
         named[name] = bool(set(tokenize(last.text)) & set(spec["subject"]))
         if name == "cat.jpg":
             assert last.constraint.words[0] == "cat" and last.constraint.met and "Egyptian cat" in last.constraint.describe()
-        if name == "grace_hopper.jpg":  # a person in uniform: nothing is required, no "uniform"/"jersey" forced in
+        if name in ("coffee.jpg", "rocket.jpg", "grace_hopper.jpg"):  # nothing forced in where it would not fit
             assert last.constraint.words == ()
-    assert sum(named.values()) >= 5, named
+            assert name == "grace_hopper.jpg" or "no calibrated threshold" in last.constraint.describe()
+            assert not {"cup", "mug", "rocket", "uniform", "jersey"} & set(tokenize(last.text)), last.text
+    assert named["cat.jpg"] and sum(named.values()) >= 4, named
 
 
 def test_guided_decoding_with_calibrated_per_word_thresholds(monkeypatch):

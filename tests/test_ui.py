@@ -586,7 +586,7 @@ def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params[1:]}
     assert defaults["strategy"] == "guided" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
     assert defaults["temperature"] == 1.0 and defaults["top_k"] == 0 and defaults["top_p"] == 0.9 and defaults["seed"] == -1
-    assert defaults["guide_threshold"] == GenerationConfig().guide_threshold
+    assert defaults["guide_threshold"] == 0 and GenerationConfig().guide_threshold is None  # 0: calibrated per word
     assert demo._queue.default_concurrency_limit == 4 and demo._queue.max_size == 64
     assert any("tiny @ test" in str(c.get("props", {}).get("value")) for c in demo.config["components"])
 
@@ -703,7 +703,7 @@ def test_branching_shows_the_new_captions_heatmaps(attend_handlers, attend, phot
     alt = next(a for a in decoding.steps[t].alternatives if a.token != decoding.steps[t].token and a.word != "<EOS>")
     new, _ = run_page(page, attend_handlers.page_redecode(decoding, t + 1, alt.token, page["cache"]))
     branched = new["decoding"]
-    want = list(stream(attend, photo_path, prefix=(*decoding.tokens[:t], alt.token), max_len=attend.config.max_len))[-1]
+    want = list(stream(attend, photo_path, APP_DEFAULTS, prefix=(*decoding.tokens[:t], alt.token), max_len=attend.config.max_len))[-1]
     assert branched.tokens == want.tokens
     assert np.allclose([s.attention for s in branched.steps], [s.attention for s in want.caption_steps()], atol=1e-5)
     assert new["heatmap"]["label"].startswith(f"Where it looked for “{alt.word}”")  # the branch point is selected
