@@ -218,6 +218,12 @@ def test_upload_stream_inspect_branch(served, browser, tmp_path):
     assert seen[-1] == final.text
     texts = iter(s.text for s in want)  # what the box showed is a subsequence of the core's streamed texts
     assert all(v in texts for v in seen), "\n".join(["seen:", *seen, "core:", *[s.text for s in want]])
+    # The app's default (guided beam search) streams a caption that only grows: each partial caption is a prefix of
+    # the next and of the final one (words agreed by every candidate), never a word taken back.
+    words = [v.rstrip(".").split() for v in seen]
+    for a, b in zip(words, words[1:]):
+        assert b[: len(a)] == a, seen
+    assert all(final.text.rstrip(".").split()[: len(w)] == w for w in words), seen
     history = page.locator("#history").inner_text()
     for word in {model.vocab.itos[t] for t in final.tokens} - {"<EOS>"}:
         assert word in history
