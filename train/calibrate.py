@@ -155,12 +155,10 @@ def format_check(result: dict, thresholds: dict[str, float], global_threshold: f
 
 
 def main(argv=None) -> int:
+    from train.subjects import split_arguments
+
     p = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="train", help="calibrate on train; --check on dev")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--cache", default=".cache/features", help="backbone feature cache folder")
+    split_arguments(p, split="train", split_help="calibrate on train; --check on dev")
     p.add_argument("--out", default=None, help="write the thresholds here (JSON), e.g. captioner/data/imagenet_thresholds.json")
     p.add_argument("--precision", type=float, default=PRECISION)
     p.add_argument("--support", type=int, default=SUPPORT)

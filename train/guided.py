@@ -18,13 +18,10 @@ import sys
 
 def main(argv=None) -> int:
     from captioner.generation import add_arguments, from_arguments
+    from train.subjects import split_arguments
 
     p = argparse.ArgumentParser(prog="python -m train.guided", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="dev")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--cache", default=".cache/features", help="backbone feature cache folder")
+    split_arguments(p)
     p.add_argument("--margins", default="0,0.25,0.5,0.75,1,inf", help="comma-separated guide_margin values to score")
     add_arguments(p, only=("beam_size", "guide_threshold", "no_repeat_ngram", "block_function_words"))
     args = p.parse_args(argv)

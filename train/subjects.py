@@ -123,6 +123,17 @@ def recall_row(recall: dict[str, tuple[int, int]]) -> str:
     return f"{named}/{total} = {named / max(1, total):.1%}"
 
 
+def split_arguments(p: argparse.ArgumentParser, *, split: str = "dev", cache: str = ".cache/features",
+                    split_help: str | None = None) -> None:
+    """The flags of the commands that read one split's photos through the feature cache (subjects, calibrate,
+    guided)."""
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default=split, help=split_help)
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--cache", default=cache, help="backbone feature cache folder")
+
+
 def _features(model, images: list[str], cache_dir: str):
     """Every photo's ImageFeatures (eval mode: with ImageNet labels when the model has the head), the backbone run
     once per photo and cached."""
@@ -140,11 +151,7 @@ def main(argv=None) -> int:
     from train.evaluate import score
 
     p = argparse.ArgumentParser(prog="python -m train.subjects", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="dev")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--cache", default="/tmp/captioner-features", help="backbone feature cache folder")
+    split_arguments(p, cache="/tmp/captioner-features")
     p.add_argument("--decodings", default="greedy,beam3,guided1,guided3",
                    help="comma-separated: greedy, beamN, guidedN (guided with beam size N)")
     p.add_argument("--thresholds", default="0.5", help="comma-separated guide_threshold values for the guided rows")
