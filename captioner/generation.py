@@ -38,8 +38,9 @@ class GenerationConfig:
                                        "out of all 1,000 dev captions: docs/guided.md)")
     block_function_words: bool = _setting(False, "with no_repeat_ngram: block repeated n-grams of function words too "
                                                  "(\"in a ... in a\")")
-    guide_margin: float = _setting(10.0, "guided: keep the caption with the required word only when the best caption "
-                                         "without it is at most this much likelier per word (mean log-probability)")
+    guide_margin: float = _setting(0.5, "guided: keep the caption with the required word only when the best caption "
+                                        "without it is at most this much likelier per word (mean log-probability; "
+                                        "0.5 is the least that keeps the cat of examples/cat.jpg: docs/guided.md)")
     num_alternatives: int = _setting(5, "top-k alternatives recorded at every step (the inspector's words)")
 
     def __post_init__(self) -> None:

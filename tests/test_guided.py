@@ -17,6 +17,9 @@ from tiny import WORDS, tiny_model
 DECODERS = ["show-tell", "attend"]
 DOG = WORDS.index("dog")
 DOG_CLASSES = list(range(151, 269))
+# The mechanics of the constrained search, on tiny models that rarely say "dog": every constrained caption is kept
+# (the margin's own test is test_a_constraint_is_kept_only_when_it_fits).
+GUIDED = dict(strategy="guided", guide_margin=math.inf)
 CAT_CLASSES = list(range(281, 286))
 
 
@@ -49,7 +52,7 @@ def test_the_required_word_appears(decoder):
     m = model_of(decoder, 1)
     img = photo()
     assert "dog" not in words_of(list(stream(m, img, strategy="beam", beam_size=3))[-1])  # unguided: no dog
-    steps = list(stream(m, img, strategy="guided", beam_size=3))
+    steps = list(stream(m, img, **GUIDED, beam_size=3))
     last = steps[-1]
     assert "dog" in words_of(last) and last.stop in ("eos", "unk", "max_len")
     c = last.constraint
@@ -66,7 +69,7 @@ def test_the_required_word_appears(decoder):
 def test_streaming_equals_caption_and_batches(decoder):
     m = model_of(decoder, 2)
     img = photo(1)
-    s = dict(strategy="guided", beam_size=2)
+    s = dict(**GUIDED, beam_size=2)
     steps = list(stream(m, img, **s))
     assert caption(m, img, **s) == steps[-1].text == caption(m, img, GenerationConfig(**s))
     assert caption_batch(m, [img, photo(2)], **s)[0] == steps[-1].text
@@ -82,14 +85,14 @@ def test_streaming_equals_caption_and_batches(decoder):
 def test_branching_with_a_prefix(decoder):
     m = model_of(decoder, 3)
     img = photo(2)
-    base = list(stream(m, img, strategy="guided"))[-1]
+    base = list(stream(m, img, **GUIDED))[-1]
     first = base.caption_steps()[0]
     # not "." either: after a full stop guided decoding may only end, so a caption that starts with one cannot meet it
     alt = next(a.token for a in first.alternatives if a.token not in (first.token, DOG, WORDS.index(".")))
-    branched = list(stream(m, img, strategy="guided", prefix=[alt]))[-1]
+    branched = list(stream(m, img, **GUIDED, prefix=[alt]))[-1]
     assert branched.tokens[0] == alt and "dog" in words_of(branched) and branched.constraint.met
     # a prefix that already says the word meets the constraint
-    said = list(stream(m, img, strategy="guided", prefix=[WORDS.index("a"), DOG]))[-1]
+    said = list(stream(m, img, **GUIDED, prefix=[WORDS.index("a"), DOG]))[-1]
     assert said.tokens[:2] == (WORDS.index("a"), DOG) and said.constraint.met and said.constraint.used == "dog"
 
 
@@ -101,7 +104,7 @@ def test_guided_captions_end_at_their_full_stop():
         with torch.no_grad():
             m.decoder.head.bias[stop] += 1.5  # full stops early and often: the search must place "dog" before one
         for size in (1, 3):
-            last = list(stream(m, photo(seed), strategy="guided", beam_size=size))[-1]
+            last = list(stream(m, photo(seed), **GUIDED, beam_size=size))[-1]
             assert stop not in last.tokens[:-1], (seed, size, last.text)
             # nothing forces an early end and max_len (8) leaves room: every beam size can and must place "dog"
             assert last.constraint.met is True and "dog" in words_of(last), (seed, size, last.text)
@@ -114,17 +117,17 @@ def test_guided_when_no_beam_ends(size):
     m = model_of("show-tell", 5, max_len=6)
     with torch.no_grad():
         m.decoder.head.bias[[WORDS.index(w) for w in ("<EOS>", "<UNK>", ".")]] = -1e4
-    steps = list(stream(m, photo(3), strategy="guided", beam_size=size))
+    steps = list(stream(m, photo(3), **GUIDED, beam_size=size))
     last = steps[-1]
     assert last.stop == "max_len" and len(last.tokens) == 6 and all(s.stop is None for s in steps[:-1])
     assert last.constraint.met is True and "dog" in words_of(last)
-    assert caption(m, photo(3), strategy="guided", beam_size=size) == last.text
+    assert caption(m, photo(3), **GUIDED, beam_size=size) == last.text
 
 
 def test_falls_back_when_no_caption_can_meet_it():
     m = model_of("show-tell", 4)
     a, runs, eos = WORDS.index("a"), WORDS.index("runs"), WORDS.index("<EOS>")
-    last = list(stream(m, photo(), strategy="guided", prefix=[a, runs, eos]))[-1]  # forced to end before "dog"
+    last = list(stream(m, photo(), **GUIDED, prefix=[a, runs, eos]))[-1]  # forced to end before "dog"
     assert last.text == "A runs" and last.constraint.met is False and last.constraint.used is None
     assert "kept the unconstrained best" in last.constraint.describe()
 
@@ -140,7 +143,7 @@ def test_nothing_required_is_beam_search(decoder):
     notes = {}
     for why, m in cases.items():
         for size in (1, 3):
-            guided = list(stream(m, photo(3), strategy="guided", beam_size=size))
+            guided = list(stream(m, photo(3), **GUIDED, beam_size=size))
             beam = list(stream(m, photo(3), strategy="beam", beam_size=size))
             assert [dataclasses.replace(s, constraint=None, history=()) for s in guided] == \
                    [dataclasses.replace(s, history=()) for s in beam], why
@@ -148,7 +151,7 @@ def test_nothing_required_is_beam_search(decoder):
             assert c.words == () and c.met is None
             notes[why] = c.describe()
         # beam size 1 without a requirement is greedy
-        assert caption(m, photo(3), strategy="guided", beam_size=1) == caption(m, photo(3))
+        assert caption(m, photo(3), **GUIDED, beam_size=1) == caption(m, photo(3))
     assert "no mapped word reaches its calibrated threshold" in notes["nothing confident"]
     assert "cat, cats, kitten confident, but not in this model's vocabulary" in notes["word not in the vocabulary"]
     assert "no ImageNet head" in notes["no ImageNet head"]
@@ -159,8 +162,8 @@ def test_the_threshold_decides():
     m.encoder.classifier.bias[DOG_CLASSES] = 3.0  # dog classes together: about 0.6 with this head
     conf = float(encode(m, photo()).labels[0, DOG_CLASSES].sum())
     assert 0.2 < conf < 0.95
-    below = list(stream(m, photo(), strategy="guided", guide_threshold=conf + 0.01))[-1]
-    above = list(stream(m, photo(), strategy="guided", guide_threshold=conf - 0.01))[-1]
+    below = list(stream(m, photo(), **GUIDED, guide_threshold=conf + 0.01))[-1]
+    above = list(stream(m, photo(), **GUIDED, guide_threshold=conf - 0.01))[-1]
     assert below.constraint.words == () and above.constraint.words == ("dog",) and "dog" in words_of(above)
 
 
@@ -172,7 +175,7 @@ def test_settings():
         GenerationConfig(guide_threshold=0)
     with pytest.raises(ValueError, match="guide_threshold"):
         GenerationConfig(guide_threshold=1.5)
-    assert GenerationConfig.make(strategy="guided", guide_threshold=0.3).guide_threshold == 0.3
+    assert GenerationConfig.make(**GUIDED, guide_threshold=0.3).guide_threshold == 0.3
 
 
 def test_guided_names_the_subject_of_the_example_photos():
@@ -210,13 +213,13 @@ def test_guided_decoding_with_calibrated_per_word_thresholds(monkeypatch):
     m = model_of("show-tell", 1)
     monkeypatch.setattr(decode, "constraint_for", lambda f, v, t: imagenet.constraint_for(f, v, None))
     monkeypatch.setattr(imagenet, "thresholds", lambda: {"dog": 0.5})
-    last = list(stream(m, photo(), strategy="guided", beam_size=3))[-1]
+    last = list(stream(m, photo(), **GUIDED, beam_size=3))[-1]
     c = last.constraint
     assert c.words == ("dog",) and c.threshold is None and c.met and "dog" in words_of(last)
     assert "(needs 50%)" in c.describe() and "calibrated per word" in c.describe() and 'uses "dog"' in c.describe()
     assert json.loads(json.dumps(last.record()))  # the step's JSON form carries the None threshold
     monkeypatch.setattr(imagenet, "thresholds", lambda: {"cat": 0.5})  # no threshold for dog: never required
-    last = list(stream(m, photo(), strategy="guided", beam_size=3))[-1]
+    last = list(stream(m, photo(), **GUIDED, beam_size=3))[-1]
     assert last.constraint.words == () and last.text == list(stream(m, photo(), strategy="beam", beam_size=3))[-1].text
 
 
