@@ -18,6 +18,8 @@ import functools
 import hashlib
 import io
 import json
+import math
+import numbers
 import os
 import re
 import shutil
@@ -32,7 +34,7 @@ import torch
 from PIL import Image
 
 from .decode import Step, caption_batch, describe_stop, encode, stream
-from .generation import STRATEGIES, GenerationConfig
+from .generation import LIMITS, STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
 from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
 from .model import ImageFeatures
@@ -353,24 +355,85 @@ def read_upload(image) -> tuple[bytes | Image.Image, str]:
     return image, "image"
 
 
+def shown(value: Any, width: int = 24) -> str:
+    """A value as an error message quotes it: short (a 5,000-digit number is named by its length, not printed)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr (Python's 4,300-digit limit)
+        text = "a number"
+    if len(text) > width:
+        return f"{text[:width - 8]}… ({len(text):,} characters)"
+    return text
+
+
+def whole_number(name: str, value: Any, expected: str) -> int:
+    """An API or control value that must be a whole number: an int, a float with nothing after the point (sliders
+    send 3.0) or such a string. 1.5, NaN, infinities, booleans and 5,000-digit numbers are a ValueError that names the
+    value and says what is `expected`; nothing is rounded."""
+    bad = ValueError(f"{name}={shown(value)}: expected {expected}")
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) > 30:
+            raise bad
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        try:
+            value = float(text)
+        except ValueError:
+            raise bad from None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise bad
+
+
+def real_number(name: str, value: Any, expected: str) -> float:
+    """An API or control value that must be a finite number (NaN and infinities are a ValueError, as bad values are)."""
+    bad = ValueError(f"{name}={shown(value)}: expected {expected}")
+    if isinstance(value, bool):
+        raise bad
+    try:
+        number = float(value.strip() if isinstance(value, str) and len(value) <= 40 else value if not isinstance(value, str) else "x")
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None
+    if not math.isfinite(number):
+        raise bad
+    return number
+
+
 def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationConfig:
-    """The app's control values (any of them None or missing from an API client) -> a GenerationConfig.
-    Sliders send floats: integer settings are rounded; a negative or empty seed means a new one each run."""
+    """The app's control values (any of them None or missing from an API client) -> a GenerationConfig within the
+    app's limits (GenerationConfig.check_served: API events run with preprocess=False, so the sliders' ranges are
+    never enforced by Gradio; this is where every request's settings are). Integer settings take whole numbers only
+    (sliders send 3.0; 1.5 is an error, not rounded); a negative or empty seed means a new one each run."""
     out: dict[str, Any] = {}
     try:
         for name, value in values.items():
             if value is None or value == "":
                 continue
-            if name == "seed":
-                out[name] = None if int(value) < 0 else int(value)
-            elif name == "guide_threshold" and float(value) == 0:
-                out[name] = None  # the slider's 0: each word's calibrated threshold
-            elif GenerationConfig.kind(name) is bool:
+            if name not in GenerationConfig.names():
+                raise ValueError(f"unknown decoding setting {name!r}")
+            kind = GenerationConfig.kind(name)
+            expected = LIMITS[name].describe(kind is int, served=True) if name in LIMITS else "one of " + ", ".join(STRATEGIES)
+            if kind is bool:
                 out[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            elif kind is int:
+                number = whole_number(name, value, expected)
+                out[name] = None if name == "seed" and number < 0 else number
+                if not (name == "max_len" and number == default_max_len):  # the model's own length is always allowed
+                    GenerationConfig.check(name, out[name], served=True)  # the app's range named, before the library's
+            elif kind is float:
+                number = real_number(name, value, expected)
+                out[name] = None if name == "guide_threshold" and number == 0 else number  # the slider's 0: calibrated
+                if name in LIMITS:
+                    GenerationConfig.check(name, out[name], served=True)
             else:
-                out[name] = int(round(float(value))) if GenerationConfig.kind(name) is int else GenerationConfig.kind(name)(value)
+                out[name] = kind(value)
         return GenerationConfig.make(replace(APP_DEFAULTS, max_len=default_max_len), **out)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise gr.Error(f"bad decoding setting: {e}", title="Bad decoding setting", print_exception=False) from None
 
 
@@ -452,18 +515,23 @@ class Handlers:
         if choice is None or choice == "":
             raise gr.Error("Pick one of this step's words first, then re-decode.", title="No word picked", print_exception=False)
         t = self._index(decoding, step_number)
-        if int(choice) not in {a.token for a in decoding.steps[t].alternatives}:
+        try:
+            choice = whole_number("word id", choice, f"one of step {t + 1}'s alternatives")
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        if choice not in {a.token for a in decoding.steps[t].alternatives}:
             raise gr.Error(f"word id {choice} is not among step {t + 1}'s alternatives", print_exception=False)
-        yield from self._decode(cache, self.settings(**controls), (*decoding.tokens[:t], int(choice)), t)
+        yield from self._decode(cache, self.settings(**controls), (*decoding.tokens[:t], choice), t)
 
     def word_id(self, word) -> int:
         """A word of the model's vocabulary (or its id, as a number or a string of digits) -> its token id."""
         vocab = self.model.vocab
         text = str(word).strip() if word is not None else ""
         if re.fullmatch(r"\d+(\.0*)?", text):  # a word id
-            token = int(float(text))
+            token = int(text.split(".")[0]) if len(text) <= 30 else -1
             if not 0 <= token < len(vocab):
-                raise gr.Error(f"word id {token} is not in the model's vocabulary (ids 0 to {len(vocab) - 1})", print_exception=False)
+                raise gr.Error(f"word id {shown(text, 32)[1:-1] if token < 0 else token} is not in the model's vocabulary "
+                               f"(ids 0 to {len(vocab) - 1})", print_exception=False)
         elif (token := vocab.stoi.get(text, vocab.stoi.get(text.lower()))) is None:
             raise gr.Error(f"{text!r} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
                            title="Unknown word", print_exception=False)
@@ -481,9 +549,9 @@ class Handlers:
         *_, last = self._stream(cache, settings)  # the caption to branch from, unpaced
         steps = last.caption_steps()
         try:
-            n = int(round(float(step)))
-        except (TypeError, ValueError):
-            raise gr.Error(f"step={step!r}: give the number of the word to change, from 1 to {len(steps)}",
+            n = whole_number("step", step, "")
+        except ValueError:
+            raise gr.Error(f"step={shown(step)}: give the number of the word to change, a whole number from 1 to {len(steps)}",
                            print_exception=False) from None
         if not 1 <= n <= len(steps):
             raise gr.Error(f"step={n}: this caption has {len(steps)} words ({last.text!r}); give 1 to {len(steps)}",
@@ -543,7 +611,7 @@ class Handlers:
     def _index(decoding: Decoding, step_number) -> int:
         try:
             t = int(round(float(step_number))) - 1
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             t = 0
         return min(max(t, 0), len(decoding.steps) - 1)
 
@@ -592,6 +660,8 @@ class Handlers:
         unless the number had to be clamped; a box being typed into (empty, not a number) changes nothing."""
         try:
             n = float(step_number) + delta
+            if not math.isfinite(n):
+                raise ValueError(n)
         except (TypeError, ValueError):
             return Inspector(*[gr.skip()] * len(Inspector._fields))
         view = self.inspect(decoding, n)
@@ -674,21 +744,22 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                                examples_per_page=8, cache_examples=False, elem_id="examples") if paths else None
                         with gr.Accordion("Decoding settings", open=False, elem_id="settings"):
                             d = APP_DEFAULTS  # every default comes from the one settings object
+                            limit = GenerationConfig.limit  # and every range from its LIMITS (what the server enforces)
                             strategy = gr.Radio(list(STRATEGIES), value=d.strategy, label="Strategy",
                                                 info="greedy: most likely word each step · beam: keeps several candidate captions · "
                                                      "sample: random, varied · guided: beam search that must use a word for what "
                                                      "the CNN is sure of")
                             with gr.Row():
-                                beam_size = gr.Slider(1, 10, value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search and guided")
-                                max_len = gr.Slider(1, max(50, model.config.max_len), value=model.config.max_len, step=1, precision=0,
+                                beam_size = gr.Slider(*limit("beam_size"), value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search and guided")
+                                max_len = gr.Slider(1, max(limit("max_len")[1], model.config.max_len), value=model.config.max_len, step=1, precision=0,
                                                     label="Max length (words)")
                             guide_threshold = gr.Slider(0, 1.0, value=d.guide_threshold or 0, step=0.05, label="Guidance threshold",
                                                         info="guided: how sure the CNN must be of a word before the caption must "
                                                              "use it; 0 = each word's own, calibrated", elem_id="guide-threshold")
-                            num_alternatives = gr.Slider(1, 10, value=d.num_alternatives, step=1, precision=0, label="Words shown per step")
+                            num_alternatives = gr.Slider(1, limit("num_alternatives")[1], value=d.num_alternatives, step=1, precision=0, label="Words shown per step")
                             with gr.Row():
-                                temperature = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05, label="Temperature", info="sampling")
-                                top_k = gr.Slider(0, 100, value=d.top_k, step=1, precision=0, label="Top-k", info="sampling; 0 = all words")
+                                temperature = gr.Slider(0.1, limit("temperature")[1], value=d.temperature, step=0.05, label="Temperature", info="sampling")
+                                top_k = gr.Slider(*limit("top_k"), value=d.top_k, step=1, precision=0, label="Top-k", info="sampling; 0 = all words")
                             with gr.Row():
                                 top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p", info="sampling (nucleus)")
                                 seed = gr.Number(value=-1 if d.seed is None else d.seed, precision=0, label="Seed", info="sampling; -1 = new each run")
