@@ -32,13 +32,15 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import gradio as gr
 import torch
 from PIL import Image
+from starlette.middleware import Middleware
 
 from .decode import Step, caption_batch, describe_stop, encode, stream
 from .generation import LIMITS, STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
 from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
-from .model import ImageFeatures
+from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
+from .serving import RequestLimits
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -46,7 +48,14 @@ EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CONCURRENCY = 4  # decodes running at once (shared by every decoding event: one concurrency group)
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
+MAX_FILE_BYTES = 20 * 2**20  # the same in bytes (Gradio's "mb" is MiB): also the limit of an API client's data: URL
 MAX_FILES = 64  # photos per request of the "Several photos" tab
+MAX_UPLOAD_BYTES = 128 * 2**20  # one upload request in all (the browser sends a tab's files in one), refused as it streams
+MAX_REQUEST_BYTES = 32 * 2**20  # any other request's body: an API call with a 20 MB photo as a base64 data: URL fits
+SESSIONS = 200  # sessions whose state (photo features, last decode) the server keeps; the least recently used goes first
+STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
+FILES_BATCH = 8  # photos of a "Several photos" request encoded together
+REQUEST_PIXELS = 400_000_000  # pixels decoded for one request in all (each photo: preprocess.MAX_PIXELS at most)
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
 DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered for download (Gradio copies them)
 DOWNLOAD_MAX_AGE = 3600  # seconds a download file is kept here
@@ -157,8 +166,10 @@ def example_descriptions() -> dict[str, str]:
 def launch_options() -> dict[str, Any]:
     """Keyword arguments for demo.launch() shared by app.py and the tests (Gradio 6: theme, css and js live here)."""
     js = "() => (" + JS.strip() + ")(" + json.dumps(example_descriptions()) + ")"
+    limits = Middleware(RequestLimits, max_body=MAX_REQUEST_BYTES, max_upload=MAX_UPLOAD_BYTES, max_files=MAX_FILES)
     return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=CSS, js=js,
-                max_file_size=MAX_FILE_SIZE, show_error=False)
+                max_file_size=MAX_FILE_SIZE, show_error=False, state_session_capacity=SESSIONS,
+                app_kwargs={"middleware": [limits]})
 
 
 def configure_torch(threads: int | None = None) -> int:
@@ -340,9 +351,14 @@ def read_upload(image) -> tuple[bytes | Image.Image, str]:
     its bytes are both hashed (the cache key) and decoded."""
     name = None
     if isinstance(image, dict):
-        if (image.get("url") or "").startswith("data:"):
+        url = image.get("url") or ""
+        if url.startswith("data:"):
+            size = (len(url) - url.find(",") - 1) * 3 // 4  # what the base64 decodes to (within 2 bytes), before decoding it
+            if size > MAX_FILE_BYTES:
+                raise PhotoError(f"the image data sent is {size / 2**20:.0f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB "
+                                 "(as for an uploaded file)")
             try:
-                return base64.b64decode(image["url"].split(",", 1)[1]), "image"
+                return base64.b64decode(url.split(",", 1)[1]), "image"
             except (IndexError, ValueError):
                 raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
         name, image = image.get("orig_name"), image.get("path")
@@ -402,6 +418,15 @@ def real_number(name: str, value: Any, expected: str) -> float:
     if not math.isfinite(number):
         raise bad
     return number
+
+
+def header_pixels(path) -> int:
+    """A file's pixel count, read from its header without decoding it (0 when it is not an image: open_image says why)."""
+    try:
+        with Image.open(path) as img:
+            return img.size[0] * img.size[1]
+    except Exception:  # noqa: BLE001 - anything unreadable is open_image's to name
+        return 0
 
 
 def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationConfig:
@@ -677,25 +702,45 @@ class Handlers:
         if len(files) > MAX_FILES:
             raise gr.Error(f"{len(files)} files: at most {MAX_FILES} at a time here (the command line takes any number)",
                            print_exception=False)
-        settings = self.settings(**controls)
+        settings = replace(self.settings(**controls), num_alternatives=0)
         records: list[dict] = []
-        good: list[tuple[dict, Any]] = []
+        batch: list[tuple[dict, torch.Tensor]] = []  # photos waiting for the encoder: model-sized tensors, never photos
+        budget = REQUEST_PIXELS
+
+        def caption_batch_of_photos():
+            if not batch:
+                return
+            features = self.model.encode(torch.stack([x for _, x in batch]).to(device_of(self.model)))
+            try:
+                texts = caption_batch(self.model, config=settings, features=features)
+            except ValueError as e:
+                raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
+            for (rec, _), text in zip(batch, texts):
+                rec.update(caption=text, precision=self.model.precision)
+            batch.clear()
+
+        # Photo by photo: each is opened (reduced as it is: preprocess.open_image), turned into the model's input and
+        # let go; FILES_BATCH inputs at a time go through the encoder. The request's pixels are counted from each
+        # file's header before it is decoded: past REQUEST_PIXELS the rest are listed as refused, not decoded.
         for f in files:
             path = f.get("path") if isinstance(f, dict) else os.fspath(f)
             name = (f.get("orig_name") if isinstance(f, dict) else None) or os.path.basename(path)
             rec = {"image": name}
+            records.append(rec)
+            pixels = header_pixels(path)
+            if pixels > budget:
+                rec["error"] = (f"over this request's limit of {REQUEST_PIXELS // 1_000_000} megapixels in all; "
+                                "caption it in another request")
+                budget = 0  # and every file after it: the table keeps the order they were sent in
+                continue
+            budget -= pixels
             try:
-                good.append((rec, open_image(path, name)))
+                batch.append((rec, to_tensor(open_image(path, name), self.model.config)))
             except ImageError as e:
                 rec["error"] = str(e).removeprefix(name + ": ")
-            records.append(rec)
-        if good:
-            try:
-                texts = caption_batch(self.model, [img for _, img in good], replace(settings, num_alternatives=0))
-            except ValueError as e:
-                raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
-            for (rec, _), text in zip(good, texts):
-                rec.update(caption=text, precision=self.model.precision)
+            if len(batch) == FILES_BATCH:
+                caption_batch_of_photos()
+        caption_batch_of_photos()
         rows = [[r["image"], r.get("caption", ""), r.get("error", "")] for r in records]
         out = io.StringIO()
         csv.writer(out).writerows([FILES_HEADERS, *rows])
@@ -729,8 +774,9 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
             "word by word; then step through its decoding, see which words it weighed at each step"
             f"{' and where in the photo it looked' if attends else ''}, and branch from any word."
         )
-        cache = gr.State(None)  # ImageCache: this session's last image and its encoder output
-        decode_state = gr.State(None)  # Decoding: the finished decode the inspector reads
+        # Per-session state ends: STATE_TTL after its last update, or when SESSIONS newer sessions came (launch_options).
+        cache = gr.State(None, time_to_live=STATE_TTL)  # ImageCache: this session's last image and its encoder output
+        decode_state = gr.State(None, time_to_live=STATE_TTL)  # Decoding: the finished decode the inspector reads
         with gr.Tabs():
             with gr.Tab("One photo", id="one", elem_id="tab-one"):
                 with gr.Row(equal_height=False, elem_id="main-row"):
