@@ -101,6 +101,28 @@ def test_limits_are_one_table_the_sliders_use(model):
     assert GenerationConfig(max_len=200, beam_size=100).max_len == 200  # the CLI and Python may ask for more
 
 
+def test_ordinary_photos_reach_the_model_bit_identical_and_huge_ones_are_reduced_as_opened(model, tmp_path):
+    """Photos up to ORDINARY_PIXELS are not touched (the examples' model inputs are exactly a plain decode's); a larger
+    JPEG is decoded at a reduced scale (draft) and a PNG box-reduced, both keeping at least KEEP_SHORT_SIDE."""
+    import torch
+
+    from captioner.preprocess import KEEP_SHORT_SIDE, open_image, resize, to_tensor
+    from captioner.ui import example_paths
+
+    from captioner.loading import load_model
+
+    bundled = load_model(None)
+    for path in example_paths():
+        plain = Image.open(path).convert("RGB")
+        assert np.array_equal(np.asarray(resize(open_image(path), bundled.config)), np.asarray(resize(plain, bundled.config)))
+        assert torch.equal(to_tensor(open_image(path), bundled.config), to_tensor(plain, bundled.config)), path
+    for fmt in ("JPEG", "PNG"):
+        p = tmp_path / f"huge.{fmt.lower()}"
+        Image.new("RGB", (6000, 4000), (90, 120, 200)).save(p, fmt)
+        img = open_image(p)
+        assert KEEP_SHORT_SIDE <= min(img.size) < 2 * KEEP_SHORT_SIDE and abs(img.size[0] / img.size[1] - 1.5) < 0.01, (fmt, img.size)
+
+
 HUGE = "9" * 5000
 BAD_SETTINGS = [
     (dict(max_len=1_000_000, strategy="sample", temperature=1e6), "max_len=1000000: expected a whole number from 1 to 60"),

@@ -589,7 +589,7 @@ def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params[1:]}
     assert defaults["strategy"] == "guided" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
     assert defaults["temperature"] == 1.0 and defaults["top_k"] == 0 and defaults["top_p"] == 0.9 and defaults["seed"] == -1
-    assert defaults["guide_threshold"] == GenerationConfig().guide_threshold
+    assert defaults["guide_threshold"] == 0 and GenerationConfig().guide_threshold is None  # the slider's 0: calibrated
     assert demo._queue.default_concurrency_limit == 4 and demo._queue.max_size == 64
     assert any("tiny @ test" in str(c.get("props", {}).get("value")) for c in demo.config["components"])
 
