@@ -6,12 +6,57 @@ field name, so a new setting is one field here plus the control that shows it.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 from .settings import add_flags, given, kind
 from .settings import setting as _setting
 
 STRATEGIES = ("greedy", "beam", "sample", "guided")
+
+
+class Limit(NamedTuple):
+    """The range of one numeric setting. `high` binds everyone (library, CLI, evaluation); `served` is the app's
+    tighter bound (every UI and API request: Handlers.settings -> GenerationConfig.check_served), what one request of
+    anyone may cost a shared server. `open_low`: the low end itself is excluded (temperature 0 is not a temperature)."""
+
+    low: float
+    high: float
+    served: float
+    open_low: bool = False
+
+    def describe(self, integer: bool, served: bool = False) -> str:
+        low, high = _number(self.low), _number(self.served if served else self.high)
+        if integer:
+            return f"a whole number from {low} to {high}"
+        if math.isinf(self.high):
+            return f"a number of {low} or more"
+        return f"a number {'above' if self.open_low else 'from'} {low} {'and up ' if self.open_low else ''}to {high}"
+
+
+def _number(x: float) -> str:
+    return f"{int(x):,}" if math.isfinite(x) and x == int(x) else f"{x:g}"
+
+
+# Every numeric setting's range, in one place: GenerationConfig checks `high` on every construction (the Python API
+# and the CLI: a long caption or a wide beam is the caller's own machine), the served app checks `served` too (the
+# sliders' ranges are the same numbers). Only finite numbers pass, except guide_margin's "inf" (never drop the
+# required word, what train/guided.py's report compares). None (max_len, seed, guide_threshold) means "the default".
+LIMITS: dict[str, Limit] = {
+    "max_len": Limit(1, 200, 60),
+    "beam_size": Limit(1, 100, 10),
+    "length_penalty": Limit(0, 10, 10),
+    "guide_threshold": Limit(0, 1, 1, open_low=True),
+    "temperature": Limit(0, 100, 5, open_low=True),
+    "top_k": Limit(0, 100_000, 100),
+    "top_p": Limit(0, 1, 1, open_low=True),
+    "seed": Limit(0, 2**63 - 1, 2**63 - 1),
+    "no_repeat_ngram": Limit(0, 200, 60),
+    "guide_margin": Limit(0, math.inf, math.inf),
+    "num_alternatives": Limit(0, 1000, 20),
+}
 
 
 @dataclass(frozen=True)
@@ -46,24 +91,39 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
-        if self.max_len is not None and self.max_len < 1:
-            raise ValueError(f"max_len={self.max_len}: expected at least 1 word")
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size={self.beam_size}: expected 1 or more")
-        if self.guide_threshold is not None and not 0 < self.guide_threshold <= 1:
-            raise ValueError(f"guide_threshold={self.guide_threshold}: expected a probability in (0, 1]")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature}: expected a positive number")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k}: expected 0 (all words) or more")
-        if not self.guide_margin >= 0:
-            raise ValueError(f"guide_margin={self.guide_margin}: expected 0 or more")
-        if self.no_repeat_ngram < 0:
-            raise ValueError(f"no_repeat_ngram={self.no_repeat_ngram}: expected 0 (off) or more")
-        if self.num_alternatives < 0:
-            raise ValueError(f"num_alternatives={self.num_alternatives}: expected 0 or more")
+        for name in LIMITS:
+            self.check(name, getattr(self, name))
+
+    @classmethod
+    def check(cls, name: str, value, *, served: bool = False) -> None:
+        """A ValueError naming `value` and the range unless it is a valid value of numeric setting `name` (LIMITS:
+        the library's range, or with `served` the app's): the right type (a whole number for an int setting, never
+        1.5 or True), finite (no NaN; infinity only where the range has no end), within the range."""
+        limit, integer = LIMITS[name], kind(cls, name) is int
+        if value is None and name in ("max_len", "seed", "guide_threshold"):
+            return
+        expected = limit.describe(integer, served)
+        where = f" in the app (the command line and Python take up to {_number(limit.high)})" if served and limit.served < limit.high else ""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+            raise ValueError(f"{name}={value!r}: expected {expected}")
+        high = limit.served if served else limit.high
+        if not isinstance(value, numbers.Integral) and (math.isnan(value) or (math.isinf(value) and not math.isinf(high))):
+            raise ValueError(f"{name}={value!r}: expected {expected}, not {'NaN' if math.isnan(value) else 'infinity'}")
+        if not (limit.low < value if limit.open_low else limit.low <= value) or value > high:
+            raise ValueError(f"{name}={value if abs(value) < 10**30 else 'a number of %d digits' % len(str(abs(value)))}: "
+                             f"expected {expected}{where}")
+
+    def check_served(self) -> "GenerationConfig":
+        """The app's tighter bounds (LIMITS' `served`): raises ValueError naming the value and the range; returns self."""
+        for name in LIMITS:
+            self.check(name, getattr(self, name), served=True)
+        return self
+
+    @classmethod
+    def limit(cls, name: str, *, served: bool = True) -> tuple[float, float]:
+        """(low, high) of numeric setting `name`: the app's range (served), or the library's."""
+        lim = LIMITS[name]
+        return lim.low, lim.served if served else lim.high
 
     @classmethod
     def make(cls, config: "GenerationConfig | None" = None, **overrides) -> "GenerationConfig":

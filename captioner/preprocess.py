@@ -17,6 +17,13 @@ from .config import CaptionerConfig
 
 # Larger images are refused before decoding: a "decompression bomb" would take gigabytes.
 MAX_PIXELS = 40_000_000
+# Photos up to this many pixels are kept exactly as decoded, so the model's input is bit-identical to a full-size
+# decode (a 12-megapixel phone photo is one of them). Larger ones are reduced as they are opened: a JPEG is decoded at
+# 1/2, 1/4 or 1/8 scale (Pillow's draft), anything else is box-reduced by a whole factor right after decoding, in
+# both cases to no less than KEEP_SHORT_SIDE pixels on the short side: the model needs 256 (224 / crop_pct) and the
+# inspector's heatmap 512, so nothing they show is lost, and a 40-megapixel photo is held at about 1 MP, not 120 MB.
+ORDINARY_PIXELS = 16_000_000
+KEEP_SHORT_SIDE = 1024
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -25,8 +32,14 @@ class ImageError(ValueError):
     """An input that cannot be read as an image; the message says why and what to do."""
 
 
+def shrink_factor(w: int, h: int) -> int:
+    """The whole factor a w x h photo is reduced by as it is opened: 1 (kept as it is) up to ORDINARY_PIXELS."""
+    return 1 if w * h <= ORDINARY_PIXELS else max(1, min(w, h) // KEEP_SHORT_SIDE)
+
+
 def open_image(source: ImageLike, name: str | None = None) -> Image.Image:
-    """Open a path, bytes or PIL image as an RGB image, with clear errors for bad files.
+    """Open a path, bytes or PIL image as an RGB image, with clear errors for bad files. A photo over ORDINARY_PIXELS
+    comes back reduced (see there): at most one full-size decode is ever held, and only while it is being reduced.
 
     `name` is what the error messages call the image (default: its path, or "image")."""
     is_path = isinstance(source, (str, os.PathLike))
@@ -50,8 +63,16 @@ def open_image(source: ImageLike, name: str | None = None) -> Image.Image:
             )
         if getattr(img, "is_animated", False):
             img.seek(0)  # captions describe the first frame of an animation
+        factor = shrink_factor(w, h)
+        if factor > 1 and img.format == "JPEG" and not isinstance(source, Image.Image):
+            img.draft("RGB", (w // factor, h // factor))  # decode at the largest 1/2^k scale no smaller than that
         img.load()
-        return to_rgb(img)
+        factor = shrink_factor(*img.size)
+        if factor > 1 and img.mode in ("RGB", "RGBA", "L", "LA"):
+            img = img.reduce(factor)  # before any conversion, which would copy the full-size image
+        img = to_rgb(img)
+        factor = shrink_factor(*img.size)
+        return img.reduce(factor) if factor > 1 else img
     except ImageError:
         raise
     except UnidentifiedImageError:

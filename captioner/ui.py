@@ -18,6 +18,8 @@ import functools
 import hashlib
 import io
 import json
+import math
+import numbers
 import os
 import re
 import shutil
@@ -30,13 +32,15 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import gradio as gr
 import torch
 from PIL import Image
+from starlette.middleware import Middleware
 
 from .decode import Step, caption_batch, describe_stop, encode, stream
-from .generation import STRATEGIES, GenerationConfig
+from .generation import LIMITS, STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
 from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
-from .model import ImageFeatures
+from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
+from .serving import RequestLimits
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -44,7 +48,14 @@ EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CONCURRENCY = 4  # decodes running at once (shared by every decoding event: one concurrency group)
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
+MAX_FILE_BYTES = 20 * 2**20  # the same in bytes (Gradio's "mb" is MiB): also the limit of an API client's data: URL
 MAX_FILES = 64  # photos per request of the "Several photos" tab
+MAX_UPLOAD_BYTES = 128 * 2**20  # one upload request in all (the browser sends a tab's files in one), refused as it streams
+MAX_REQUEST_BYTES = 32 * 2**20  # any other request's body: an API call with a 20 MB photo as a base64 data: URL fits
+SESSIONS = 64  # sessions whose state the server keeps (about 1.5 MB each with the bundled model); the least recently used goes first
+STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
+FILES_BATCH = 8  # photos of a "Several photos" request encoded together
+REQUEST_PIXELS = 400_000_000  # pixels decoded for one request in all (each photo: preprocess.MAX_PIXELS at most)
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
 DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered for download (Gradio copies them)
 DOWNLOAD_MAX_AGE = 3600  # seconds a download file is kept here
@@ -155,8 +166,10 @@ def example_descriptions() -> dict[str, str]:
 def launch_options() -> dict[str, Any]:
     """Keyword arguments for demo.launch() shared by app.py and the tests (Gradio 6: theme, css and js live here)."""
     js = "() => (" + JS.strip() + ")(" + json.dumps(example_descriptions()) + ")"
+    limits = Middleware(RequestLimits, max_body=MAX_REQUEST_BYTES, max_upload=MAX_UPLOAD_BYTES, max_files=MAX_FILES)
     return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=CSS, js=js,
-                max_file_size=MAX_FILE_SIZE, show_error=False)
+                max_file_size=MAX_FILE_SIZE, show_error=False, state_session_capacity=SESSIONS,
+                app_kwargs={"middleware": [limits]})
 
 
 def configure_torch(threads: int | None = None) -> int:
@@ -338,9 +351,14 @@ def read_upload(image) -> tuple[bytes | Image.Image, str]:
     its bytes are both hashed (the cache key) and decoded."""
     name = None
     if isinstance(image, dict):
-        if (image.get("url") or "").startswith("data:"):
+        url = image.get("url") or ""
+        if url.startswith("data:"):
+            size = (len(url) - url.find(",") - 1) * 3 // 4  # what the base64 decodes to (within 2 bytes), before decoding it
+            if size > MAX_FILE_BYTES:
+                raise PhotoError(f"the image data sent is {size / 2**20:.0f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB "
+                                 "(as for an uploaded file)")
             try:
-                return base64.b64decode(image["url"].split(",", 1)[1]), "image"
+                return base64.b64decode(url.split(",", 1)[1]), "image"
             except (IndexError, ValueError):
                 raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
         name, image = image.get("orig_name"), image.get("path")
@@ -353,24 +371,94 @@ def read_upload(image) -> tuple[bytes | Image.Image, str]:
     return image, "image"
 
 
+def shown(value: Any, width: int = 24) -> str:
+    """A value as an error message quotes it: short (a 5,000-digit number is named by its length, not printed)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr (Python's 4,300-digit limit)
+        text = "a number"
+    if len(text) > width:
+        return f"{text[:width - 8]}… ({len(text):,} characters)"
+    return text
+
+
+def whole_number(name: str, value: Any, expected: str) -> int:
+    """An API or control value that must be a whole number: an int, a float with nothing after the point (sliders
+    send 3.0) or such a string. 1.5, NaN, infinities, booleans and 5,000-digit numbers are a ValueError that names the
+    value and says what is `expected`; nothing is rounded."""
+    bad = ValueError(f"{name}={shown(value)}: expected {expected}")
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) > 30:
+            raise bad
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        try:
+            value = float(text)
+        except ValueError:
+            raise bad from None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise bad
+
+
+def real_number(name: str, value: Any, expected: str) -> float:
+    """An API or control value that must be a finite number (NaN and infinities are a ValueError, as bad values are)."""
+    bad = ValueError(f"{name}={shown(value)}: expected {expected}")
+    if isinstance(value, bool):
+        raise bad
+    try:
+        number = float(value.strip() if isinstance(value, str) and len(value) <= 40 else value if not isinstance(value, str) else "x")
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None
+    if not math.isfinite(number):
+        raise bad
+    return number
+
+
+def header_pixels(path) -> int:
+    """A file's pixel count, read from its header without decoding it (0 when it is not an image: open_image says why)."""
+    try:
+        with Image.open(path) as img:
+            return img.size[0] * img.size[1]
+    except Exception:  # noqa: BLE001 - anything unreadable is open_image's to name
+        return 0
+
+
 def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationConfig:
-    """The app's control values (any of them None or missing from an API client) -> a GenerationConfig.
-    Sliders send floats: integer settings are rounded; a negative or empty seed means a new one each run."""
+    """The app's control values (any of them None or missing from an API client) -> a GenerationConfig within the
+    app's limits (GenerationConfig.check_served: API events run with preprocess=False, so the sliders' ranges are
+    never enforced by Gradio; this is where every request's settings are). Integer settings take whole numbers only
+    (sliders send 3.0; 1.5 is an error, not rounded); a negative or empty seed means a new one each run."""
     out: dict[str, Any] = {}
     try:
         for name, value in values.items():
             if value is None or value == "":
                 continue
-            if name == "seed":
-                out[name] = None if int(value) < 0 else int(value)
-            elif name == "guide_threshold" and float(value) == 0:
-                out[name] = None  # the slider's 0: each word's calibrated threshold
-            elif GenerationConfig.kind(name) is bool:
+            if name not in GenerationConfig.names():
+                raise ValueError(f"unknown decoding setting {name!r}")
+            kind = GenerationConfig.kind(name)
+            expected = LIMITS[name].describe(kind is int, served=True) if name in LIMITS else "one of " + ", ".join(STRATEGIES)
+            if kind is bool:
                 out[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            elif kind is int:
+                number = whole_number(name, value, expected)
+                out[name] = None if name == "seed" and number < 0 else number
+                if not (name == "max_len" and number == default_max_len):  # the model's own length is always allowed
+                    GenerationConfig.check(name, out[name], served=True)  # the app's range named, before the library's
+            elif kind is float:
+                number = real_number(name, value, expected)
+                out[name] = None if name == "guide_threshold" and number == 0 else number  # the slider's 0: calibrated
+                if name in LIMITS:
+                    GenerationConfig.check(name, out[name], served=True)
             else:
-                out[name] = int(round(float(value))) if GenerationConfig.kind(name) is int else GenerationConfig.kind(name)(value)
+                out[name] = kind(value)
         return GenerationConfig.make(replace(APP_DEFAULTS, max_len=default_max_len), **out)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise gr.Error(f"bad decoding setting: {e}", title="Bad decoding setting", print_exception=False) from None
 
 
@@ -452,18 +540,23 @@ class Handlers:
         if choice is None or choice == "":
             raise gr.Error("Pick one of this step's words first, then re-decode.", title="No word picked", print_exception=False)
         t = self._index(decoding, step_number)
-        if int(choice) not in {a.token for a in decoding.steps[t].alternatives}:
+        try:
+            choice = whole_number("word id", choice, f"one of step {t + 1}'s alternatives")
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        if choice not in {a.token for a in decoding.steps[t].alternatives}:
             raise gr.Error(f"word id {choice} is not among step {t + 1}'s alternatives", print_exception=False)
-        yield from self._decode(cache, self.settings(**controls), (*decoding.tokens[:t], int(choice)), t)
+        yield from self._decode(cache, self.settings(**controls), (*decoding.tokens[:t], choice), t)
 
     def word_id(self, word) -> int:
         """A word of the model's vocabulary (or its id, as a number or a string of digits) -> its token id."""
         vocab = self.model.vocab
         text = str(word).strip() if word is not None else ""
         if re.fullmatch(r"\d+(\.0*)?", text):  # a word id
-            token = int(float(text))
+            token = int(text.split(".")[0]) if len(text) <= 30 else -1
             if not 0 <= token < len(vocab):
-                raise gr.Error(f"word id {token} is not in the model's vocabulary (ids 0 to {len(vocab) - 1})", print_exception=False)
+                raise gr.Error(f"word id {shown(text, 32)[1:-1] if token < 0 else token} is not in the model's vocabulary "
+                               f"(ids 0 to {len(vocab) - 1})", print_exception=False)
         elif (token := vocab.stoi.get(text, vocab.stoi.get(text.lower()))) is None:
             raise gr.Error(f"{text!r} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
                            title="Unknown word", print_exception=False)
@@ -481,9 +574,9 @@ class Handlers:
         *_, last = self._stream(cache, settings)  # the caption to branch from, unpaced
         steps = last.caption_steps()
         try:
-            n = int(round(float(step)))
-        except (TypeError, ValueError):
-            raise gr.Error(f"step={step!r}: give the number of the word to change, from 1 to {len(steps)}",
+            n = whole_number("step", step, "")
+        except ValueError:
+            raise gr.Error(f"step={shown(step)}: give the number of the word to change, a whole number from 1 to {len(steps)}",
                            print_exception=False) from None
         if not 1 <= n <= len(steps):
             raise gr.Error(f"step={n}: this caption has {len(steps)} words ({last.text!r}); give 1 to {len(steps)}",
@@ -543,7 +636,7 @@ class Handlers:
     def _index(decoding: Decoding, step_number) -> int:
         try:
             t = int(round(float(step_number))) - 1
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             t = 0
         return min(max(t, 0), len(decoding.steps) - 1)
 
@@ -592,6 +685,8 @@ class Handlers:
         unless the number had to be clamped; a box being typed into (empty, not a number) changes nothing."""
         try:
             n = float(step_number) + delta
+            if not math.isfinite(n):
+                raise ValueError(n)
         except (TypeError, ValueError):
             return Inspector(*[gr.skip()] * len(Inspector._fields))
         view = self.inspect(decoding, n)
@@ -607,25 +702,45 @@ class Handlers:
         if len(files) > MAX_FILES:
             raise gr.Error(f"{len(files)} files: at most {MAX_FILES} at a time here (the command line takes any number)",
                            print_exception=False)
-        settings = self.settings(**controls)
+        settings = replace(self.settings(**controls), num_alternatives=0)
         records: list[dict] = []
-        good: list[tuple[dict, Any]] = []
+        batch: list[tuple[dict, torch.Tensor]] = []  # photos waiting for the encoder: model-sized tensors, never photos
+        budget = REQUEST_PIXELS
+
+        def caption_batch_of_photos():
+            if not batch:
+                return
+            features = self.model.encode(torch.stack([x for _, x in batch]).to(device_of(self.model)))
+            try:
+                texts = caption_batch(self.model, config=settings, features=features)
+            except ValueError as e:
+                raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
+            for (rec, _), text in zip(batch, texts):
+                rec.update(caption=text, precision=self.model.precision)
+            batch.clear()
+
+        # Photo by photo: each is opened (reduced as it is: preprocess.open_image), turned into the model's input and
+        # let go; FILES_BATCH inputs at a time go through the encoder. The request's pixels are counted from each
+        # file's header before it is decoded: past REQUEST_PIXELS the rest are listed as refused, not decoded.
         for f in files:
             path = f.get("path") if isinstance(f, dict) else os.fspath(f)
             name = (f.get("orig_name") if isinstance(f, dict) else None) or os.path.basename(path)
             rec = {"image": name}
+            records.append(rec)
+            pixels = header_pixels(path)
+            if pixels > budget:
+                rec["error"] = (f"over this request's limit of {REQUEST_PIXELS // 1_000_000} megapixels in all; "
+                                "caption it in another request")
+                budget = 0  # and every file after it: the table keeps the order they were sent in
+                continue
+            budget -= pixels
             try:
-                good.append((rec, open_image(path, name)))
+                batch.append((rec, to_tensor(open_image(path, name), self.model.config)))
             except ImageError as e:
                 rec["error"] = str(e).removeprefix(name + ": ")
-            records.append(rec)
-        if good:
-            try:
-                texts = caption_batch(self.model, [img for _, img in good], replace(settings, num_alternatives=0))
-            except ValueError as e:
-                raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
-            for (rec, _), text in zip(good, texts):
-                rec.update(caption=text, precision=self.model.precision)
+            if len(batch) == FILES_BATCH:
+                caption_batch_of_photos()
+        caption_batch_of_photos()
         rows = [[r["image"], r.get("caption", ""), r.get("error", "")] for r in records]
         out = io.StringIO()
         csv.writer(out).writerows([FILES_HEADERS, *rows])
@@ -659,8 +774,9 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
             "word by word; then step through its decoding, see which words it weighed at each step"
             f"{' and where in the photo it looked' if attends else ''}, and branch from any word."
         )
-        cache = gr.State(None)  # ImageCache: this session's last image and its encoder output
-        decode_state = gr.State(None)  # Decoding: the finished decode the inspector reads
+        # Per-session state ends: STATE_TTL after its last update, or when SESSIONS newer sessions came (launch_options).
+        cache = gr.State(None, time_to_live=STATE_TTL)  # ImageCache: this session's last image and its encoder output
+        decode_state = gr.State(None, time_to_live=STATE_TTL)  # Decoding: the finished decode the inspector reads
         with gr.Tabs():
             with gr.Tab("One photo", id="one", elem_id="tab-one"):
                 with gr.Row(equal_height=False, elem_id="main-row"):
@@ -674,21 +790,22 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                                examples_per_page=8, cache_examples=False, elem_id="examples") if paths else None
                         with gr.Accordion("Decoding settings", open=False, elem_id="settings"):
                             d = APP_DEFAULTS  # every default comes from the one settings object
+                            limit = GenerationConfig.limit  # and every range from its LIMITS (what the server enforces)
                             strategy = gr.Radio(list(STRATEGIES), value=d.strategy, label="Strategy",
                                                 info="greedy: most likely word each step · beam: keeps several candidate captions · "
                                                      "sample: random, varied · guided: beam search that must use a word for what "
                                                      "the CNN is sure of")
                             with gr.Row():
-                                beam_size = gr.Slider(1, 10, value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search and guided")
-                                max_len = gr.Slider(1, max(50, model.config.max_len), value=model.config.max_len, step=1, precision=0,
+                                beam_size = gr.Slider(*limit("beam_size"), value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search and guided")
+                                max_len = gr.Slider(1, max(limit("max_len")[1], model.config.max_len), value=model.config.max_len, step=1, precision=0,
                                                     label="Max length (words)")
                             guide_threshold = gr.Slider(0, 1.0, value=d.guide_threshold or 0, step=0.05, label="Guidance threshold",
                                                         info="guided: how sure the CNN must be of a word before the caption must "
                                                              "use it; 0 = each word's own, calibrated", elem_id="guide-threshold")
-                            num_alternatives = gr.Slider(1, 10, value=d.num_alternatives, step=1, precision=0, label="Words shown per step")
+                            num_alternatives = gr.Slider(1, limit("num_alternatives")[1], value=d.num_alternatives, step=1, precision=0, label="Words shown per step")
                             with gr.Row():
-                                temperature = gr.Slider(0.1, 2.0, value=d.temperature, step=0.05, label="Temperature", info="sampling")
-                                top_k = gr.Slider(0, 100, value=d.top_k, step=1, precision=0, label="Top-k", info="sampling; 0 = all words")
+                                temperature = gr.Slider(0.1, limit("temperature")[1], value=d.temperature, step=0.05, label="Temperature", info="sampling")
+                                top_k = gr.Slider(*limit("top_k"), value=d.top_k, step=1, precision=0, label="Top-k", info="sampling; 0 = all words")
                             with gr.Row():
                                 top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p", info="sampling (nucleus)")
                                 seed = gr.Number(value=-1 if d.seed is None else d.seed, precision=0, label="Seed", info="sampling; -1 = new each run")

@@ -181,11 +181,14 @@ def test_defaults_are_guided_and_the_models_max_len(handlers, model, photo_path)
 
 
 def test_settings_from_control_values(handlers, model):
-    """Sliders send floats, an API client may leave a setting out or send None; the seed -1 means a new one."""
-    got = handlers.settings(strategy="sample", beam_size=3.0, max_len=7.0, top_k=2.6, top_p=0.5, seed=-1, temperature=None)
+    """Sliders send floats (whole numbers for integer settings: 2.6 is refused, not rounded), an API client may leave
+    a setting out or send None; the seed -1 means a new one."""
+    got = handlers.settings(strategy="sample", beam_size=3.0, max_len=7.0, top_k=3.0, top_p=0.5, seed=-1, temperature=None)
     assert got == GenerationConfig(strategy="sample", beam_size=3, max_len=7, top_k=3, top_p=0.5, seed=None)
     assert isinstance(got.beam_size, int) and isinstance(got.top_k, int)
     assert handlers.settings(seed=12.0).seed == 12 and handlers.settings(seed="").seed is None
+    with pytest.raises(gr.Error, match=r"top_k=2.6: expected a whole number from 0 to 100"):
+        handlers.settings(top_k=2.6)
     assert handlers.settings(top_p=None).top_p == GenerationConfig().top_p == 0.9
     assert handlers.settings(strategy="guided", guide_threshold=0.35) == GenerationConfig(strategy="guided", guide_threshold=0.35,
                                                                                             max_len=model.config.max_len)
