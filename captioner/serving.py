@@ -1,4 +1,9 @@
-"""What the served app refuses before a handler runs: request bodies over a size, uploads with too many files.
+"""What the served app accepts: the bounds every request is held to, whoever sends it (the page, an API client).
+
+Settings (`settings_from`): the app's ranges of GenerationConfig.LIMITS, whole numbers where whole numbers are meant,
+finite numbers only, each refusal a message naming the value. Photos (`read_upload`): an upload's bytes or a data:
+URL held to the upload's byte limit before decoding. Requests: what the middleware below refuses before a handler
+runs, request bodies over a size and uploads with too many files.
 
 Gradio checks each uploaded file's size (`max_file_size`) but not a request's total, counts files only up to 1,000, and
 reads an API call's JSON body (which may carry a base64 data: URL) whatever its size. `RequestLimits` is an ASGI
@@ -8,7 +13,151 @@ and so are an upload's files (its multipart boundaries), so the refusal comes wh
 """
 from __future__ import annotations
 
+import base64
+import math
+import numbers
+import os
 import re
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from .generation import LIMITS, STRATEGIES, GenerationConfig
+
+MAX_FILE_BYTES = 20 * 2**20  # one uploaded file (Gradio's "20mb" is MiB): also the limit of an API client's data: URL
+MAX_UPLOAD_BYTES = 128 * 2**20  # one upload request in all (the browser sends a tab's files in one), refused as it streams
+MAX_REQUEST_BYTES = 32 * 2**20  # any other request's body: an API call with a 20 MB photo as a base64 data: URL fits
+REQUEST_PIXELS = 400_000_000  # pixels decoded for one request in all (each photo: preprocess.MAX_PIXELS at most)
+
+
+class PhotoError(gr.Error):
+    """A photo that cannot be captioned (not an image, damaged, too large): the page empties the photo box."""
+
+    def __init__(self, message: str):
+        super().__init__(message, title="Cannot caption this image", print_exception=False)
+
+
+def read_upload(image) -> tuple[bytes | Image.Image, str]:
+    """What the image input hands a handler -> (the file's bytes, or a PIL image; the name messages call it).
+
+    The decoding events run with preprocess=False: Gradio passes the upload undecoded, as its FileData dict (plain
+    gr.Image would open it with PIL first, and a text file named .jpg would fail there with an unhelpful error), or an
+    API client's base64 data: URL; paths and PIL images (direct calls, tests) work too. The file is read once, here:
+    its bytes are both hashed (the cache key) and decoded."""
+    name = None
+    if isinstance(image, dict):
+        url = image.get("url") or ""
+        if url.startswith("data:"):
+            size = (len(url) - url.find(",") - 1) * 3 // 4  # what the base64 decodes to (within 2 bytes), before decoding it
+            if size > MAX_FILE_BYTES:
+                raise PhotoError(f"the image data sent is {size / 2**20:.0f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB "
+                                 "(as for an uploaded file)")
+            try:
+                return base64.b64decode(url.split(",", 1)[1]), "image"
+            except (IndexError, ValueError):
+                raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
+        name, image = image.get("orig_name"), image.get("path")
+    if isinstance(image, (str, os.PathLike)):
+        name = os.path.basename(name or image)  # the file the user chose, not Gradio's temporary path
+        try:
+            return Path(image).read_bytes(), name
+        except OSError as e:
+            raise PhotoError(f"{name}: cannot read the uploaded file ({e.strerror}); upload it again") from None
+    return image, "image"
+
+
+def shown(value: Any, width: int = 24) -> str:
+    """A value as an error message quotes it: short (a 5,000-digit number is named by its length, not printed)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr (Python's 4,300-digit limit)
+        text = "a number"
+    if len(text) > width:
+        return f"{text[:width - 8]}… ({len(text):,} characters)"
+    return text
+
+
+def whole_number(name: str, value: Any, expected: str) -> int:
+    """An API or control value that must be a whole number: an int, a float with nothing after the point (sliders
+    send 3.0) or such a string. 1.5, NaN, infinities, booleans and 5,000-digit numbers are a ValueError that names the
+    value and says what is `expected`; nothing is rounded."""
+    bad = ValueError(f"{name}={shown(value)}: expected {expected}")
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) > 30:
+            raise bad
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        try:
+            value = float(text)
+        except ValueError:
+            raise bad from None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise bad
+
+
+def real_number(name: str, value: Any, expected: str) -> float:
+    """An API or control value that must be a finite number (NaN and infinities are a ValueError, as bad values are)."""
+    bad = ValueError(f"{name}={shown(value)}: expected {expected}")
+    if isinstance(value, bool):
+        raise bad
+    try:
+        number = float(value.strip() if isinstance(value, str) and len(value) <= 40 else value if not isinstance(value, str) else "x")
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None
+    if not math.isfinite(number):
+        raise bad
+    return number
+
+
+def header_pixels(path) -> int:
+    """A file's pixel count, read from its header without decoding it (0 when it is not an image: open_image says why)."""
+    try:
+        with Image.open(path) as img:
+            return img.size[0] * img.size[1]
+    except Exception:  # noqa: BLE001 - anything unreadable is open_image's to name
+        return 0
+
+
+def settings_from(values: dict[str, Any], defaults: GenerationConfig) -> GenerationConfig:
+    """The app's control values (any of them None or missing from an API client) -> `defaults` with them, within the
+    app's limits (GenerationConfig.check_served: API events run with preprocess=False, so the sliders' ranges are
+    never enforced by Gradio; this is where every request's settings are). Integer settings take whole numbers only
+    (sliders send 3.0; 1.5 is an error, not rounded); a negative or empty seed means a new one each run."""
+    out: dict[str, Any] = {}
+    try:
+        for name, value in values.items():
+            if value is None or value == "":
+                continue
+            if name not in GenerationConfig.names():
+                raise ValueError(f"unknown decoding setting {name!r}")
+            kind = GenerationConfig.kind(name)
+            expected = LIMITS[name].describe(kind is int, served=True) if name in LIMITS else "one of " + ", ".join(STRATEGIES)
+            if kind is bool:
+                out[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            elif kind is int:
+                number = whole_number(name, value, expected)
+                out[name] = None if name == "seed" and number < 0 else number
+                if not (name == "max_len" and number == defaults.max_len):  # the model's own length is always allowed
+                    GenerationConfig.check(name, out[name], served=True)  # the app's range named, before the library's
+            elif kind is float:
+                number = real_number(name, value, expected)
+                out[name] = None if name == "guide_threshold" and number == 0 else number  # the slider's 0: calibrated
+                if name in LIMITS:
+                    GenerationConfig.check(name, out[name], served=True)
+            else:
+                out[name] = kind(value)
+        return GenerationConfig.make(defaults, **out)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise gr.Error(f"bad decoding setting: {e}", title="Bad decoding setting", print_exception=False) from None
+
 
 try:  # Gradio's upload route turns this into a 413 (400 for too many files) and deletes what it stored so far
     from gradio.route_utils import MultiPartException as _UploadError

@@ -11,7 +11,6 @@ to the previous caption first, stream the new one, and end with the inspector at
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import csv
 import functools
@@ -19,7 +18,6 @@ import hashlib
 import io
 import json
 import math
-import numbers
 import os
 import re
 import shutil
@@ -35,12 +33,13 @@ from PIL import Image
 from starlette.middleware import Middleware
 
 from .decode import Step, caption_batch, describe_stop, encode, stream
-from .generation import LIMITS, STRATEGIES, GenerationConfig
+from .generation import STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
 from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
 from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
-from .serving import RequestLimits
+from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, PhotoError, RequestLimits,
+                      header_pixels, read_upload, settings_from, shown, whole_number)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -48,14 +47,10 @@ EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CONCURRENCY = 4  # decodes running at once (shared by every decoding event: one concurrency group)
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
-MAX_FILE_BYTES = 20 * 2**20  # the same in bytes (Gradio's "mb" is MiB): also the limit of an API client's data: URL
 MAX_FILES = 64  # photos per request of the "Several photos" tab
-MAX_UPLOAD_BYTES = 128 * 2**20  # one upload request in all (the browser sends a tab's files in one), refused as it streams
-MAX_REQUEST_BYTES = 32 * 2**20  # any other request's body: an API call with a 20 MB photo as a base64 data: URL fits
 SESSIONS = 64  # sessions whose state the server keeps (about 1.5 MB each with the bundled model); the least recently used goes first
 STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
 FILES_BATCH = 8  # photos of a "Several photos" request encoded together
-REQUEST_PIXELS = 400_000_000  # pixels decoded for one request in all (each photo: preprocess.MAX_PIXELS at most)
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
 DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered for download (Gradio copies them)
 DOWNLOAD_MAX_AGE = 3600  # seconds a download file is kept here
@@ -83,75 +78,20 @@ TRAINING_NOTE = ("The bundled model learned to caption from Flickr8k (about 8,00
 TRAINING_NOTE_LABELS = ("; *The CNN sees* names what its image classifier recognises, and the *guided* strategy (the "
                         "default; see Decoding settings) makes the caption name what the classifier is sure of")
 PHONE = "640px"  # at this width and below the two columns stack: the caption comes right after the photo
-
-CSS = """
-#title { margin-bottom: 0; }
-#caption textarea { font-size: 1.35rem !important; line-height: 1.5 !important; font-weight: 500; }
-#status { border-left: 4px solid #f59e0b; padding-left: 0.6rem; }
-#step-heading { margin-bottom: -0.5rem; }
-#cnn-labels { margin-top: -0.4rem; }
-#training-note { font-size: 0.85rem; opacity: 0.8; margin-top: -0.6rem; }
-#inspector { margin-top: 1.2rem; }
-#step-nav { align-items: center; flex-wrap: nowrap; }
-#step-nav button { max-width: 7rem; }
-#history th, #history th * { white-space: nowrap !important; }  /* "p(<EOS>)", not "p(<EOS>" over ")" */
-#heatmap label[data-testid=block-label] { max-width: calc(100% - 3rem); }  /* wraps clear of the fullscreen button */
-#branch label.selected, .dark #branch label.selected { background: #4338ca; color: #fff; }  /* 8:1, not 4.5:1 */
-@media (max-width: %(phone)s) {
-  /* Phones: one column, in the order a phone user needs: the photo, the Caption button, then the caption
-     itself (so it streams in view right after an upload), what belongs to it (status, labels, this step's words,
-     the history); the examples, the settings and the model line after them. The photo box is shorter, so the
-     caption stays on screen. */
-  #main-row > .column { display: contents; }
-  #main-row > .column > * { flex: 1 1 100%; min-width: 100%; }
-  #main-row > .column:last-child > * { order: 1; }
-  #examples, #settings, #model-info { order: 2; }
-  #photo, #photo .image-container { height: 230px !important; max-height: 230px !important; }
-  #photo .upload-container { height: 190px !important; }
-  #photo img { max-height: 190px; object-fit: contain; }
-  #caption textarea { font-size: 1.15rem !important; }
-  /* The history table keeps its columns' widths in px (whole words and numbers, never "wor d" or "62 .4 %")
-     and scrolls sideways to the alternatives, which its label says. */
-  #history .label p::after { content: " · scroll sideways for the alternatives →"; font-weight: normal; }
-  /* Several photos: a narrower font, so a file name (and a word of an error) fits its column whole. */
-  #files-table .cell-wrap span { font-family: var(--font); font-size: 0.8rem; }
-}
-""".replace("%(phone)s", PHONE)
-
-# Run once in the page: accessible names for the example thumbnails and the photo (Gradio leaves alt=""), "<1%"
-# for probabilities that gr.Label would round to "0%" (every word it shows has p > 0), and on a phone a tapped
-# example scrolls the page back to the photo, and "Re-decode from here" to the caption, so the caption streams in view.
-JS = """
-(examples) => {
-  const fix = () => {
-    document.querySelectorAll('button.gallery-item img').forEach(img => {
-      if (img.getAttribute('alt')) return;
-      const name = decodeURIComponent((img.getAttribute('src') || '').split('?')[0].split('/').pop());
-      img.setAttribute('alt', 'Example photo: ' + (examples[name] || name.replace(/\\.[^.]+$/, '').replace(/[_-]+/g, ' ')));
-    });
-    document.querySelectorAll('#photo img').forEach(img => {
-      if (!img.getAttribute('alt')) img.setAttribute('alt', 'The photo to caption');
-    });
-    document.querySelectorAll('dd.confidence').forEach(dd => {
-      const t = dd.firstChild;  // change the text node itself: the label component keeps a reference to it
-      if (t && t.nodeType === 3 && t.data.trim() === '0%') t.data = '<1%';
-    });
-  };
-  new MutationObserver(fix).observe(document.body, {subtree: true, childList: true, characterData: true,
-                                                    attributes: true, attributeFilter: ['src', 'alt']});
-  fix();
-  document.addEventListener('click', e => {
-    if (!e.target.closest || !window.matchMedia('(max-width: %(phone)s)').matches) return;
-    const to = e.target.closest('button.gallery-item') ? '#photo' : e.target.closest('#redecode-btn') ? '#caption' : null;
-    if (to) document.querySelector(to)?.scrollIntoView({block: 'start'});
-  }, true);
-}
-""".replace("%(phone)s", PHONE)
+STATIC = Path(__file__).resolve().parent / "static"  # the page's style and scripts
 
 
-# Download decoding (JSON): after the click's handler has written the file (into a hidden gr.File), save it.
-SAVE_JS = """(file) => { if (file && file.url) Object.assign(document.createElement('a'),
-                                              {href: file.url, download: file.orig_name || 'decoding.json'}).click(); }"""
+def asset(name: str) -> str:
+    """A file of captioner/static/, with the phone width filled in (comment lines of scripts dropped)."""
+    text = (STATIC / name).read_text(encoding="utf-8").replace("%(phone)s", PHONE)
+    return "\n".join(line for line in text.splitlines() if not line.startswith("//"))
+
+
+
+
+
+
+
 
 
 def example_descriptions() -> dict[str, str]:
@@ -165,9 +105,9 @@ def example_descriptions() -> dict[str, str]:
 
 def launch_options() -> dict[str, Any]:
     """Keyword arguments for demo.launch() shared by app.py and the tests (Gradio 6: theme, css and js live here)."""
-    js = "() => (" + JS.strip() + ")(" + json.dumps(example_descriptions()) + ")"
+    js = "() => (" + asset("app.js").strip() + ")(" + json.dumps(example_descriptions()) + ")"
     limits = Middleware(RequestLimits, max_body=MAX_REQUEST_BYTES, max_upload=MAX_UPLOAD_BYTES, max_files=MAX_FILES)
-    return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=CSS, js=js,
+    return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=asset("app.css"), js=js,
                 max_file_size=MAX_FILE_SIZE, show_error=False, state_session_capacity=SESSIONS,
                 app_kwargs={"middleware": [limits]})
 
@@ -254,13 +194,6 @@ class Inspector(NamedTuple):
     heatmap: Any  # gr.update of the heatmap image: the photo with this step's attention over it (grid decoders)
 
 
-class PhotoError(gr.Error):
-    """A photo that cannot be captioned (not an image, damaged, too large): the page empties the photo box."""
-
-    def __init__(self, message: str):
-        super().__init__(message, title="Cannot caption this image", print_exception=False)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Views of the decoder's records
 
@@ -342,126 +275,6 @@ def write_download(name: str, text: str) -> str:
 # Handlers
 
 
-def read_upload(image) -> tuple[bytes | Image.Image, str]:
-    """What the image input hands a handler -> (the file's bytes, or a PIL image; the name messages call it).
-
-    The decoding events run with preprocess=False: Gradio passes the upload undecoded, as its FileData dict (plain
-    gr.Image would open it with PIL first, and a text file named .jpg would fail there with an unhelpful error), or an
-    API client's base64 data: URL; paths and PIL images (direct calls, tests) work too. The file is read once, here:
-    its bytes are both hashed (the cache key) and decoded."""
-    name = None
-    if isinstance(image, dict):
-        url = image.get("url") or ""
-        if url.startswith("data:"):
-            size = (len(url) - url.find(",") - 1) * 3 // 4  # what the base64 decodes to (within 2 bytes), before decoding it
-            if size > MAX_FILE_BYTES:
-                raise PhotoError(f"the image data sent is {size / 2**20:.0f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB "
-                                 "(as for an uploaded file)")
-            try:
-                return base64.b64decode(url.split(",", 1)[1]), "image"
-            except (IndexError, ValueError):
-                raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
-        name, image = image.get("orig_name"), image.get("path")
-    if isinstance(image, (str, os.PathLike)):
-        name = os.path.basename(name or image)  # the file the user chose, not Gradio's temporary path
-        try:
-            return Path(image).read_bytes(), name
-        except OSError as e:
-            raise PhotoError(f"{name}: cannot read the uploaded file ({e.strerror}); upload it again") from None
-    return image, "image"
-
-
-def shown(value: Any, width: int = 24) -> str:
-    """A value as an error message quotes it: short (a 5,000-digit number is named by its length, not printed)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long for repr (Python's 4,300-digit limit)
-        text = "a number"
-    if len(text) > width:
-        return f"{text[:width - 8]}… ({len(text):,} characters)"
-    return text
-
-
-def whole_number(name: str, value: Any, expected: str) -> int:
-    """An API or control value that must be a whole number: an int, a float with nothing after the point (sliders
-    send 3.0) or such a string. 1.5, NaN, infinities, booleans and 5,000-digit numbers are a ValueError that names the
-    value and says what is `expected`; nothing is rounded."""
-    bad = ValueError(f"{name}={shown(value)}: expected {expected}")
-    if isinstance(value, bool):
-        raise bad
-    if isinstance(value, str):
-        text = value.strip()
-        if len(text) > 30:
-            raise bad
-        if re.fullmatch(r"[+-]?\d+", text):
-            return int(text)
-        try:
-            value = float(text)
-        except ValueError:
-            raise bad from None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-        return int(value)
-    raise bad
-
-
-def real_number(name: str, value: Any, expected: str) -> float:
-    """An API or control value that must be a finite number (NaN and infinities are a ValueError, as bad values are)."""
-    bad = ValueError(f"{name}={shown(value)}: expected {expected}")
-    if isinstance(value, bool):
-        raise bad
-    try:
-        number = float(value.strip() if isinstance(value, str) and len(value) <= 40 else value if not isinstance(value, str) else "x")
-    except (TypeError, ValueError, OverflowError):
-        raise bad from None
-    if not math.isfinite(number):
-        raise bad
-    return number
-
-
-def header_pixels(path) -> int:
-    """A file's pixel count, read from its header without decoding it (0 when it is not an image: open_image says why)."""
-    try:
-        with Image.open(path) as img:
-            return img.size[0] * img.size[1]
-    except Exception:  # noqa: BLE001 - anything unreadable is open_image's to name
-        return 0
-
-
-def settings_from(values: dict[str, Any], default_max_len: int) -> GenerationConfig:
-    """The app's control values (any of them None or missing from an API client) -> a GenerationConfig within the
-    app's limits (GenerationConfig.check_served: API events run with preprocess=False, so the sliders' ranges are
-    never enforced by Gradio; this is where every request's settings are). Integer settings take whole numbers only
-    (sliders send 3.0; 1.5 is an error, not rounded); a negative or empty seed means a new one each run."""
-    out: dict[str, Any] = {}
-    try:
-        for name, value in values.items():
-            if value is None or value == "":
-                continue
-            if name not in GenerationConfig.names():
-                raise ValueError(f"unknown decoding setting {name!r}")
-            kind = GenerationConfig.kind(name)
-            expected = LIMITS[name].describe(kind is int, served=True) if name in LIMITS else "one of " + ", ".join(STRATEGIES)
-            if kind is bool:
-                out[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-            elif kind is int:
-                number = whole_number(name, value, expected)
-                out[name] = None if name == "seed" and number < 0 else number
-                if not (name == "max_len" and number == default_max_len):  # the model's own length is always allowed
-                    GenerationConfig.check(name, out[name], served=True)  # the app's range named, before the library's
-            elif kind is float:
-                number = real_number(name, value, expected)
-                out[name] = None if name == "guide_threshold" and number == 0 else number  # the slider's 0: calibrated
-                if name in LIMITS:
-                    GenerationConfig.check(name, out[name], served=True)
-            else:
-                out[name] = kind(value)
-        return GenerationConfig.make(replace(APP_DEFAULTS, max_len=default_max_len), **out)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise gr.Error(f"bad decoding setting: {e}", title="Bad decoding setting", print_exception=False) from None
-
-
 class Handlers:
     """The app's event handlers around one shared, read-only model. Per-user data only passes through
     arguments and return values (gr.State), never through attributes, so nothing leaks between users.
@@ -475,7 +288,7 @@ class Handlers:
         self.uses_grid = bool(getattr(model.decoder, "uses_grid", False))
 
     def settings(self, **controls) -> GenerationConfig:
-        return settings_from(controls, self.model.config.max_len)
+        return settings_from(controls, replace(APP_DEFAULTS, max_len=self.model.config.max_len))
 
     # --- the image feature cache (per session, in a gr.State) ---
 
@@ -823,7 +636,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                         table = gr.Dataframe(value=history_table([]), label="History", interactive=False, wrap=True, max_height=440,
                                              column_widths=["44px", "118px", "70px", "92px", "330px"], elem_id="history")
                         download = gr.Button("Download decoding (JSON)", interactive=False, size="sm", elem_id="download-decoding")
-                        download_file = gr.File(visible=False)  # written on the click, then saved by the browser (SAVE_JS)
+                        download_file = gr.File(visible=False)  # written on the click, then saved by the browser (static/save_download.js)
 
                 with gr.Column(elem_id="inspector"):
                     gr.Markdown("## Step-by-step inspector\nEach word coloured by how sure the model was; pick a step to see what "
@@ -911,7 +724,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         step.input(h.select, [decode_state, step], inspector, trigger_mode="always_last", show_progress="hidden", **private)
         prev_btn.click(lambda d, s: h.select(d, s, -1), [decode_state, step], inspector, show_progress="hidden", **private)
         next_btn.click(lambda d, s: h.select(d, s, +1), [decode_state, step], inspector, show_progress="hidden", **private)
-        download.click(h.download, [decode_state], download_file, **private).then(None, [download_file], None, js=SAVE_JS, **private)
+        download.click(h.download, [decode_state], download_file, **private).then(None, [download_file], None, js=asset("save_download.js"), **private)
 
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
     return demo

@@ -19,7 +19,8 @@ from PIL import Image
 from captioner import Captioner
 from captioner.decode import caption
 from captioner.generation import LIMITS, GenerationConfig
-from captioner.ui import APP_DEFAULTS, MAX_FILES, MAX_UPLOAD_BYTES, REQUEST_PIXELS
+from captioner.serving import MAX_UPLOAD_BYTES, REQUEST_PIXELS
+from captioner.ui import MAX_FILES
 from tiny import endless_model_dir, serve_demo, start_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
