@@ -44,7 +44,7 @@ CLIENT = textwrap.dedent(
         start = time.perf_counter()
         try:
             if step["op"] == "load":
-                model = captioner.load(step["src"], revision=step.get("revision"))
+                model = captioner.Captioner.from_pretrained(step["src"], revision=step.get("revision"))
                 out = {"ok": True, "fingerprint": fingerprint(model), "probe": decoder_probe(model), "vocab": model.vocab.itos}
             else:
                 info = tiny_model(step["seed"]).push_to_hub(step["repo"])
