@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+import torch.nn as nn
+
 WORDS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>", "a", "dog", "runs", "."]
 BACKBONE = "test_efficientnet"  # a few thousand parameters; timm builds it offline (pretrained=False)
 
@@ -245,19 +248,11 @@ class BigramState:
         return BigramState(self.last.index_select(0, index))
 
 
-def _module():
-    import torch.nn as nn
-
-    return nn.Module
-
-
-class BigramDecoder(_module()):
+class BigramDecoder(nn.Module):
     uses_grid = False
 
     def __init__(self, table: dict[int, dict[int, float]], vocab_size: int):
         """table: previous token (1 = <SOS> at the start) -> {next token: probability}; the rest get ~0."""
-        import torch
-
         super().__init__()
         self.logits = torch.full((vocab_size, vocab_size), -30.0)
         for prev, nxt in table.items():
@@ -265,8 +260,6 @@ class BigramDecoder(_module()):
                 self.logits[prev, tok] = float(torch.tensor(p).log())
 
     def start(self, features):
-        import torch
-
         return self.step(torch.full((len(features),), 1, dtype=torch.long), None)
 
     def step(self, tokens, state):

@@ -55,8 +55,10 @@ def main(argv=None) -> int:
             else:
                 fit[i] = (kept.text, c.fit, c.used)
                 words[i] = c.words
-                dropped = final(model, config=replace(settings, guide_margin=0.0), features=one)
-                free[i] = (dropped.text, c.free) if dropped.constraint.unfit else (kept.text, c.free)
+                if c.free is not None and c.free > c.fit:  # the caption without the word is likelier: decode it
+                    free[i] = (final(model, config=replace(settings, guide_margin=0.0), features=one).text, c.free)
+                else:  # no margin would drop the word
+                    free[i] = (kept.text, c.free)
         print(f"\rphotos: {i + 1}/{len(samples)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
 
