@@ -10,18 +10,29 @@ reads an API call's JSON body (which may carry a base64 data: URL) whatever its 
 middleware on the app (launch(app_kwargs={"middleware": ...}), see ui.launch_options): a body whose Content-Length is
 over the limit is refused with 413 before any of it is read; one that does not say (chunked) is counted as it arrives,
 and so are an upload's files (its multipart boundaries), so the refusal comes while it streams, not after it is stored.
+
+CPU (`FairShare`): every request's model work (opening the photo, the encoder, each decoded word) runs in turns, a
+few at a time, and a free turn goes to the request that has had the least CPU so far. Errors (`ServedBlocks`): every
+failure reaches the client as a message, never as Gradio's `{"error": null}`.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import heapq
+import itertools
+import json
 import math
 import numbers
 import os
 import re
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import gradio as gr
+from gradio.exceptions import InvalidPathError
 from PIL import Image
 
 from .generation import LIMITS, STRATEGIES, GenerationConfig
@@ -59,12 +70,18 @@ def read_upload(image) -> tuple[bytes | Image.Image, str]:
             except (IndexError, ValueError):
                 raise gr.Error("the image data sent could not be decoded; send a JPEG, PNG, WebP or GIF file", print_exception=False) from None
         name, image = image.get("orig_name"), image.get("path")
+        if not image:
+            raise PhotoError("the image sent has no uploaded file's path and no data: URL (other URLs are not fetched); send "
+                             "an uploaded file's "
+                             '{"path": ...} (POST /gradio_api/upload first) or {"url": "data:image/jpeg;base64,..."}')
     if isinstance(image, (str, os.PathLike)):
         name = os.path.basename(name or image)  # the file the user chose, not Gradio's temporary path
         try:
             return Path(image).read_bytes(), name
         except OSError as e:
             raise PhotoError(f"{name}: cannot read the uploaded file ({e.strerror}); upload it again") from None
+    if not isinstance(image, (bytes, Image.Image)):
+        raise PhotoError(f"the image sent is {shown(image)}; send an uploaded file's {{\"path\": ...}} or a data: URL")
     return image, "image"
 
 
@@ -175,6 +192,16 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.0f} MB"
 
 
+def queue_full(scope) -> str | None:
+    """Gradio's own "queue is full" answer, when it applies, given before the request's body is read (Gradio gives it
+    after reading and parsing the body, which a flood makes slow): None while there is room."""
+    app = scope.get("app")
+    queue = getattr(app.get_blocks(), "_queue", None) if hasattr(app, "get_blocks") else None
+    if queue is None or queue.max_size is None or len(queue) < queue.max_size:
+        return None
+    return f"Queue is full. Max size is {queue.max_size} and size is {len(queue)}."
+
+
 class RequestLimits:
     def __init__(self, app, *, max_body: int, max_upload: int, max_files: int):
         self.app = app
@@ -184,7 +211,10 @@ class RequestLimits:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        upload = scope["path"].rstrip("/").endswith("/upload")
+        path = scope["path"].rstrip("/")
+        if (path.endswith("/queue/join") or "/call/" in path) and (full := queue_full(scope)):
+            return await self._refuse(send, json.dumps({"detail": full}), 503, b"application/json")
+        upload = path.endswith("/upload")
         limit = self.max_upload if upload else self.max_body
         what = "an upload request" if upload else "a request"
         length = headers.get(b"content-length", b"").strip()
@@ -227,9 +257,111 @@ class RequestLimits:
                 await self._refuse(send, e.message)
 
     @staticmethod
-    async def _refuse(send, message: str, status: int = 413):
+    async def _refuse(send, message: str, status: int = 413, kind: bytes = b"text/plain; charset=utf-8"):
         body = message.encode()
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU turns
+
+
+class Job:
+    """One request's share of the CPU so far: the seconds its turns took."""
+
+    __slots__ = ("used",)
+
+    def __init__(self):
+        self.used = 0.0
+
+
+class FairShare:
+    """At most `slots` requests run model code at once; a freed turn goes to the waiting request that has used the
+    least CPU so far (least attained service). A turn is one unit of work: opening and encoding a photo, or one
+    decoded word. So a normal caption that arrives behind long ones (beam 10, 60 words, sampling at any temperature)
+    runs its few turns between theirs instead of waiting for them to end, and the long ones still finish. Requests
+    pace their streamed words (the app's word delay) outside their turns, so a sleeping stream holds no CPU turn.
+
+    Gradio's own concurrency limit (ui.CONCURRENCY) bounds how many requests are in progress; this bounds how many
+    compute, which is what the cores can serve."""
+
+    def __init__(self, slots: int):
+        if slots < 1:
+            raise ValueError(f"slots={slots!r}: expected at least 1")
+        self.slots = slots
+        self._free = slots
+        self._waiting: list[tuple[float, int]] = []  # heap of (CPU used, arrival): the first gets the next turn
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def turn(self, job: Job) -> Iterator[None]:
+        me = (job.used, next(self._order))
+        with self._cond:
+            heapq.heappush(self._waiting, me)
+            while not (self._free and self._waiting[0] == me):
+                self._cond.wait()
+            heapq.heappop(self._waiting)
+            self._free -= 1
+            if self._free and self._waiting:  # another slot is free too: the next in line may take it
+                self._cond.notify_all()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            job.used += time.perf_counter() - start
+            with self._cond:
+                self._free += 1
+                self._cond.notify_all()
+
+    def steps(self, job: Job, iterator) -> Iterator:
+        """The items of `iterator`, each computed in a turn of `job` (and the wait between them outside any turn)."""
+        iterator = iter(iterator)
+        while True:
+            with self.turn(job):
+                item = next(iterator, _END)
+            if item is _END:
+                return
+            yield item
+
+
+_END = object()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors
+
+
+class ServedBlocks(gr.Blocks):
+    """gr.Blocks whose failures all reach an API client as a message. With show_error=False (the app's: no internal
+    detail leaks to the page) Gradio sends the text of a gr.Error only, and `{"error": null}` for anything else, such
+    as its own check that a call sent every input. Here:
+    - settings left out at the end of an API call's `data` take their defaults (as the named /call/v2 route does);
+    - a file path that was never uploaded, or any other exception, becomes a gr.Error that says what went wrong (the
+      traceback is logged on the server)."""
+
+    async def process_api(self, block_fn, inputs, *args, **kwargs):
+        fn = self.fns[block_fn] if isinstance(block_fn, int) else block_fn
+        if not kwargs.get("iterator") and inputs is not None and len(inputs) < len(fn.inputs):
+            given = iter(inputs)  # what Gradio does for a call that sent every input but the states (skip_api)
+            inputs = [None if getattr(block, "skip_api", False) else next(given, None) for block in fn.inputs]
+        try:
+            return await super().process_api(fn, inputs, *args, **kwargs)
+        except gr.Error:
+            raise
+        except InvalidPathError as e:
+            raise gr.Error(f"{e} Upload the file first (POST /gradio_api/upload) and pass the path it returns, or send "
+                           "the image as a data: URL.", title="File not uploaded", print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - the one place that turns the unexpected into a message
+            import traceback
+
+            traceback.print_exc()
+            name = f"/{fn.api_name}" if getattr(fn, "api_name", None) else "this request"
+            if type(e).__name__ in ("ValidationError", "ComponentProcessingError"):  # Gradio's checks of an input's type
+                raise gr.Error(f"{name}: a value sent is not of the kind this endpoint takes; the app's API page (\"Use via "
+                               "API\" at its foot) gives each parameter's type", title="Bad request", print_exception=False) from None
+            raise gr.Error(f"{name} failed on the server ({type(e).__name__}); check the values sent (the API page lists "
+                           "them) and try again", title="Server error", print_exception=False) from None

@@ -38,13 +38,17 @@ from .heatmap import attention_overlay
 from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
 from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
-from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, PhotoError, RequestLimits,
-                      header_pixels, read_upload, settings_from, shown, whole_number)
+from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, FairShare, Job, PhotoError, RequestLimits,
+                      ServedBlocks, header_pixels, read_upload, settings_from, shown, whole_number)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
-CONCURRENCY = 4  # decodes running at once (shared by every decoding event: one concurrency group)
+# Decoding requests in progress at once (one concurrency group for every decoding event). Their model work runs in
+# CPU turns (serving.FairShare: cores / torch threads at once, the least served first), and a streamed caption waits
+# between words outside its turn, so this can be well above the cores: a normal caption is never queued behind a few
+# long ones. Each request in progress holds one photo's features (a few hundred kB) and a worker thread.
+CONCURRENCY = 16
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
 MAX_FILES = 64  # photos per request of the "Several photos" tab
@@ -110,6 +114,11 @@ def launch_options() -> dict[str, Any]:
     return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=asset("app.css"), js=js,
                 max_file_size=MAX_FILE_SIZE, show_error=False, state_session_capacity=SESSIONS,
                 app_kwargs={"middleware": [limits]})
+
+
+def cpu_slots() -> int:
+    """Requests computing at once (FairShare): as many as the cores hold at this process's torch threads each."""
+    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
 
 
 def configure_torch(threads: int | None = None) -> int:
@@ -280,8 +289,9 @@ class Handlers:
     arguments and return values (gr.State), never through attributes, so nothing leaks between users.
     Decoding settings arrive as keyword arguments named after GenerationConfig's fields (`**controls`)."""
 
-    def __init__(self, model, *, word_delay: float = WORD_DELAY, model_id: str = "captioner"):
+    def __init__(self, model, *, word_delay: float = WORD_DELAY, model_id: str = "captioner", turns: FairShare | None = None):
         self.model = model
+        self.turns = turns or FairShare(cpu_slots())  # every request's model work, in CPU turns
         self.word_delay = word_delay
         self.model_id = model_id
         # Heatmaps for decoders whose steps attend over the image's grid of regions.
@@ -292,9 +302,10 @@ class Handlers:
 
     # --- the image feature cache (per session, in a gr.State) ---
 
-    def features(self, image, cache: ImageCache | None) -> ImageCache:
+    def features(self, image, cache: ImageCache | None, job: Job | None = None) -> ImageCache:
         """The ImageCache of `image` (an upload, a path or a PIL image): `cache` itself when it holds that image.
-        The photo is read and decoded once; the encoder's input and the heatmaps' base are both made from it."""
+        The photo is read and decoded once; the encoder's input and the heatmaps' base are both made from it, in
+        one CPU turn of `job`."""
         if image is None:
             raise gr.Error("No image yet: drop a photo on the image box, upload or paste one, or pick an example.",
                            title="No image", print_exception=False)
@@ -302,31 +313,37 @@ class Handlers:
         key = hashlib.sha256(data if isinstance(data, bytes) else data.tobytes() + repr((data.size, data.mode)).encode()).hexdigest()
         if cache and cache.key == key:
             return cache
-        try:
-            img = open_image(data, name)
-        except ImageError as e:
-            raise PhotoError(str(e)) from None
-        config = self.model.config
-        features = encode(self.model, to_tensor(img, config))
-        labels = None if features.labels is None else tuple(imagenet_labels(features, NUM_LABELS))
-        return ImageCache(key, features, labels, encoder_view(img, config, PHOTO_MAX_SIDE) if self.uses_grid else None)
+        with self.turns.turn(job or Job()):
+            try:
+                img = open_image(data, name)
+            except ImageError as e:
+                raise PhotoError(str(e)) from None
+            config = self.model.config
+            features = encode(self.model, to_tensor(img, config))
+            labels = None if features.labels is None else tuple(imagenet_labels(features, NUM_LABELS))
+            return ImageCache(key, features, labels, encoder_view(img, config, PHOTO_MAX_SIDE) if self.uses_grid else None)
 
     # --- decoding, streamed: the API's outputs (caption, words, history) and the states ---
 
-    def _stream(self, cache: ImageCache, settings: GenerationConfig, prefix: Sequence[int] = ()) -> Iterator[Step]:
+    def _stream(self, cache: ImageCache, settings: GenerationConfig, job: Job, prefix: Sequence[int] = ()) -> Iterator[Step]:
+        """decode.stream's records, each computed in a CPU turn of `job`."""
+        yield from self.turns.steps(job, self._records(cache, settings, prefix))
+
+    def _records(self, cache: ImageCache, settings: GenerationConfig, prefix: Sequence[int]) -> Iterator[Step]:
         try:
             constraint = cache.constraint(self.model.vocab, settings.guide_threshold) if settings.strategy == "guided" else None
             yield from stream(self.model, config=settings, features=cache.features, prefix=prefix, constraint=constraint)
         except ValueError as e:  # a setting out of range (decode.stream says which and why)
             raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
 
-    def _decode(self, cache: ImageCache, settings: GenerationConfig, prefix: tuple[int, ...] = (), focus: int = 0) -> Iterator[Update]:
+    def _decode(self, cache: ImageCache, settings: GenerationConfig, job: Job, prefix: tuple[int, ...] = (),
+                focus: int = 0) -> Iterator[Update]:
         """One Update per Step of decode.stream, paced by word_delay; the last carries the finished Decoding. A branch
         (`prefix`: the forced first words, `focus` the last of them) may run past max_len to keep its words."""
         settings = replace(settings, max_len=max(settings.resolved_max_len(self.model.config.max_len), len(prefix)))
         rows: list[Step] = []
         last = 0.0
-        for step in self._stream(cache, settings, prefix):
+        for step in self._stream(cache, settings, job, prefix):
             decoding = None
             if step.stop is None:
                 rows.append(step)
@@ -340,8 +357,8 @@ class Handlers:
 
     def caption(self, image, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """/caption: stream the caption of `image` word by word."""
-        settings = self.settings(**controls)
-        yield from self._decode(self.features(image, cache), settings)
+        settings, job = self.settings(**controls), Job()
+        yield from self._decode(self.features(image, cache, job), settings, job)
 
     def redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """Branch: force the inspected step's word to `choice` (a token id), keep the words before it, and
@@ -359,7 +376,7 @@ class Handlers:
             raise gr.Error(str(e), print_exception=False) from None
         if choice not in {a.token for a in decoding.steps[t].alternatives}:
             raise gr.Error(f"word id {choice} is not among step {t + 1}'s alternatives", print_exception=False)
-        yield from self._decode(cache, self.settings(**controls), (*decoding.tokens[:t], choice), t)
+        yield from self._decode(cache, self.settings(**controls), Job(), (*decoding.tokens[:t], choice), t)
 
     def word_id(self, word) -> int:
         """A word of the model's vocabulary (or its id, as a number or a string of digits) -> its token id."""
@@ -381,10 +398,10 @@ class Handlers:
     def branch(self, image, step, word, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """/branch: caption `image` with the settings, then make word number `step` (from 1) `word` (a word, or its
         id; "<EOS>" ends the caption there), keep the words before it, and stream the caption decoded from there."""
-        settings = self.settings(**controls)
-        cache = self.features(image, cache)
+        settings, job = self.settings(**controls), Job()
         token = self.word_id(word)
-        *_, last = self._stream(cache, settings)  # the caption to branch from, unpaced
+        cache = self.features(image, cache, job)
+        *_, last = self._stream(cache, settings, job)  # the caption to branch from, unpaced
         steps = last.caption_steps()
         try:
             n = whole_number("step", step, "")
@@ -394,7 +411,7 @@ class Handlers:
         if not 1 <= n <= len(steps):
             raise gr.Error(f"step={n}: this caption has {len(steps)} words ({last.text!r}); give 1 to {len(steps)}",
                            print_exception=False)
-        yield from self._decode(cache, settings, (*last.tokens[: n - 1], token), n - 1)
+        yield from self._decode(cache, settings, job, (*last.tokens[: n - 1], token), n - 1)
 
     # --- the page: every decoding event updates the page's outputs by name (build_demo maps names to components) ---
 
@@ -519,13 +536,15 @@ class Handlers:
         records: list[dict] = []
         batch: list[tuple[dict, torch.Tensor]] = []  # photos waiting for the encoder: model-sized tensors, never photos
         budget = REQUEST_PIXELS
+        job = Job()  # each photo opened, and each batch encoded and captioned, is one CPU turn
 
         def caption_batch_of_photos():
             if not batch:
                 return
-            features = self.model.encode(torch.stack([x for _, x in batch]).to(device_of(self.model)))
             try:
-                texts = caption_batch(self.model, config=settings, features=features)
+                with self.turns.turn(job):
+                    features = self.model.encode(torch.stack([x for _, x in batch]).to(device_of(self.model)))
+                    texts = caption_batch(self.model, config=settings, features=features)
             except ValueError as e:
                 raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
             for (rec, _), text in zip(batch, texts):
@@ -548,7 +567,8 @@ class Handlers:
                 continue
             budget -= pixels
             try:
-                batch.append((rec, to_tensor(open_image(path, name), self.model.config)))
+                with self.turns.turn(job):
+                    batch.append((rec, to_tensor(open_image(path, name), self.model.config)))
             except ImageError as e:
                 rec["error"] = str(e).removeprefix(name + ": ")
             if len(batch) == FILES_BATCH:
@@ -580,7 +600,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
     attends = h.uses_grid
     has_labels = bool(getattr(model.config, "imagenet_head", False))
     # delete_cache: heatmaps, downloads and uploads are temporary files; a long-running server drops those over an hour old.
-    with gr.Blocks(title="Captioner: watch a CNN+LSTM caption a photo", delete_cache=(1800, 3600)) as demo:
+    with ServedBlocks(title="Captioner: watch a CNN+LSTM caption a photo", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# Captioner", elem_id="title")
         gr.Markdown(
             f"Drop a photo and a CNN+LSTM ({'Show, Attend and Tell' if attends else 'Show and Tell'}) writes its caption "

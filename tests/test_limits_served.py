@@ -154,6 +154,61 @@ def test_bad_branch_values_are_clear_errors(server, step, word, message):
     assert kind == "error" and out is not None and message in out, (kind, out)
 
 
+MALFORMED = [  # requests Gradio itself used to fail on with {"error": null}: each now a message that says what to send
+    ("caption", [], "No image yet"),
+    ("caption", [5, *settings()], "a value sent is not of the kind this endpoint takes"),
+    ("caption", ["hello", *settings()], "a value sent is not of the kind"),
+    ("caption", [{"orig_name": "x.jpg"}, *settings()], "has no uploaded file's path and no data: URL"),
+    ("caption", [{"url": "http://127.0.0.1:9/x.jpg", "meta": {"_type": "gradio.FileData"}}, *settings()], "other URLs are not fetched"),
+    ("caption", [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, *settings()], "Upload the file first"),
+    ("branch", [], "Give the word to branch on"),
+    ("caption_files", [], "/caption_files: a value sent is not of the kind"),
+    ("caption_files", [[1, 2]], "/caption_files: a value sent is not of the kind"),
+]
+
+
+@pytest.mark.parametrize("api,data,message", MALFORMED, ids=[str(i) for i in range(len(MALFORMED))])
+def test_malformed_requests_are_clear_errors_not_null(server, api, data, message):
+    kind, out = call(server, api, data)
+    assert kind == "error" and out is not None and message in out, (kind, out)
+
+
+def test_settings_left_out_of_an_api_call_take_their_defaults(server, model):
+    """Only the image: the rest of `data` may be left out, as /call/v2 and gradio_client allow (the app's default is guided
+    decoding, which is beam search for this model without an ImageNet head)."""
+    kind, out = call(server, "caption", [data_url(jpeg(4))])
+    assert kind == "complete" and out[0] == caption(model, jpeg(4), strategy="guided", max_len=MAX_LEN), (kind, out)
+
+
+def test_a_normal_caption_is_not_queued_behind_hostile_ones(model):
+    """Reproduction 2's latency: six requests at the app's largest settings (sampling 60 words, each paced by the word
+    delay: 3 s) are in flight; a normal caption sent after them finishes before any of them does, not after they free a slot."""
+    with serve_demo(model, "tiny (paced)", word_delay=0.05) as url:
+        done: list[str] = []
+        with ThreadPoolExecutor(7) as pool:
+            hostile = [pool.submit(lambda i=i: (call(url, "caption", [data_url(jpeg(20 + i)), *settings(
+                strategy="sample", max_len=60, temperature=5)]), done.append("hostile"))[0]) for i in range(6)]
+            time.sleep(1.0)  # all six running
+            normal = pool.submit(lambda: (call(url, "caption", [data_url(jpeg(5)), *settings(strategy="greedy")]), done.append("normal"))[0])
+            assert normal.result()[0] == "complete"
+            assert [h.result()[0] for h in hostile] == ["complete"] * 6
+        assert done[0] == "normal", done
+
+
+def test_a_full_queue_refuses_at_once_with_gradios_answer(model, monkeypatch):
+    """Past the queue's size a request is answered 503 "Queue is full" before its body is read (serving.queue_full)."""
+    import captioner.ui as ui
+
+    monkeypatch.setattr(ui, "CONCURRENCY", 1)
+    monkeypatch.setattr(ui, "MAX_QUEUE", 2)
+    with serve_demo(model, "tiny (small queue)", word_delay=0.05) as url, httpx.Client(timeout=60) as http:
+        long = {"data": [data_url(jpeg(30)), *settings(strategy="sample", max_len=60)]}
+        answers = [http.post(f"{url}gradio_api/call/caption", json=long) for _ in range(5)]
+        codes = [r.status_code for r in answers]
+        assert codes[:3] == [200, 200, 200] and codes[3:] == [503, 503], codes  # one running, two waiting
+        assert "Queue is full. Max size is 2" in answers[3].json()["detail"]
+
+
 def test_the_server_still_captions_after_the_bad_requests(server, model):
     kind, out = call(server, "caption", [data_url(jpeg(3)), *settings(strategy="greedy")])
     assert kind == "complete" and out[0] == caption(model, jpeg(3), strategy="greedy", max_len=MAX_LEN)
@@ -249,3 +304,55 @@ def test_500_short_sessions_leave_rss_flat(app_process):
         after_500 = rss(proc)
     print(f"RSS after 50 sessions {after_50 / 2**20:.0f} MB, after 500 {after_500 / 2**20:.0f} MB")
     assert after_500 - after_50 < 50 * 2**20
+
+
+def test_fair_share_gives_a_free_turn_to_the_least_served_and_bounds_how_many_compute():
+    """serving.FairShare: with one slot held, a request that has had 5 s of CPU and a new one wait; the new one goes
+    first. With two slots, never more than two compute at once."""
+    import threading
+
+    from captioner.serving import FairShare, Job
+
+    share = FairShare(1)
+    order: list[str] = []
+    hog, old, new = Job(), Job(), Job()
+    old.used = 5.0
+    release = threading.Event()
+
+    def run(name, job, hold=None):
+        with share.turn(job):
+            order.append(name)
+            if hold:
+                hold.wait(10)
+
+    first = threading.Thread(target=run, args=("hog", hog, release))
+    first.start()
+    while not order:
+        time.sleep(0.01)
+    waiting = [threading.Thread(target=run, args=("old", old)), threading.Thread(target=run, args=("new", new))]
+    for t in waiting:
+        t.start()
+        time.sleep(0.2)  # "old" asks first
+    release.set()
+    for t in [first, *waiting]:
+        t.join(10)
+    assert order == ["hog", "new", "old"]
+    assert hog.used > 0.1 and new.used < hog.used
+
+    share, busy, peak, lock = FairShare(2), [0], [0], threading.Lock()
+
+    def work():
+        with share.turn(Job()):
+            with lock:
+                busy[0] += 1
+                peak[0] = max(peak[0], busy[0])
+            time.sleep(0.02)
+            with lock:
+                busy[0] -= 1
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: work(), range(40)))
+    assert peak[0] == 2
+    assert list(share.steps(Job(), iter("abc"))) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="slots=0"):
+        FairShare(0)

@@ -590,7 +590,9 @@ def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
     assert defaults["strategy"] == "guided" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
     assert defaults["temperature"] == 1.0 and defaults["top_k"] == 0 and defaults["top_p"] == 0.9 and defaults["seed"] == -1
     assert defaults["guide_threshold"] == 0 and GenerationConfig().guide_threshold is None  # 0: calibrated per word
-    assert demo._queue.default_concurrency_limit == 4 and demo._queue.max_size == 64
+    from captioner import ui
+
+    assert demo._queue.default_concurrency_limit == ui.CONCURRENCY == 16 and demo._queue.max_size == ui.MAX_QUEUE == 64
     assert any("tiny @ test" in str(c.get("props", {}).get("value")) for c in demo.config["components"])
 
 

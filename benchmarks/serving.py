@@ -1,0 +1,222 @@
+"""The served app under hostile and heavy traffic (issue 24's targets), against `python app.py` on 127.0.0.1:
+
+1. a normal caption's latency alone, and with 6 hostile requests in flight (the app's largest settings: beam 10 and
+   60 words, sampling 60 words at temperature 5), medians of the same number of calls, and their ratio;
+2. a flood of 100 clients at once: how long a refused request (queue full, 503) waits for its answer;
+3. server RSS over 1,000 requests from 500 sessions (two captions each, each session with its own photo).
+
+    python -m benchmarks.serving [--model SRC] [--normal N] [--sessions N] [--skip hostile,flood,churn]
+
+Only loopback traffic; every loop is bounded. Prints one markdown table; --json writes the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .app_bench import _rss_mb, _stop, free_port
+from .common import ROOT, log
+
+HOSTILE = [dict(strategy="beam", beam_size=10, max_len=60), dict(strategy="sample", temperature=5.0, max_len=60, top_k=0, top_p=1.0),
+           dict(strategy="guided", beam_size=10, max_len=60)]
+CONTROLS = ["strategy", "beam_size", "max_len", "num_alternatives", "temperature", "top_k", "top_p", "seed", "guide_threshold"]
+
+
+def photo(seed: int, size=(480, 360)) -> dict:
+    """A JPEG as an API client sends one: a base64 data: URL (a photo of Flickr8k where the data is here)."""
+    import numpy as np
+    from PIL import Image
+
+    flickr = ROOT.parent / "shared" / "data" / "flickr8k" / "Images"
+    files = sorted(flickr.glob("*.jpg"))[:600] if flickr.is_dir() else []
+    img = Image.open(files[seed % len(files)]).convert("RGB") if files else \
+        Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return {"url": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), "meta": {"_type": "gradio.FileData"}}
+
+
+def call(http, url: str, data: list, session: str | None = None) -> tuple[str, float]:
+    """One /caption call to the end of its stream -> ("complete" | "error" | "refused NNN", seconds)."""
+    t = time.perf_counter()
+    r = http.post(f"{url}gradio_api/call/caption", json={"data": data, **({"session_hash": session} if session else {})})
+    if r.status_code != 200:
+        return f"refused {r.status_code}", time.perf_counter() - t
+    kind = "?"
+    with http.stream("GET", f"{url}gradio_api/call/caption/{r.json()['event_id']}") as s:
+        for line in s.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+                if kind in ("complete", "error"):
+                    break
+    return kind, time.perf_counter() - t
+
+
+def settings(**values) -> list:
+    return [values.get(n) for n in CONTROLS]
+
+
+def start(model: str | None, threads: int) -> tuple:
+    import subprocess
+
+    from gradio_client import Client
+
+    port = free_port()
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("GRADIO_", "CAPTIONER_"))}
+    argv = [sys.executable, "app.py", "--port", str(port), "--threads", str(threads), *(["--model", model] if model else [])]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("app.py did not start")
+        try:
+            Client(url, verbose=False)
+            return proc, url
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.5)
+
+
+def hostile_latency(url: str, n: int) -> dict:
+    import httpx
+
+    normal = [photo(100 + i) for i in range(n)]
+    with httpx.Client(timeout=600) as http:
+        call(http, url, [normal[0], *settings()])  # warm
+        alone = [call(http, url, [p, *settings()])[1] for p in normal]
+        stop = threading.Event()
+        hostile_done: list[float] = []
+
+        def attacker(i: int):
+            with httpx.Client(timeout=600) as h:
+                j = 0
+                while not stop.is_set():
+                    kind, s = call(h, url, [photo(200 + i), *settings(**HOSTILE[(i + j) % len(HOSTILE)])])
+                    hostile_done.append(s)
+                    j += 1
+
+        threads = [threading.Thread(target=attacker, args=(i,), daemon=True) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(3)  # all six in flight
+        loaded = [call(http, url, [p, *settings()])[1] for p in normal]
+        stop.set()
+        for t in threads:
+            t.join(timeout=600)
+    a, b = statistics.median(alone), statistics.median(loaded)
+    return {"alone_ms": round(a * 1000), "hostile_ms": round(b * 1000), "ratio": round(b / a, 2),
+            "hostile_max_ms": round(max(loaded) * 1000), "hostile_requests_done": len(hostile_done),
+            "hostile_median_s": round(statistics.median(hostile_done), 1) if hostile_done else None, "n": n}
+
+
+def flood(url: str, clients: int = 100) -> dict:
+    import httpx
+
+    p = photo(300)
+    barrier = threading.Barrier(clients)
+
+    def one(i):
+        with httpx.Client(timeout=600) as http:
+            barrier.wait()
+            t = time.perf_counter()
+            r = http.post(f"{url}gradio_api/call/caption", json={"data": [p, *settings()]})
+            answered = time.perf_counter() - t
+            if r.status_code != 200:
+                return r.status_code, answered, None
+            kind, total = call_stream(http, url, r.json()["event_id"])
+            return 200, answered, total + answered
+
+    with ThreadPoolExecutor(clients) as pool:
+        out = list(pool.map(one, range(clients)))
+    refused = [a for code, a, _ in out if code != 200]
+    served = [t for code, _, t in out if code == 200]
+    accepted = [a for code, a, _ in out if code == 200]
+    return {"clients": clients, "refused": len(refused), "accepted_median_ms": round(statistics.median(accepted) * 1000),
+            "accepted_max_ms": round(max(accepted) * 1000), "refusal_median_ms": round(statistics.median(refused) * 1000) if refused else None,
+            "refusal_max_ms": round(max(refused) * 1000) if refused else None, "served": len(served),
+            "served_max_s": round(max(served), 1) if served else None}
+
+
+def call_stream(http, url, event_id) -> tuple[str, float]:
+    t = time.perf_counter()
+    kind = "?"
+    with http.stream("GET", f"{url}gradio_api/call/caption/{event_id}") as s:
+        for line in s.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+                if kind in ("complete", "error"):
+                    break
+    return kind, time.perf_counter() - t
+
+
+def churn(url: str, pid: int, sessions: int) -> dict:
+    import httpx
+
+    photos = [photo(i) for i in range(20)]
+    marks = {}
+    with httpx.Client(timeout=600) as http:
+        for i in range(sessions):
+            for _ in range(2):  # a caption, then the same photo again (the session's cached features)
+                kind, _ = call(http, url, [photos[i % len(photos)], *settings()], session=f"bench{i}")
+                assert kind == "complete", kind
+            if i + 1 in (25, 50, sessions // 2, sessions):
+                marks[2 * (i + 1)] = _rss_mb(pid)[0]
+    return {"sessions": sessions, "requests": 2 * sessions, "rss_mb_after": marks}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model folder or Hub repo id (default: the bundled model)")
+    ap.add_argument("--threads", type=int, default=1, help="the app's torch threads (default 1: half this 2-core machine)")
+    ap.add_argument("--normal", type=int, default=10, help="normal captions timed alone and under attack (default 10)")
+    ap.add_argument("--sessions", type=int, default=500, help="sessions of the memory run (default 500: 1,000 requests)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: hostile, flood, churn")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    results: dict = {}
+    proc, url = start(args.model, args.threads)
+    try:
+        results["rss_mb_start"] = _rss_mb(proc.pid)[0]
+        if "hostile" not in skip:
+            log("hostile: normal captions alone, then with 6 hostile requests in flight")
+            results["hostile"] = hostile_latency(url, args.normal)
+        if "flood" not in skip:
+            log("flood: 100 clients at once")
+            results["flood"] = flood(url)
+        if "churn" not in skip:
+            log(f"churn: {2 * args.sessions} requests from {args.sessions} sessions")
+            results["churn"] = churn(url, proc.pid, args.sessions)
+    finally:
+        _stop(proc)
+    rows = []
+    if h := results.get("hostile"):
+        rows += [["normal caption alone (median ms)", h["alone_ms"], ""],
+                 ["normal caption, 6 hostile requests in flight (median ms)", h["hostile_ms"], f"max {h['hostile_max_ms']} ms"],
+                 ["ratio (target ≤ 2)", h["ratio"], f"{h['hostile_requests_done']} hostile requests done meanwhile, median {h['hostile_median_s']} s"]]
+    if f := results.get("flood"):
+        rows += [[f"flood of {f['clients']}: refused, median / max answer (ms) (target ≤ 1000)",
+                  f"{f['refusal_median_ms']} / {f['refusal_max_ms']}", f"{f['refused']} refused, {f['served']} served (last after {f['served_max_s']} s); accepted: answered in "
+                  f"{f['accepted_median_ms']} / {f['accepted_max_ms']} ms"]]
+    if c := results.get("churn"):
+        rows += [[f"server RSS after {n} requests (MB)", mb, "target ≤ 800 after 1,000" if n == c["requests"] else ""]
+                 for n, mb in c["rss_mb_after"].items()]
+    print("| measure | value | note |\n|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+    print(f"\nserver RSS at start: {results['rss_mb_start']} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
