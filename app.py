@@ -27,21 +27,6 @@ def limit_malloc_arenas(n: int = 2) -> bool:
         return False
 
 
-def release_freed_memory() -> bool:
-    """Hand the pages that loading freed (the float16 file's tensors, the float32 decoder weights an int8 decoder
-    replaced) back to the system: glibc keeps freed memory for reuse otherwise. Measured: RSS after loading the
-    bundled model at auto precision fell from 933 to 895 MB. False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 def model_label(model, src, revision) -> str:
     from captioner.loading import DEFAULT_MODEL
 
@@ -106,8 +91,10 @@ def main(argv=None) -> int:
         print(f"error: cannot load the model from {args.model or 'the default source'}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
-    release_freed_memory()
+    from captioner.serving import release_freed_memory
     from captioner.ui import build_demo, configure_torch, launch_options
+
+    release_freed_memory(collect=True)
 
     threads = configure_torch(args.threads)
     label = model_label(model, args.model, args.revision)

@@ -16,6 +16,7 @@ import csv
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from .imagenet import Constraint, constraint_for, describe_labels, labels as ima
 from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
 from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, FairShare, Job, PhotoError, RequestLimits,
-                      ServedBlocks, header_pixels, read_upload, settings_from, shown, whole_number)
+                      ServedBlocks, release_freed_memory, header_pixels, read_upload, settings_from, shown, whole_number)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -54,6 +55,7 @@ MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a han
 MAX_FILES = 64  # photos per request of the "Several photos" tab
 SESSIONS = 64  # sessions whose state the server keeps (about 1.5 MB each with the bundled model); the least recently used goes first
 STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
+TRIM_EVERY = 16  # finished requests between handing freed heap pages back to the system (serving.release_freed_memory)
 FILES_BATCH = 8  # photos of a "Several photos" request encoded together
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
 DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered for download (Gradio copies them)
@@ -140,6 +142,25 @@ def example_paths() -> list[str]:
 
 
 @dataclass(frozen=True)
+class Photo:
+    """The photo a session keeps for its heatmaps, stored as a JPEG (quality 90): about a tenth of its pixels' size,
+    and the server keeps up to SESSIONS of them. Decoded (a few ms) when a heatmap is drawn."""
+
+    data: bytes
+    size: tuple[int, int]
+
+    @classmethod
+    def of(cls, img: Image.Image) -> "Photo":
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=90)
+        return cls(buf.getvalue(), img.size)
+
+    def image(self) -> Image.Image:
+        with Image.open(io.BytesIO(self.data)) as img:
+            return img.convert("RGB")
+
+
+@dataclass(frozen=True)
 class ImageCache:
     """The last image of a session and its encoder output: re-decoding or branching never re-runs the CNN."""
 
@@ -148,7 +169,7 @@ class ImageCache:
     # What the CNN sees: the top ImageNet labels (name, probability), likeliest first; None without an ImageNet head.
     labels: tuple[tuple[str, float], ...] | None = None
     # The photo as the encoder saw it, at most PHOTO_MAX_SIDE a side: the heatmaps' base (None: nothing attends).
-    photo: Image.Image | None = None
+    photo: Photo | None = None
     constraints: dict = field(default_factory=dict, compare=False)  # guide_threshold -> guided decoding's Constraint
 
     def constraint(self, vocab, threshold: float | None) -> Constraint:
@@ -168,7 +189,7 @@ class Decoding:
     prefix: tuple[int, ...]  # forced first words (a branch), else ()
     focus: int  # the selected step after the decode (0-based): the first, or where a branch was made
     image_key: str  # ImageCache.key of the image it describes
-    photo: Image.Image | None = None  # ImageCache.photo of that image: the heatmaps' base (same object, not a copy)
+    photo: Photo | None = None  # ImageCache.photo of that image: the heatmaps' base (same object, not a copy)
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -247,14 +268,14 @@ def labels_markdown(cache: ImageCache | None) -> str:
     return f"**The CNN sees:** {describe_labels(cache.labels)}" if cache and cache.labels else ""
 
 
-def heatmap_view(step: Step | None, photo: Image.Image | None) -> dict:
+def heatmap_view(step: Step | None, photo: Photo | None) -> dict:
     """The inspector's heatmap for one step: the photo with the step's attention weights over it, labelled with the
     word (its probability is in the step's line beside it); hidden for decoders that do not attend."""
     if step is None:
         return gr.update(value=None, label=HEATMAP_LABEL)
     if step.attention is None or photo is None:
         return gr.update(value=None, visible=False)
-    return gr.update(value=attention_overlay(photo, step.attention), label=f"Where it looked for “{step.word}”", visible=True,
+    return gr.update(value=attention_overlay(photo.image(), step.attention), label=f"Where it looked for “{step.word}”", visible=True,
                      alt_text=f"The photo with a heatmap of where the model looked when it chose the word {step.word}")
 
 
@@ -292,6 +313,7 @@ class Handlers:
     def __init__(self, model, *, word_delay: float = WORD_DELAY, model_id: str = "captioner", turns: FairShare | None = None):
         self.model = model
         self.turns = turns or FairShare(cpu_slots())  # every request's model work, in CPU turns
+        self._finished = itertools.count(1)  # requests finished: every TRIM_EVERY, freed memory goes back
         self.word_delay = word_delay
         self.model_id = model_id
         # Heatmaps for decoders whose steps attend over the image's grid of regions.
@@ -321,7 +343,7 @@ class Handlers:
             config = self.model.config
             features = encode(self.model, to_tensor(img, config))
             labels = None if features.labels is None else tuple(imagenet_labels(features, NUM_LABELS))
-            return ImageCache(key, features, labels, encoder_view(img, config, PHOTO_MAX_SIDE) if self.uses_grid else None)
+            return ImageCache(key, features, labels, Photo.of(encoder_view(img, config, PHOTO_MAX_SIDE)) if self.uses_grid else None)
 
     # --- decoding, streamed: the API's outputs (caption, words, history) and the states ---
 
@@ -354,6 +376,11 @@ class Handlers:
                 time.sleep(max(0.0, self.word_delay - (time.monotonic() - last)))
                 last = time.monotonic()
             yield Update(step.text, top_words(step), history_table(rows), decoding, cache)
+        self._done()
+
+    def _done(self) -> None:
+        if next(self._finished) % TRIM_EVERY == 0:
+            release_freed_memory()
 
     def caption(self, image, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """/caption: stream the caption of `image` word by word."""
@@ -579,6 +606,7 @@ class Handlers:
         csv.writer(out).writerows([FILES_HEADERS, *rows])
         folder = Path(write_download("captions.csv", out.getvalue())).parent
         (folder / "captions.json").write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+        self._done()
         return {"headers": FILES_HEADERS, "data": rows}, [str(folder / "captions.csv"), str(folder / "captions.json")]
 
 

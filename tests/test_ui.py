@@ -689,7 +689,7 @@ def test_the_heatmap_follows_the_selected_step(attend_handlers, photo_path):
     # After the decode: step 1's heatmap, captioned with its word and probability.
     hm = page["heatmap"]
     assert hm["visible"] is True and hm["label"] == f"Where it looked for “{steps[0].word}”"
-    assert np.array_equal(pixels(hm["value"]), pixels(attention_overlay(cache.photo, steps[0].attention)))
+    assert np.array_equal(pixels(hm["value"]), pixels(attention_overlay(cache.photo.image(), steps[0].attention)))
     # Next, the slider and the keyboard (select) move it: a step whose attention differs has another image.
     nxt = attend_handlers.select(decoding, 1, +1).heatmap
     assert nxt["label"].startswith(f"Where it looked for “{steps[1].word}”")
@@ -698,7 +698,7 @@ def test_the_heatmap_follows_the_selected_step(attend_handlers, photo_path):
     assert np.array_equal(pixels(attend_handlers.select(decoding, 2, -1).heatmap["value"]), pixels(hm["value"]))
     for n in range(1, len(steps) + 1):
         view = attend_handlers.inspect(decoding, n).heatmap
-        assert np.array_equal(pixels(view["value"]), pixels(attention_overlay(cache.photo, steps[n - 1].attention)))
+        assert np.array_equal(pixels(view["value"]), pixels(attention_overlay(cache.photo.image(), steps[n - 1].attention)))
 
 
 def test_branching_shows_the_new_captions_heatmaps(attend_handlers, attend, photo_path):
@@ -712,9 +712,9 @@ def test_branching_shows_the_new_captions_heatmaps(attend_handlers, attend, phot
     assert branched.tokens == want.tokens
     assert np.allclose([s.attention for s in branched.steps], [s.attention for s in want.caption_steps()], atol=1e-5)
     assert new["heatmap"]["label"].startswith(f"Where it looked for “{alt.word}”")  # the branch point is selected
-    assert np.array_equal(pixels(new["heatmap"]["value"]), pixels(attention_overlay(page["cache"].photo, branched.steps[t].attention)))
+    assert np.array_equal(pixels(new["heatmap"]["value"]), pixels(attention_overlay(page["cache"].photo.image(), branched.steps[t].attention)))
     last = attend_handlers.inspect(branched, len(branched.steps)).heatmap
-    assert np.array_equal(pixels(last["value"]), pixels(attention_overlay(page["cache"].photo, branched.steps[-1].attention)))
+    assert np.array_equal(pixels(last["value"]), pixels(attention_overlay(page["cache"].photo.image(), branched.steps[-1].attention)))
 
 
 def test_no_heatmap_for_a_model_that_does_not_attend(handlers, model, photo_path):
