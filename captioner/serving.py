@@ -272,8 +272,8 @@ class RequestLimits:
 def release_freed_memory(collect: bool = False) -> bool:
     """Hand freed heap pages back to the system (glibc keeps them for reuse otherwise), after a `collect`ion when
     asked. Measured: after loading the bundled model at auto precision RSS fell from 933 to 895 MB; the app also calls
-    it every TRIM_EVERY finished requests, where decodes of every size leave freed pages behind. False where the C
-    library is not glibc."""
+    it after every request, where decodes of every size leave freed pages behind. False where the C library is not
+    glibc."""
     import ctypes
     import ctypes.util
     import gc
