@@ -39,7 +39,7 @@ from .imagenet import Constraint, constraint_for, describe_labels, labels as ima
 from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
 from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, FairShare, Job, PhotoError, RequestLimits,
-                      ServedBlocks, release_freed_memory, header_pixels, read_upload, settings_from, shown, whole_number)
+                      ServedBlocks, header_pixels, read_upload, settings_from, shown, whole_number)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -373,18 +373,12 @@ class Handlers:
                 time.sleep(max(0.0, self.word_delay - (time.monotonic() - last)))
                 last = time.monotonic()
             yield Update(step.text, top_words(step), history_table(rows), decoding, cache)
-        self._done()
-
-    @staticmethod
-    def _done() -> None:
-        """After each request, its freed heap pages go back to the system (2.8 ms with the bundled model; measured with
-        benchmarks.serving, RSS after 300 requests 797 MB this way, 812 MB trimming after every 16th)."""
-        release_freed_memory()
 
     def caption(self, image, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """/caption: stream the caption of `image` word by word."""
-        settings, job = self.settings(**controls), Job()
-        yield from self._decode(self.features(image, cache, job), settings, job)
+        settings = self.settings(**controls)
+        with self.turns.request() as job:
+            yield from self._decode(self.features(image, cache, job), settings, job)
 
     def redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """Branch: force the inspected step's word to `choice` (a token id), keep the words before it, and
@@ -402,7 +396,9 @@ class Handlers:
             raise gr.Error(str(e), print_exception=False) from None
         if choice not in {a.token for a in decoding.steps[t].alternatives}:
             raise gr.Error(f"word id {choice} is not among step {t + 1}'s alternatives", print_exception=False)
-        yield from self._decode(cache, self.settings(**controls), Job(), (*decoding.tokens[:t], choice), t)
+        settings = self.settings(**controls)
+        with self.turns.request() as job:
+            yield from self._decode(cache, settings, job, (*decoding.tokens[:t], choice), t)
 
     def word_id(self, word) -> int:
         """A word of the model's vocabulary (or its id, as a number or a string of digits) -> its token id."""
@@ -424,9 +420,12 @@ class Handlers:
     def branch(self, image, step, word, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """/branch: caption `image` with the settings, then make word number `step` (from 1) `word` (a word, or its
         id; "<EOS>" ends the caption there), keep the words before it, and stream the caption decoded from there."""
-        settings, job = self.settings(**controls), Job()
+        settings = self.settings(**controls)
         token = self.word_id(word)
-        cache = self.features(image, cache, job)
+        with self.turns.request() as job:
+            yield from self._branch(self.features(image, cache, job), settings, step, token, job)
+
+    def _branch(self, cache: ImageCache, settings: GenerationConfig, step, token: int, job: Job) -> Iterator[Update]:
         *_, last = self._stream(cache, settings, job)  # the caption to branch from, unpaced
         steps = last.caption_steps()
         try:
@@ -559,10 +558,13 @@ class Handlers:
             raise gr.Error(f"{len(files)} files: at most {MAX_FILES} at a time here (the command line takes any number)",
                            print_exception=False)
         settings = replace(self.settings(**controls), num_alternatives=0)
+        with self.turns.request() as job:  # each photo opened, and each batch encoded and captioned, is one CPU turn
+            return self._caption_files(files, settings, job)
+
+    def _caption_files(self, files, settings: GenerationConfig, job: Job) -> tuple[dict, list[str]]:
         records: list[dict] = []
         batch: list[tuple[dict, torch.Tensor]] = []  # photos waiting for the encoder: model-sized tensors, never photos
         budget = REQUEST_PIXELS
-        job = Job()  # each photo opened, and each batch encoded and captioned, is one CPU turn
 
         def caption_batch_of_photos():
             if not batch:
@@ -605,7 +607,6 @@ class Handlers:
         csv.writer(out).writerows([FILES_HEADERS, *rows])
         folder = Path(write_download("captions.csv", out.getvalue())).parent
         (folder / "captions.json").write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
-        self._done()
         return {"headers": FILES_HEADERS, "data": rows}, [str(folder / "captions.csv"), str(folder / "captions.json")]
 
 
