@@ -181,13 +181,15 @@ def test_settings_left_out_of_an_api_call_take_their_defaults(server, model):
 
 
 def test_a_normal_caption_is_not_queued_behind_hostile_ones(model):
-    """Reproduction 2's latency: six requests at the app's largest length (sampling 60 words, each paced by the word
-    delay: 6 s; at temperature 1, where this model's <EOS> never wins) are in flight; a normal caption sent after them finishes before any of them does, not after they free a slot."""
-    with serve_demo(model, "tiny (paced)", word_delay=0.1) as url:
+    """Reproduction 2's latency: six long requests are in flight (max_len 60, greedy: this model's captions then run to
+    31 words, the repeat rule ends them there, so each takes 6.2 s at 0.2 s a word); a normal caption (6 words) sent
+    after them finishes before any of them does, not after they free a slot. (Sampled captions would end at random
+    lengths, some at 10 words.)"""
+    with serve_demo(model, "tiny (paced)", word_delay=0.2) as url:
         done: list[str] = []
         with ThreadPoolExecutor(7) as pool:
             hostile = [pool.submit(lambda i=i: (call(url, "caption", [data_url(jpeg(20 + i)), *settings(
-                strategy="sample", max_len=60)]), done.append("hostile"))[0]) for i in range(6)]
+                strategy="greedy", max_len=60)]), done.append("hostile"))[0]) for i in range(6)]
             time.sleep(1.0)  # all six running
             normal = pool.submit(lambda: (call(url, "caption", [data_url(jpeg(5)), *settings(strategy="greedy")]), done.append("normal"))[0])
             assert normal.result()[0] == "complete"
