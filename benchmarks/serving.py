@@ -50,13 +50,7 @@ def call(http, url: str, data: list, session: str | None = None) -> tuple[str, f
     r = http.post(f"{url}gradio_api/call/caption", json={"data": data, **({"session_hash": session} if session else {})})
     if r.status_code != 200:
         return f"refused {r.status_code}", time.perf_counter() - t
-    kind = "?"
-    with http.stream("GET", f"{url}gradio_api/call/caption/{r.json()['event_id']}") as s:
-        for line in s.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-                if kind in ("complete", "error"):
-                    break
+    kind, _ = call_stream(http, url, r.json()["event_id"])
     return kind, time.perf_counter() - t
 
 
@@ -146,6 +140,7 @@ def flood(url: str, clients: int = 100) -> dict:
 
 
 def call_stream(http, url, event_id) -> tuple[str, float]:
+    """Read an accepted call's event stream to its end -> ("complete" | "error" | ..., seconds)."""
     t = time.perf_counter()
     kind = "?"
     with http.stream("GET", f"{url}gradio_api/call/caption/{event_id}") as s:
