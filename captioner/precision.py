@@ -69,7 +69,8 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
 
 # What `auto` picks for inference, per class of CPU: (encoder, decoder). Measured on a 2-core AMD EPYC with AVX512-BF16
 # and VNNI (benchmarks/RESULTS.md, "Inference precision"): an int8 decoder step took 0.39 against 3.02 ms in float32,
-# and the bundled model kept 959 of 1,000 greedy dev captions identical; a bf16 encoder was faster but changed 12% of
+# and the bundled model kept 959 of 1,000 greedy dev captions identical (issue 21's model: 951; a whole greedy caption's
+# decoding 14.3 against 26.7 ms); a bf16 encoder was faster but changed 12% of
 # the captions (bf16 throughout: 14%). So auto takes the int8 decoder where the CPU has VNNI (int8 dot products in
 # hardware), and float32 elsewhere: nothing was measured there, and float32 is never slower than itself.
 AUTO_VNNI = ("fp32", "int8")

@@ -186,20 +186,23 @@ needs_data = pytest.mark.skipif(not (__import__("conftest").FLICKR8K / "captions
 @pytest.mark.may_skip  # on a CPU without VNNI auto picks float32: nothing to guard, a legitimate skip even in CI
 @needs_data
 def test_what_auto_picks_keeps_the_greedy_captions():
-    """The caption guard, on 100 dev photos: at the precision auto picks on this CPU, at least 95% of the bundled
-    model's greedy captions are identical to float32's. Skips where auto picks float32 (a CPU without VNNI)."""
+    """The caption guard, on the 1,000 dev photos: at the precision auto picks on this CPU, at least 95% of the bundled
+    model's greedy captions are identical to float32's. Skips where auto picks float32 (a CPU without VNNI). (It took
+    the first 100 photos until the model of issue 21, whose int8 decoder keeps 94 of those and 951 of all 1,000 (a probe that
+    batched 32 at a time): 100 photos are too few to tell 94% from 95%.)"""
     from captioner.decode import caption_batch
     from captioner.loading import load_model
 
     if precision.inference_plan("auto") == ("fp32", "fp32"):
         pytest.skip(f"auto picks float32 on this CPU ({precision.cpu_features()}): nothing to guard")
-    photos = _dev_photos(100)
+    photos = _dev_photos(1000)
+    assert len(photos) == 1000
     base = caption_batch(load_model(precision="fp32"), photos)
     model = load_model(precision="auto")
     caps = caption_batch(model, photos)
     same = sum(a == b for a, b in zip(base, caps))
-    assert same >= 95, f"{same} of 100 captions identical at {model.precision}"
-    assert len(set(caps)) > 50  # captions that differ per photo: identity is not trivially met
+    assert same >= 950, f"{same} of 1,000 captions identical at {model.precision}"
+    assert len(set(caps)) > 500  # captions that differ per photo: identity is not trivially met
 
 
 @pytest.mark.slow
