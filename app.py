@@ -17,13 +17,11 @@ def limit_malloc_arenas(n: int = 2) -> bool:
     """Let the server's threads share n glibc malloc arenas (the default allows 8 per core, and each arena keeps
     its own freed memory: measured, RSS went on growing over 100 captions; with 2 it stayed flat). What
     MALLOC_ARENA_MAX=n does, set from inside; returns False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
+    from captioner.serving import libc
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-8, n))  # -8 = M_ARENA_MAX in glibc's malloc.h
-    except (OSError, AttributeError):  # macOS, musl, Windows: no glibc mallopt
+        return bool(libc().mallopt(-8, n))  # -8 = M_ARENA_MAX in glibc's malloc.h
+    except AttributeError:  # macOS, musl, Windows: no glibc mallopt
         return False
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -197,9 +198,10 @@ def queue_full(scope) -> str | None:
     after reading and parsing the body, which a flood makes slow): None while there is room."""
     app = scope.get("app")
     queue = getattr(app.get_blocks(), "_queue", None) if hasattr(app, "get_blocks") else None
-    if queue is None or queue.max_size is None or len(queue) < queue.max_size:
+    waiting = len(queue) if queue is not None else 0
+    if queue is None or queue.max_size is None or waiting < queue.max_size:
         return None
-    return f"Queue is full. Max size is {queue.max_size} and size is {len(queue)}."
+    return f"Queue is full. Max size is {queue.max_size} and size is {waiting}."
 
 
 class RequestLimits:
@@ -269,20 +271,31 @@ class RequestLimits:
 # Memory
 
 
+@functools.cache
+def libc():
+    """The C library, looked up once (ctypes.util.find_library runs `ldconfig -p` in a subprocess: 1.8 ms a call
+    here), or None where it cannot be loaded."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def release_freed_memory(collect: bool = False) -> bool:
     """Hand freed heap pages back to the system (glibc keeps them for reuse otherwise), after a `collect`ion when
     asked. Measured: after loading the bundled model at auto precision RSS fell from 933 to 895 MB; the app also calls
     it whenever its last request in progress ends (FairShare.request), as decodes of every size leave freed pages
     behind. False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
     import gc
 
     if collect:
         gc.collect()
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
+        return bool(libc().malloc_trim(0))
+    except AttributeError:  # no C library, or not glibc: no malloc_trim
         return False
 
 
@@ -322,10 +335,10 @@ class FairShare:
     @contextlib.contextmanager
     def request(self) -> Iterator[Job]:
         """One request in progress -> its Job (its CPU account). When the last request in progress ends, the server
-        is quiet and freed heap pages go back to the system (release_freed_memory, 2.8 ms with the bundled model):
-        only then, because trimming after every request under load re-faults the pages the next one needs (measured
-        with benchmarks.serving: a normal caption beside 6 hostile ones took 1.86-1.97x its time alone with a trim
-        after every request, 1.70-1.71x with none)."""
+        is quiet and freed heap pages go back to the system (release_freed_memory: 1.3 ms after a guided caption with
+        the bundled model). Only then: with a trim after every request (each also looking libc up in a subprocess,
+        since cached), a normal caption beside 6 hostile ones took 1.86-1.97x its time alone in benchmarks.serving,
+        1.70-1.71x with no trimming."""
         with self._cond:
             self._requests += 1
         try:

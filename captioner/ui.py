@@ -308,9 +308,9 @@ class Handlers:
     arguments and return values (gr.State), never through attributes, so nothing leaks between users.
     Decoding settings arrive as keyword arguments named after GenerationConfig's fields (`**controls`)."""
 
-    def __init__(self, model, *, word_delay: float = WORD_DELAY, model_id: str = "captioner", turns: FairShare | None = None):
+    def __init__(self, model, *, word_delay: float = WORD_DELAY, model_id: str = "captioner"):
         self.model = model
-        self.turns = turns or FairShare(cpu_slots())  # every request's model work, in CPU turns
+        self.turns = FairShare(cpu_slots())  # every request's model work, in CPU turns
         self.word_delay = word_delay
         self.model_id = model_id
         # Heatmaps for decoders whose steps attend over the image's grid of regions.

@@ -209,6 +209,9 @@ def test_a_full_queue_refuses_at_once_with_gradios_answer(model, monkeypatch):
         codes = [r.status_code for r in answers]
         assert codes[:3] == [200, 200, 200] and codes[3:] == [503, 503], codes  # one running, two waiting
         assert "Queue is full. Max size is 2" in answers[3].json()["detail"]
+        # Not even read: a body Gradio could not parse (it answers 422 for one) still gets the 503.
+        unread = http.post(f"{url}gradio_api/call/caption", content=b"not json", headers={"content-type": "application/json"})
+        assert unread.status_code == 503 and "Queue is full" in unread.json()["detail"], (unread.status_code, unread.text)
 
 
 def test_the_server_still_captions_after_the_bad_requests(server, model):
