@@ -4,9 +4,9 @@ from .generation import GenerationConfig
 from .vocab import Vocabulary
 from .model import AttendDecoder, Captioner, Decoder, Encoder, ImageFeatures, ShowTellDecoder
 from .hub import ModelLoadError
-from .loading import load_model
+from .loading import example, load_model
 from .preprocess import ImageError, open_image, preprocess
 
 __all__ = ["CaptionerConfig", "GenerationConfig", "Vocabulary", "Captioner", "Decoder", "ShowTellDecoder", "AttendDecoder", "Encoder", "ImageFeatures",
-           "ModelLoadError", "load_model", "ImageError", "open_image", "preprocess"]
+           "ModelLoadError", "load_model", "example", "ImageError", "open_image", "preprocess"]
 __version__ = "0.1.0"

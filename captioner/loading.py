@@ -11,6 +11,18 @@ from .hub import ModelLoadError
 from .model import Captioner
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # beside the package in a clone (`pip install -e .`)
+
+
+def example(name: str = "cat.jpg") -> Path:
+    """The path of one of the repository's example photos (examples/NAME), wherever the caller runs from."""
+    path = EXAMPLES / name
+    if not path.is_file():
+        known = sorted(p.name for p in EXAMPLES.glob("*.jpg")) if EXAMPLES.is_dir() else []
+        raise ValueError(f"example {name!r} not found in {EXAMPLES}: "
+                         + (f"the examples are {', '.join(known)}" if known else "the examples ship with a clone of "
+                            "the repository (pip install -e .), not with a built wheel"))
+    return path
 
 
 def load_model(src=None, *, revision: str | None = None, precision: str = "auto") -> Captioner:

@@ -1,7 +1,7 @@
 """The captioner: a CNN Encoder, a Decoder that owns its conditioning and its step, and the Captioner around them.
 
 Every decoder has the same seam: `start(features) -> (logits, state)` and `step(tokens, state) -> (logits, state)`,
-with a state that can `select(index)` and `expand(n)`; decoding (captioner/decode.py) and training use only these."""
+with a state that can `select(index)` (beams keep or repeat rows through it); decoding (captioner/decode.py) and training use only these."""
 from __future__ import annotations
 
 import os
@@ -461,10 +461,14 @@ class Captioner(
         save_folder(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, src, *, revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None,
+    def from_pretrained(cls, src=None, *, revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None,
                         map_location: str = "cpu", **kwargs) -> "Captioner":
-        """Load from a local folder or a Hub repo id (optionally at a revision); strict, never unpickles, and every
-        failure is a ModelLoadError that says what to do."""
+        """Load from a local folder or a Hub repo id (optionally at a revision), or with no `src` the model bundled with
+        the package (a name that works from any folder); strict, never unpickles, and every failure is a
+        ModelLoadError that says what to do."""
+        if src is None:
+            from .loading import DEFAULT_MODEL  # loading imports this module
+            src = DEFAULT_MODEL
         folder = resolve(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         config, vocab, state = read_folder(folder, src, map_location=map_location)
         try:

@@ -1,7 +1,7 @@
 """The README's code runs as pasted, its links lead somewhere, and pyproject.toml describes the package.
 
-Every ```python block of README.md runs in its own interpreter from the repository root. A block may be preceded
-by a marker comment that says what it needs:
+Every ```python block of README.md runs in its own interpreter, the plain ones from a temporary folder (the README
+promises they work anywhere once the package is installed). A block may be preceded by a marker comment that says what it needs:
 
     <!-- readme-test: needs-server -->   the app is started (app.py, bundled model, a free port) and the block's
                                         http://127.0.0.1:7860/ is replaced by the app's address
@@ -86,13 +86,14 @@ BRANCH = re.compile(r"^print\((caption\(.*prefix=(\[.*\])\))\)[ \t]*(#.*)?$", re
 
 @pytest.mark.slow
 @pytest.mark.parametrize("line,code", blocks_marked(None))
-def test_python_block_runs(line, code):
+def test_python_block_runs(line, code, tmp_path):
+    # From another folder: the README promises the block works anywhere once the package is installed.
     # A branch example (print(caption(..., prefix=[...]))) must print a caption that starts with the forced words:
     # the block runs with markers printed around that line and the forced words decoded after it.
     branches = BRANCH.findall(code)
     marked = BRANCH.sub(lambda m: f'print("<readme-test branch>"); print({m.group(1)}); '
                                   f'print("<readme-test forced>", model.vocab.decode({m.group(2)}))', code)
-    result = run_block(marked, what=f"README.md:{line}")
+    result = run_block(marked, cwd=tmp_path, what=f"README.md:{line}")
     assert result.stdout.strip(), f"README.md:{line} printed nothing"
     out = result.stdout.splitlines()
     for i in [i for i, text in enumerate(out) if text == "<readme-test branch>"]:
