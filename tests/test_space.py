@@ -1,5 +1,5 @@
 """What a Hugging Face Space needs from this repository, checked offline: the README's front matter against the
-Spaces configuration rules, the LFS rules of .gitattributes, the split of the requirement files (the runtime file is
+Spaces configuration rules, LFS (none in this repository; what the git deploy moves to it), the split of the requirement files (the runtime file is
 what a Space installs), and scripts/setup.sh's stamp, which keeps a set-up app from reinstalling or reaching the
 network on every start."""
 from __future__ import annotations
@@ -131,7 +131,11 @@ def test_front_matter_follows_the_spaces_rules():
     assert isinstance(meta.get("pinned", False), bool)
 
 
-# --- .gitattributes -------------------------------------------------------------------------------------------------
+# --- LFS -----------------------------------------------------------------------------------------------------------
+# This repository does not use git-lfs and holds no LFS rules, so a clone is clean whether or not git-lfs is installed
+# (with rules, git-lfs would see the plain blobs of the history as modified files). The LFS rules a Space needs are
+# written when deploying: upload_folder keeps the Space's own .gitattributes, and docs/deploying.md's
+# `git lfs migrate import --include=...` writes them for a git push.
 
 def git(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, **kw)
@@ -140,52 +144,35 @@ def git(*args: str, **kw) -> subprocess.CompletedProcess:
 needs_git = pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git clone")
 
 
-def lfs_rules() -> dict[str, str]:
-    rules = {}
-    for line in (ROOT / ".gitattributes").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            pattern, *attrs = line.split()
-            rules[pattern] = " ".join(attrs)
-    return rules
-
-
-def test_gitattributes_has_the_hubs_lfs_rules():
-    rules = lfs_rules()
-    missing = [p for p in HUB_LFS_PATTERNS + IMAGE_PATTERNS if p not in rules]
-    assert not missing, missing
-    for pattern in HUB_LFS_PATTERNS + IMAGE_PATTERNS:
-        assert rules[pattern] == "filter=lfs diff=lfs merge=lfs -text", (pattern, rules[pattern])
+def tracked_files() -> list[str]:
+    return [f for f in git("ls-files", "-z").stdout.split("\0") if f and (ROOT / f).is_file()]
 
 
 @needs_git
-def test_large_and_binary_files_are_under_lfs_rules():
-    files = [f for f in git("ls-files", "-z").stdout.split("\0") if f and (ROOT / f).is_file()]
-    need = [f for f in files if (ROOT / f).stat().st_size > LARGE or Path(f).suffix.lower() in BINARY_SUFFIXES]
+def test_no_file_is_under_an_lfs_filter():
+    files = tracked_files()
+    out = git("check-attr", "-z", "filter", "--", *files).stdout.split("\0")
+    filtered = sorted(f for f, value in zip(out[0::3], out[2::3]) if value not in ("unspecified", "unset"))
+    assert not filtered, f"files git-lfs would filter in a clone (and show as modified): {filtered[:5]}"
+
+
+@needs_git
+def test_the_git_deploy_moves_every_large_or_binary_file_to_lfs():
+    """docs/deploying.md's `git lfs migrate import --include=...` covers every file the Hub would refuse as a plain
+    blob (over 10 MB, or binary), which the Hub's own .gitattributes rules (HUB_LFS_PATTERNS) do for a new Space."""
+    import fnmatch
+
+    doc = (ROOT / "docs" / "deploying.md").read_text(encoding="utf-8")
+    m = re.search(r'git lfs migrate import --everything --include="([^"]+)"', doc)
+    assert m, "docs/deploying.md does not give the git lfs migrate command"
+    include = m.group(1).split(",")
+    assert set(IMAGE_PATTERNS) <= set(include) and "*.safetensors" in include, include
+    need = [f for f in tracked_files()
+            if (ROOT / f).stat().st_size > LARGE or Path(f).suffix.lower() in BINARY_SUFFIXES]
     assert "captioner/default_model/model.safetensors" in need  # the 35 MB model the Hub would refuse as a plain blob
-    out = git("check-attr", "-z", "filter", "--", *need).stdout.split("\0")
-    filters = dict(zip(out[0::3], out[2::3]))
-    outside = sorted(f for f in need if filters.get(f) != "lfs")
-    assert not outside, f"large or binary files no LFS rule of .gitattributes matches: {outside}"
-
-
-# git as a clone without git-lfs runs it, whether or not git-lfs is installed here: the lfs filter's commands empty
-# (command-line -c settings override the global ones `git lfs install` writes).
-WITHOUT_LFS = ("-c", "filter.lfs.process=", "-c", "filter.lfs.clean=", "-c", "filter.lfs.smudge=", "-c", "filter.lfs.required=false")
-
-
-@needs_git
-def test_lfs_rules_change_nothing_in_this_clone_without_git_lfs():
-    """This repository does not use git-lfs: without it the rules' filter is undefined, and git stores and checks out
-    these files as the plain blobs they are (what `git add` would store is byte for byte what the index holds).
-    Checked the same way where git-lfs is installed, with its filter switched off for these git commands."""
-    binaries = [f for f in git("ls-files", "-z").stdout.split("\0")
-                if f and Path(f).suffix.lower() in BINARY_SUFFIXES and (ROOT / f).is_file()]
-    assert binaries
-    staged = dict(line.split("\t", 1)[::-1] for line in git("ls-files", "-s", "--", *binaries).stdout.splitlines())
-    would_store = git(*WITHOUT_LFS, "hash-object", "--", *binaries).stdout.split()
-    assert would_store == git("hash-object", "--no-filters", "--", *binaries).stdout.split()  # no filter ran
-    for f, blob in zip(binaries, would_store):
-        assert staged[f].split()[1] == blob, f"{f}: git would now store it differently"
+    outside = [f for f in need if not any(fnmatch.fnmatch(Path(f).name, p) for p in include)]
+    assert not outside, f"large or binary files the deploy's --include leaves as plain blobs: {outside}"
+    assert all(any(fnmatch.fnmatch(Path(f).name, p) for p in HUB_LFS_PATTERNS + IMAGE_PATTERNS) for f in need)
 
 
 # --- requirements ---------------------------------------------------------------------------------------------------
