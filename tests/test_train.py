@@ -659,3 +659,16 @@ def test_attend_decoder_trains_through_the_same_loop(tmp_path):
     assert "soft attention (Show, Attend and Tell" in card and "no attention" not in card
     bad = run_train(tiny_args(data, tmp_path / "bad", **{"decoder": "attend", "tune-top-stages": 1}))
     assert bad.returncode == 2 and "--decoder attend" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+
+
+def test_the_architecture_fields_go_to_the_model_config_and_come_back_from_one():
+    from train.config import ARCHITECTURE, TrainConfig
+
+    cfg = TrainConfig(decoder="attend", attention_score="mlp", region_size=24, embed_size=32, hidden_size=48,
+                      attention_size=16, num_layers=2, image_size=96, resize="crop", dropout=0.2, finetune_backbone=True)
+    config = cfg.model_config(vocab_size=17)
+    assert [getattr(config, f) for f in ARCHITECTURE] == [getattr(cfg, f) for f in ARCHITECTURE]
+    assert (config.vocab_size, config.dropout, config.train_backbone) == (17, 0.2, True)
+    back = TrainConfig().with_architecture_of(config)  # --init: the saved model's sizes win over the flags' defaults
+    assert [getattr(back, f) for f in ARCHITECTURE] == [getattr(cfg, f) for f in ARCHITECTURE]
+    assert back.dropout == TrainConfig().dropout  # a training setting, not carried from the saved model

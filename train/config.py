@@ -7,11 +7,18 @@ them (trainer.json's train_config), so `--resume` continues with the settings it
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from captioner.config import CaptionerConfig
 from captioner.settings import add_flags, kind
 from captioner.settings import setting as _setting
+
+
+# The settings that are the model's architecture, named as in CaptionerConfig: a new model takes them from the
+# training settings (model_config), and a model training starts from (--init) gives them back (with_architecture_of).
+ARCHITECTURE = ("backbone", "decoder", "attention_size", "attention_score", "region_size", "embed_size", "hidden_size",
+                "num_layers", "image_size", "resize")
 
 
 @dataclass
@@ -132,6 +139,15 @@ class TrainConfig:
             raise ValueError(f"--patience {self.patience}: must be >= 0")
         if self.scst_xe_weight < 0:
             raise ValueError(f"--scst-xe-weight {self.scst_xe_weight}: must be >= 0")
+
+    def model_config(self, vocab_size: int) -> CaptionerConfig:
+        """The config of a new model trained with these settings, for a vocabulary of `vocab_size` words."""
+        return CaptionerConfig(**{name: getattr(self, name) for name in ARCHITECTURE}, dropout=self.dropout,
+                               vocab_size=vocab_size, train_backbone=self.finetune_backbone)
+
+    def with_architecture_of(self, config: CaptionerConfig) -> "TrainConfig":
+        """These settings with a saved model's architecture (training goes on from it: its sizes carry on)."""
+        return replace(self, **{name: getattr(config, name) for name in ARCHITECTURE})
 
     def check_resume(self, saved: "TrainConfig") -> None:
         """A --resume keeps what shapes the model and its optimizer's groups."""

@@ -20,13 +20,12 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from captioner.config import CaptionerConfig
 from captioner.decode import caption_batch
 from captioner.model import Captioner
 from captioner.vocab import Vocabulary
@@ -92,13 +91,7 @@ def new_model(cfg: TrainConfig, train_set) -> Captioner:
     from train.backbones import init_backbone
 
     vocab = Vocabulary.build((c for s in train_set for c in s.captions), min_freq=cfg.min_freq)
-    config = CaptionerConfig(
-        backbone=cfg.backbone, decoder=cfg.decoder, attention_size=cfg.attention_size, embed_size=cfg.embed_size,
-        attention_score=cfg.attention_score, region_size=cfg.region_size,
-        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, dropout=cfg.dropout, vocab_size=len(vocab),
-        train_backbone=cfg.finetune_backbone, image_size=cfg.image_size, resize=cfg.resize,
-    )
-    model = Captioner(config, vocab)
+    model = Captioner(cfg.model_config(len(vocab)), vocab)
     if cfg.pretrained:
         init_backbone(model.encoder, cfg.backbone)
     if cfg.embed_init:
@@ -120,15 +113,10 @@ def start(cfg: TrainConfig, train_set, ckpt: Path, resume: bool, is_main: bool):
     meta = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}
     if not cfg.init:
         return cfg, new_model(cfg, train_set), None, meta, None
-    from captioner.model import Captioner
-
     model = Captioner.from_pretrained(cfg.init)  # its vocabulary, sizes and backbone weights carry on
-    c = model.config
-    cfg = replace(cfg, backbone=c.backbone, decoder=c.decoder, attention_size=c.attention_size, embed_size=c.embed_size,
-                  attention_score=c.attention_score, region_size=c.region_size,
-                  hidden_size=c.hidden_size, num_layers=c.num_layers, image_size=c.image_size, resize=c.resize)
+    cfg = cfg.with_architecture_of(model.config)
     say(f"starting from {cfg.init}")
-    return cfg, model, None, meta, c.extra.get("trained_epochs")
+    return cfg, model, None, meta, model.config.extra.get("trained_epochs")
 
 
 def run_name(src: str) -> str:
@@ -351,7 +339,6 @@ class Trainer:
 
     def final_scores(self) -> dict:
         """Greedy and beam scores of the best model on the dev split (final_metrics.json)."""
-        from captioner.model import Captioner
         from train.evaluate import format_table, score
 
         best = Captioner.from_pretrained(self.out / "best").to(self.device)
