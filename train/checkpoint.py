@@ -1,12 +1,13 @@
 """A training run's checkpoint, written atomically: the model (Hub format), the optimizer's state (safetensors for its
-tensors, JSON for the rest), the CPU random state and the trainer's record (trainer.json: epoch, step, history, the
-run's TrainConfig). The trainer writes and reads it; export and sweep only read a run's record (`trainer_state`).
+tensors, JSON for the rest), the CPU random state and the trainer's record (trainer.json: the run's Progress and its
+TrainConfig). The trainer writes and reads it; export and sweep only read a run's record (`trainer_state`).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -48,6 +49,27 @@ def optimizer_from_files(tensors: dict, meta: dict) -> dict:
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@dataclass
+class Progress:
+    """Where a training run stands, saved in every checkpoint (trainer.json) so that --resume continues from it."""
+
+    epoch: int = 0  # epochs done (teacher forcing, then self-critical)
+    step_in_epoch: int = 0  # batches done in the current epoch
+    global_step: int = 0  # batches done in all: the teacher-forcing learning-rate schedule counts these
+    history: list = field(default_factory=list)  # one record per epoch: losses, dev scores, seconds, sample captions
+    best: dict | None = None  # the best epoch's record by dev CIDEr-D (what best/ holds)
+    phase_best: float | None = None  # this phase's best dev CIDEr-D: drives --patience and the plateau schedule
+    stale: int = 0  # epochs since phase_best last rose
+    lr_scale: float = 1.0  # --lr-schedule plateau: the product of the decays so far in this phase
+    scst_optimizer: bool = False  # the optimizer was rebuilt for self-critical training (fresh Adam moments)
+    partial: dict | None = None  # an epoch interrupted mid-way: its seconds, running loss or reward, captions seen
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Progress":
+        """A checkpoint's trainer.json record -> its Progress (other keys, such as train_config, are not progress)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if record.get(f.name) is not None})
 
 
 def save_checkpoint(folder: Path, model, opt: torch.optim.Optimizer, state: dict) -> None:

@@ -20,7 +20,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn as nn
 from captioner.decode import caption_batch
 from captioner.model import Captioner
 from captioner.vocab import Vocabulary
-from train.checkpoint import atomic_dir, has_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import Progress, atomic_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, parse_args
 from train.inputs import TrainInputs, load_splits
 from train.objectives import CaptionObjective, validation_loss
@@ -100,23 +100,23 @@ def new_model(cfg: TrainConfig, train_set) -> Captioner:
 
 
 def start(cfg: TrainConfig, train_set, ckpt: Path, resume: bool, is_main: bool):
-    """(cfg, model, optimizer state or None, trainer record, epochs the --init model had): from the checkpoint on
+    """(cfg, model, optimizer state or None, Progress, epochs the --init model had): from the checkpoint on
     --resume, else from --init's saved model, else a new model."""
     say = (lambda text: print(text, file=sys.stderr)) if is_main else (lambda text: None)
     if resume and has_checkpoint(ckpt):
-        model, opt_state, meta = load_checkpoint(ckpt)
-        cfg.check_resume(TrainConfig.from_dict(meta["train_config"]))
-        say(f"resuming from epoch {meta['epoch']} step {meta['step_in_epoch']}")
-        return cfg, model, opt_state, meta, model.config.extra.get("init_trained_epochs")
+        model, opt_state, record = load_checkpoint(ckpt)
+        cfg.check_resume(TrainConfig.from_dict(record["train_config"]))
+        progress = Progress.from_record(record)
+        say(f"resuming from epoch {progress.epoch} step {progress.step_in_epoch}")
+        return cfg, model, opt_state, progress, model.config.extra.get("init_trained_epochs")
     if resume:
         say(f"--resume: no checkpoint in {ckpt}, starting fresh")
-    meta = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}
     if not cfg.init:
-        return cfg, new_model(cfg, train_set), None, meta, None
+        return cfg, new_model(cfg, train_set), None, Progress(), None
     model = Captioner.from_pretrained(cfg.init)  # its vocabulary, sizes and backbone weights carry on
     cfg = cfg.with_architecture_of(model.config)
     say(f"starting from {cfg.init}")
-    return cfg, model, None, meta, model.config.extra.get("trained_epochs")
+    return cfg, model, None, Progress(), model.config.extra.get("trained_epochs")
 
 
 def run_name(src: str) -> str:
@@ -153,7 +153,7 @@ class Trainer:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         train_set, self.val_set = load_splits(cfg)
-        cfg, model, opt_state, self.meta, self.init_epochs = start(cfg, train_set, self.ckpt, resume, self.is_main)
+        cfg, model, opt_state, self.progress, self.init_epochs = start(cfg, train_set, self.ckpt, resume, self.is_main)
         self.cfg, self.model, self.vocab = cfg, model, model.vocab
         model.to(device)
         from captioner.precision import for_training
@@ -187,8 +187,8 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=lr, weight_decay=self.cfg.weight_decay)
 
     def learning_rate(self, self_critical: bool) -> float:
-        cfg, step = self.cfg, self.meta["global_step"]
-        scale = self.meta.get("lr_scale", 1.0)  # --lr-schedule plateau: the decays so far in this phase
+        cfg, step = self.cfg, self.progress.global_step
+        scale = self.progress.lr_scale
         if not self_critical:
             if cfg.lr_schedule == "plateau":
                 return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * scale
@@ -209,24 +209,24 @@ class Trainer:
         main_thread = threading.current_thread() is threading.main_thread()
         old_handler = signal.signal(signal.SIGINT, self.on_sigint) if main_thread else None
         try:
-            while self.meta["epoch"] < self.cfg.epochs + self.cfg.scst_epochs:
-                epoch = self.meta["epoch"]
+            while self.progress.epoch < self.cfg.epochs + self.cfg.scst_epochs:
+                epoch = self.progress.epoch
                 stats = self.run_epoch(epoch)
                 if stats is None:
-                    return {"interrupted": True, **self.meta}
+                    return {"interrupted": True, **asdict(self.progress)}
                 if self.is_main:
                     self.end_epoch(epoch, *stats)
                 if self.world > 1:  # every rank follows the main one's early-stopping decision
-                    decision = torch.tensor([self.meta.get("stale", 0), self.meta.get("lr_scale", 1.0)])
+                    decision = torch.tensor([self.progress.stale, self.progress.lr_scale])
                     torch.distributed.broadcast(decision, 0)
-                    self.meta.update(stale=int(decision[0]), lr_scale=float(decision[1]))
-                self.meta.update(epoch=self.next_epoch(epoch), step_in_epoch=0)
+                    self.progress.stale, self.progress.lr_scale = int(decision[0]), float(decision[1])
+                self.progress.epoch, self.progress.step_in_epoch = self.next_epoch(epoch), 0
                 if self.is_main:
                     self.save()
                 if self.world > 1:
                     torch.distributed.barrier()
-            result = {"best": self.meta["best"], "history": self.meta["history"]}
-            if self.is_main and self.meta["best"] is not None and self.cfg.eval_beam:
+            result = {"best": self.progress.best, "history": self.progress.history}
+            if self.is_main and self.progress.best is not None and self.cfg.eval_beam:
                 result["final"] = self.final_scores()
             return result
         finally:
@@ -240,13 +240,13 @@ class Trainer:
         epochs ends (teacher forcing goes on to the self-critical epochs, if any; those end the run)."""
         cfg = self.cfg
         phase_end = cfg.epochs if epoch < cfg.epochs else cfg.epochs + cfg.scst_epochs
-        if epoch + 1 < phase_end and (not cfg.patience or self.meta.get("stale", 0) < cfg.patience):
+        if epoch + 1 < phase_end and (not cfg.patience or self.progress.stale < cfg.patience):
             return epoch + 1
         if self.is_main and epoch + 1 < phase_end:
             print(f"early stop: no new best dev CIDEr-D for {cfg.patience} epochs; "
                   f"{'self-critical training' if phase_end == cfg.epochs and cfg.scst_epochs else 'the run'} ends this phase",
                   file=sys.stderr)
-        self.meta.update(stale=0, lr_scale=1.0, phase_best=None)
+        self.progress.stale, self.progress.lr_scale, self.progress.phase_best = 0, 1.0, None
         return max(epoch + 1, phase_end)
 
     def run_epoch(self, epoch: int):
@@ -254,25 +254,26 @@ class Trainer:
         or None when interrupted (after saving a checkpoint)."""
         from tqdm.auto import tqdm
 
-        cfg, meta = self.cfg, self.meta
+        cfg, progress = self.cfg, self.progress
         scst = epoch >= cfg.epochs
         # an epoch resumed mid-way keeps the time and running totals of its first part
-        partial = meta.pop("partial", None) or {"seconds": 0.0, "running": 0.0, "seen": 0}
+        partial = progress.partial or {"seconds": 0.0, "running": 0.0, "seen": 0}
+        progress.partial = None
         t0 = time.time() - partial["seconds"]
-        if scst and not meta.get("scst_optimizer"):
+        if scst and not progress.scst_optimizer:
             # Fresh Adam moments: the teacher-forcing ones are scaled to far larger gradients and would shrink every
             # self-critical step to almost nothing.
             self.opt = self.optimizer(cfg.scst_lr)
-            meta["scst_optimizer"] = True
+            progress.scst_optimizer = True
         batches = self.inputs.epoch(epoch, self_critical=scst)
-        bar = tqdm(total=len(batches), initial=meta["step_in_epoch"], unit="batch", disable=not (cfg.progress and self.is_main),
+        bar = tqdm(total=len(batches), initial=progress.step_in_epoch, unit="batch", disable=not (cfg.progress and self.is_main),
                    desc=f"epoch {epoch + 1}/{cfg.epochs + cfg.scst_epochs}{' scst' if scst else ''}")
         running, seen, lr = partial["running"], partial["seen"], None
-        for bi in range(meta["step_in_epoch"], len(batches)):
+        for bi in range(progress.step_in_epoch, len(batches)):
             lr = self.learning_rate(scst)
             for g in self.opt.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
-            batch = self.inputs.batch(batches[bi], meta["global_step"], self_critical=scst)
+            batch = self.inputs.batch(batches[bi], progress.global_step, self_critical=scst)
             loss, value = self.step_loss(batch, scst)
             running += value * len(batch)
             seen += len(batch)
@@ -280,8 +281,8 @@ class Trainer:
             loss.backward()
             nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             self.opt.step()
-            meta["global_step"] += 1
-            meta["step_in_epoch"] = bi + 1
+            progress.global_step += 1
+            progress.step_in_epoch = bi + 1
             rate = seen / max(1e-9, time.time() - t0)
             bar.set_postfix({("reward" if scst else "loss"): f"{running / max(1, seen):.3f}",
                              ("img/s" if scst else "captions/s"): f"{rate:.0f}"})
@@ -297,13 +298,14 @@ class Trainer:
         return scst, t0, lr, running / max(1, seen)
 
     def save(self, **overrides) -> None:
-        save_checkpoint(self.ckpt, self.model, self.opt, {**self.meta, **overrides, "train_config": asdict(self.cfg)})
+        record = asdict(replace(self.progress, **overrides))
+        save_checkpoint(self.ckpt, self.model, self.opt, {**record, "train_config": asdict(self.cfg)})
 
     def end_epoch(self, epoch: int, scst: bool, t0: float, lr, train_value: float) -> None:
         """Score the dev split, log the epoch (metrics.jsonl, plot, samples) and export the best model so far."""
         from train.evaluate import score
 
-        model, meta, val_set = self.model, self.meta, self.val_set
+        model, progress, val_set = self.model, self.progress, self.val_set
         val_pooled = self.inputs.val_features(model)  # (N, F)
         vl = validation_loss(model, val_pooled, self.inputs.val_batches(), pad_id=self.vocab.pad_id, device=self.device,
                              unk_id=None if self.cfg.learn_unk else self.vocab.unk_id)
@@ -314,24 +316,24 @@ class Trainer:
                   "threads": torch.get_num_threads(), "precision": self.precision, "last_lr": lr,
                   ("train_reward" if scst else "train_loss"): train_value, "val_loss": vl, **metrics,
                   "samples": {os.path.basename(val_set[i].image): caps_val[i] for i in sample_ids}}
-        meta["history"].append(record)
+        progress.history.append(record)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        plot(meta["history"], self.out / "plot.png")
+        plot(progress.history, self.out / "plot.png")
         print(f"epoch {epoch + 1}: val loss {vl:.3f}  BLEU-4 {metrics['BLEU-4']:.3f}  CIDEr-D {metrics['CIDEr-D']:.3f}  "
               f"ROUGE-L {metrics['ROUGE-L']:.3f}  distinct {metrics['distinct']:.2f}  cut off {metrics['cut_off']}  "
               f"({record['seconds']:.0f} s, {self.precision})", file=sys.stderr)
         # This phase's best so far drives --patience and the plateau schedule (the run's best picks best/).
-        if meta.get("phase_best") is None or metrics["CIDEr-D"] > meta["phase_best"]:
-            meta.update(phase_best=metrics["CIDEr-D"], stale=0)
+        if progress.phase_best is None or metrics["CIDEr-D"] > progress.phase_best:
+            progress.phase_best, progress.stale = metrics["CIDEr-D"], 0
         else:
-            meta["stale"] = meta.get("stale", 0) + 1
+            progress.stale += 1
             if not scst and self.cfg.lr_schedule == "plateau":
-                meta["lr_scale"] = meta.get("lr_scale", 1.0) * self.cfg.plateau_decay
+                progress.lr_scale *= self.cfg.plateau_decay
         for name, c in record["samples"].items():
             print(f"    {name}: {c}", file=sys.stderr)
-        if meta["best"] is None or metrics["CIDEr-D"] > meta["best"]["CIDEr-D"]:
-            meta["best"] = {"epoch": epoch + 1, **metrics}
+        if progress.best is None or metrics["CIDEr-D"] > progress.best["CIDEr-D"]:
+            progress.best = {"epoch": epoch + 1, **metrics}
             model.config.extra = {"trained_epochs": epoch + 1, "dev_greedy": metrics}
             if self.cfg.init:  # where these weights started, and how much training they had already had
                 model.config.extra.update(init=run_name(self.cfg.init), init_trained_epochs=self.init_epochs)
