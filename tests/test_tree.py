@@ -240,3 +240,90 @@ def test_real_model_trees(real, name):
         assert {n["group"] for n in nodes} == {0, 1}
         chosen_groups = {n["group"] for n in nodes if n["status"] == "chosen"}
         assert (1 in chosen_groups) == bool(guided.constraint.met)
+
+
+# ---------------------------------------------------------------- the app: the tree view, picking a node, re-decoding
+
+
+@pytest.fixture
+def app(tmp_path):
+    """(Handlers of a tiny model, a photo's path)."""
+    from captioner.ui import Handlers
+
+    m = model_of("attend", seed=2)
+    path = tmp_path / "photo.png"
+    photo(3).save(path)
+    return Handlers(m, word_delay=0), str(path)
+
+
+def page_of(events) -> dict:
+    page = {}
+    for update in events:
+        page.update(update)
+    return page
+
+
+@pytest.mark.filterwarnings("ignore:node 999")  # the refused re-decode's gr.Warning
+def test_the_page_draws_the_search_and_re_decodes_from_a_pruned_node(app):
+    from captioner.tree_view import path as node_path
+
+    h, img = app
+    page = page_of(h.page_caption(img, strategy="beam", beam_size=3))
+    decoding = page["decoding"]
+    assert decoding.tree and page["tree"].count("data-node=") == len(decoding.tree)
+    check_tree(decoding.steps[-1], 3, h.model.vocab.eos_id)
+    # The download carries the tree.
+    from captioner.ui import decoding_record
+
+    record = decoding_record(decoding, "tiny")
+    assert record["tree"] == [n.record() for n in decoding.tree]
+    # Every node's title says why it has its status; pruned ones say what they lost to.
+    pruned = [n for n in decoding.tree if n.status == "pruned" and n.t >= 1]
+    assert pruned and "pruned: outscored" in page["tree"] and "lowest kept hypothesis scored" in page["tree"]
+    node = pruned[0]
+    picked = h.pick(decoding, node.id)
+    words = [n.word for n in node_path(node, {n.id: n for n in decoding.tree})]
+    assert picked["pick"] == node.id and picked["slider"].value == min(node.t, len(decoding.steps) - 1) + 1
+    assert "pruned" in picked["tree_info"] and " ".join(words) in picked["tree_info"]
+    # Re-decode from here, no word picked: the caption continues from the node's hypothesis.
+    new = page_of(h.page_redecode(decoding, picked["slider"].value, None, page["cache"], node.id, strategy="beam", beam_size=3))
+    tokens = tuple(n.token for n in node_path(node, {n.id: n for n in decoding.tree}))
+    assert new["decoding"].tokens[: len(tokens)] == tokens and new["decoding"].prefix == tokens
+    want = final(h.model, img, strategy="beam", beam_size=3, prefix=tokens, max_len=h.model.config.max_len)
+    assert new["caption"] == want.text and new["decoding"].tree  # the new search, drawn
+    # A picked word wins over a picked node; an unknown node is refused by name.
+    alt = decoding.steps[1].alternatives[-1]
+    redone = page_of(h.page_redecode(decoding, 2, alt.token, page["cache"], node.id, strategy="beam", beam_size=3))
+    assert redone["decoding"].prefix == (*decoding.tokens[:1], alt.token)
+    assert "node 999" in h.pick(decoding, 999)["tree_info"]
+    failed = page_of(h.page_redecode(decoding, 1, None, page["cache"], 999, strategy="beam"))
+    assert "node 999" in failed["status"]["value"]
+
+
+def test_the_guided_view_shows_both_groups_and_the_note(app):
+    h, img = app
+    m = guided_model("attend")
+    from captioner.ui import Handlers
+
+    h = Handlers(m, word_delay=0)
+    page = page_of(h.page_caption(img, strategy="guided", beam_size=3))
+    c = page["decoding"].steps[-1].constraint
+    assert c.words == ("dog",)
+    assert "with “dog”" in page["tree"] and "without “dog”" in page["tree"] and "★" in page["tree"]
+    assert "required one of dog" in page["tree"]  # the note: what was required and how it ended
+
+
+def test_render_large_search_stays_bounded():
+    """Beam 10 over 60 words (the app's largest search): every node drawn once, inside its box's size."""
+    from captioner.tree_view import layout, render
+
+    m = model_of("show-tell", max_len=60)
+    m.decoder.head.bias[2] = -30  # never ends: all 60 steps
+    out = final(m, photo(), strategy="beam", beam_size=10, tree=True)
+    assert max(n.t for n in out.tree) == 59  # 60 steps
+    check_tree(out, 10, m.vocab.eos_id)
+    html = render(out.tree)
+    assert html.count("data-node=") == len(out.tree)
+    where, _, width, height = layout(out.tree)
+    assert len(set(where.values())) == len(where)  # no two nodes in one place
+    assert max(x for x, _ in where.values()) < width and max(y for _, y in where.values()) < height
