@@ -27,8 +27,8 @@ EMPTY = ('<div class="tree-empty">Caption a photo with <em>beam</em> or <em>guid
          'here: every hypothesis it weighed, step by step.</div>')
 LEGEND = ('<div class="tree-legend"><span class="k">kept</span><span class="c">chosen: the caption</span>'
           '<span class="f">finished (&lt;EOS&gt;)</span><span class="p">pruned: outscored</span>'
-          '<span class="b">blocked by a rule</span>{placed}<span class="hint">hover or tap a word for why; tap one, then '
-          '<b>Re-decode from here</b> to continue from it</span></div>')
+          '<span class="b">blocked by a rule</span>{placed}</div><div class="tree-hint">Hover or tap a word for why it '
+          'has its status; tap one, then <b>Re-decode from here</b> to continue from it.</div>')
 
 
 @dataclass
@@ -131,8 +131,8 @@ def render(nodes: Sequence[Node] | None, *, required: Sequence[str] = (), note: 
     for t in range(max(n.t for n in nodes) + 1):
         out.append(f'<text class="step" x="{LEFT + t * COL_W + NODE_W // 2}" y="14">{t + 1}</text>')
     words = "/".join(required) or "the required word"
-    for y, g in bands:
-        label = f"with “{html.escape(words)}”" if g == 1 else f"without “{html.escape(words)}”"
+    for y, g in bands:  # (short: a label is as wide as a column)
+        label = f"with {html.escape(_short(words, 16))}" if g == 1 else "without it"
         out.append(f'<text class="band" x="{LEFT}" y="{y + 13}">{label}</text>')
     edges, boxes = [], []
     for n in nodes:
