@@ -232,16 +232,15 @@ class Processors(list):
             logits = rule(logits, tokens)
         return logits
 
-    def blocking(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As calling it, and also which rule removed each entry: (logits, rule index (n, V), -1 where none did).
-        Only for a recorded search (GenerationConfig.tree): a comparison per rule that plain decoding never pays."""
+    def blocker(self, logits: torch.Tensor, tokens: torch.Tensor, token: int):
+        """The rule that removes `token` from one row of logits (1, V) after `tokens` (1, t), or None (a recorded
+        search names the rule of each blocked word it shows: a few rows a step, never the whole batch)."""
         logits = logits.clone()
-        by = torch.full(logits.shape, -1, dtype=torch.long, device=logits.device)
-        for i, rule in enumerate(self):
-            before = logits != -math.inf
+        for rule in self:
             logits = rule(logits, tokens)
-            by[before & (logits == -math.inf)] = i
-        return logits, by
+            if logits[0, token] == -math.inf:
+                return rule
+        return None
 
 
 def processors_for(config: GenerationConfig, vocab, *, constraint: Constraint | None = None,
@@ -458,8 +457,14 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
         if nodes is None:
             logp = F.log_softmax(rules(logits, _history([h.tokens for h in live])), dim=-1)  # (n, V)
         else:
-            ruled, blocked_by = rules.blocking(logits, _history([h.tokens for h in live]))
+            hist = _history([h.tokens for h in live])
+            ruled = rules(logits, hist)
             logp, first = F.log_softmax(ruled, dim=-1), len(nodes)
+            # What each word a rule removed would have scored: its log-probability before the rules, plus its
+            # hypothesis's score (-inf for the rest). (Renormalised after the rules, the others' rise a little.)
+            before = torch.where((ruled == -math.inf) & (logits != -math.inf),
+                                 F.log_softmax(logits.float(), dim=-1) + torch.tensor([h.score for h in live], device=device).unsqueeze(1),
+                                 -math.inf)
         total = logp + torch.tensor([h.score for h in live], device=logp.device).unsqueeze(1)  # (n, V)
         if t < len(prefix):  # forced word: every beam takes it
             forced = torch.full_like(total, -math.inf)
@@ -501,7 +506,7 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
                     parent, token = divmod(index, logp.size(1))
                     node(live[parent].node, t, token, score, t + (token != vocab.eos_id), g, "pruned")
                 if t >= len(prefix):  # (a forced word of a branch: every other word is the user's choice, not a rule's)
-                    _record_blocked(node, live, logits, blocked_by, dest, g, floor if kept == beam_size else -math.inf,
+                    _record_blocked(node, live, logits, hist, before, dest, g, floor if kept == beam_size else -math.inf,
                                     beam_size, t, vocab.eos_id, rules)
         if nodes is not None:
             yield SearchStep(t, tuple(nodes[first:]))
@@ -555,13 +560,12 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
         yield last
 
 
-def _record_blocked(node, live: list[_Hyp], logits: torch.Tensor, blocked_by: torch.Tensor, dest: torch.Tensor | None,
-                    g: int, floor: float, beam_size: int, t: int, eos: int, rules: "Processors") -> None:
-    """A recorded beam step's blocked expansions in group `g`: those a rule removed (Processors.blocking) that would
-    have scored above `floor`, the lowest kept score (a full beam; else any), at most beam_size of them. Their score
-    is what they had before the rules: the model's log-probability (unmasked) plus their hypothesis's score."""
-    before = F.log_softmax(logits.float(), dim=-1) + torch.tensor([h.score for h in live], device=logits.device).unsqueeze(1)
-    before = before.masked_fill(blocked_by < 0, -math.inf)
+def _record_blocked(node, live: list[_Hyp], logits: torch.Tensor, hist: torch.Tensor, before: torch.Tensor,
+                    dest: torch.Tensor | None, g: int, floor: float, beam_size: int, t: int, eos: int,
+                    rules: "Processors") -> None:
+    """A recorded beam step's blocked expansions in group `g`: those a rule removed that would have scored (`before`:
+    -inf for the rest) above `floor`, the lowest kept score (a full beam; else any), at most beam_size of them, each
+    with the name of its rule (Processors.blocker)."""
     if dest is not None:
         before = before.masked_fill(dest != bool(g), -math.inf)
     scores, flat = torch.topk(before.reshape(-1), min(beam_size, before.numel()))
@@ -569,7 +573,7 @@ def _record_blocked(node, live: list[_Hyp], logits: torch.Tensor, blocked_by: to
         if score == -math.inf or score <= floor:
             break
         parent, token = divmod(index, logits.size(1))
-        rule = rules[int(blocked_by[parent, token])]
+        rule = rules.blocker(logits[parent : parent + 1], hist[parent : parent + 1], token)
         node(live[parent].node, t, token, score, t + (token != eos), g, "blocked", type(rule).__name__)
 
 

@@ -60,11 +60,12 @@ def placed(node: Node, by_id: dict[int, Node]) -> bool:
     return node.group == 1 and (node.parent is None or by_id[node.parent].group == 0)
 
 
-def reason(node: Node, by_id: dict[int, Node], floors: dict | None = None) -> str:
-    """Why a node has its status, in words (its title in the tree, and the page's line when it is tapped)."""
-    words = " ".join(n.word for n in path(node, by_id))
-    head = f"step {node.t + 1}: “{words}” · score {node.score:.2f} (log-prob {node.logprob:.2f})"
-    where = {1: " (with the required word)", 0: " (without the required word)"}.get(node.group, "")
+def reason(node: Node, by_id: dict[int, Node], floors: dict | None = None, *, words: bool = True) -> str:
+    """Why a node has its status, in words: the page's line when it is tapped, and without the hypothesis's `words`
+    its title in the tree (a title of every node's whole hypothesis made a 60-step tree's page several times larger)."""
+    said = f": “{' '.join(n.word for n in path(node, by_id))}”" if words else ""
+    head = f"step {node.t + 1}{said} · score {node.score:.2f} (log-prob {node.logprob:.2f})"
+    where = {1: " (with the required word)", 0: " (without the required word)"}.get(node.group, "") if words else ""
     why = {
         "chosen": "chosen: on the final caption's path",
         "kept": f"kept: among the best at this step{where}",
@@ -73,7 +74,7 @@ def reason(node: Node, by_id: dict[int, Node], floors: dict | None = None) -> st
         "blocked": f"blocked by {node.rule}: {RULES.get(node.rule, 'a decoding rule')}; this is its score before the rule",
     }[node.status]
     if node.status == "pruned" and floors and (node.t, node.group) in floors:
-        why += f": the beam's lowest kept hypothesis scored {floors[node.t, node.group]:.2f}"
+        why += f": the lowest kept scored {floors[node.t, node.group]:.2f}"
     if placed(node, by_id):
         why += " · ★ the required word is placed here"
     return f"{why} — {head}"
@@ -143,7 +144,7 @@ def render(nodes: Sequence[Node] | None, *, required: Sequence[str] = (), note: 
             mid = (x0 + x) // 2
             edges.append(f'<path class="e s-{n.status}" d="M{x0} {y0}C{mid} {y0} {mid} {y1} {x} {y1}"/>')
         star = "★ " if placed(n, by_id) else ""
-        title = html.escape(reason(n, by_id, lowest))
+        title = html.escape(reason(n, by_id, lowest, words=False))
         boxes.append(f'<g class="n s-{n.status}{" placed" if star else ""}" data-node="{n.id}" tabindex="0" role="button" '
                      f'transform="translate({x} {y})"><title>{title}</title><rect width="{NODE_W}" height="{NODE_H}" rx="5"/>'
                      f'<text class="w" x="6" y="13">{star}{html.escape(_short(n.word))}</text>'

@@ -57,6 +57,11 @@ SESSIONS = 48  # sessions whose state the server keeps (about 0.5 MB each with t
 STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
 FILES_BATCH = 8  # photos of a "Several photos" request encoded together
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
+# The search tree grows with the caption, redrawn (whole: a few hundred bytes a node) at every search step while it
+# has up to TREE_EVERY_STEP nodes, then at most every TREE_REDRAW seconds: beam 10 over 60 words is about 1,200 nodes,
+# and redrawing it at all 60 steps sent 15 MB and kept the browser painting (benchmarks/tree.py).
+TREE_EVERY_STEP = 300
+TREE_REDRAW = 0.25
 DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered for download (Gradio copies them)
 DOWNLOAD_MAX_AGE = 3600  # seconds a download file is kept here
 
@@ -519,13 +524,14 @@ class Handlers:
             if clear_first:
                 yield self.cleared()
             first = True
-            drawn = 0  # the tree's nodes drawn so far
+            drawn, drawn_at = 0, 0.0  # the tree's nodes drawn so far, and when
             for u in updates:
                 out = dict(caption=u.caption, table=u.table, current=u.words)
                 if first:
                     out = {**({} if clear_first else self.cleared()), **out, "labels": labels_markdown(u.cache)}
-                if tree is not None and len(tree.nodes) != drawn and u.decoding is None:  # it grew: draw it again
-                    out["tree"], drawn = tree.view(), len(tree.nodes)
+                if tree is not None and len(tree.nodes) != drawn and u.decoding is None and (
+                        len(tree.nodes) <= TREE_EVERY_STEP or time.monotonic() - drawn_at >= TREE_REDRAW):
+                    out["tree"], drawn, drawn_at = tree.view(), len(tree.nodes), time.monotonic()  # it grew: draw it again
                 if u.decoding is not None:
                     out.update(decoding=u.decoding, cache=u.cache, **self.finished(u.decoding))
                 first = False

@@ -279,7 +279,7 @@ def test_the_page_draws_the_search_and_re_decodes_from_a_pruned_node(app):
     assert record["tree"] == [n.record() for n in decoding.tree]
     # Every node's title says why it has its status; pruned ones say what they lost to.
     pruned = [n for n in decoding.tree if n.status == "pruned" and n.t >= 1]
-    assert pruned and "pruned: outscored" in page["tree"] and "lowest kept hypothesis scored" in page["tree"]
+    assert pruned and "pruned: outscored" in page["tree"] and "the lowest kept scored" in page["tree"]
     node = pruned[0]
     picked = h.pick(decoding, node.id)
     words = [n.word for n in node_path(node, {n.id: n for n in decoding.tree})]
