@@ -135,21 +135,24 @@ def render(nodes: Sequence[Node] | None, *, required: Sequence[str] = (), note: 
     for y, g in bands:  # (short: a label is as wide as a column)
         label = f"with {html.escape(_short(words, 16))}" if g == 1 else "without it"
         out.append(f'<text class="band" x="{LEFT}" y="{y + 13}">{label}</text>')
-    edges, boxes = [], []
+    edges: dict[str, list[str]] = {}  # status -> the lines to nodes of it, one <path> each (a few elements, not one a node)
+    boxes = []
     for n in nodes:
         x, y = where[n.id]
         if n.parent is not None:
             px, py = where[n.parent]
             x0, y0, y1 = px + NODE_W, py + NODE_H // 2, y + NODE_H // 2
             mid = (x0 + x) // 2
-            edges.append(f'<path class="e s-{n.status}" d="M{x0} {y0}C{mid} {y0} {mid} {y1} {x} {y1}"/>')
+            edges.setdefault(n.status, []).append(f"M{x0} {y0}C{mid} {y0} {mid} {y1} {x} {y1}")
         star = "★ " if placed(n, by_id) else ""
         title = html.escape(reason(n, by_id, lowest, words=False))
         boxes.append(f'<g class="n s-{n.status}{" placed" if star else ""}" data-node="{n.id}" tabindex="0" role="button" '
                      f'transform="translate({x} {y})"><title>{title}</title><rect width="{NODE_W}" height="{NODE_H}" rx="5"/>'
                      f'<text class="w" x="6" y="13">{star}{html.escape(_short(n.word))}</text>'
                      f'<text class="sc" x="6" y="27">{n.score:.2f}</text></g>')
-    out += edges + boxes
+    # chosen last: drawn over the others
+    out += [f'<path class="e s-{status}" d="{"".join(edges[status])}"/>' for status in sorted(edges, key=lambda s: s == "chosen")]
+    out += boxes
     out.append("</svg>")
     kept = sum(n.status in ("kept", "chosen") for n in nodes)
     state = "" if final else " (searching…)"

@@ -562,7 +562,7 @@ def test_the_search_tree_re_decodes_from_a_pruned_node(served, browser, tmp_path
     node = next(n for n in want.tree if n.status == "pruned" and n.t >= 1 and n.word not in ("<EOS>", "."))
     g = page.locator(f'#search-tree g[data-node="{node.id}"]')
     assert "pruned: outscored" in g.locator("title").text_content()
-    assert float(g.evaluate("e => getComputedStyle(e).opacity")) < 1
+    assert float(g.locator("text").first.evaluate("e => getComputedStyle(e).fillOpacity")) < 1  # faded
     g.scroll_into_view_if_needed()
     (g.tap if phone else g.click)()
     page.wait_for_function("() => document.querySelector('#tree-info').innerText.includes('Selected')")
