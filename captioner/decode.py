@@ -462,9 +462,9 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
             logp, first = F.log_softmax(ruled, dim=-1), len(nodes)
             # What each word a rule removed would have scored: its log-probability before the rules, plus its
             # hypothesis's score (-inf for the rest). (Renormalised after the rules, the others' rise a little.)
+            so_far = torch.tensor([h.score for h in live], device=device).unsqueeze(1)  # (n, 1)
             before = torch.where((ruled == -math.inf) & (logits != -math.inf),
-                                 F.log_softmax(logits.float(), dim=-1) + torch.tensor([h.score for h in live], device=device).unsqueeze(1),
-                                 -math.inf)
+                                 F.log_softmax(logits.float(), dim=-1) + so_far, -math.inf)
         total = logp + torch.tensor([h.score for h in live], device=logp.device).unsqueeze(1)  # (n, V)
         if t < len(prefix):  # forced word: every beam takes it
             forced = torch.full_like(total, -math.inf)

@@ -57,9 +57,10 @@ SESSIONS = 48  # sessions whose state the server keeps (about 0.5 MB each with t
 STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
 FILES_BATCH = 8  # photos of a "Several photos" request encoded together
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
-# The search tree grows with the caption, redrawn (whole: a few hundred bytes a node) at every search step while it
-# has up to TREE_EVERY_STEP nodes, then at most every TREE_REDRAW seconds: beam 10 over 60 words is about 1,200 nodes,
-# and redrawing it at all 60 steps sent 15 MB and kept the browser painting (benchmarks/tree.py).
+# The search tree grows with the caption, redrawn whole (about 400 bytes a node) at every search step while it has up
+# to TREE_EVERY_STEP nodes; a larger one at most every TREE_REDRAW seconds per TREE_EVERY_STEP nodes. Guided beam 10
+# over 60 words is about 3,400 nodes (1.3 MB): redrawn at all 60 steps it sent 39 MB, and the browser, which takes
+# a few hundred ms to draw it once, fell seconds behind (benchmarks/tree.py, docs/search-tree.md).
 TREE_EVERY_STEP = 300
 TREE_REDRAW = 0.25
 DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered for download (Gradio copies them)
@@ -530,7 +531,7 @@ class Handlers:
                 if first:
                     out = {**({} if clear_first else self.cleared()), **out, "labels": labels_markdown(u.cache)}
                 if tree is not None and len(tree.nodes) != drawn and u.decoding is None and (
-                        len(tree.nodes) <= TREE_EVERY_STEP or time.monotonic() - drawn_at >= TREE_REDRAW):
+                        time.monotonic() - drawn_at >= TREE_REDRAW * (len(tree.nodes) // TREE_EVERY_STEP)):
                     out["tree"], drawn, drawn_at = tree.view(), len(tree.nodes), time.monotonic()  # it grew: draw it again
                 if u.decoding is not None:
                     out.update(decoding=u.decoding, cache=u.cache, **self.finished(u.decoding))
