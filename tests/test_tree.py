@@ -327,3 +327,21 @@ def test_render_large_search_stays_bounded():
     where, _, width, height = layout(out.tree)
     assert len(set(where.values())) == len(where)  # no two nodes in one place
     assert max(x for x, _ in where.values()) < width and max(y for _, y in where.values()) < height
+
+
+@pytest.mark.slow  # a few hundred decodes, even with --quick
+def test_the_tree_benchmark_runs(tmp_path, capsys):
+    """benchmarks/tree.py --quick on a tiny model: its table has every row (the times are not checked)."""
+    from benchmarks import tree as bench
+
+    model_of("show-tell", max_len=8).save_pretrained(tmp_path / "model")
+    threads = torch.get_num_threads()
+    try:  # (main sets the app's torch threads)
+        assert bench.main(["--quick", "--no-browser", "--model", str(tmp_path / "model"), "--json", str(tmp_path / "r.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for row in ("beam 3, one caption", "guided 3, one caption", "guided 10 x 60 words, decoding", "draw the final tree"):
+        assert row in out, out
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert all(r["on_ms"] > 0 for r in rows)
