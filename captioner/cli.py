@@ -1,10 +1,11 @@
 """Command line: caption images and folders.
 
-    python -m captioner photo.jpg photos/ [--model SRC] [--strategy greedy|beam|sample|guided] [--json] [--steps]
+    python -m captioner photo.jpg photos/ [--model SRC] [--strategy greedy|beam|sample|guided] [--json] [--steps] [--tree]
 
 With a model that keeps its ImageNet head, --steps prints what the CNN sees ("the CNN sees: Egyptian cat 81%, ...")
 and --json adds it as "imagenet": [[label, probability], ...]; with --strategy guided, "constraint" says which word
-was required and why.
+was required and why. --tree (GenerationConfig.tree) adds the search as "tree": [nodes] (docs/search-tree.md); without
+--json it prints the search step by step.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         return 2
     guided = settings.strategy == "guided"
 
-    def report(path, text=None, steps=None, error=None, seen=None, constraint=None):
+    def report(path, text=None, steps=None, error=None, seen=None, constraint=None, tree=None):
         if args.json:
             rec = {"image": path, "caption": text} if error is None else {"image": path, "error": error}
             if error is None:
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
                 rec["imagenet"] = [[name, round(p, 4)] for name, p in seen]
             if constraint is not None:
                 rec["constraint"] = constraint.record()
+            if tree is not None:
+                rec["tree"] = [n.record() for n in tree]
             print(json.dumps(rec), flush=True)
         elif error is None:
             print(f"{path}\t{text}", flush=True)
@@ -98,6 +101,10 @@ def main(argv=None) -> int:
                 print(f"    {s.t + 1:2d}. {s.word:<12} p={s.prob:.2f}  <EOS> {s.eos_prob:.2f}  [{alts}]", flush=True)
             if steps:
                 print(f"    stopped: {describe_stop(steps[-1]).replace('`', '')}", flush=True)
+            for t in sorted({n.t for n in tree or ()}):  # the search, a line per step: "+" on the caption's path
+                marks = {"chosen": "+", "kept": "", "finished": "", "pruned": "-", "blocked": "x"}
+                line = "  ".join(f"{marks[n.status]}{n.word} {n.score:.2f}" for n in tree if n.t == t)
+                print(f"    search {t + 1:2d}: {line}", flush=True)
         else:
             print(f"{path}\terror: {error}", file=sys.stderr, flush=True)
 
@@ -115,7 +122,7 @@ def main(argv=None) -> int:
     good = [(f, img) for f, img, err in opened if err is None]
     # Encoder batches as caption_batch makes them, keeping each batch's features for the CNN's labels. Guided
     # decoding and --steps take the records (which say whether the constraint was met), not only the text.
-    records = args.steps or guided
+    records = args.steps or guided or settings.tree
     results = {}
     for start in range(0, len(good), args.batch_size):
         part = good[start : start + args.batch_size]
@@ -129,7 +136,8 @@ def main(argv=None) -> int:
             constraint = out.constraint if out is not None else (
                 constraint_for(one, model.vocab, settings.guide_threshold) if guided else None)
             steps = (out.caption_steps() if out is not None else ()) if args.steps else None
-            results[f] = dict(text=out.text if out is not None else "", steps=steps, seen=seen_of(one), constraint=constraint)
+            results[f] = dict(text=out.text if out is not None else "", steps=steps, seen=seen_of(one), constraint=constraint,
+                              tree=(out.tree if out is not None else ()) if settings.tree else None)
     for f, _, err in opened:
         if err is None:
             report(f, **results[f])

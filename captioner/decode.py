@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,36 @@ class Candidate:
     token: int
     word: str
     prob: float  # the model's probability of this word at this step
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of a recorded search (GenerationConfig.tree): a hypothesis extended by one word (docs/search-tree.md)."""
+
+    id: int
+    parent: int | None  # the node of the hypothesis it extends; None for the first words
+    t: int  # the word's position, from 0
+    token: int
+    word: str
+    logprob: float  # cumulative log-probability of the hypothesis, this word included
+    score: float  # what the search ranked it by: logprob / words ** length_penalty (greedy, sampling: logprob)
+    group: int | None  # guided decoding: 1 once the hypothesis uses a required word, else 0; None otherwise
+    # kept (alive after its step), pruned (outscored), finished (ended with <EOS>, a candidate), blocked (a rule
+    # removed it: `rule` says which; logprob and score are what it had before the rule), chosen (the final caption's)
+    status: str
+    rule: str | None = None
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """With GenerationConfig.tree, `stream` yields one of these after each step of the search, among the Step
+    records: the nodes that step added, as they stood then. The last Step's `tree` has every node, final statuses."""
+
+    t: int
+    nodes: tuple[Node, ...]
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,8 @@ class Step:
     constraint: Constraint | None = None
     unk_prob: float = 0.0  # the probability the model gave <UNK> at this step, before decoding masked it
     stop_unk_prob: float | None = None  # on the last record: that probability at the step that ended the caption
+    # On the last record, with GenerationConfig.tree: the whole search, every Node with its final status.
+    tree: tuple[Node, ...] | None = None
 
     def caption_steps(self) -> tuple["Step", ...]:
         """On the last record: every word's record of the final caption."""
@@ -64,9 +96,9 @@ class Step:
 
     def record(self) -> dict:
         """This record as plain JSON data, as the CLI's --json and the app's download write each step: every field
-        but `history` and `constraint` (those say it once for the caption)."""
-        d = asdict(replace(self, history=(), constraint=None))
-        del d["history"], d["constraint"]
+        but `history`, `constraint` and `tree` (those say it once for the caption)."""
+        d = asdict(replace(self, history=(), constraint=None, tree=None))
+        del d["history"], d["constraint"], d["tree"]
         return d
 
 
@@ -104,6 +136,7 @@ def _check_model(model) -> None:
 class Unsaid:
     """Never emit <PAD>/<SOS>/<UNK> (<UNK>'s probability is reported before this, see Step.unk_prob)."""
 
+    why: ClassVar[str] = "never said: <PAD>, <SOS> and <UNK> (a word outside the vocabulary) are not words"
     ids: tuple[int, ...]
 
     def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -115,6 +148,7 @@ class Unsaid:
 class MinLength:
     """Never end before the first word: an empty caption is no caption."""
 
+    why: ClassVar[str] = "a caption has at least one word"
     eos: int
 
     def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -129,6 +163,7 @@ class OneSentence:
     are the user's): a caption is one sentence, and a search that must place a word would otherwise tack it on after
     the period ("... on a street. rocket"). <EOS> keeps its own logit, so such a row's <EOS> gets probability 1."""
 
+    why: ClassVar[str] = "nothing after a full stop (guided: one sentence)"
     full_stop: int
     eos: int
     after: int = 0
@@ -154,6 +189,7 @@ class NoRepeatNGram:
     """Never say an n-gram of `n` words twice in a caption (GenerationConfig.no_repeat_ngram), except n-grams made
     only of the tokens in `free` (function words: "in a", "of the" may repeat; "a man" may not)."""
 
+    why: ClassVar[str] = "would say a word pair twice (no_repeat_ngram)"
     n: int
     free: frozenset[int] = frozenset()
 
@@ -175,6 +211,7 @@ class Ended:
     """A row that has said <EOS> says only <EOS> (batched decoding keeps finished captions in the batch). Last in
     the list, so that no other rule can take <EOS> from a finished row."""
 
+    why: ClassVar[str] = "the caption had ended"
     eos: int
 
     def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -194,6 +231,16 @@ class Processors(list):
         for rule in self:
             logits = rule(logits, tokens)
         return logits
+
+    def blocker(self, logits: torch.Tensor, tokens: torch.Tensor, token: int):
+        """The rule that removes `token` from one row of logits (1, V) after `tokens` (1, t), or None (a recorded
+        search names the rule of each blocked word it shows: a few rows a step, never the whole batch)."""
+        logits = logits.clone()
+        for rule in self:
+            logits = rule(logits, tokens)
+            if logits[0, token] == -math.inf:
+                return rule
+        return None
 
 
 def processors_for(config: GenerationConfig, vocab, *, constraint: Constraint | None = None,
@@ -269,7 +316,8 @@ def _pick(logp: torch.Tensor, config: GenerationConfig, generator) -> int:
 @torch.inference_mode()
 def stream(model, image=None, config: GenerationConfig | None = None, *, features: ImageFeatures | None = None,
            prefix: Sequence[int] = (), constraint: Constraint | None = None, **settings) -> Iterator[Step]:
-    """Yield one Step per generated word (beam: the current best hypothesis each step, then the final one).
+    """Yield one Step per generated word (beam: the current best hypothesis each step, then the final one); with
+    `tree=True` (GenerationConfig.tree) also a SearchStep after each step of the search, and the last Step's `tree`.
 
     Give an image, or `features` from `encode` (decode one photo many times without re-running the CNN).
     Settings come from `config` with keyword overrides (`stream(model, img, strategy="beam")`).
@@ -305,12 +353,17 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
     logits, state = model.decoder.start(features)
     tokens: list[int] = []
     done: list[Step] = []
+    path: list[Node] | None = [] if config.tree else None  # greedy and sampling search one path: every node chosen
     cum = 0.0
     ended = _ended("max_len", None, False)
     for t in range(max_len):
         (unk,), (unk_top,) = _unk_probs(logits, vocab)
         logp = F.log_softmax(rules(logits, _history([tokens])), dim=-1)[0]  # (V,)
         token = prefix[t] if t < len(prefix) else _pick(logp, config, generator)
+        if path is not None:
+            at = cum + float(logp[token])
+            path.append(Node(t, t - 1 if t else None, t, token, vocab.itos[token], at, at, None, "chosen"))
+            yield SearchStep(t, (path[-1],))
         if token == vocab.eos_id:
             ended = _ended("eos", unk, unk_top)
             break
@@ -321,7 +374,7 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
         done.append(_record(vocab, t, token, logp, config.num_alternatives, cum, tokens, _attention(state), unk))
         logits, state = model.decoder.step(torch.tensor([token], device=features.vector.device), state)
     if done:
-        yield replace(done[-1], **ended, history=tuple(done[:-1]))
+        yield replace(done[-1], **ended, history=tuple(done[:-1]), tree=None if path is None else tuple(path))
 
 
 @dataclass
@@ -331,6 +384,7 @@ class _Hyp:
     rows: list[tuple]
     score: float  # sum of log-probabilities
     end: tuple[float, bool] = (0.0, False)  # a finished one: p(<UNK>) at its <EOS> step, and whether <UNK> led there
+    node: int | None = None  # a recorded search (GenerationConfig.tree): its last word's Node (finished: its <EOS>'s)
 
     def records(self, vocab, k: int, first: int = 0) -> list[Step]:
         return [_record(vocab, t, self.tokens[t], row, k, cum, self.tokens[: t + 1], att, unk)
@@ -359,7 +413,11 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     The stream only grows: a word is streamed once every candidate (live or finished) agrees on it, so each partial
     caption is a prefix of the final one. A group stops when it has `beam_size` finished candidates and its best live
     one, length-normalised, is no better than the worst of them. A finished caption's score includes its <EOS>
-    (without it, ending early cost nothing, and captions that end after their full stop lost to ones without it)."""
+    (without it, ending early cost nothing, and captions that end after their full stop lost to ones without it).
+
+    With `config.tree` the search is recorded (Node, SearchStep): at each step and in each group, the expansions it
+    kept, those that ended (finished), those of its top 2 x beam_size that lost their place (pruned), and those that
+    a rule removed but that scored, before it, above the lowest kept one (blocked)."""
     vocab, k, beam_size = model.vocab, config.num_alternatives, config.beam_size
     device = features.vector.device
     required = sorted({vocab.stoi[w] for w in constraint.words}) if constraint is not None else []
@@ -375,6 +433,13 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     norm = lambda h: h.score / max(1, len(h.tokens)) ** config.length_penalty  # noqa: E731
     tag = (lambda r: r) if constraint is None else (lambda r: replace(r, constraint=constraint))  # noqa: E731
     streamed = 0  # words streamed so far: the candidates' common prefix, less the last word of the shortest
+    nodes: list[Node] | None = [] if config.tree else None
+
+    def node(parent: int | None, t: int, token: int, total: float, words: int, group: int, status: str,
+             rule: str | None = None) -> int:
+        nodes.append(Node(len(nodes), parent, t, token, vocab.itos[token], total,
+                          total / max(1, words) ** config.length_penalty, group if required else None, status, rule))
+        return nodes[-1].id
 
     def done(g: int, hyps: list[_Hyp], t: int) -> bool:
         ends = sorted((norm(h) for h in finished[g] if h.tokens), reverse=True)
@@ -389,7 +454,17 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
 
     for t in range(max_len):
         unk, unk_top = _unk_probs(logits, vocab)
-        logp = F.log_softmax(rules(logits, _history([h.tokens for h in live])), dim=-1)  # (n, V)
+        if nodes is None:
+            logp = F.log_softmax(rules(logits, _history([h.tokens for h in live])), dim=-1)  # (n, V)
+        else:
+            hist = _history([h.tokens for h in live])
+            ruled = rules(logits, hist)
+            logp, first = F.log_softmax(ruled, dim=-1), len(nodes)
+            # What each word a rule removed would have scored: its log-probability before the rules, plus its
+            # hypothesis's score (-inf for the rest). (Renormalised after the rules, the others' rise a little.)
+            so_far = torch.tensor([h.score for h in live], device=device).unsqueeze(1)  # (n, 1)
+            before = torch.where((ruled == -math.inf) & (logits != -math.inf),
+                                 F.log_softmax(logits.float(), dim=-1) + so_far, -math.inf)
         total = logp + torch.tensor([h.score for h in live], device=logp.device).unsqueeze(1)  # (n, V)
         if t < len(prefix):  # forced word: every beam takes it
             forced = torch.full_like(total, -math.inf)
@@ -403,21 +478,38 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
             width = min(2 * beam_size, scores_g.numel())
             scores, flat = torch.topk(scores_g.reshape(-1), width)  # (width,)
             kept = 0
-            for score, index in zip(scores.tolist(), flat.tolist()):
+            scanned = list(zip(scores.tolist(), flat.tolist()))
+            taken, floor = len(scanned), -math.inf  # (recorded search) expansions looked at, the lowest kept score
+            for j, (score, index) in enumerate(scanned):
                 if score == -math.inf:
+                    taken = j
                     break
                 parent, token = divmod(index, logp.size(1))
                 h = live[parent]
                 if token == vocab.eos_id:  # its score counts the <EOS>: ending is a choice, and not a free one
-                    finished[g].append(_Hyp(h.tokens, h.rows, score, (unk[parent], unk_top[parent])))
+                    end = None if nodes is None else node(h.node, t, token, score, len(h.tokens), g, "finished")
+                    finished[g].append(_Hyp(h.tokens, h.rows, score, (unk[parent], unk_top[parent]), end))
                 else:
                     row = (logp[parent], score, _attention(state, parent), unk[parent])
-                    survivors.append(_Hyp(h.tokens + [token], h.rows + [row], score))
+                    at = None if nodes is None else node(h.node, t, token, score, t + 1, g, "kept")
+                    survivors.append(_Hyp(h.tokens + [token], h.rows + [row], score, node=at))
                     parents.append(parent)
                     survivor_met.append(bool(g))
-                    kept += 1
+                    kept, floor = kept + 1, score
                 if kept == beam_size:
+                    taken = j + 1
                     break
+            if nodes is not None:
+                for score, index in scanned[taken:]:  # outscored: in the top 2 x beam_size, but the beam was full
+                    if score == -math.inf:
+                        break
+                    parent, token = divmod(index, logp.size(1))
+                    node(live[parent].node, t, token, score, t + (token != vocab.eos_id), g, "pruned")
+                if t >= len(prefix):  # (a forced word of a branch: every other word is the user's choice, not a rule's)
+                    _record_blocked(node, live, logits, hist, before, dest, g, floor if kept == beam_size else -math.inf,
+                                    beam_size, t, vocab.eos_id, rules)
+        if nodes is not None:
+            yield SearchStep(t, tuple(nodes[first:]))
         if not survivors or all(done(g, [h for h, m in zip(survivors, survivor_met) if m == bool(g)], t) for g in groups):
             break
         candidates = [h.tokens for h in survivors] + [h.tokens for g in groups for h in finished[g] if h.tokens]
@@ -445,10 +537,17 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
     if unfit:  # the word fits only into a sentence the model believes much less than its own: say nothing
         best, ok = free, False
         stop = "eos" if any(free is h for h in ended[0]) else "max_len"
+    tree = None
+    if nodes is not None:
+        at = best.node
+        while at is not None:  # the final caption's path, from its last word (or its <EOS>) back to its first
+            nodes[at] = replace(nodes[at], status="chosen")
+            at = nodes[at].parent
+        tree = tuple(nodes)
     if best.tokens:
         steps = best.records(vocab, k)
         ended_as = _ended(stop, *best.end) if stop == "eos" else _ended(stop, None, False)
-        last = replace(steps[-1], **ended_as, history=tuple(tag(r) for r in steps[:-1]))
+        last = replace(steps[-1], **ended_as, history=tuple(tag(r) for r in steps[:-1]), tree=tree)
         yield from last.history[streamed:]
         if constraint is not None:
             final = constraint
@@ -461,11 +560,29 @@ def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int
         yield last
 
 
+def _record_blocked(node, live: list[_Hyp], logits: torch.Tensor, hist: torch.Tensor, before: torch.Tensor,
+                    dest: torch.Tensor | None, g: int, floor: float, beam_size: int, t: int, eos: int,
+                    rules: "Processors") -> None:
+    """A recorded beam step's blocked expansions in group `g`: those a rule removed that would have scored (`before`:
+    -inf for the rest) above `floor`, the lowest kept score (a full beam; else any), at most beam_size of them, each
+    with the name of its rule (Processors.blocker)."""
+    if dest is not None:
+        before = before.masked_fill(dest != bool(g), -math.inf)
+    scores, flat = torch.topk(before.reshape(-1), min(beam_size, before.numel()))
+    for score, index in zip(scores.tolist(), flat.tolist()):
+        if score == -math.inf or score <= floor:
+            break
+        parent, token = divmod(index, logits.size(1))
+        rule = rules.blocker(logits[parent : parent + 1], hist[parent : parent + 1], token)
+        node(live[parent].node, t, token, score, t + (token != eos), g, "blocked", type(rule).__name__)
+
+
 def last(steps: Iterator[Step]) -> Step | None:
-    """The last record of a stream (None for a stream without words)."""
+    """The last Step record of a stream (None for a stream without words; a recorded search's SearchSteps skipped)."""
     out = None
-    for out in steps:
-        pass
+    for record in steps:
+        if isinstance(record, Step):
+            out = record
     return out
 
 

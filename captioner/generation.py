@@ -87,6 +87,9 @@ class GenerationConfig:
                                         "without it is at most this much likelier per word (mean log-probability; "
                                         "0.5 is the least that keeps the cat of examples/cat.jpg: docs/guided.md)")
     num_alternatives: int = _setting(5, "top-k alternatives recorded at every step (the inspector's words)")
+    tree: bool = _setting(False, "record the search as a tree of nodes (beam and guided: every hypothesis kept, "
+                                 "pruned, finished or blocked at each step; greedy and sampling: their one path); the "
+                                 "CLI's --json adds it as \"tree\" (docs/search-tree.md)")
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -32,12 +32,13 @@ import torch
 from PIL import Image
 from starlette.middleware import Middleware
 
-from .decode import Step, caption_batch, describe_stop, encode, stream
+from .decode import SearchStep, Step, caption_batch, describe_stop, encode, stream
 from .generation import STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
 from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
 from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
+from . import tree_view
 from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, FairShare, Job, PhotoError, RequestLimits,
                       ServedBlocks, header_pixels, read_upload, settings_from, shown, whole_number)
 
@@ -56,6 +57,12 @@ SESSIONS = 48  # sessions whose state the server keeps (about 0.5 MB each with t
 STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
 FILES_BATCH = 8  # photos of a "Several photos" request encoded together
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
+# The search tree grows with the caption, redrawn whole (about 400 bytes a node) at every search step while it has up
+# to TREE_EVERY_STEP nodes; a larger one at most every TREE_REDRAW seconds per TREE_EVERY_STEP nodes. Guided beam 10
+# over 60 words is about 3,400 nodes (1.3 MB): redrawn at all 60 steps it sent 39 MB, and the browser, which takes
+# a few hundred ms to draw it once, fell seconds behind (benchmarks/tree.py, docs/search-tree.md).
+TREE_EVERY_STEP = 300
+TREE_REDRAW = 0.25
 DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered for download (Gradio copies them)
 DOWNLOAD_MAX_AGE = 3600  # seconds a download file is kept here
 
@@ -111,7 +118,7 @@ def launch_options() -> dict[str, Any]:
     """Keyword arguments for demo.launch() shared by app.py and the tests (Gradio 6: theme, css and js live here)."""
     js = "() => (" + asset("app.js").strip() + ")(" + json.dumps(example_descriptions()) + ")"
     limits = Middleware(RequestLimits, max_body=MAX_REQUEST_BYTES, max_upload=MAX_UPLOAD_BYTES, max_files=MAX_FILES)
-    return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=asset("app.css"), js=js,
+    return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=asset("app.css") + "\n" + asset("tree.css"), js=js,
                 max_file_size=MAX_FILE_SIZE, show_error=False, state_session_capacity=SESSIONS,
                 app_kwargs={"middleware": [limits]})
 
@@ -188,6 +195,7 @@ class Decoding:
     focus: int  # the selected step after the decode (0-based): the first, or where a branch was made
     image_key: str  # ImageCache.key of the image it describes
     photo: Photo | None = None  # ImageCache.photo of that image: the heatmaps' base (same object, not a copy)
+    tree: tuple | None = None  # the recorded search (decode.Node, the last Step's tree): the page's tree view
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -283,7 +291,8 @@ def decoding_record(decoding: Decoding, model_id: str, precision: str = "fp32") 
     constraint = decoding.steps[-1].constraint if decoding.steps else None
     return {"model": model_id, "precision": precision, "caption": decoding.text, "stop": decoding.stop,
             "settings": asdict(decoding.settings), "prefix": list(decoding.prefix),
-            "constraint": None if constraint is None else constraint.record(), "steps": [s.record() for s in decoding.steps]}
+            "constraint": None if constraint is None else constraint.record(), "steps": [s.record() for s in decoding.steps],
+            "tree": None if decoding.tree is None else [n.record() for n in decoding.tree]}
 
 
 def write_download(name: str, text: str) -> str:
@@ -356,39 +365,69 @@ class Handlers:
             raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
 
     def _decode(self, cache: ImageCache, settings: GenerationConfig, job: Job, prefix: tuple[int, ...] = (),
-                focus: int = 0) -> Iterator[Update]:
+                focus: int = 0, tree: tree_view.Growing | None = None) -> Iterator[Update]:
         """One Update per Step of decode.stream, paced by word_delay; the last carries the finished Decoding. A branch
-        (`prefix`: the forced first words, `focus` the last of them) may run past max_len to keep its words."""
-        settings = replace(settings, max_len=max(settings.resolved_max_len(self.model.config.max_len), len(prefix)))
+        (`prefix`: the forced first words, `focus` the last of them) may run past max_len to keep its words. `tree`
+        (the page's): the search is recorded, its nodes collected there as they come, and a search step that added
+        no word to the caption still gets its Update, so that the tree grows step by step."""
+        settings = replace(settings, max_len=max(settings.resolved_max_len(self.model.config.max_len), len(prefix)),
+                           tree=tree is not None)
+        if tree is not None and settings.strategy == "guided":
+            tree.required = cache.constraint(self.model.vocab, settings.guide_threshold).words
         rows: list[Step] = []
         last = 0.0
+        grown = False  # a search step recorded that no Update has shown yet
         for step in self._stream(cache, settings, job, prefix):
+            if isinstance(step, SearchStep):
+                if grown:  # the previous search step streamed no word: show it on its own
+                    last = self._pace(last)
+                    yield Update(rows[-1].text if rows else "", top_words(rows[-1]) if rows else {}, history_table(rows), None, cache)
+                tree.nodes.extend(step.nodes)
+                grown = True
+                continue
+            grown = False
             decoding = None
             if step.stop is None:
                 rows.append(step)
             else:
                 rows = list(step.caption_steps())  # beam search: the winner's records, which the stream may not have shown
-                decoding = Decoding(tuple(rows), step.stop, settings, prefix, min(focus, len(rows) - 1), cache.key, cache.photo)
-            if self.word_delay:  # the first word at once, then one every word_delay
-                time.sleep(max(0.0, self.word_delay - (time.monotonic() - last)))
-                last = time.monotonic()
+                decoding = Decoding(tuple(rows), step.stop, settings, prefix, min(focus, len(rows) - 1), cache.key, cache.photo,
+                                    step.tree)
+            last = self._pace(last)
             yield Update(step.text, top_words(step), history_table(rows), decoding, cache)
+
+    def _pace(self, last: float) -> float:
+        if self.word_delay:  # the first word at once, then one every word_delay
+            time.sleep(max(0.0, self.word_delay - (time.monotonic() - last)))
+            return time.monotonic()
+        return last
 
     def caption(self, image, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
         """/caption: stream the caption of `image` word by word."""
+        yield from self._caption(image, cache, None, **controls)
+
+    def _caption(self, image, cache: ImageCache | None, tree: tree_view.Growing | None, **controls) -> Iterator[Update]:
         settings = self.settings(**controls)
         with self.turns.request() as job:
-            yield from self._decode(self.features(image, cache, job), settings, job)
+            yield from self._decode(self.features(image, cache, job), settings, job, tree=tree)
 
-    def redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
+    def redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, node=None,
+                 tree: tree_view.Growing | None = None, **controls) -> Iterator[Update]:
         """Branch: force the inspected step's word to `choice` (a token id), keep the words before it, and
-        decode the rest again from the cached image features."""
+        decode the rest again from the cached image features. With no word picked but a `node` of the search tree
+        picked (its id), continue from that node's hypothesis instead: its words are forced."""
         if not decoding:
             raise gr.Error("Caption an image first, then pick a step and a word to branch from.", print_exception=False)
         if not cache or cache.key != decoding.image_key:
             raise gr.Error("The image changed since this caption; caption it again before branching.", print_exception=False)
+        if (choice is None or choice == "") and node is not None and node != "":
+            prefix = self.hypothesis(decoding, node)
+            with self.turns.request() as job:
+                yield from self._decode(cache, self.settings(**controls), job, prefix, len(prefix) - 1, tree=tree)
+            return
         if choice is None or choice == "":
-            raise gr.Error("Pick one of this step's words first, then re-decode.", title="No word picked", print_exception=False)
+            raise gr.Error("Pick one of this step's words (or a word in the search tree) first, then re-decode.",
+                           title="No word picked", print_exception=False)
         t = self._index(decoding, step_number)
         try:
             choice = whole_number("word id", choice, f"one of step {t + 1}'s alternatives")
@@ -398,7 +437,38 @@ class Handlers:
             raise gr.Error(f"word id {choice} is not among step {t + 1}'s alternatives", print_exception=False)
         settings = self.settings(**controls)
         with self.turns.request() as job:
-            yield from self._decode(cache, settings, job, (*decoding.tokens[:t], choice), t)
+            yield from self._decode(cache, settings, job, (*decoding.tokens[:t], choice), t, tree=tree)
+
+    @staticmethod
+    def _node(decoding: Decoding | None, node):
+        """The search tree's node `node` (its id) of this decoding; a gr.Error naming the id when there is none."""
+        try:
+            i = whole_number("node", node, "")
+        except ValueError:
+            i = -1
+        if decoding is None or not decoding.tree or not 0 <= i < len(decoding.tree):
+            raise gr.Error(f"node {shown(node)} is not in this caption's search tree; caption again and pick another",
+                           print_exception=False)
+        return decoding.tree[i]
+
+    def hypothesis(self, decoding: Decoding, node) -> tuple[int, ...]:
+        """The token ids of the hypothesis that a search tree node ends (ending in <EOS> for a finished one)."""
+        by_id = {n.id: n for n in decoding.tree or ()}
+        return tuple(n.token for n in tree_view.path(self._node(decoding, node), by_id))
+
+    def pick(self, decoding: Decoding | None, node) -> dict:
+        """A node of the search tree clicked or tapped: the inspector at its step (the caption's word there), why it
+        has its status beside the tree, and it is what Re-decode from here continues from (until a word is picked)."""
+        try:
+            n = self._node(decoding, node)
+        except gr.Error as e:
+            return dict(pick=None, tree_info=f"**{e.message}**")
+        by_id = {m.id: m for m in decoding.tree}
+        why = tree_view.reason(n, by_id, tree_view.floors(decoding.tree))
+        words = " ".join(m.word for m in tree_view.path(n, by_id))
+        return dict(**self.inspect(decoding, n.t + 1)._asdict(), pick=n.id,
+                    tree_info=tree_view.escaped(f"Selected: {why}") + "  \n**Re-decode from here** continues from "
+                              f"“{tree_view.escaped(words)}”.")
 
     def word_id(self, word) -> int:
         """A word of the model's vocabulary (or its id, as a number or a string of digits) -> its token id."""
@@ -443,9 +513,10 @@ class Handlers:
     def cleared(self) -> dict:
         """The page with nothing from an earlier caption: no caption, labels, history, inspector, download or message."""
         return dict(caption="", table=history_table([]), decoding=None, labels="", **self.inspect(None)._asdict(),
-                    download=gr.update(interactive=False), status=gr.update(value="", visible=False))
+                    download=gr.update(interactive=False), status=gr.update(value="", visible=False),
+                    tree=tree_view.render(None), tree_info="", pick=None)
 
-    def _page(self, updates: Iterator[Update], *, clear_first: bool) -> Iterator[dict]:
+    def _page(self, updates: Iterator[Update], *, clear_first: bool, tree: tree_view.Growing | None = None) -> Iterator[dict]:
         """A decode's updates as page updates. The page is cleared first (`clear_first`: before the work starts, so a
         failure leaves nothing stale behind; else with the first word, after the request was checked); the first word
         brings what the CNN sees; the last selects the focus step and offers the download. A failure is said beside the
@@ -454,10 +525,14 @@ class Handlers:
             if clear_first:
                 yield self.cleared()
             first = True
+            drawn, drawn_at = 0, 0.0  # the tree's nodes drawn so far, and when
             for u in updates:
                 out = dict(caption=u.caption, table=u.table, current=u.words)
                 if first:
                     out = {**({} if clear_first else self.cleared()), **out, "labels": labels_markdown(u.cache)}
+                if tree is not None and len(tree.nodes) != drawn and u.decoding is None and (
+                        time.monotonic() - drawn_at >= TREE_REDRAW * (len(tree.nodes) // TREE_EVERY_STEP)):
+                    out["tree"], drawn, drawn_at = tree.view(), len(tree.nodes), time.monotonic()  # it grew: draw it again
                 if u.decoding is not None:
                     out.update(decoding=u.decoding, cache=u.cache, **self.finished(u.decoding))
                 first = False
@@ -469,16 +544,27 @@ class Handlers:
     def page_caption(self, image, cache: ImageCache | None = None, **controls) -> Iterator[dict]:
         """The Caption button, an upload, a pasted photo, an example: clear the page, then caption the image
         (so a file that fails leaves no caption of the photo before it beside it)."""
-        yield from self._page(self.caption(image, cache, **controls), clear_first=True)
+        tree = tree_view.Growing()
+        yield from self._page(self._caption(image, cache, tree, **controls), clear_first=True, tree=tree)
 
-    def page_redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None,
+    def page_redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, node=None,
                       **controls) -> Iterator[dict]:
-        """Re-decode from here: the branch replaces the caption; a request that cannot be done changes nothing."""
-        yield from self._page(self.redecode(decoding, step_number, choice, cache, **controls), clear_first=False)
+        """Re-decode from here (from the step's picked word, else from the search tree's picked node): the branch
+        replaces the caption; a request that cannot be done changes nothing."""
+        tree = tree_view.Growing()
+        yield from self._page(self.redecode(decoding, step_number, choice, cache, node, tree, **controls), clear_first=False,
+                              tree=tree)
 
     def finished(self, decoding: Decoding) -> dict:
         """After a decode: "This step" and the inspector at its focus step, and the download offered."""
-        return dict(**self.inspect(decoding, decoding.focus + 1)._asdict(), download=gr.update(interactive=True))
+        return dict(**self.inspect(decoding, decoding.focus + 1)._asdict(), download=gr.update(interactive=True),
+                    tree=self.tree_view(decoding), tree_info="", pick=None)
+
+    def tree_view(self, decoding: Decoding) -> str:
+        """The finished search, drawn (tree_view.render): guided decoding's note says what was required and how it ended."""
+        constraint = decoding.steps[-1].constraint if decoding.steps else None
+        return tree_view.render(decoding.tree, required=constraint.words if constraint else (),
+                                note=constraint.describe() if constraint is not None else "")
 
     def download(self, decoding: Decoding | None) -> str | None:
         """Download decoding (JSON): the file is written when it is asked for, not after every caption."""
@@ -711,6 +797,12 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                         with gr.Column(scale=3, min_width=240):
                             branch = gr.Radio(choices=[], label="Branch: use this word instead", elem_id="branch")
                             redecode_btn = gr.Button("Re-decode from here", variant="primary", elem_id="redecode-btn")
+                    # The search as a tree (tree_view): every hypothesis beam and guided decoding weighed, step by step.
+                    gr.Markdown("### The search\nEvery hypothesis the decoder weighed, one column per word: tap one to "
+                                "inspect its step, then *Re-decode from here* to continue from it.", elem_id="tree-heading")
+                    search_tree = gr.HTML(tree_view.render(None), js_on_load=asset("tree.js"), elem_id="search-tree")
+                    tree_info = gr.Markdown("", elem_id="tree-info")
+                    tree_pick = gr.State(None)  # the node picked in the tree (its id): where Re-decode continues from
 
             with gr.Tab("Several photos", id="many", elem_id="tab-many"):
                 gr.Markdown("Caption a folder's worth of photos at once (up to %d), with the decoding settings of the "
@@ -733,7 +825,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         streamed = [caption, current, table, decode_state, cache]  # in Update's order
         inspector = [current, heading, step, prefix, step_info, step_alts, confidence, branch, heatmap]  # in Inspector's order
         page = dict(zip(Inspector._fields, inspector), caption=caption, table=table, decoding=decode_state, cache=cache,
-                    labels=cnn_labels, download=download, status=status, photo=image)  # the page's outputs by name
+                    labels=cnn_labels, download=download, status=status, photo=image, tree=search_tree, tree_info=tree_info,
+                    pick=tree_pick)  # the page's outputs by name
 
         def on_page(fn: Callable[..., Iterator[dict]]) -> Callable[..., Iterator[dict]]:
             """A page handler whose updates name their outputs, as Gradio takes them (keyed by component)."""
@@ -765,8 +858,16 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         if examples is not None:
             examples.load_input_event.then(**auto)
         # Branching reads choices the inspector put in this page's session (the API has /branch).
-        redecode_btn.click(on_page(h.page_redecode), [decode_state, step, branch, cache], outputs, show_progress_on=[caption],
-                           **common, **private)
+        redecode_btn.click(on_page(h.page_redecode), [decode_state, step, branch, cache, tree_pick], outputs,
+                           show_progress_on=[caption], **common, **private)
+
+        # The search tree: a node clicked or tapped (tree.js sends its id) is inspected and picked for Re-decode; a word
+        # picked in the inspector afterwards takes its place (Re-decode prefers the picked word).
+        def pick_node(decoding: Decoding | None, evt: gr.EventData):
+            return {page[name]: value for name, value in h.pick(decoding, (evt._data or {}).get("node")).items()}
+
+        search_tree.click(pick_node, [decode_state], outputs, show_progress="hidden", **private)
+        branch.input(lambda: (None, ""), None, [tree_pick, tree_info], queue=False, show_progress="hidden", **private)
         # One selected step: "This step" follows the slider (mouse, arrow keys, a typed number) and Prev / Next.
         # .input fires on the user's changes only, never on the updates these handlers send, so nothing loops.
         step.input(h.select, [decode_state, step], inspector, trigger_mode="always_last", show_progress="hidden", **private)

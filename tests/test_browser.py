@@ -523,3 +523,62 @@ def test_the_heatmap_moves_with_the_steps(served_attend, browser):
     assert body != bytes4  # not the original caption's step 4
     assert not errors, errors
     page.close()
+
+
+# ---------------------------------------------------------------- the search tree (issue 34)
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, {"width": 390, "height": 844}], ids=["desktop", "phone"])
+def test_the_search_tree_re_decodes_from_a_pruned_node(served, browser, tmp_path, viewport):
+    """The tree of the default (guided) search: drawn beside the inspector, readable (a phone scrolls it sideways in
+    its box), a pruned node says why on hover, and tapping it then "Re-decode from here" gives a caption that starts
+    with that node's hypothesis."""
+    from captioner.decode import final
+    from captioner.tree_view import path
+    from captioner.ui import APP_DEFAULTS
+
+    url, model, real = served
+    phone = viewport["width"] < 500
+    page, errors = open_app(browser, url, viewport=viewport, **({"is_mobile": True, "has_touch": True} if phone else {}))
+    page.set_input_files("#photo input[type=file]", str(PHOTO))
+    wait_step(page, 1)
+    page.wait_for_selector("#search-tree g.s-chosen", state="attached")  # the search is over: its path is known
+    want = final(model, str(PHOTO), APP_DEFAULTS, max_len=model.config.max_len, tree=True)
+    assert caption_value(page) == want.text
+    drawn = page.eval_on_selector_all("#search-tree g[data-node]", "gs => gs.map(g => g.dataset.node)")
+    assert sorted(map(int, drawn)) == [n.id for n in want.tree]
+    chosen = page.eval_on_selector_all("#search-tree g.s-chosen", "gs => gs.map(g => +g.dataset.node)")
+    assert sorted(chosen) == [n.id for n in want.tree if n.status == "chosen"]
+    # The box fits the page, and the tree inside it scrolls sideways where it is wider.
+    box = page.eval_on_selector("#search-tree .tree-scroll", """e => ({left: e.getBoundingClientRect().left,
+        right: e.getBoundingClientRect().right, scroll: e.scrollWidth, client: e.clientWidth,
+        overflow: getComputedStyle(e).overflowX})""")
+    assert box["left"] >= 0 and box["right"] <= viewport["width"] and box["overflow"] == "auto", box
+    assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]  # the page itself never scrolls sideways
+    if phone:
+        assert box["scroll"] > box["client"], box
+    # A pruned node of a later step (a hypothesis of two words or more), faded, its title saying why.
+    by_id = {n.id: n for n in want.tree}
+    node = next(n for n in want.tree if n.status == "pruned" and n.t >= 1 and n.word not in ("<EOS>", "."))
+    g = page.locator(f'#search-tree g[data-node="{node.id}"]')
+    assert "pruned: outscored" in g.locator("title").text_content()
+    assert float(g.locator("text").first.evaluate("e => getComputedStyle(e).fillOpacity")) < 1  # faded
+    g.scroll_into_view_if_needed()
+    (g.tap if phone else g.click)()
+    page.wait_for_function("() => document.querySelector('#tree-info').innerText.includes('Selected')")
+    words = [n.word for n in path(node, by_id)]
+    assert " ".join(words) in page.locator("#tree-info").inner_text()
+    wait_step(page, min(node.t, len(want.tokens) - 1) + 1)  # the inspector is at its step
+    page.click("#redecode-btn")
+    page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Branched')")
+    tokens = [n.token for n in path(node, by_id)]
+    branched = final(model, str(PHOTO), APP_DEFAULTS, max_len=model.config.max_len, prefix=tokens)
+    page.wait_for_function("t => document.querySelector('#caption textarea').value === t", arg=branched.text)
+    assert list(branched.tokens[: len(tokens)]) == tokens
+    assert caption_value(page).lower().rstrip(".").split()[: len(words)] == words
+    page.wait_for_selector("#search-tree g.s-chosen", state="attached")  # the new search, drawn
+    if real:
+        page.locator("#search-tree").scroll_into_view_if_needed()
+        page.screenshot(path=str(tmp_path / f"tree-{viewport['width']}.png"))
+    assert not errors, errors
+    page.close()

@@ -187,7 +187,8 @@ def test_push_command_matches_its_parser():
         assert parsed.model == "captioner/default_model" and parsed.repo == "USER/NAME"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "CONTRIBUTING.md", "docs/experiments.md", "docs/performance.md", "docs/deploying.md"])
+@pytest.mark.parametrize("doc", ["README.md", "CONTRIBUTING.md", "docs/experiments.md", "docs/performance.md", "docs/deploying.md",
+                                 "docs/search-tree.md"])
 def test_relative_links_resolve(doc):
     path = ROOT / doc
     text = path.read_text(encoding="utf-8")

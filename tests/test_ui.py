@@ -278,7 +278,7 @@ def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
 
 # ---------------------------------------------------------------- the page: one selected step, nothing stale
 
-PAGE = {"caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download", "status", "photo"}
+PAGE = {"caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download", "status", "photo", "tree", "tree_info", "pick"}
 
 
 def apply(page: dict, update: dict) -> dict:
@@ -300,9 +300,15 @@ def test_a_page_decode_clears_then_streams_then_selects_the_focus_step(handlers,
     page, seen = run_page({}, handlers.page_caption(photo_path, max_len=8))
     assert seen[0]["caption"] == "" and seen[0]["decoding"] is None and seen[0]["current"] is None  # cleared first
     steps = list(stream(model, photo_path, APP_DEFAULTS, max_len=8))
-    assert [p["caption"] for p in seen[1:]] == [st.text for st in steps]
-    for p, st in zip(seen[1:-1], steps):  # while it streams, "This step" is the word being decoded
+    # One update per streamed word, and one per search step that streamed none (the search tree grows by a column:
+    # the same caption, a larger tree).
+    worded = [p for i, p in enumerate(seen[1:], 1) if p["caption"] != seen[i - 1]["caption"]]
+    assert [p["caption"] for p in worded] == [st.text for st in steps]
+    for p, st in zip(worded[:-1], steps):  # while it streams, "This step" is the word being decoded
         assert p["current"] == {a.word: a.prob for a in st.alternatives} and p["decoding"] is None
+    columns = [p["tree"].count('class="step"') for p in seen[1:]]
+    assert columns == sorted(columns) and len(set(columns)) > 2 and "s-chosen" in page["tree"]
+    assert not any("s-chosen" in p["tree"] for p in seen[1:-1])  # the caption's path is known only at the end
     decoding = page["decoding"]
     assert decoding.tokens == steps[-1].tokens and page["cache"].key
     # After the decode both "This step" and the inspector show the focus step (the first).
