@@ -38,7 +38,7 @@ from .heatmap import attention_overlay
 from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
 from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
-from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, FairShare, Job, PhotoError, RequestLimits,
+from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, ClientLimits, FairShare, Job, PhotoError, RequestLimits,
                       ServedBlocks, header_pixels, read_upload, settings_from, shown, whole_number)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -50,8 +50,14 @@ EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 # long ones. Each request in progress holds one photo's features (a few hundred kB) and a worker thread.
 CONCURRENCY = 16
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
+# One client's share of those (serving.ClientLimits), in progress and waiting together: a session (a page, a
+# gradio_client Client, a /call's session_hash) holds at most PER_SESSION decoding requests, and one address at most
+# PER_ADDRESS (generous: many people can share one address behind a proxy; 64 clients on one machine are all served).
+PER_SESSION = 4
+PER_ADDRESS = 64
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
 MAX_FILES = 64  # photos per request of the "Several photos" tab
+UPLOAD_IDLE_TIMEOUT = 30.0  # seconds a request body may send nothing before it is answered 408 and closed
 SESSIONS = 48  # sessions whose state the server keeps (about 0.5 MB each with the bundled model); the least recently used goes first
 STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
 FILES_BATCH = 8  # photos of a "Several photos" request encoded together
@@ -110,7 +116,8 @@ def example_descriptions() -> dict[str, str]:
 def launch_options() -> dict[str, Any]:
     """Keyword arguments for demo.launch() shared by app.py and the tests (Gradio 6: theme, css and js live here)."""
     js = "() => (" + asset("app.js").strip() + ")(" + json.dumps(example_descriptions()) + ")"
-    limits = Middleware(RequestLimits, max_body=MAX_REQUEST_BYTES, max_upload=MAX_UPLOAD_BYTES, max_files=MAX_FILES)
+    limits = Middleware(RequestLimits, max_body=MAX_REQUEST_BYTES, max_upload=MAX_UPLOAD_BYTES, max_files=MAX_FILES,
+                        idle_timeout=UPLOAD_IDLE_TIMEOUT)
     return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=asset("app.css"), js=js,
                 max_file_size=MAX_FILE_SIZE, show_error=False, state_session_capacity=SESSIONS,
                 app_kwargs={"middleware": [limits]})
@@ -410,7 +417,7 @@ class Handlers:
                 raise gr.Error(f"word id {shown(text, 32)[1:-1] if token < 0 else token} is not in the model's vocabulary "
                                f"(ids 0 to {len(vocab) - 1})", print_exception=False)
         elif (token := vocab.stoi.get(text, vocab.stoi.get(text.lower()))) is None:
-            raise gr.Error(f"{text!r} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
+            raise gr.Error(f"{shown(text, 40)} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
                            title="Unknown word", print_exception=False)
         if token in vocab.unsaid:
             raise gr.Error(f"{vocab.itos[token]!r} cannot be part of a caption; give a word (or <EOS> to end it there)",
@@ -434,8 +441,11 @@ class Handlers:
             raise gr.Error(f"step={shown(step)}: give the number of the word to change, a whole number from 1 to {len(steps)}",
                            print_exception=False) from None
         if not 1 <= n <= len(steps):
-            raise gr.Error(f"step={n}: this caption has {len(steps)} words ({last.text!r}); give 1 to {len(steps)}",
+            raise gr.Error(f"step={shown(n, 40)}: this caption has {len(steps)} words ({last.text!r}); give 1 to {len(steps)}",
                            print_exception=False)
+        if n == 1 and token == self.model.vocab.eos_id:  # a caption of no words: nothing to stream, nothing to show
+            raise gr.Error(f"step=1 with <EOS> would end the caption before its first word ({last.text!r}); give another "
+                           "word for step 1, or <EOS> at a later step to end the caption there", print_exception=False)
         yield from self._decode(cache, settings, job, (*last.tokens[: n - 1], token), n - 1)
 
     # --- the page: every decoding event updates the page's outputs by name (build_demo maps names to components) ---
@@ -774,5 +784,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         next_btn.click(lambda d, s: h.select(d, s, +1), [decode_state, step], inspector, show_progress="hidden", **private)
         download.click(h.download, [decode_state], download_file, **private).then(None, [download_file], None, js=asset("save_download.js"), **private)
 
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
+    # api_open=False: the /gradio_api/run and /gradio_api/api routes, which would run a decode outside the queue and
+    # its limits, refuse every queued event (404); the page, /call and gradio_client all join the queue.
+    demo.client_limits = ClientLimits(PER_SESSION, PER_ADDRESS, {"decode"})
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE, api_open=False)
     return demo

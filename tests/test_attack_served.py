@@ -159,3 +159,217 @@ def test_no_image_mode_raises_the_servers_rss_by_300_mb(app_process, tmp_path):
     print("peak RSS growth (MB):", {k: round(v) for k, v in grew.items()})
     assert [r[1] != "" and r[2] == "" for r in table["data"]] == [True] * len(MODES), table["data"]
     assert max(grew.values()) < 300, grew
+
+
+# ---------------------------------------------------------------- the app served in this process
+
+import base64  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+CONTROLS = ["strategy", "beam_size", "max_len", "num_alternatives", "temperature", "top_k", "top_p", "seed", "guide_threshold"]
+LONGEST = dict(strategy="beam", beam_size=10, max_len=60)  # the app's longest-allowed request
+
+
+def settings(**values) -> list:
+    return [values.get(name) for name in CONTROLS]
+
+
+def jpeg(seed: int = 0, size: tuple[int, int] = (64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> dict:
+    return {"url": "data:image/jpeg;base64," + base64.b64encode(data).decode(), "meta": {"_type": "gradio.FileData"}}
+
+
+def call(url: str, api: str, data: list, session: str | None = None, timeout: float = 120) -> tuple[str, object]:
+    """POST /gradio_api/call/<api> (as `session` when given), then read its event stream: ("complete", outputs),
+    ("error", message) or ("refused", the HTTP status and text)."""
+    with httpx.Client(timeout=timeout) as http:
+        r = http.post(f"{url}gradio_api/call/{api}", json={"data": data, **({"session_hash": session} if session else {})})
+        if r.status_code != 200:
+            return "refused", f"{r.status_code} {r.text}"
+        kind, payload = None, None
+        with http.stream("GET", f"{url}gradio_api/call/{api}/{r.json()['event_id']}") as s:
+            for line in s.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind in ("complete", "error"):
+                    payload = json.loads(line[6:])
+                    if kind == "error":
+                        payload = payload.get("error") if isinstance(payload, dict) else payload
+                    return kind, payload
+    return str(kind), payload
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with serve_demo(model, "tiny (attack)", word_delay=0) as url:
+        yield url
+
+
+def test_the_run_and_api_routes_are_closed_and_the_queue_is_the_one_way_in(server, model, tmp_path):
+    """Reproduction 2: 80 concurrent /gradio_api/run/branch requests were all served, outside the queue's limits.
+    Now /run and /api refuse every decoding event at once (404), 40 of them at a time change nothing for a normal
+    user, and /call and gradio_client (which join the queue) still work."""
+    body = {"data": [data_url(jpeg(1)), 2, "dog", *settings(**LONGEST)]}
+
+    def direct(i):
+        with httpx.Client(timeout=60) as http:
+            return http.post(f"{server}gradio_api/{'run' if i % 2 else 'api'}/{'branch' if i % 3 else 'caption'}", json=body)
+
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(direct, range(40)))
+    assert {r.status_code for r in answers} == {404}, {r.status_code for r in answers}
+    assert "join the queue" in answers[0].json()["detail"]
+    kind, out = call(server, "caption", [data_url(jpeg(2)), *settings(strategy="greedy")])
+    from captioner.decode import caption
+
+    assert kind == "complete" and out[0] == caption(model, jpeg(2), strategy="greedy", max_len=MAX_LEN), (kind, out)
+    (tmp_path / "photo.jpg").write_bytes(jpeg(3))
+    assert Client(server, verbose=False).predict(handle_file(str(tmp_path / "photo.jpg")), api_name="/caption")[0]
+
+
+
+
+def test_client_limits_count_each_sessions_and_addresss_requests_in_the_decoding_group():
+    """serving.ClientLimits: a session's 4th request in progress or waiting is its last; an address's bound counts
+    every session from it (the first X-Forwarded-For address behind a proxy); other groups are not counted."""
+    from captioner.serving import ClientLimits
+
+    limits = ClientLimits(2, 3, {"decode"})
+    decode, other = SimpleNamespace(concurrency_id="decode"), SimpleNamespace(concurrency_id="select")
+
+    def event(session, host, fn=decode, forwarded=""):
+        headers = {"x-forwarded-for": forwarded} if forwarded else {}
+        return SimpleNamespace(session_hash=session, fn=fn, request=SimpleNamespace(headers=headers, client=SimpleNamespace(host=host)))
+
+    held = [event("a", "1.1.1.1"), event("a", "1.1.1.1"), event("b", "1.1.1.1", other)]
+    assert "this session: 2 at a time" in limits.refusal(held, decode, "a", "1.1.1.1")
+    assert limits.refusal(held, other, "a", "1.1.1.1") is None  # not a decoding event
+    assert limits.refusal(held, decode, "b", "1.1.1.1") is None  # b's select event is not counted
+    held.append(event("c", "10.0.0.1", forwarded="1.1.1.1, 10.0.0.1"))
+    assert "this address: 3 at a time" in limits.refusal(held, decode, "d", "1.1.1.1")
+    assert limits.refusal(held, decode, "d", "2.2.2.2") is None
+    with pytest.raises(ValueError, match="per_session=0"):
+        ClientLimits(0, 3, {"decode"})
+
+
+@pytest.mark.slow
+def test_one_client_with_80_longest_requests_does_not_hold_up_another(model):
+    """Reproduction 3: one session sent 80 longest-allowed requests through /call/caption; another user was refused 17
+    times in 19 and waited 38x its time alone for the rest. Now that session holds PER_SESSION of them (the rest are
+    refused at once), and the other user is served in at most twice its time alone."""
+    from captioner.ui import PER_SESSION
+
+    with serve_demo(model, "tiny (hog)", word_delay=0.1) as url, httpx.Client(timeout=120) as http:
+        def normal(i):
+            t = time.perf_counter()
+            kind, out = call(url, "caption", [data_url(jpeg(40 + i)), *settings(strategy="greedy")], session=f"normal{i}")
+            assert kind == "complete", (kind, out)
+            return time.perf_counter() - t
+
+        alone = sorted(normal(i) for i in range(3))[1]
+        answers = [http.post(f"{url}gradio_api/call/caption", json={"data": [data_url(jpeg(50)), *settings(**LONGEST)],
+                                                                     "session_hash": "hog"}) for _ in range(80)]
+        codes = [r.status_code for r in answers]
+        assert codes.count(200) == PER_SESSION and codes.count(503) == 80 - PER_SESSION, codes
+        assert "Too many requests from this session" in answers[-1].json()["detail"]
+        loaded = sorted(normal(10 + i) for i in range(3))[1]
+        print(f"normal caption alone {alone * 1000:.0f} ms, beside the hog's {PER_SESSION} {loaded * 1000:.0f} ms")
+        assert loaded <= 2 * alone, (alone, loaded)
+
+
+@pytest.mark.slow
+def test_64_clients_from_one_address_4_requests_each_are_all_served(app_process):
+    """The address-wide bound is generous: 64 clients on 127.0.0.1, each with its own session and 4 requests one after
+    another, get 256 captions of 256."""
+    _, url = app_process
+    photo = data_url(jpeg(7))
+
+    def client(i):
+        return [call(url, "caption", [photo, *settings(strategy="greedy")], session=f"c{i}", timeout=300)[0] for _ in range(4)]
+
+    with ThreadPoolExecutor(64) as pool:
+        kinds = [k for ks in pool.map(client, range(64)) for k in ks]
+    assert kinds.count("complete") == 256, {k: kinds.count(k) for k in set(kinds)}
+
+
+# ---------------------------------------------------------------- /branch answers every input
+
+
+def test_branch_answers_every_step_and_word_never_null(server, model):
+    """Reproduction 6: step 1 with <EOS> answered [null, null, null]. Now every step with <EOS> and with each of its
+    alternatives is a caption or a clear message."""
+    kind, out = call(server, "caption", [data_url(jpeg(8)), *settings()])
+    assert kind == "complete"
+    words = out[0].split()
+    alternatives = list(out[1].get("confidences", [])) if isinstance(out[1], dict) else []
+    tried = 0
+    for step in range(1, len(words) + 1):
+        for word in ["<EOS>", words[0], *[a["label"] for a in alternatives[:2]]]:
+            kind, out = call(server, "branch", [data_url(jpeg(8)), step, word, *settings()])
+            tried += 1
+            if kind == "complete":
+                assert out[0] is not None and out[2] is not None, (step, word, out)
+                assert out[0] or word == "<EOS>", (step, word, out)
+            else:
+                assert kind == "error" and out, (step, word, kind, out)
+    kind, out = call(server, "branch", [data_url(jpeg(8)), 1, "<EOS>", *settings()])
+    assert kind == "error" and "would end the caption before its first word" in out, (kind, out)
+    kind, out = call(server, "branch", [data_url(jpeg(8)), 2, "<EOS>", *settings()])
+    assert kind == "complete" and out[0] == words[0], (kind, out)  # ends after the first word
+    assert tried >= 2 * len(words)
+
+
+@pytest.mark.parametrize("step,word,quoted", [(1, "w" * (20 * 2**20), "'wwwwwwwwwwwwwwwwwwwwwwwwwwwwwww"),
+                                              (1e308, "dog", "step=1000000000000000"), ("9" * 4000, "dog", "step='99999")])
+def test_branch_errors_quote_at_most_about_40_characters_of_a_bad_value(server, step, word, quoted):
+    """An unknown 20 MB word was echoed back whole; step=1e308 put a 309-digit number in the message."""
+    kind, out = call(server, "branch", [data_url(jpeg(9)), step, word, *settings()])
+    assert kind == "error" and quoted in out and len(out) < 300, (kind, out[:500])
+
+
+# ---------------------------------------------------------------- URLs are not fetched
+
+
+def test_a_url_as_an_image_is_refused_without_fetching_it(server, model):
+    """Reproduction 8: {"path": "http://..."} made Gradio fetch the URL before the handler ran. Now it is refused with
+    what to do instead, and nothing is fetched; a data: URL still works."""
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "image/jpeg")
+            self.end_headers()
+            self.wfile.write(jpeg(10))
+
+        def log_message(self, *args):
+            pass
+
+    remote = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=remote.serve_forever, daemon=True).start()
+    try:
+        photo_url = f"http://127.0.0.1:{remote.server_address[1]}/photo.jpg"
+        for api, data in [("caption", [{"path": photo_url, "meta": {"_type": "gradio.FileData"}}, *settings()]),
+                          ("branch", [{"path": photo_url, "url": photo_url, "meta": {"_type": "gradio.FileData"}}, 1, "a", *settings()]),
+                          ("caption_files", [[{"path": photo_url, "meta": {"_type": "gradio.FileData"}}]])]:
+            kind, out = call(server, api, data)
+            assert kind == "error" and "give the photo as a file upload" in out and photo_url in out, (api, kind, out)
+        assert hits == []
+    finally:
+        remote.shutdown()
+        remote.server_close()
+    kind, out = call(server, "caption", [data_url(jpeg(11)), *settings(strategy="greedy")])
+    assert kind == "complete" and out[0]
