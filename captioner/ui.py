@@ -760,8 +760,10 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         # The API: /caption and /branch (streamed; events with no trigger in the page), /caption_files (the tab's button).
         gr.on([], h.caption, [image, cache], streamed, api_name="caption", **common)
         gr.on([], h.branch, [image, api_step, api_word, cache], streamed, api_name="branch", **common)
+        # preprocess=False: the handler reads each upload's FileData (gr.File's preprocess would leave an empty
+        # temporary file behind for every photo, and its file-type check is open_image's, with the reason named)
         files_btn.click(h.caption_files, [files], [files_table, files_out], api_name="caption_files", concurrency_id="decode",
-                        show_progress="full", inputs_kwargs=controls)
+                        show_progress="full", inputs_kwargs=controls, preprocess=False)
 
         # The page: a new photo captions itself, on upload, drop or paste, and on picking an example. (Not on .change:
         # Gradio's frontend fires it twice when a photo replaces another, which would run two decodes. A webcam

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
@@ -373,3 +374,132 @@ def test_a_url_as_an_image_is_refused_without_fetching_it(server, model):
         remote.server_close()
     kind, out = call(server, "caption", [data_url(jpeg(11)), *settings(strategy="greedy")])
     assert kind == "complete" and out[0]
+
+
+# ---------------------------------------------------------------- uploads leave nothing on disk
+
+import socket  # noqa: E402
+
+
+def files_under(folder) -> list:
+    """The files under Gradio's upload folder but for those it put there itself at start (the examples' copies)."""
+    return [p for p in Path(folder).rglob("*") if p.is_file() and p not in folder.startup] if Path(folder).exists() else []
+
+
+class Folder(type(Path())):
+    startup: frozenset = frozenset()
+
+
+@pytest.fixture()
+def upload_server(model, tmp_path, monkeypatch):
+    """The app in this process with its own upload folder (GRADIO_TEMP_DIR) and a 1-second idle timeout -> (url, folder)."""
+    import captioner.ui as ui
+
+    folder = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder))
+    monkeypatch.setattr(ui, "UPLOAD_IDLE_TIMEOUT", 1.0)
+    with serve_demo(model, "tiny (uploads)", word_delay=0) as url:
+        folder = Folder(folder)
+        folder.startup = frozenset(p for p in folder.rglob("*") if p.is_file())
+        yield url, folder
+
+
+def partial_upload(url: str, boundary: bytes = b"XyZ", sent: int = 64 * 1024) -> socket.socket:
+    """A connection that starts a 1 MB multipart upload, sends its first `sent` bytes, and then nothing more."""
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    head = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="cut.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=" + boundary +
+                 b"\r\nContent-Length: " + str(2**20).encode() + b"\r\n\r\n" + head + b"\xff" * sent)
+    return sock
+
+
+def wait_for(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_aborted_and_refused_uploads_leave_nothing_on_disk_and_one_log_line_each(upload_server, capfd):
+    """Reproduction 4: an upload cut off halfway, or refused for the name "..", left its file in the upload folder
+    forever, and each abort logged a traceback. Now 50 cut-off uploads leave 0 files and 50 one-line log entries."""
+    url, folder = upload_server
+    capfd.readouterr()
+    for _ in range(50):
+        partial_upload(url).close()
+    with httpx.Client(timeout=30) as http:
+        r = http.post(url + "gradio_api/upload", files=[("files", ("ok.jpg", jpeg(1), "image/jpeg")), ("files", ("..", jpeg(2), "image/jpeg"))])
+        assert r.status_code == 400 and "Invalid file name: '..'" in r.text, (r.status_code, r.text)
+        many = [("files", (f"p{i}.jpg", b"x" * 10, "image/jpeg")) for i in range(65)]
+        assert http.post(url + "gradio_api/upload", files=many).status_code == 400
+        assert wait_for(lambda: not files_under(folder)), files_under(folder)
+        ok = http.post(url + "gradio_api/upload", files=[("files", ("ok.jpg", jpeg(1), "image/jpeg"))] * 2)
+        assert ok.status_code == 200 and len(ok.json()) == 2 and Path(ok.json()[0]).read_bytes() == jpeg(1), ok.text
+    log = capfd.readouterr()
+    text = log.err + log.out
+    assert "Traceback" not in text, text[-2000:]
+    aborts = [line for line in text.splitlines() if "upload abandoned" in line]
+    assert len(aborts) == 50 and set(aborts) == {"captioner: upload abandoned (the client disconnected); 1 partial file(s) deleted"}, aborts[:3]
+    assert [p.name for p in files_under(folder)] == ["ok.jpg"]
+
+
+@pytest.mark.parametrize("content_type", [b"multipart/form-data; BOUNDARY=XyZ", b"multipart/form-data; boundary=XyZ; boundary=XyZ",
+                                          b'multipart/form-data; boundary = "XyZ"', b"multipart/form-data; boundary=XyZ"])
+def test_the_file_count_limit_holds_for_every_spelling_of_the_boundary(upload_server, content_type):
+    """Reproduction 7: a boundary written as BOUNDARY=, given twice, or as boundary = "..." got 1,000 files stored
+    (the middleware counted with its own reading of the header). Now the parser that stores the files counts them:
+    each is refused (or not parsed at all) and nothing is stored."""
+    from captioner.ui import MAX_FILES
+
+    url, folder = upload_server
+    body = b"".join(b'--XyZ\r\nContent-Disposition: form-data; name="files"; filename="p%d.jpg"\r\n\r\nx\r\n' % i
+                    for i in range(1000)) + b"--XyZ--\r\n"
+    with httpx.Client(timeout=60) as http:
+        r = http.post(url + "gradio_api/upload", content=body, headers={"content-type": content_type.decode()})
+    assert r.status_code == 400, (r.status_code, r.text[:200])
+    if b"BOUNDARY" not in content_type:  # the parser reads these; it refuses the count
+        assert f"at most {MAX_FILES}" in r.text, r.text
+    assert wait_for(lambda: not files_under(folder)), len(files_under(folder))
+
+
+def test_half_open_uploads_time_out_and_close_their_descriptors(upload_server):
+    """Reproduction 4: 2,000 held half-uploads took 2,063 file descriptors, never closed. Now a body that sends
+    nothing for the idle timeout (1 s here; 30 s in the app) is answered 408 and its connection and file closed."""
+    url, folder = upload_server
+    me = psutil.Process()
+    before = me.num_fds()
+    socks = [partial_upload(url) for _ in range(40)]
+    assert wait_for(lambda: len(files_under(folder)) == 40, 10), len(files_under(folder))
+    held = me.num_fds()
+    assert held >= before + 80  # each: our socket, the server's, and its temporary file
+    answers = []
+    for sock in socks:
+        data = b""
+        while chunk := sock.recv(65536):  # the server answers, then closes: recv gives b"" at the end
+            data += chunk
+        answers.append(data.split(b"\r\n", 1)[0])
+        sock.close()
+    assert set(answers) == {b"HTTP/1.1 408 Request Timeout"}, set(answers)
+    assert wait_for(lambda: not files_under(folder)), files_under(folder)
+    assert wait_for(lambda: me.num_fds() <= before + 5), (before, held, me.num_fds())
+
+
+def test_caption_files_leaves_no_temporary_files(upload_server, tmp_path):
+    """Reproduction 4: /caption_files left one empty temporary file per photo (640 from 10 requests). Now 10 requests
+    of the same 8 photos leave only the 8 uploads themselves (and the downloads Gradio serves)."""
+    url, folder = upload_server
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"p{i}.png")
+        Image.new("RGB", (40, 30), (30 * i, 90, 200)).save(paths[-1])
+    client = Client(url, verbose=False)
+    for _ in range(10):
+        table, _ = client.predict([handle_file(str(p)) for p in paths], api_name="/caption_files")
+        assert all(row[1] for row in table["data"]), table
+    left = files_under(folder)
+    uploads = [p for p in left if p.suffix == ".png"]
+    others = [p for p in left if p.suffix not in (".png", ".csv", ".json")]
+    assert sorted(p.name for p in uploads) == sorted(p.name for p in paths) and others == [], others[:5]
