@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import functools
 import heapq
 import itertools
@@ -37,6 +38,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 from gradio.exceptions import InvalidPathError
+from gradio.state_holder import StateHolder
 from PIL import Image
 
 from .generation import LIMITS, STRATEGIES, GenerationConfig
@@ -509,6 +511,45 @@ def remote_path(value: Any, depth: int = 0) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Session state
+
+
+class SessionStates(StateHolder):
+    """Gradio's per-session store (launch(state_session_capacity=...) and gr.State(time_to_live=...)), kept so that
+    state lives while it is used:
+    - a session's states expire `time_to_live` after the session's last request, not after they were last written
+      (a user stepping through the inspector reads them without writing them);
+    - only sessions that hold state (were served) count against the capacity; when there are more, the least recently
+      used goes. Sessions that hold none (a refused request creates one) are kept apart, up to the same number, the
+      oldest dropped first, so a burst of refused requests from new session ids evicts no one's caption."""
+
+    def __getitem__(self, session_id: str):
+        session = super().__getitem__(session_id)
+        now = datetime.datetime.now()
+        for key, (ttl, _) in list(session._state_ttl.items()):
+            session._state_ttl[key] = (ttl, now)
+        return session
+
+    @staticmethod
+    def holds_state(session) -> bool:
+        return any(session.state_data.get(key) is not None for key in session._state_ttl)
+
+    def update(self, session_id: str):
+        with self.lock:
+            if session_id in self.session_data:
+                self.session_data.move_to_end(session_id)
+            if len(self.session_data) <= self.capacity:
+                return
+            held = {sid for sid, session in self.session_data.items() if self.holds_state(session)}
+            served = [sid for sid in self.session_data if sid in held]  # least recently used first
+            unserved = [sid for sid in self.session_data if sid not in held]
+            for group in (served, unserved):
+                for evicted in group[: max(0, len(group) - self.capacity)]:  # the least recently used first
+                    self.session_data.pop(evicted, None)
+                    self.time_last_used.pop(evicted, None)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Fair between clients
 
 
@@ -571,6 +612,21 @@ class ServedBlocks(gr.Blocks):
       traceback is logged on the server)."""
 
     client_limits: ClientLimits | None = None  # set before .queue(): each client's share of the queue
+
+    # Gradio's app creates a StateHolder and hands it to the Blocks (StateHolder.set_blocks); both use that one
+    # object, so it is made a SessionStates where it is handed over (same fields, other rules), before any request.
+    @property
+    def state_holder(self):
+        try:
+            return self.__dict__["_state_holder"]
+        except KeyError:
+            raise AttributeError("state_holder") from None
+
+    @state_holder.setter
+    def state_holder(self, holder):
+        if type(holder) is StateHolder:
+            holder.__class__ = SessionStates
+        self.__dict__["_state_holder"] = holder
 
     def queue(self, *args, **kwargs):
         out = super().queue(*args, **kwargs)

@@ -73,6 +73,8 @@ CONFIDENCE = {  # HighlightedText categories of per-word probability, most confi
     "guess (< 20%)": (0.0, "#fca5a5"),
 }
 INSPECTOR_EMPTY = "Caption an image, then step through its decoding here."
+# What every control that needs a session's caption says when the server no longer has it (the page still shows it).
+EXPIRED = "This caption has expired on the server (it keeps each caption for a while after its last use): caption the photo again."
 STEP_HEADING = "**This step:** the words the model weighed"
 HEATMAP_LABEL = "Where it looked"
 PHOTO_MAX_SIDE = 512  # the photo a session keeps for the inspector's heatmap is at most this many pixels a side
@@ -387,9 +389,13 @@ class Handlers:
         with self.turns.request() as job:
             yield from self._decode(self.features(image, cache, job), settings, job)
 
-    def redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, **controls) -> Iterator[Update]:
+    def redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, shown_caption: str = "",
+                 **controls) -> Iterator[Update]:
         """Branch: force the inspected step's word to `choice` (a token id), keep the words before it, and
-        decode the rest again from the cached image features."""
+        decode the rest again from the cached image features. `shown_caption`: the caption the page shows (with no
+        decoding in the session, it has expired)."""
+        if not decoding and shown_caption:
+            raise gr.Error(EXPIRED, title="Caption expired", print_exception=False)
         if not decoding:
             raise gr.Error("Caption an image first, then pick a step and a word to branch from.", print_exception=False)
         if not cache or cache.key != decoding.image_key:
@@ -482,18 +488,21 @@ class Handlers:
         yield from self._page(self.caption(image, cache, **controls), clear_first=True)
 
     def page_redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None,
-                      **controls) -> Iterator[dict]:
+                      shown_caption: str = "", **controls) -> Iterator[dict]:
         """Re-decode from here: the branch replaces the caption; a request that cannot be done changes nothing."""
-        yield from self._page(self.redecode(decoding, step_number, choice, cache, **controls), clear_first=False)
+        yield from self._page(self.redecode(decoding, step_number, choice, cache, shown_caption, **controls), clear_first=False)
 
     def finished(self, decoding: Decoding) -> dict:
         """After a decode: "This step" and the inspector at its focus step, and the download offered."""
         return dict(**self.inspect(decoding, decoding.focus + 1)._asdict(), download=gr.update(interactive=True))
 
-    def download(self, decoding: Decoding | None) -> str | None:
+    def download(self, decoding: Decoding | None, shown_caption: str = "") -> str:
         """Download decoding (JSON): the file is written when it is asked for, not after every caption."""
-        record = decoding and decoding_record(decoding, self.model_id, self.model.precision)
-        return write_download("decoding.json", json.dumps(record, indent=1)) if record else None
+        if not decoding:
+            raise gr.Error(EXPIRED if shown_caption else "Caption an image first, then download its decoding.",
+                           title="Caption expired" if shown_caption else "No caption", print_exception=False)
+        record = decoding_record(decoding, self.model_id, self.model.precision)
+        return write_download("decoding.json", json.dumps(record, indent=1))
 
     # --- the selected step: "This step" and the inspector show the same one ---
 
@@ -544,10 +553,15 @@ class Handlers:
             heatmap_view(s, decoding.photo),
         )
 
-    def select(self, decoding: Decoding | None, step_number, delta: int = 0) -> Inspector:
+    def select(self, decoding: Decoding | None, step_number, delta: int = 0, shown_caption: str = "") -> Inspector:
         """The step slider moved (dragged, arrow keys, a typed number), or Prev / Next (`delta` -1 / +1): select that
         step. After the slider moved it is left as the user has it (no update that could fight a drag in progress)
-        unless the number had to be clamped; a box being typed into (empty, not a number) changes nothing."""
+        unless the number had to be clamped; a box being typed into (empty, not a number) changes nothing. With no
+        decoding in the session while the page shows a caption (`shown_caption`), it has expired: the inspector says
+        so (and a warning), and nothing else changes."""
+        if not decoding and shown_caption:
+            gr.Warning(EXPIRED, title="Caption expired")
+            return Inspector(*[gr.skip()] * len(Inspector._fields))._replace(info=f"**{EXPIRED}**")
         try:
             n = float(step_number) + delta
             if not math.isfinite(n):
@@ -777,14 +791,19 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         if examples is not None:
             examples.load_input_event.then(**auto)
         # Branching reads choices the inspector put in this page's session (the API has /branch).
-        redecode_btn.click(on_page(h.page_redecode), [decode_state, step, branch, cache], outputs, show_progress_on=[caption],
+        redecode_btn.click(on_page(h.page_redecode), [decode_state, step, branch, cache, caption], outputs, show_progress_on=[caption],
                            **common, **private)
         # One selected step: "This step" follows the slider (mouse, arrow keys, a typed number) and Prev / Next.
         # .input fires on the user's changes only, never on the updates these handlers send, so nothing loops.
-        step.input(h.select, [decode_state, step], inspector, trigger_mode="always_last", show_progress="hidden", **private)
-        prev_btn.click(lambda d, s: h.select(d, s, -1), [decode_state, step], inspector, show_progress="hidden", **private)
-        next_btn.click(lambda d, s: h.select(d, s, +1), [decode_state, step], inspector, show_progress="hidden", **private)
-        download.click(h.download, [decode_state], download_file, **private).then(None, [download_file], None, js=asset("save_download.js"), **private)
+        # These read the session's decoding; the caption the page shows tells an expired one from none (Handlers.select).
+        # preprocess=False: the step number as sent, never Gradio's range check against a slider whose range the
+        # session no longer holds ("Value 3 is greater than maximum value 2" after the state was evicted).
+        nav = dict(show_progress="hidden", preprocess=False, **private)
+        step.input(lambda d, s, c: h.select(d, s, 0, c), [decode_state, step, caption], inspector, trigger_mode="always_last", **nav)
+        prev_btn.click(lambda d, s, c: h.select(d, s, -1, c), [decode_state, step, caption], inspector, **nav)
+        next_btn.click(lambda d, s, c: h.select(d, s, +1, c), [decode_state, step, caption], inspector, **nav)
+        download.click(h.download, [decode_state, caption], download_file, **private).success(
+            None, [download_file], None, js=asset("save_download.js"), **private)
 
     # api_open=False: the /gradio_api/run and /gradio_api/api routes, which would run a decode outside the queue and
     # its limits, refuse every queued event (404); the page, /call and gradio_client all join the queue.

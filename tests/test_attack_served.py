@@ -503,3 +503,91 @@ def test_caption_files_leaves_no_temporary_files(upload_server, tmp_path):
     uploads = [p for p in left if p.suffix == ".png"]
     others = [p for p in left if p.suffix not in (".png", ".csv", ".json")]
     assert sorted(p.name for p in uploads) == sorted(p.name for p in paths) and others == [], others[:5]
+
+
+# ---------------------------------------------------------------- session state: lives while used, says when gone
+
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def demo_served(model):
+    """The app in this process -> (its Blocks, URL): the state holder is looked at directly."""
+    from captioner.ui import build_demo, launch_options
+    from tiny import free_port
+
+    demo = build_demo(model, "tiny (state)", word_delay=0)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_options())
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def holding(demo) -> set[str]:
+    """The sessions whose caption the server holds."""
+    holder = demo.state_holder
+    return {sid for sid, session in list(holder.session_data.items()) if holder.holds_state(session)}
+
+
+def test_refused_requests_from_new_sessions_evict_no_one_and_eviction_takes_the_least_recently_used(model, monkeypatch):
+    """Reproduction 5: 60 instantly refused requests from new session ids evicted everyone's state. Now only served
+    sessions count against ui.SESSIONS (3 here), and past it the least recently used goes."""
+    import captioner.ui as ui
+
+    from captioner.serving import SessionStates
+
+    monkeypatch.setattr(ui, "SESSIONS", 3)
+    with demo_served(model) as (demo, url):
+        assert isinstance(demo.state_holder, SessionStates)
+        for s in ("s1", "s2", "s3"):
+            assert call(url, "caption", [data_url(jpeg(1)), *settings()], session=s)[0] == "complete"
+        assert holding(demo) == {"s1", "s2", "s3"}
+        with ThreadPoolExecutor(8) as pool:
+            kinds = list(pool.map(lambda i: call(url, "caption", [data_url(jpeg(1)), *settings(max_len=999)], session=f"new{i}")[0],
+                                  range(60)))
+        assert kinds == ["error"] * 60
+        assert holding(demo) == {"s1", "s2", "s3"}
+        assert len(demo.state_holder.session_data) <= 6  # the refused ones: at most as many again, the oldest dropped
+        assert call(url, "caption", [data_url(jpeg(2)), *settings(max_len=999)], session="s1")[0] == "error"  # s1: used
+        assert call(url, "caption", [data_url(jpeg(2)), *settings()], session="s4")[0] == "complete"
+        assert holding(demo) == {"s1", "s3", "s4"}  # s2 was the least recently used
+
+
+def test_state_expires_from_the_last_use_not_the_last_caption(model, monkeypatch):
+    """Reproduction 5: a user stepping through the inspector once a second lost their state at the expiry mark, while
+    using it. Now expiry counts from the session's last request (ui.STATE_TTL 3 s here)."""
+    import captioner.ui as ui
+
+    monkeypatch.setattr(ui, "STATE_TTL", 3)
+    with demo_served(model) as (demo, url):
+        assert call(url, "caption", [data_url(jpeg(1)), *settings()], session="user")[0] == "complete"
+        assert call(url, "caption", [data_url(jpeg(1)), *settings()], session="idle")[0] == "complete"
+        start = time.monotonic()
+        while time.monotonic() - start < 6:  # twice the TTL, a request a second (each refused: it only reads the state)
+            call(url, "branch", [data_url(jpeg(1)), "x", "dog", *settings()], session="user")
+            time.sleep(1)
+        assert holding(demo) == {"user"}, holding(demo)  # "idle" expired at 3 s; "user" did not
+        assert wait_for(lambda: holding(demo) == set(), 8)
+
+
+def test_every_control_that_needs_the_caption_says_it_expired(model):
+    """Reproduction 5: after eviction the step slider said "Value 3 is greater than maximum value 2", re-decode said
+    "Caption an image first", the download returned nothing. Now each says, in one sentence, that the caption expired
+    and to caption the photo again (the page still shows the caption; the server has no decoding for it)."""
+    from captioner.ui import EXPIRED, Handlers
+
+    h = Handlers(model, word_delay=0)
+    assert EXPIRED.count(". ") == 0 and EXPIRED.endswith("caption the photo again.")
+    for delta in (0, -1, +1):
+        view = h.select(None, 3, delta, "a dog runs on the grass")
+        assert view.info == f"**{EXPIRED}**", view.info
+    with pytest.raises(Exception, match="expired on the server"):
+        list(h.redecode(None, 3, 17, None, "a dog runs"))
+    (update,) = list(h.page_redecode(None, 3, 17, None, "a dog runs"))
+    assert EXPIRED in update["status"]["value"], update
+    with pytest.raises(Exception, match="expired on the server"):
+        h.download(None, "a dog runs")
+    # With no caption on the page it is not "expired": the first-use messages stay.
+    assert h.select(None, 1, 0, "").info == "Caption an image, then step through its decoding here."
