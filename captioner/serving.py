@@ -239,15 +239,18 @@ class RequestLimits:
         if length.isdigit() and int(length) > limit:
             return await self._refuse(send, f"{what} of {_mb(int(length))} is over this server's maximum allowed size of "
                                             f"{_mb(limit)}; send fewer or smaller files at a time")
-        seen = 0
+        seen, whole = 0, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, whole
+            if whole:  # the body is in: later calls wait for a disconnect, which may rightly take long
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.idle_timeout)
             except asyncio.TimeoutError:
                 raise Stalled(f"nothing received for {self.idle_timeout:g} s") from None
             if message["type"] == "http.request":
+                whole = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise TooLarge(f"{what} over this server's maximum allowed size of {_mb(limit)}; send fewer or "
