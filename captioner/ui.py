@@ -58,8 +58,8 @@ PER_ADDRESS = 64
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
 MAX_FILES = 64  # photos per request of the "Several photos" tab
 UPLOAD_IDLE_TIMEOUT = 30.0  # seconds a request body may send nothing before it is answered 408 and closed
-SESSIONS = 48  # sessions whose state the server keeps (about 0.5 MB each with the bundled model); the least recently used goes first
-STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
+SESSIONS = 48  # served sessions whose state the server keeps (about 0.5 MB each with the bundled model); the least recently used goes first
+STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last request (serving.SessionStates)
 FILES_BATCH = 8  # photos of a "Several photos" request encoded together
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
 DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered for download (Gradio copies them)
@@ -659,7 +659,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
             "word by word; then step through its decoding, see which words it weighed at each step"
             f"{' and where in the photo it looked' if attends else ''}, and branch from any word."
         )
-        # Per-session state ends: STATE_TTL after its last update, or when SESSIONS newer sessions came (launch_options).
+        # Per-session state ends: STATE_TTL after the session's last request, or when SESSIONS more recently used
+        # sessions hold state (launch_options; serving.SessionStates).
         cache = gr.State(None, time_to_live=STATE_TTL)  # ImageCache: this session's last image and its encoder output
         decode_state = gr.State(None, time_to_live=STATE_TTL)  # Decoding: the finished decode the inspector reads
         with gr.Tabs():
