@@ -523,8 +523,12 @@ class SessionStates(StateHolder):
     - a session's states expire `time_to_live` after the session's last request, not after they were last written
       (a user stepping through the inspector reads them without writing them);
     - only sessions that hold state (were served) count against the capacity; when there are more, the least recently
-      used goes. Sessions that hold none (a refused request creates one) are kept apart, up to the same number, the
-      oldest dropped first, so a burst of refused requests from new session ids evicts no one's caption."""
+      used goes. Sessions that hold none (a refused request creates one, and so does a new session's first request
+      while it runs) are kept apart, up to UNSERVED times as many (more than the queue holds at once: a first request
+      in progress keeps its session), the oldest dropped first, so a burst of refused requests from new session ids
+      evicts no one's caption."""
+
+    UNSERVED = 4  # sessions holding no state kept, per session of the capacity (a few kB of component settings each)
 
     def __getitem__(self, session_id: str):
         session = super().__getitem__(session_id)
@@ -546,8 +550,8 @@ class SessionStates(StateHolder):
             held = {sid for sid, session in self.session_data.items() if self.holds_state(session)}
             served = [sid for sid in self.session_data if sid in held]  # least recently used first
             unserved = [sid for sid in self.session_data if sid not in held]
-            for group in (served, unserved):
-                for evicted in group[: max(0, len(group) - self.capacity)]:  # the least recently used first
+            for group, keep in ((served, self.capacity), (unserved, self.UNSERVED * self.capacity)):
+                for evicted in group[: max(0, len(group) - keep)]:  # the least recently used first
                     self.session_data.pop(evicted, None)
                     self.time_last_used.pop(evicted, None)
 
