@@ -586,7 +586,8 @@ def test_every_control_that_needs_the_caption_says_it_expired(model):
         assert view.info == f"**{EXPIRED}**", view.info
     with pytest.raises(Exception, match="expired on the server"):
         list(h.redecode(None, 3, 17, None, "a dog runs"))
-    (update,) = list(h.page_redecode(None, 3, 17, None, "a dog runs"))
+    with pytest.warns(UserWarning, match="expired on the server"):  # said beside the caption and as a warning
+        (update,) = list(h.page_redecode(None, 3, 17, None, "a dog runs"))
     assert EXPIRED in update["status"]["value"], update
     with pytest.raises(Exception, match="expired on the server"):
         h.download(None, "a dog runs")
