@@ -9,7 +9,11 @@ Gradio checks each uploaded file's size (`max_file_size`) but not a request's to
 reads an API call's JSON body (which may carry a base64 data: URL) whatever its size. `RequestLimits` is an ASGI
 middleware on the app (launch(app_kwargs={"middleware": ...}), see ui.launch_options): a body whose Content-Length is
 over the limit is refused with 413 before any of it is read; one that does not say (chunked) is counted as it arrives,
-and so are an upload's files (its multipart boundaries), so the refusal comes while it streams, not after it is stored.
+so the refusal comes while it streams, not after it is stored. Uploads it serves itself with Gradio's own multipart
+parser, which counts the files, and leaves nothing of a refused, cut-off or stalled upload on disk.
+
+Clients (`ClientLimits`): each session's and each address's share of the queue. Sessions (`SessionStates`): state
+expires from its session's last request, and only served sessions count against the capacity.
 
 CPU (`FairShare`): every request's model work (opening the photo, the encoder, each decoded word) runs in turns, a
 few at a time, and a free turn goes to the request that has had the least CPU so far. Errors (`ServedBlocks`): every
