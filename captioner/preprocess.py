@@ -24,6 +24,14 @@ MAX_PIXELS = 40_000_000
 # inspector's heatmap 512, so nothing they show is lost, and a 40-megapixel photo is held at about 1 MP, not 120 MB.
 ORDINARY_PIXELS = 16_000_000
 KEEP_SHORT_SIDE = 1024
+# What decoding allocates: Pillow holds 1-bit, 8-bit grey and palette images in 1 byte a pixel, 16-bit grey in 2 and
+# every other mode (RGB too) in 4, so a photo within MAX_PIXELS never needs more than MAX_DECODED_BYTES. Refused
+# above it, before decoding; a mode not in this table counts as 4 bytes a pixel.
+BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+MAX_DECODED_BYTES = 4 * MAX_PIXELS
+# Modes Image.reduce takes (box average, in the image's own mode); the others are resized in their own mode (palette
+# and 1-bit ones by nearest neighbour, which keeps the palette and its transparent index).
+REDUCIBLE = {"L", "LA", "La", "I", "F", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -35,6 +43,39 @@ class ImageError(ValueError):
 def shrink_factor(w: int, h: int) -> int:
     """The whole factor a w x h photo is reduced by as it is opened: 1 (kept as it is) up to ORDINARY_PIXELS."""
     return 1 if w * h <= ORDINARY_PIXELS else max(1, min(w, h) // KEEP_SHORT_SIDE)
+
+
+def decoded_bytes(mode: str, w: int, h: int) -> int:
+    """The bytes Pillow allocates to decode a w x h image of `mode` (BYTES_PER_PIXEL)."""
+    return w * h * BYTES_PER_PIXEL.get(mode, 4)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def reduce_in_mode(img: Image.Image, factor: int, rows: int = 64) -> Image.Image:
+    """`img` made `factor` times smaller in each side, still in its own mode, `rows` output rows at a time: nothing
+    the size of the full image is allocated again (converted first, a 40 MP 16-bit or float image took over 1 GB on
+    the way; Image.reduce itself copies an RGBA or LA image whole to premultiply its alpha). Box averages, as
+    Image.reduce does (its result, strip by strip); palette and 1-bit images are sampled (nearest neighbour), which
+    keeps the palette and its transparent index."""
+    if factor <= 1:
+        return img
+    w, h = img.size
+    out = Image.new(img.mode, (max(1, -(-w // factor)), max(1, -(-h // factor))))
+    sampled = img.mode in ("1", "P", "PA")  # averaging a palette's indices would make other colours
+    if img.mode in ("P", "PA") and (palette := img.getpalette(rawmode="RGBA")):
+        out.putpalette(palette, "RGBA")
+        out.info.update({k: v for k, v in img.info.items() if k == "transparency"})
+    for top in range(0, out.size[1], rows):
+        strip = img.crop((0, top * factor, w, min(h, (top + rows) * factor)))
+        if img.mode in REDUCIBLE:
+            small = strip.reduce(factor)
+        else:
+            small = strip.resize((out.size[0], -(-strip.size[1] // factor)), Image.NEAREST if sampled else Image.BOX)
+        out.paste(small, (0, top))
+    return out
 
 
 def open_image(source: ImageLike, name: str | None = None) -> Image.Image:
@@ -62,14 +103,17 @@ def open_image(source: ImageLike, name: str | None = None) -> Image.Image:
                 f"{name}: {w}x{h} pixels is too large (limit {MAX_PIXELS // 1_000_000} megapixels); resize it first"
             )
         if getattr(img, "is_animated", False):
-            img.seek(0)  # captions describe the first frame of an animation
+            img.seek(0)  # captions describe the first frame of an animation (only that frame is decoded)
+        if (need := decoded_bytes(img.mode, w, h)) > MAX_DECODED_BYTES:
+            raise ImageError(f"{name}: {w}x{h} pixels in mode {img.mode} would take {_size(need)} to decode (limit "
+                             f"{_size(MAX_DECODED_BYTES)}); resize it or save it as an 8-bit JPEG or PNG")
         factor = shrink_factor(w, h)
         if factor > 1 and img.format == "JPEG" and not isinstance(source, Image.Image):
-            img.draft("RGB", (w // factor, h // factor))  # decode at the largest 1/2^k scale no smaller than that
+            img.draft(img.mode, (w // factor, h // factor))  # decode at the largest 1/2^k scale no smaller than that
         img.load()
-        factor = shrink_factor(*img.size)
-        if factor > 1 and img.mode in ("RGB", "RGBA", "L", "LA"):
-            img = img.reduce(factor)  # before any conversion, which would copy the full-size image
+        # Shrunk in its own mode, before any conversion: converting first (16-bit or float to 8 bits, a palette with
+        # transparency to RGBA, CMYK to RGB) would copy the full-size image, several times over for some modes.
+        img = reduce_in_mode(img, shrink_factor(*img.size))
         img = to_rgb(img)
         factor = shrink_factor(*img.size)
         return img.reduce(factor) if factor > 1 else img
@@ -90,9 +134,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # High bit depth: scale the real range to 0..255 instead of clipping at 255.
-        a = np.asarray(img, dtype=np.float64)
+        # In float32, in place: float64 would take 8 bytes a pixel (0.3 GB for a 40 MP image) where 4 do.
+        a = np.array(img, dtype=np.float32)
         hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        a *= 255.0 / hi
+        a += 0.5
+        img = Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

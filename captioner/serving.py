@@ -9,7 +9,11 @@ Gradio checks each uploaded file's size (`max_file_size`) but not a request's to
 reads an API call's JSON body (which may carry a base64 data: URL) whatever its size. `RequestLimits` is an ASGI
 middleware on the app (launch(app_kwargs={"middleware": ...}), see ui.launch_options): a body whose Content-Length is
 over the limit is refused with 413 before any of it is read; one that does not say (chunked) is counted as it arrives,
-and so are an upload's files (its multipart boundaries), so the refusal comes while it streams, not after it is stored.
+so the refusal comes while it streams, not after it is stored. Uploads it serves itself with Gradio's own multipart
+parser, which counts the files, and leaves nothing of a refused, cut-off or stalled upload on disk.
+
+Clients (`ClientLimits`): each session's and each address's share of the queue. Sessions (`SessionStates`): state
+expires from its session's last request, and only served sessions count against the capacity.
 
 CPU (`FairShare`): every request's model work (opening the photo, the encoder, each decoded word) runs in turns, a
 few at a time, and a free turn goes to the request that has had the least CPU so far. Errors (`ServedBlocks`): every
@@ -17,8 +21,10 @@ failure reaches the client as a message, never as Gradio's `{"error": null}`.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import datetime
 import functools
 import heapq
 import itertools
@@ -27,6 +33,8 @@ import math
 import numbers
 import os
 import re
+import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,6 +42,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 from gradio.exceptions import InvalidPathError
+from gradio.state_holder import StateHolder
 from PIL import Image
 
 from .generation import LIMITS, STRATEGIES, GenerationConfig
@@ -204,10 +213,21 @@ def queue_full(scope) -> str | None:
     return f"Queue is full. Max size is {queue.max_size} and size is {waiting}."
 
 
+class Stalled(Exception):
+    """A request body that sent nothing for the idle timeout (a half-open upload holding a descriptor and a file)."""
+
+
 class RequestLimits:
-    def __init__(self, app, *, max_body: int, max_upload: int, max_files: int):
+    """The ASGI middleware (see the module's docstring). Uploads (POST .../upload) it serves itself, with Gradio's own
+    multipart parser (the one that stores the files, so the file count is the parser's, whatever the boundary's
+    spelling), and nothing a refused, cut-off or stalled upload stored is left on disk: the parser's temporary files
+    are closed and deleted, and so are any files of the request already moved into place. A body that sends nothing
+    for `idle_timeout` seconds is answered 408 and its connection closed."""
+
+    def __init__(self, app, *, max_body: int, max_upload: int, max_files: int, idle_timeout: float = 30.0):
         self.app = app
         self.max_body, self.max_upload, self.max_files = max_body, max_upload, max_files
+        self.idle_timeout = idle_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -223,28 +243,27 @@ class RequestLimits:
         if length.isdigit() and int(length) > limit:
             return await self._refuse(send, f"{what} of {_mb(int(length))} is over this server's maximum allowed size of "
                                             f"{_mb(limit)}; send fewer or smaller files at a time")
-        boundary = re.search(rb"boundary=\"?([^\";]+)", headers.get(b"content-type", b"")) if upload else None
-        delim = b"--" + boundary.group(1) if boundary else None
-        seen = parts = 0
-        tail = b""
+        seen, whole = 0, False
 
         async def counted():
-            nonlocal seen, parts, tail
-            message = await receive()
+            nonlocal seen, whole
+            if whole:  # the body is in: later calls wait for a disconnect, which may rightly take long
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout)
+            except asyncio.TimeoutError:
+                raise Stalled(f"nothing received for {self.idle_timeout:g} s") from None
             if message["type"] == "http.request":
-                body = message.get("body", b"")
-                seen += len(body)
+                whole = not message.get("more_body", False)
+                seen += len(message.get("body", b""))
                 if seen > limit:
                     raise TooLarge(f"{what} over this server's maximum allowed size of {_mb(limit)}; send fewer or "
                                    "smaller files at a time")
-                if delim:
-                    data = tail + body
-                    parts += data.count(delim)
-                    tail = data[-(len(delim) - 1):]
-                    if parts > self.max_files + 1:  # the closing boundary is one more than the files
-                        raise TooLarge(f"Too many files in one upload: at most {self.max_files} at a time")
             return message
 
+        app = scope.get("app")
+        if upload and hasattr(app, "get_blocks") and not getattr(app.get_blocks(), "auth", None):  # with a login: Gradio's route
+            return await self._upload(scope, counted, send)
         started = False
 
         async def watched_send(message):
@@ -254,9 +273,99 @@ class RequestLimits:
 
         try:
             await self.app(scope, counted, watched_send)
-        except TooLarge as e:  # a route that did not handle it (not an upload): answer it here if nothing was sent yet
+        except TooLarge as e:  # a route that did not handle it: answer it here if nothing was sent yet
             if not started:
                 await self._refuse(send, e.message)
+        except Stalled as e:
+            log_line(f"request to {path} abandoned: {e}")
+            if not started:
+                await self._refuse(send, f"request timed out: {e}", 408)
+
+    async def _upload(self, scope, receive, send):
+        """POST /gradio_api/upload, as Gradio's route does it (the same parser, file names and places), except that
+        the parser counts files to `max_files` and whatever goes wrong, nothing the request stored stays."""
+        from gradio import routes, utils
+        from gradio.route_utils import GradioMultiPartParser, MultiPartException
+        from gradio.utils import DeveloperPath, UserProvidedPath
+        from gradio_client import utils as client_utils
+        from starlette.requests import ClientDisconnect, Request
+
+        app = scope["app"]
+        blocks = app.get_blocks()
+        request = Request(scope, receive)
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return await self._refuse(send, "an upload is a multipart/form-data request of files", 400)
+        upload_id = request.query_params.get("upload_id") or None
+        progress = routes.file_upload_statuses if upload_id else None
+        if progress is not None:
+            progress.track(upload_id)
+        Path(app.uploaded_file_dir).mkdir(parents=True, exist_ok=True)
+        parser = GradioMultiPartParser(request.headers, request.stream(), max_files=self.max_files, max_fields=self.max_files,
+                                       upload_dir=app.uploaded_file_dir, upload_id=upload_id, upload_progress=progress,
+                                       max_file_size=blocks.max_file_size if blocks.max_file_size is not None else math.inf)
+        dests: list[str] = []  # where each file went, in the order sent (Gradio's answer)
+        stored: list[str] = []  # those this request put there
+        try:
+            form = await parser.parse()
+            for temp in form.getlist("files"):
+                if not hasattr(temp, "sha"):
+                    raise MultiPartException('each file is sent as a "files" part with a file name')
+                name = client_utils.strip_invalid_filename_characters(Path(temp.filename).name) if temp.filename else \
+                    f"tmp{os.urandom(5).hex()}"
+                folder = Path(app.uploaded_file_dir) / temp.sha.hexdigest()
+                try:
+                    dest = utils.safe_join(DeveloperPath(str(folder)), UserProvidedPath(name))
+                except InvalidPathError:
+                    raise MultiPartException(f"Invalid file name: {shown(name, 40)}; rename the file and upload it again") from None
+                folder.mkdir(exist_ok=True, parents=True)
+                temp.file.close()
+                if not os.path.exists(dest):  # an identical file already there (same bytes, same name) is not this request's
+                    stored.append(dest)
+                shutil.move(temp.file.name, dest)
+                dests.append(str(dest))
+            self._discard(parser, [])  # a file sent under another field name than "files": not kept
+        except MultiPartException as e:
+            self._discard(parser, stored)
+            message = e.message
+            if message.startswith("Too many files"):
+                message = f"Too many files in one upload: at most {self.max_files} at a time"
+            return await self._refuse(send, message, 413 if "maximum allowed size" in message else 400)
+        except (ClientDisconnect, Stalled) as e:
+            count = self._discard(parser, stored)
+            log_line(f"upload abandoned ({'the client disconnected' if isinstance(e, ClientDisconnect) else e}); "
+                     f"{count} partial file(s) deleted")
+            if isinstance(e, Stalled):
+                await self._refuse(send, f"upload timed out: {e}", 408)
+            return None
+        except BaseException:
+            self._discard(parser, stored)
+            raise
+        finally:
+            if progress is not None:
+                progress.set_done(upload_id)
+        blocks.upload_file_set.update(dests)
+        body = json.dumps(dests).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _discard(parser, stored: list) -> int:
+        """Close and delete the parser's temporary files and the files already put in place -> how many there were."""
+        count = 0
+        for file in getattr(parser, "_files_to_close_on_error", []):  # every temporary file the parser opened
+            with contextlib.suppress(OSError):
+                file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(file.name)
+                count += 1
+        for path in stored:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                count += 1
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(path))  # its folder, when nothing else is in it
+        return count
 
     @staticmethod
     async def _refuse(send, message: str, status: int = 413, kind: bytes = b"text/plain; charset=utf-8"):
@@ -265,6 +374,11 @@ class RequestLimits:
                     "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+def log_line(message: str) -> None:
+    """One line in the server's log (stderr), for what the server did about a client: never a traceback."""
+    print(f"captioner: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,6 +502,118 @@ _END = object()
 # Errors
 
 
+def remote_path(value: Any, depth: int = 0) -> str | None:
+    """The first file of an API call's inputs (FileData dicts, in lists for several files) whose "path" is a URL
+    (http://, https://, ...), or None. A data: URL is not one: read_upload decodes it within its limit."""
+    if depth > 4:
+        return None
+    if isinstance(value, dict):
+        path = value.get("path")
+        if isinstance(path, str) and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", path):
+            return path
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((url for v in value if (url := remote_path(v, depth + 1))), None)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Session state
+
+
+class SessionStates(StateHolder):
+    """Gradio's per-session store (launch(state_session_capacity=...) and gr.State(time_to_live=...)), kept so that
+    state lives while it is used:
+    - a session's states expire `time_to_live` after the session's last request, not after they were last written
+      (a user stepping through the inspector reads them without writing them);
+    - only sessions that hold state (were served) count against the capacity; when there are more, the least recently
+      used goes. Sessions that hold none (a refused request creates one, and so does a new session's first request
+      while it runs) are kept apart, up to UNSERVED times as many (more than the queue holds at once: a first request
+      in progress keeps its session), the oldest dropped first, so a burst of refused requests from new session ids
+      evicts no one's caption."""
+
+    UNSERVED = 4  # sessions holding no state kept, per session of the capacity (a few kB of component settings each)
+
+    def __getitem__(self, session_id: str):
+        session = super().__getitem__(session_id)
+        now = datetime.datetime.now()
+        for key, (ttl, _) in list(session._state_ttl.items()):
+            session._state_ttl[key] = (ttl, now)
+        return session
+
+    @staticmethod
+    def holds_state(session) -> bool:
+        return any(session.state_data.get(key) is not None for key in session._state_ttl)
+
+    def update(self, session_id: str):
+        with self.lock:
+            if session_id in self.session_data:
+                self.session_data.move_to_end(session_id)
+            if len(self.session_data) <= self.capacity:
+                return
+            held = {sid for sid, session in self.session_data.items() if self.holds_state(session)}
+            served = [sid for sid in self.session_data if sid in held]  # least recently used first
+            unserved = [sid for sid in self.session_data if sid not in held]
+            for group, keep in ((served, self.capacity), (unserved, self.UNSERVED * self.capacity)):
+                for evicted in group[: max(0, len(group) - keep)]:  # the least recently used first
+                    self.session_data.pop(evicted, None)
+                    self.time_last_used.pop(evicted, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fair between clients
+
+
+def client_address(request) -> str | None:
+    """The address a request came from: behind a proxy, the first X-Forwarded-For address (what the proxy was
+    asked by), else the connection's."""
+    if request is None:
+        return None
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+    return forwarded or (request.client.host if request.client else None)
+
+
+class ClientLimits:
+    """How many of one client's requests the queue holds at once, in progress and waiting, counted over the events of
+    the concurrency `groups` that run the model: `per_session` for one session (a page, a gradio_client Client, the
+    session_hash of a /call), `per_address` for all sessions from one address (generous: many people may share one
+    behind a proxy or a school's NAT). A request past either is refused at once, before it is queued, so a client
+    that sends 80 long requests holds `per_session` places and every other user still finds the queue open."""
+
+    def __init__(self, per_session: int, per_address: int, groups: set[str]):
+        if per_session < 1 or per_address < per_session:
+            raise ValueError(f"per_session={per_session!r}, per_address={per_address!r}: expected 1 <= per_session <= per_address")
+        self.per_session, self.per_address, self.groups = per_session, per_address, set(groups)
+
+    def refusal(self, events, fn, session: str | None, address: str | None) -> str | None:
+        """Why a new event of `fn` from this session and address is refused, given the `events` held now (None: it is
+        not)."""
+        if fn is None or fn.concurrency_id not in self.groups:
+            return None
+        held = [e for e in events if e.fn.concurrency_id in self.groups]
+        if session and sum(e.session_hash == session for e in held) >= self.per_session:
+            return (f"Too many requests from this session: {self.per_session} at a time (in progress and waiting); wait "
+                    "for one to finish, then send the next")
+        if address and sum(client_address(e.request) == address for e in held) >= self.per_address:
+            return (f"Too many requests from this address: {self.per_address} at a time (in progress and waiting); wait "
+                    "for some to finish")
+        return None
+
+    def install(self, queue) -> None:
+        """Check every event the `queue` (Gradio's) is asked to take; a refusal is answered 503 with its message,
+        as "queue is full" is."""
+        push = queue.push
+
+        async def limited_push(body, request, username):
+            # The app's own event (not the session's copy, which Gradio would create a session to look up)
+            fn = queue.blocks.fns.get(body.fn_index) if isinstance(body.fn_index, int) else None
+            if message := self.refusal(list(queue.event_ids_to_events.values()), fn, body.session_hash, client_address(request)):
+                return False, message, "queue_full"
+            return await push(body=body, request=request, username=username)
+
+        queue.push = limited_push
+
+
 class ServedBlocks(gr.Blocks):
     """gr.Blocks whose failures all reach an API client as a message. With show_error=False (the app's: no internal
     detail leaks to the page) Gradio sends the text of a gr.Error only, and `{"error": null}` for anything else, such
@@ -396,11 +622,39 @@ class ServedBlocks(gr.Blocks):
     - a file path that was never uploaded, or any other exception, becomes a gr.Error that says what went wrong (the
       traceback is logged on the server)."""
 
+    client_limits: ClientLimits | None = None  # set before .queue(): each client's share of the queue
+
+    # Gradio's app creates a StateHolder and hands it to the Blocks (StateHolder.set_blocks); both use that one
+    # object, so it is made a SessionStates where it is handed over (same fields, other rules), before any request.
+    @property
+    def state_holder(self):
+        try:
+            return self.__dict__["_state_holder"]
+        except KeyError:
+            raise AttributeError("state_holder") from None
+
+    @state_holder.setter
+    def state_holder(self, holder):
+        if type(holder) is StateHolder:
+            holder.__class__ = SessionStates
+        self.__dict__["_state_holder"] = holder
+
+    def queue(self, *args, **kwargs):
+        out = super().queue(*args, **kwargs)
+        if self.client_limits is not None:
+            self.client_limits.install(self._queue)
+        return out
+
     async def process_api(self, block_fn, inputs, *args, **kwargs):
         fn = self.fns[block_fn] if isinstance(block_fn, int) else block_fn
         if not kwargs.get("iterator") and inputs is not None and len(inputs) < len(fn.inputs):
             given = iter(inputs)  # what Gradio does for a call that sent every input but the states (skip_api)
             inputs = [None if getattr(block, "skip_api", False) else next(given, None) for block in fn.inputs]
+        if inputs is not None and (url := remote_path(inputs)):
+            # Gradio would fetch it (no size limit, and from wherever it points) before the handler runs: refused first.
+            raise gr.Error(f"the image sent is the URL {shown(url, 40)}, which this app does not fetch; give the photo as a "
+                           "file upload (POST /gradio_api/upload, then its {\"path\": ...}) or as a data: URL",
+                           title="URL not fetched", print_exception=False)
         try:
             return await super().process_api(fn, inputs, *args, **kwargs)
         except gr.Error:

@@ -39,7 +39,7 @@ from .imagenet import Constraint, constraint_for, describe_labels, labels as ima
 from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
 from . import tree_view
-from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, FairShare, Job, PhotoError, RequestLimits,
+from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, ClientLimits, FairShare, Job, PhotoError, RequestLimits,
                       ServedBlocks, header_pixels, read_upload, settings_from, shown, whole_number)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -51,10 +51,16 @@ EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 # long ones. Each request in progress holds one photo's features (a few hundred kB) and a worker thread.
 CONCURRENCY = 16
 MAX_QUEUE = 64  # requests waiting beyond that are refused with "queue is full"
+# One client's share of those (serving.ClientLimits), in progress and waiting together: a session (a page, a
+# gradio_client Client, a /call's session_hash) holds at most PER_SESSION decoding requests, and one address at most
+# PER_ADDRESS (generous: many people can share one address behind a proxy; 64 clients on one machine are all served).
+PER_SESSION = 4
+PER_ADDRESS = 64
 MAX_FILE_SIZE = "20mb"  # uploads above this are refused before they reach a handler
 MAX_FILES = 64  # photos per request of the "Several photos" tab
-SESSIONS = 48  # sessions whose state the server keeps (about 0.5 MB each with the bundled model); the least recently used goes first
-STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last caption
+UPLOAD_IDLE_TIMEOUT = 30.0  # seconds a request body may send nothing before it is answered 408 and closed
+SESSIONS = 48  # served sessions whose state the server keeps (about 0.5 MB each with the bundled model); the least recently used goes first
+STATE_TTL = 1800  # seconds a session's photo and decode are kept after its last request (serving.SessionStates)
 FILES_BATCH = 8  # photos of a "Several photos" request encoded together
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
 # The search tree grows with the caption, redrawn whole (about 400 bytes a node) at every search step while it has up
@@ -74,6 +80,8 @@ CONFIDENCE = {  # HighlightedText categories of per-word probability, most confi
     "guess (< 20%)": (0.0, "#fca5a5"),
 }
 INSPECTOR_EMPTY = "Caption an image, then step through its decoding here."
+# What every control that needs a session's caption says when the server no longer has it (the page still shows it).
+EXPIRED = "This caption has expired on the server (it keeps each caption for a while after its last use): caption the photo again."
 STEP_HEADING = "**This step:** the words the model weighed"
 HEATMAP_LABEL = "Where it looked"
 PHOTO_MAX_SIDE = 512  # the photo a session keeps for the inspector's heatmap is at most this many pixels a side
@@ -117,7 +125,8 @@ def example_descriptions() -> dict[str, str]:
 def launch_options() -> dict[str, Any]:
     """Keyword arguments for demo.launch() shared by app.py and the tests (Gradio 6: theme, css and js live here)."""
     js = "() => (" + asset("app.js").strip() + ")(" + json.dumps(example_descriptions()) + ")"
-    limits = Middleware(RequestLimits, max_body=MAX_REQUEST_BYTES, max_upload=MAX_UPLOAD_BYTES, max_files=MAX_FILES)
+    limits = Middleware(RequestLimits, max_body=MAX_REQUEST_BYTES, max_upload=MAX_UPLOAD_BYTES, max_files=MAX_FILES,
+                        idle_timeout=UPLOAD_IDLE_TIMEOUT)
     return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"), css=asset("app.css") + "\n" + asset("tree.css"), js=js,
                 max_file_size=MAX_FILE_SIZE, show_error=False, state_session_capacity=SESSIONS,
                 app_kwargs={"middleware": [limits]})
@@ -412,10 +421,13 @@ class Handlers:
             yield from self._decode(self.features(image, cache, job), settings, job, tree=tree)
 
     def redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, node=None,
-                 tree: tree_view.Growing | None = None, **controls) -> Iterator[Update]:
+                 tree: tree_view.Growing | None = None, shown_caption: str = "", **controls) -> Iterator[Update]:
         """Branch: force the inspected step's word to `choice` (a token id), keep the words before it, and
         decode the rest again from the cached image features. With no word picked but a `node` of the search tree
-        picked (its id), continue from that node's hypothesis instead: its words are forced."""
+        picked (its id), continue from that node's hypothesis instead: its words are forced. `shown_caption`: the
+        caption the page shows (with no decoding in the session, it has expired)."""
+        if not decoding and shown_caption:
+            raise gr.Error(EXPIRED, title="Caption expired", print_exception=False)
         if not decoding:
             raise gr.Error("Caption an image first, then pick a step and a word to branch from.", print_exception=False)
         if not cache or cache.key != decoding.image_key:
@@ -480,7 +492,7 @@ class Handlers:
                 raise gr.Error(f"word id {shown(text, 32)[1:-1] if token < 0 else token} is not in the model's vocabulary "
                                f"(ids 0 to {len(vocab) - 1})", print_exception=False)
         elif (token := vocab.stoi.get(text, vocab.stoi.get(text.lower()))) is None:
-            raise gr.Error(f"{text!r} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
+            raise gr.Error(f"{shown(text, 40)} is not a word of the model's vocabulary" if text else "Give the word to branch on.",
                            title="Unknown word", print_exception=False)
         if token in vocab.unsaid:
             raise gr.Error(f"{vocab.itos[token]!r} cannot be part of a caption; give a word (or <EOS> to end it there)",
@@ -504,8 +516,11 @@ class Handlers:
             raise gr.Error(f"step={shown(step)}: give the number of the word to change, a whole number from 1 to {len(steps)}",
                            print_exception=False) from None
         if not 1 <= n <= len(steps):
-            raise gr.Error(f"step={n}: this caption has {len(steps)} words ({last.text!r}); give 1 to {len(steps)}",
+            raise gr.Error(f"step={shown(n, 40)}: this caption has {len(steps)} words ({last.text!r}); give 1 to {len(steps)}",
                            print_exception=False)
+        if n == 1 and token == self.model.vocab.eos_id:  # a caption of no words: nothing to stream, nothing to show
+            raise gr.Error(f"step=1 with <EOS> would end the caption before its first word ({last.text!r}); give another "
+                           "word for step 1, or <EOS> at a later step to end the caption there", print_exception=False)
         yield from self._decode(cache, settings, job, (*last.tokens[: n - 1], token), n - 1)
 
     # --- the page: every decoding event updates the page's outputs by name (build_demo maps names to components) ---
@@ -548,12 +563,12 @@ class Handlers:
         yield from self._page(self._caption(image, cache, tree, **controls), clear_first=True, tree=tree)
 
     def page_redecode(self, decoding: Decoding | None, step_number, choice, cache: ImageCache | None = None, node=None,
-                      **controls) -> Iterator[dict]:
+                      shown_caption: str = "", **controls) -> Iterator[dict]:
         """Re-decode from here (from the step's picked word, else from the search tree's picked node): the branch
         replaces the caption; a request that cannot be done changes nothing."""
         tree = tree_view.Growing()
-        yield from self._page(self.redecode(decoding, step_number, choice, cache, node, tree, **controls), clear_first=False,
-                              tree=tree)
+        yield from self._page(self.redecode(decoding, step_number, choice, cache, node, tree, shown_caption, **controls),
+                              clear_first=False, tree=tree)
 
     def finished(self, decoding: Decoding) -> dict:
         """After a decode: "This step" and the inspector at its focus step, and the download offered."""
@@ -566,10 +581,13 @@ class Handlers:
         return tree_view.render(decoding.tree, required=constraint.words if constraint else (),
                                 note=constraint.describe() if constraint is not None else "")
 
-    def download(self, decoding: Decoding | None) -> str | None:
+    def download(self, decoding: Decoding | None, shown_caption: str = "") -> str:
         """Download decoding (JSON): the file is written when it is asked for, not after every caption."""
-        record = decoding and decoding_record(decoding, self.model_id, self.model.precision)
-        return write_download("decoding.json", json.dumps(record, indent=1)) if record else None
+        if not decoding:
+            raise gr.Error(EXPIRED if shown_caption else "Caption an image first, then download its decoding.",
+                           title="Caption expired" if shown_caption else "No caption", print_exception=False)
+        record = decoding_record(decoding, self.model_id, self.model.precision)
+        return write_download("decoding.json", json.dumps(record, indent=1))
 
     # --- the selected step: "This step" and the inspector show the same one ---
 
@@ -620,10 +638,15 @@ class Handlers:
             heatmap_view(s, decoding.photo),
         )
 
-    def select(self, decoding: Decoding | None, step_number, delta: int = 0) -> Inspector:
+    def select(self, decoding: Decoding | None, step_number, delta: int = 0, shown_caption: str = "") -> Inspector:
         """The step slider moved (dragged, arrow keys, a typed number), or Prev / Next (`delta` -1 / +1): select that
         step. After the slider moved it is left as the user has it (no update that could fight a drag in progress)
-        unless the number had to be clamped; a box being typed into (empty, not a number) changes nothing."""
+        unless the number had to be clamped; a box being typed into (empty, not a number) changes nothing. With no
+        decoding in the session while the page shows a caption (`shown_caption`), it has expired: the inspector says
+        so (and a warning), and nothing else changes."""
+        if not decoding and shown_caption:
+            gr.Warning(EXPIRED, title="Caption expired")
+            return Inspector(*[gr.skip()] * len(Inspector._fields))._replace(info=f"**{EXPIRED}**")
         try:
             n = float(step_number) + delta
             if not math.isfinite(n):
@@ -721,7 +744,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
             "word by word; then step through its decoding, see which words it weighed at each step"
             f"{' and where in the photo it looked' if attends else ''}, and branch from any word."
         )
-        # Per-session state ends: STATE_TTL after its last update, or when SESSIONS newer sessions came (launch_options).
+        # Per-session state ends: STATE_TTL after the session's last request, or when SESSIONS more recently used
+        # sessions hold state (launch_options; serving.SessionStates).
         cache = gr.State(None, time_to_live=STATE_TTL)  # ImageCache: this session's last image and its encoder output
         decode_state = gr.State(None, time_to_live=STATE_TTL)  # Decoding: the finished decode the inspector reads
         with gr.Tabs():
@@ -843,8 +867,10 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         # The API: /caption and /branch (streamed; events with no trigger in the page), /caption_files (the tab's button).
         gr.on([], h.caption, [image, cache], streamed, api_name="caption", **common)
         gr.on([], h.branch, [image, api_step, api_word, cache], streamed, api_name="branch", **common)
+        # preprocess=False: the handler reads each upload's FileData (gr.File's preprocess would leave an empty
+        # temporary file behind for every photo, and its file-type check is open_image's, with the reason named)
         files_btn.click(h.caption_files, [files], [files_table, files_out], api_name="caption_files", concurrency_id="decode",
-                        show_progress="full", inputs_kwargs=controls)
+                        show_progress="full", inputs_kwargs=controls, preprocess=False)
 
         # The page: a new photo captions itself, on upload, drop or paste, and on picking an example. (Not on .change:
         # Gradio's frontend fires it twice when a photo replaces another, which would run two decodes. A webcam
@@ -858,7 +884,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         if examples is not None:
             examples.load_input_event.then(**auto)
         # Branching reads choices the inspector put in this page's session (the API has /branch).
-        redecode_btn.click(on_page(h.page_redecode), [decode_state, step, branch, cache, tree_pick], outputs,
+        redecode_btn.click(on_page(h.page_redecode), [decode_state, step, branch, cache, tree_pick, caption], outputs,
                            show_progress_on=[caption], **common, **private)
 
         # The search tree: a node clicked or tapped (tree.js sends its id) is inspected and picked for Re-decode; a word
@@ -870,10 +896,18 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
         branch.input(lambda: (None, ""), None, [tree_pick, tree_info], queue=False, show_progress="hidden", **private)
         # One selected step: "This step" follows the slider (mouse, arrow keys, a typed number) and Prev / Next.
         # .input fires on the user's changes only, never on the updates these handlers send, so nothing loops.
-        step.input(h.select, [decode_state, step], inspector, trigger_mode="always_last", show_progress="hidden", **private)
-        prev_btn.click(lambda d, s: h.select(d, s, -1), [decode_state, step], inspector, show_progress="hidden", **private)
-        next_btn.click(lambda d, s: h.select(d, s, +1), [decode_state, step], inspector, show_progress="hidden", **private)
-        download.click(h.download, [decode_state], download_file, **private).then(None, [download_file], None, js=asset("save_download.js"), **private)
+        # These read the session's decoding; the caption the page shows tells an expired one from none (Handlers.select).
+        # preprocess=False: the step number as sent, never Gradio's range check against a slider whose range the
+        # session no longer holds ("Value 3 is greater than maximum value 2" after the state was evicted).
+        nav = dict(show_progress="hidden", preprocess=False, **private)
+        step.input(lambda d, s, c: h.select(d, s, 0, c), [decode_state, step, caption], inspector, trigger_mode="always_last", **nav)
+        prev_btn.click(lambda d, s, c: h.select(d, s, -1, c), [decode_state, step, caption], inspector, **nav)
+        next_btn.click(lambda d, s, c: h.select(d, s, +1, c), [decode_state, step, caption], inspector, **nav)
+        download.click(h.download, [decode_state, caption], download_file, **private).success(
+            None, [download_file], None, js=asset("save_download.js"), **private)
 
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
+    # api_open=False: the /gradio_api/run and /gradio_api/api routes, which would run a decode outside the queue and
+    # its limits, refuse every queued event (404); the page, /call and gradio_client all join the queue.
+    demo.client_limits = ClientLimits(PER_SESSION, PER_ADDRESS, {"decode"})
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE, api_open=False)
     return demo

@@ -582,3 +582,47 @@ def test_the_search_tree_re_decodes_from_a_pruned_node(served, browser, tmp_path
         page.screenshot(path=str(tmp_path / f"tree-{viewport['width']}.png"))
     assert not errors, errors
     page.close()
+
+
+def test_an_expired_caption_says_so_on_every_control(browser, tmp_path_factory, monkeypatch):
+    """Issue 30: when the server no longer holds a session's caption (expired here after 2 s; evicted alike), every
+    control that needs it (the step slider and its arrow keys, Prev / Next, re-decode with a branch word, download)
+    says in one sentence that the caption expired and to caption the photo again: never Gradio's "Value 3 is greater
+    than maximum value 2", a null, or nothing."""
+    import time
+
+    import captioner.ui as ui
+    from captioner import Captioner
+
+    monkeypatch.setattr(ui, "STATE_TTL", 2)
+    model = Captioner.from_pretrained(endless_model_dir(tmp_path_factory.mktemp("expiring_model"), 8))
+    with serve_demo(model, "tiny (expiring)", word_delay=0) as url:
+        page, errors = open_app(browser, url)
+        page.set_input_files("#photo input[type=file]", str(PHOTO))
+        wait_step(page, 1)
+        page.click("#next-step")
+        wait_step(page, 2)
+        page.locator("#branch label").first.click()  # a word to branch on, picked while the caption was held
+        time.sleep(4)  # past the 2 s, and the server's once-a-second sweep
+        expired = "expired on the server"
+        for act in [lambda: page.click("#next-step"), lambda: page.click("#prev-step"),
+                    lambda: (page.focus("#step-slider input[type=range]"), page.keyboard.press("ArrowRight")),
+                    lambda: page.fill("#step-slider input[type=number]", "3"), lambda: page.click("#download-decoding")]:
+            dismiss_toasts(page) if page.locator(".toast-body").count() else None
+            act()
+            wait_toast(page, expired)
+            assert "caption the photo again" in toasts(page)
+        page.wait_for_function("t => document.querySelector('#step-info').innerText.includes(t)", arg=expired)
+        dismiss_toasts(page)
+        page.click("#redecode-btn")
+        page.wait_for_function("t => document.querySelector('#status')?.innerText.includes(t)", arg=expired)
+        assert "caption the photo again" in page.locator("#status").inner_text()
+        wait_toast(page, expired)
+        assert "greater than maximum" not in toasts(page) and "null" not in toasts(page)
+        # Captioning the photo again brings everything back.
+        page.click("#caption-btn")
+        wait_step(page, 1)
+        page.click("#next-step")
+        wait_step(page, 2)
+        assert not errors, errors
+        page.close()

@@ -393,7 +393,11 @@ def test_the_decoding_download_holds_steps_words_probabilities_alternatives_sett
     decoding = page["decoding"]
     assert page["download"]["interactive"]
     path = handlers.download(decoding)  # written when asked for, on the button's click
-    assert path.endswith(".json") and len(written) == 1 and handlers.download(None) is None
+    assert path.endswith(".json") and len(written) == 1
+    with pytest.raises(gr.Error, match="Caption an image first"):  # never a silent nothing
+        handlers.download(None)
+    with pytest.raises(gr.Error, match="expired on the server.*caption the photo again"):  # the page shows one: expired
+        handlers.download(None, decoding.text)
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
     assert record["model"] == handlers.model_id and record["caption"] == decoding.text and record["stop"] == decoding.stop
