@@ -200,19 +200,24 @@ class Constraint:
                 "note": self.note, "text": self.describe()}
 
     def describe(self) -> str:
-        """One line for the inspector: which word was required and why, and how it ended."""
+        """One line for the inspector: which word was required and why, and how it ended; or, when nothing was,
+        why not, in words that agree with the CNN's labels shown above it (docs/guided.md, "The explanation")."""
         if not self.words:
-            return f"guided: nothing required: {self.note}" if self.note else "guided: nothing required"
+            return f"guided: {self.note}" if self.note else "guided: nothing was required"
         calibrated = self.threshold is None
         groups: dict[tuple, list[str]] = {}
         for e in self.evidence:
-            needs = e.threshold if calibrated else None
-            groups.setdefault((round(e.confidence, 4), e.labels, needs), []).append(e.word)
-        why = "; ".join(f"{'/'.join(ws)} {percent(conf)}{f' (needs {percent(needs)})' if needs is not None else ''} "
-                        f"from {describe_labels(lbls)}" for (conf, lbls, needs), ws in groups.items())
-        text = f"guided: required one of {', '.join(self.words)} ({why})"
-        if calibrated:
-            text += "; thresholds calibrated per word"
+            groups.setdefault((round(e.confidence, 4), e.labels, e.threshold), []).append(e.word)
+        why = []
+        for (conf, lbls, needs), ws in groups.items():
+            said = " or ".join(f'"{w}"' for w in ws)
+            # the labels' own probabilities, as the CNN line shows them; their sum only when several add up
+            seen = describe_labels(lbls) if lbls else "labels that stand for it"
+            extra = [f"together {percent(conf)}"] if len(lbls) > 1 else []
+            if needs is not None:
+                extra.append(f"{'its calibrated threshold' if calibrated else 'the threshold set'} is {percent(needs)}")
+            why.append(f"{said}, as the CNN sees {seen}{' (' + '; '.join(extra) + ')' if extra else ''}")
+        text = "required " + "; or ".join(why)
         if self.met is True:
             text += f"; the caption uses \"{self.used}\"" if self.used else "; met"
         elif self.met is False and self.unfit:
@@ -222,7 +227,50 @@ class Constraint:
             text += "; no candidate caption could use one: kept the unconstrained best"
         if self.note:
             text += f"; {self.note}"
-        return text
+        return "guided: " + text
+
+
+def concept_words(index: int) -> tuple[str, ...]:
+    """The caption words an ImageNet class stands for (over every concept listing it), in mapping order; () for none."""
+    return tuple(dict.fromkeys(w for c in concepts() if index in c.classes for w in c.words))
+
+
+def why_nothing(probs: torch.Tensor, vocab, per_word: dict[str, float], threshold: float | None) -> str:
+    """Why guided decoding requires no word for these (1000,) probabilities, in one sentence about the CNN's top
+    label (the first label the CNN line shows), so the two never disagree. The cases:
+    - the top label stands for no caption word (tripod, military uniform);
+    - it stands for words this model's vocabulary lacks;
+    - its words have no calibrated threshold: on the train photos the CNN's label did not reliably mean the word
+      was right (espresso -> cup);
+    - its word is below its threshold (the labels that map to it, together, short of it);
+    plus, when the top label's word is not the likeliest mapped word, what kept that one out too."""
+    names = class_names()
+    top = int(probs.argmax())
+    label = f"The CNN's top label, {names[top]} ({percent(float(probs[top]))}),"
+    conf = word_confidence(probs)
+    bar = "its calibrated threshold" if threshold is None else "the threshold set"
+
+    def short(w: str) -> str:
+        return f'"{w}" is at {percent(conf[w])} from its labels together, under {bar} of {percent(per_word[w])}'
+
+    words = concept_words(top)
+    known = [w for w in words if w in vocab.stoi]
+    if not words:
+        head = f"{label} is not one of the words guided decoding may require"
+    elif not known:
+        head = f"{label} stands for {', '.join(words)}, not in this model's vocabulary"
+    elif not any(w in per_word for w in known):
+        head = (f"{label} stands for \"{known[0]}\", but on the training photos that label did not reliably mean "
+                f"\"{known[0]}\" was in the picture, so it is never required")
+    else:
+        w = max((w for w in known if w in per_word), key=lambda w: conf[w])
+        head = f"{label} stands for {short(w)}"
+    # The likeliest mapped word with a threshold, when it is another label's and came closest: why it is not required
+    near = [w for w in per_word if w in vocab.stoi and w not in known and conf[w] >= 0.05]
+    if near:
+        w = max(near, key=lambda w: conf[w] / per_word[w])
+        head += f"; {short(w)}"
+    return head + "; nothing was required"
 
 
 def word_confidence(features) -> dict[str, float]:
@@ -237,7 +285,7 @@ def constraint_for(features, vocab, threshold: float | None) -> Constraint:
     threshold None: each word's calibrated threshold (imagenet_thresholds.json; a word without one is never
     required); a float: one threshold for every mapped word (an override)."""
     if getattr(features, "labels", None) is None:
-        return Constraint((), (), threshold, note="this model has no ImageNet head, so nothing to be sure of")
+        return Constraint((), (), threshold, note="this model has no ImageNet head (image classifier), so nothing was required")
     probs = _probs(features)
     names = class_names()
     conf = word_confidence(probs)
@@ -252,12 +300,7 @@ def constraint_for(features, vocab, threshold: float | None) -> Constraint:
                                  per_word[w]))
     note = ""
     if missing and not known:
-        note = f"{', '.join(missing)} confident, but not in this model's vocabulary"
-    if not confident and threshold is not None:
-        best = max(conf, key=conf.get)
-        note = f"no mapped word reaches {percent(threshold)}; the likeliest is {best}, {percent(conf[best])}"
+        note = f"{', '.join(missing)} confident, but not in this model's vocabulary; nothing was required"
     elif not confident:
-        best = max(conf, key=conf.get)
-        needs = f"needs {percent(per_word[best])}" if best in per_word else "never required: no calibrated threshold"
-        note = f"no mapped word reaches its calibrated threshold; the likeliest is {best}, {percent(conf[best])} ({needs})"
+        note = why_nothing(probs, vocab, per_word, threshold)
     return Constraint(tuple(known), tuple(evidence), threshold, note=note)
