@@ -251,7 +251,7 @@ def why_nothing(probs: torch.Tensor, vocab, per_word: dict[str, float], threshol
     bar = "its calibrated threshold" if threshold is None else "the threshold set"
 
     def short(w: str) -> str:
-        return f'"{w}" is at {percent(conf[w])} from its labels together, under {bar} of {percent(per_word[w])}'
+        return f"at {percent(conf[w])} with all the labels that stand for it, under {bar} of {percent(per_word[w])}"
 
     words = concept_words(top)
     known = [w for w in words if w in vocab.stoi]
@@ -264,12 +264,12 @@ def why_nothing(probs: torch.Tensor, vocab, per_word: dict[str, float], threshol
                 f"\"{known[0]}\" was in the picture, so it is never required")
     else:
         w = max((w for w in known if w in per_word), key=lambda w: conf[w])
-        head = f"{label} stands for {short(w)}"
+        head = f'{label} stands for "{w}", {short(w)}'
     # The likeliest mapped word with a threshold, when it is another label's and came closest: why it is not required
     near = [w for w in per_word if w in vocab.stoi and w not in known and conf[w] >= 0.05]
     if near:
         w = max(near, key=lambda w: conf[w] / per_word[w])
-        head += f"; {short(w)}"
+        head += f'; "{w}" is {short(w)}'
     return head + "; nothing was required"
 
 

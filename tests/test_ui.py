@@ -781,7 +781,7 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
     first_dog = next(i for i, s in enumerate(decoding.steps) if s.word == "dog")
     for n in range(1, len(decoding.steps) + 1):
         info = h.inspect(decoding, n).info
-        assert "**Guided:** required one of dog" in info and "golden retriever" in info and 'the caption uses "dog"' in info
+        assert '**Guided:** required "dog", as the CNN sees' in info and "golden retriever" in info and 'the caption uses "dog"' in info
         assert ("this step's word is the required one" in info) == (n - 1 == first_dog)
     # The download says which constraint was tried and whether it was kept.
     with open(h.download(decoding), encoding="utf-8") as f:
