@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ASSESS_FILE = "assessment.safetensors"  # familiarity statistics + confidence calibration, beside model.safetensors
+from .hub import ASSESS_FILE  # familiarity statistics + confidence calibration, beside model.safetensors
+
 MIN_SIDE = 32  # pixels: a photo smaller than this a side carries too little to caption
 FLAT_STD = 6.0  # grey levels (0-255): below this spread in every channel the image is one colour
 NOISE_CORRELATION = 0.3  # neighbouring pixels of every photo correlate far above this; of noise, near 0
@@ -160,11 +161,11 @@ def recognised(labels) -> tuple[tuple[str, float], ...]:
     return tuple((n, p) for n, p in labels if p >= RECOGNISED)
 
 
-def verdict(detector: Familiarity | None, pooled: torch.Tensor | None, image=None, labels=()) -> Verdict | None:
+def verdict(detector: Familiarity | None, pooled: torch.Tensor | None, image=None, labels=(), rule: str | None = None) -> Verdict | None:
     """One photo's Verdict from its pooled backbone feature (F,) or (1, F) and, where at hand, the image itself (the
-    rules need its pixels: a caption from features alone skips them). None when the model has no detector and the
-    image, if given, is not degenerate."""
-    reason = degenerate(image) if image is not None else None
+    rules need its pixels: a caption from features alone skips them) or `rule`, what `degenerate` said of it earlier.
+    None when the model has no detector and the image is not degenerate."""
+    reason = rule or (degenerate(image) if image is not None else None)
     seen = recognised(labels)
     if reason:
         return Verdict(False, None, detector.threshold if detector else None, reason, seen)
@@ -178,12 +179,13 @@ def verdict(detector: Familiarity | None, pooled: torch.Tensor | None, image=Non
 # ---------------------------------------------------------------------------------------------------- the file
 
 
-def save(folder, familiarity: Familiarity | None, confidence: dict | None = None) -> Path:
-    """Write ASSESS_FILE into the model folder: the detector's tensors and, as metadata, its numbers and the
-    confidence calibration (captioner.confidence)."""
+def save(folder, familiarity: Familiarity | None, confidence: dict | None = None,
+         tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ASSESS_FILE into the model folder: the detector's tensors (and `tensors`: the confidence's word probe)
+    and, as metadata, its numbers and the confidence calibration (captioner.confidence)."""
     from safetensors.torch import save_file
 
-    tensors = familiarity.tensors() if familiarity else {}
+    tensors = {**(familiarity.tensors() if familiarity else {}), **(tensors or {})}
     meta = {"familiarity": json.dumps(familiarity.metadata() if familiarity else None),
             "confidence": json.dumps(confidence)}
     path = Path(folder) / ASSESS_FILE
