@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default: 32)")
     args = p.parse_args(argv)
 
-    from .confidence import Assessor
+    from .confidence import Assessor, expected_words
     from .decode import caption_batch, describe_stop
     from .familiarity import degenerate
     from .hub import ModelLoadError
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         for i, ((f, img), out) in enumerate(zip(part, outs)):
             one = features.select(slice(i, i + 1))
             constraint = out.constraint if out is not None else (
-                constraint_for(one, model.vocab, settings.guide_threshold) if guided else None)
+                constraint_for(one, model.vocab, settings.guide_threshold, expected_words(model, one)) if guided else None)
             words = out.caption_steps() if out is not None else ()
             results[f] = dict(text=out.text if out is not None else "", steps=words if args.steps else None, seen=seen_of(one),
                               constraint=constraint if guided else None,

@@ -25,7 +25,9 @@ from .familiarity import Familiarity, Verdict, read, verdict
 
 GOOD_CIDER = 0.1  # per-image CIDEr-D at or above which a caption counts as a good description
 UNSURE = 0.5  # below this confidence a caption is marked unsure in words
-SIGNALS = ("mean_logprob", "min_logprob", "probe_mean", "probe_min", "distance", "cnn_top")
+SIGNALS = ("mean_logprob", "min_logprob", "probe_mean", "probe_min", "probe_cover", "distance", "cnn_top")
+# What the shipped calibration uses: on dev (cross-fitted) these three did as well as all of SIGNALS (docs/familiarity.md)
+DEFAULT_SIGNALS = ("mean_logprob", "probe_mean", "probe_cover")
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,16 @@ def signals(word_probs: Sequence[float], words: Sequence[str], pooled: torch.Ten
     probabilities (1000,), the word probe and the familiarity distance. A signal that cannot be had is NaN."""
     lp = [math.log(max(p, 1e-9)) for p in word_probs] or [float("nan")]
     out = {"mean_logprob": sum(lp) / len(lp), "min_logprob": min(lp), "probe_mean": float("nan"),
-           "probe_min": float("nan"), "distance": float("nan") if distance is None else float(distance),
+           "probe_min": float("nan"), "probe_cover": float("nan"), "distance": float("nan") if distance is None else float(distance),
            "cnn_top": float("nan") if labels is None else float(labels.reshape(-1).max())}
     if probe is not None and pooled is not None:
         index = {w: i for i, w in enumerate(probe.words)}
-        known = [index[w] for w in content_words(words) if w in index]
+        known = sorted({index[w] for w in content_words(words) if w in index})
+        expected = probe.probs(pooled.reshape(1, -1))[0]  # (W,)
+        # probe_cover: the share of the words a description is expected to use (weighted by how likely) that it uses
+        out["probe_cover"] = float(expected[known].sum() / expected.sum()) if known else 0.0
         if known:
-            p = probe.probs(pooled.reshape(1, -1))[0, known]
+            p = expected[known]
             out["probe_mean"], out["probe_min"] = float(p.mean()), float(p.min())
         else:  # no content word the probe knows: as unexpected as a word it gives no chance
             out["probe_mean"] = out["probe_min"] = 0.0
@@ -168,6 +173,15 @@ class Assessment:
         return "[unsure]" if self.unsure else ""
 
 
+def expected_words(model, features) -> dict[str, float] | None:
+    """The model's word probe on one photo's features (batch 1): word -> the chance a description uses it; None for
+    a model without a probe or features without the CNN's regions."""
+    probe = Assessor.of(model).probe
+    if probe is None or getattr(features, "grid", None) is None:
+        return None
+    return dict(zip(probe.words, probe.probs(features.grid.mean(1)[:1])[0].tolist()))
+
+
 @dataclass(frozen=True)
 class Assessor:
     """A model's familiarity detector, word probe and confidence calibration (any may be None)."""
@@ -178,11 +192,14 @@ class Assessor:
 
     @classmethod
     def of(cls, model) -> "Assessor":
-        """From the folder the model was loaded from (its ASSESS_FILE); all None for a model without one."""
-        folder = getattr(model, "folder", None)
-        if folder is None:
-            return cls(None, None, None)
-        return cls.read(folder)
+        """From the folder the model was loaded from (its ASSESS_FILE); all None for a model without one. Read once
+        per model object and kept on it (read-only after)."""
+        cached = model.__dict__.get("_assessor")
+        if cached is None:
+            folder = getattr(model, "folder", None)
+            cached = cls(None, None, None) if folder is None else cls.read(folder)
+            model.__dict__["_assessor"] = cached
+        return cached
 
     @classmethod
     def read(cls, folder) -> "Assessor":

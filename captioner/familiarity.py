@@ -4,8 +4,9 @@ Two checks, either of which makes a photo unfamiliar:
 - `degenerate(image)`: images with nothing to describe, caught by rule, for sure: tiny (a side under MIN_SIDE
   pixels), blank or one colour (almost no variation), or noise (neighbouring pixels unrelated, which no photo is).
 - `Familiarity.distance(features)`: how far the photo's pooled CNN feature lies from the training photos' (the
-  cosine distance to its K nearest train photos, in a PCA-reduced space); past `threshold`, set on held-out dev
-  photos, the photo is unfamiliar. docs/familiarity.md gives the measurements behind the method and the threshold.
+  cosine distance to its k nearest train photos, on the features' square roots projected onto their 128 main
+  directions); past `threshold`, set on held-out dev photos, the photo is unfamiliar. docs/familiarity.md gives
+  the measurements behind the method (it beat Mahalanobis distances and centred PCA) and the threshold.
 
 The fitted statistics live beside the model's weights, in ASSESS_FILE (safetensors: tensors plus JSON metadata,
 never a pickle); `python -m train.assess` fits them for any model. A model folder without the file has no
@@ -58,10 +59,11 @@ def degenerate(image) -> str | None:
 
 @dataclass(frozen=True)
 class Familiarity:
-    """The fitted detector: train photos' pooled features, centred (`mean`), reduced (`components`, PCA rows) and
-    L2-normalised (`bank`); a photo's distance is 1 - its mean cosine similarity to its `k` nearest rows of the bank."""
+    """The fitted detector: the train photos' pooled features, square-rooted (the features are non-negative; the root
+    keeps a few large channels from deciding every cosine), projected onto their top right singular vectors
+    (`components`, not centred: the mean direction is part of what a photo shares with Flickr8k) and L2-normalised
+    (`bank`); a photo's distance is 1 - its mean cosine similarity to its `k` nearest rows of the bank."""
 
-    mean: torch.Tensor  # (F,)
     components: torch.Tensor  # (D, F)
     bank: torch.Tensor  # (N, D), unit rows
     k: int
@@ -70,7 +72,7 @@ class Familiarity:
 
     def reduce(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, F) -> unit vectors (B, D) in the reduced space."""
-        return F.normalize((pooled.float() - self.mean) @ self.components.T, dim=1)
+        return F.normalize(pooled.float().clamp_min(0).sqrt() @ self.components.T, dim=1)
 
     def distance(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, F) pooled features -> (B,) distances: 1 - mean cosine similarity to the k nearest train photos."""
@@ -78,8 +80,7 @@ class Familiarity:
         return 1 - sim.topk(min(self.k, sim.size(1)), dim=1).values.mean(1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"familiarity.mean": self.mean.float().contiguous(), "familiarity.components": self.components.float().contiguous(),
-                "familiarity.bank": self.bank.half().contiguous()}
+        return {"familiarity.components": self.components.float().contiguous(), "familiarity.bank": self.bank.half().contiguous()}
 
     def metadata(self) -> dict:
         return {"k": self.k, "threshold": self.threshold, **self.about}
@@ -91,27 +92,24 @@ class Familiarity:
             raise ValueError(f"familiarity k={k!r}: expected a whole number of 1 or more")
         if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 2:
             raise ValueError(f"familiarity threshold={threshold!r}: expected a cosine distance in [0, 2]")
-        mean, comps, bank = (tensors[f"familiarity.{n}"].float() for n in ("mean", "components", "bank"))
-        if comps.size(1) != mean.numel() or bank.size(1) != comps.size(0):
-            raise ValueError(f"familiarity tensors disagree: mean {tuple(mean.shape)}, components {tuple(comps.shape)}, "
-                             f"bank {tuple(bank.shape)}")
-        return cls(mean, comps, bank, k, float(threshold), {key: v for key, v in meta.items() if key not in ("k", "threshold")})
+        comps, bank = (tensors[f"familiarity.{n}"].float() for n in ("components", "bank"))
+        if bank.size(1) != comps.size(0):
+            raise ValueError(f"familiarity tensors disagree: components {tuple(comps.shape)}, bank {tuple(bank.shape)}")
+        return cls(comps, bank, k, float(threshold), {key: v for key, v in meta.items() if key not in ("k", "threshold")})
 
 
 def fit(pooled: torch.Tensor, *, dims: int = 128, k: int = 10, threshold: float = 1.0, about: dict | None = None) -> Familiarity:
-    """A detector from the train photos' pooled features (N, F): PCA to `dims`, the bank of reduced unit vectors.
-    Its threshold is set afterwards, on held-out photos (`with_threshold`)."""
+    """A detector from the train photos' pooled features (N, F): their roots' top `dims` directions, the bank of
+    reduced unit vectors. Its threshold is set afterwards, on held-out photos (`threshold_for`)."""
     if dims < 1 or dims > min(pooled.shape):
         raise ValueError(f"dims={dims}: expected 1 to {min(pooled.shape)} for {tuple(pooled.shape)} features")
     if k < 1 or k > pooled.size(0):
         raise ValueError(f"k={k}: expected 1 to {pooled.size(0)} (the photos fitted on)")
-    x = pooled.double()
-    mean = x.mean(0)
-    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)  # rows of v: principal directions, largest first
-    det = Familiarity(mean.float(), v[:dims].float(), torch.empty(0), k, threshold, dict(about or {}))
-    # A train photo is its own nearest neighbour in the bank: its distance would be too small. Held-out photos set the
-    # threshold, so the bank keeps every train photo as it is.
-    return Familiarity(det.mean, det.components, det.reduce(pooled), k, threshold, dict(about or {}))
+    _, _, v = torch.linalg.svd(pooled.double().clamp_min(0).sqrt(), full_matrices=False)  # rows: directions, largest first
+    det = Familiarity(v[:dims].float(), torch.empty(0), k, threshold, dict(about or {}))
+    # A train photo is its own nearest neighbour in the bank, so train distances are too small to set the threshold
+    # with: held-out photos set it (threshold_for).
+    return Familiarity(det.components, det.reduce(pooled), k, threshold, dict(about or {}))
 
 
 def threshold_for(distances: torch.Tensor, flagged: float) -> float:

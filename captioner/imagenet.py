@@ -22,6 +22,9 @@ CLASSES_FILE = DATA / "imagenet_classes.json"
 WORDS_FILE = DATA / "imagenet_words.json"
 THRESHOLDS_FILE = DATA / "imagenet_thresholds.json"
 NUM_CLASSES = 1000
+# The word probe (captioner.confidence) must give a confident word at least this chance of being in a description
+# before guided decoding requires it: on dev, 0.7 raised the required word's precision to >= 0.90 (docs/guided.md).
+EXPECTED_FLOOR = 0.7
 
 
 @functools.lru_cache(maxsize=1)
@@ -279,11 +282,15 @@ def word_confidence(features) -> dict[str, float]:
     return {w: float(probs[list(cs)].sum()) for w, cs in word_classes().items()}
 
 
-def constraint_for(features, vocab, threshold: float | None) -> Constraint:
+def constraint_for(features, vocab, threshold: float | None, expected: dict[str, float] | None = None,
+                   floor: float = EXPECTED_FLOOR) -> Constraint:
     """The requirement guided decoding puts on one image's caption: the words (in `vocab`) whose confidence reaches
     their threshold, with the labels behind them; no requirement for features without ImageNet labels.
     threshold None: each word's calibrated threshold (imagenet_thresholds.json; a word without one is never
-    required); a float: one threshold for every mapped word (an override)."""
+    required); a float: one threshold for every mapped word (an override).
+    `expected`: a second opinion, word -> the chance a description of the photo uses it (the model's word probe,
+    captioner.confidence.expected_words); a confident word it gives less than `floor` is not required ("dog" where
+    the photo shows dogs), a word it does not know stays."""
     if getattr(features, "labels", None) is None:
         return Constraint((), (), threshold, note="this model has no ImageNet head (image classifier), so nothing was required")
     probs = _probs(features)
@@ -293,13 +300,21 @@ def constraint_for(features, vocab, threshold: float | None) -> Constraint:
     confident = sorted((w for w, c in conf.items() if w in per_word and c >= per_word[w]), key=lambda w: (-conf[w], w))
     known = [w for w in confident if w in vocab.stoi]
     missing = [w for w in confident if w not in vocab.stoi]
+    doubted = [w for w in known if expected is not None and expected.get(w, 1.0) < floor]
+    known = [w for w in known if w not in doubted]
     evidence = []
     for w in known:
         cs = sorted(word_classes()[w], key=lambda c: -float(probs[c]))[:3]
         evidence.append(Evidence(w, conf[w], tuple((names[c], float(probs[c])) for c in cs if probs[c] >= 0.005),
                                  per_word[w]))
     note = ""
-    if missing and not known:
+    if doubted and not known:
+        note = (f"the CNN's labels point to {', '.join(doubted)}, but this model's second opinion (its word probe) "
+                f"gives {' and '.join(f'{w} {percent(expected[w])}' for w in doubted)} that a description would use "
+                f"{'it' if len(doubted) == 1 else 'them'}, under {percent(floor)}; nothing was required")
+    elif doubted:
+        note = f"not {', '.join(doubted)}: the word probe gives {'it' if len(doubted) == 1 else 'them'} under {percent(floor)}"
+    elif missing and not known:
         note = f"{', '.join(missing)} confident, but not in this model's vocabulary; nothing was required"
     elif not confident:
         note = why_nothing(probs, vocab, per_word, threshold)

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from starlette.middleware import Middleware
 
-from .confidence import Assessment, Assessor
+from .confidence import Assessment, Assessor, expected_words
 from .decode import Step, caption_batch, describe_stop, encode, stream
 from .familiarity import degenerate
 from .generation import STRATEGIES, GenerationConfig
@@ -173,10 +173,11 @@ class ImageCache:
     constraints: dict = field(default_factory=dict, compare=False)  # guide_threshold -> guided decoding's Constraint
     rule: str | None = None  # familiarity.degenerate's reason for an image with nothing to caption ("only 1×1 pixels")
 
-    def constraint(self, vocab, threshold: float | None) -> Constraint:
-        """Guided decoding's requirement for this image: it depends on nothing else, so it is worked out once."""
+    def constraint(self, vocab, threshold: float | None, expected: dict[str, float] | None = None) -> Constraint:
+        """Guided decoding's requirement for this image (`expected`: the model's word probe on it, the same for every
+        call): it depends on nothing else, so it is worked out once."""
         if threshold not in self.constraints:
-            self.constraints[threshold] = constraint_for(self.features, vocab, threshold)
+            self.constraints[threshold] = constraint_for(self.features, vocab, threshold, expected)
         return self.constraints[threshold]
 
 
@@ -372,7 +373,8 @@ class Handlers:
 
     def _records(self, cache: ImageCache, settings: GenerationConfig, prefix: Sequence[int]) -> Iterator[Step]:
         try:
-            constraint = cache.constraint(self.model.vocab, settings.guide_threshold) if settings.strategy == "guided" else None
+            constraint = cache.constraint(self.model.vocab, settings.guide_threshold, expected_words(self.model, cache.features)) \
+                if settings.strategy == "guided" else None
             yield from stream(self.model, config=settings, features=cache.features, prefix=prefix, constraint=constraint)
         except ValueError as e:  # a setting out of range (decode.stream says which and why)
             raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
@@ -680,7 +682,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                                      "Webcam: take a photo, then press Caption", height=340, elem_id="photo")
                         caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                         paths = example_paths()
-                        examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public domain, CC0)",
+                        examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public domain, CC0, CC BY 4.0)",
                                                examples_per_page=8, cache_examples=False, elem_id="examples") if paths else None
                         with gr.Accordion("Decoding settings", open=False, elem_id="settings"):
                             d = APP_DEFAULTS  # every default comes from the one settings object

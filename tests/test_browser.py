@@ -523,3 +523,44 @@ def test_the_heatmap_moves_with_the_steps(served_attend, browser):
     assert body != bytes4  # not the original caption's step 4
     assert not errors, errors
     page.close()
+
+
+# ---------------------------------------------------------------- a photo unlike the training photos (issue 32)
+
+
+def test_the_sentence_for_an_unfamiliar_photo_and_none_for_a_familiar_one(served, browser, tmp_path):
+    """Under the caption: the plain sentence for a photo unlike the ones the model learned from (a flat grey image:
+    by rule, for any model; a page of text: by the bundled model's statistics), and no such sentence for a photo of
+    what Flickr8k shows (examples/stream.jpg, with the bundled model's statistics)."""
+    from PIL import Image, ImageDraw
+
+    from captioner.confidence import Assessor
+
+    url, model, real = served
+    page, errors = open_app(browser, url)
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(grey)
+    page.set_input_files("#photo input[type=file]", str(grey))
+    wait_step(page, 1)
+    page.wait_for_function("() => document.querySelector('#assessment').innerText.includes('This image is a single flat colour')")
+    sentence = page.locator("#assessment").inner_text()
+    assert "nothing like the photos I learned from (people, dogs and outdoor scenes on Flickr)" in sentence, sentence
+    box = page.locator("#assessment").bounding_box()
+    assert box and box["y"] > page.locator("#caption").bounding_box()["y"]  # under the caption
+    if real and Assessor.of(model).familiarity is not None:
+        page.set_input_files("#photo input[type=file]", str(ROOT / "examples" / "stream.jpg"))
+        page.wait_for_function("() => !document.querySelector('#assessment').innerText.includes('flat colour')")
+        wait_step(page, 1)
+        page.wait_for_function("() => document.querySelector('#assessment').innerText.includes('confidence')")
+        text = page.locator("#assessment").inner_text()
+        assert "This doesn't look like" not in text and "This image is" not in text, text
+        drawn = tmp_path / "page.png"
+        img = Image.new("RGB", (420, 560), "white")
+        d = ImageDraw.Draw(img)
+        for y in range(12, 548, 14):
+            d.text((10, y), "the of and to in is that for it as was with be by on not he this", fill="black")
+        img.save(drawn)
+        page.set_input_files("#photo input[type=file]", str(drawn))
+        page.wait_for_function("() => document.querySelector('#assessment').innerText.includes(\"This doesn't look like\")")
+    assert not errors, errors
+    page.close()

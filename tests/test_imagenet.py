@@ -355,3 +355,25 @@ def test_calibrate_keeps_a_rarely_seen_word_only_where_the_cnn_is_sure_and_every
     assert out["thresholds"]["cat"] == {"threshold": THIN_FLOOR, "support": 2, "precision": 1.0, "thin": True}
     assert "cup" not in out["thresholds"]  # at 0.5 one of three photos is not named
     assert "cat" not in calibrate(labels, None, refs=refs, grid=grid, thin=False)["thresholds"]
+
+
+def test_a_word_the_word_probe_doubts_is_not_required(monkeypatch):
+    """The second opinion (issue 32): a confident word that the model's word probe gives under the floor is not
+    required, and the note says so; a word the probe does not know stays required."""
+    import captioner.imagenet as imagenet
+    from captioner.imagenet import EXPECTED_FLOOR, constraint_for
+    from captioner.vocab import Vocabulary
+
+    monkeypatch.setattr(imagenet, "thresholds", lambda: {"dog": 0.2, "dogs": 0.2, "cat": 0.5})
+    vocab = Vocabulary(["<PAD>", "<SOS>", "<EOS>", "<UNK>", "a", "dog", "dogs", "cat"])
+    probs = torch.zeros(1000)
+    probs[151] = 0.9  # Chihuahua: dog, dogs
+    f = _features_with(probs)
+    assert constraint_for(f, vocab, None).words == ("dog", "dogs")
+    both = constraint_for(f, vocab, None, expected={"dog": 0.9, "dogs": 0.2})
+    assert both.words == ("dog",) and both.describe().endswith(f"not dogs: the word probe gives it under {EXPECTED_FLOOR:.0%}")
+    none = constraint_for(f, vocab, None, expected={"dog": 0.3, "dogs": 0.2})
+    assert none.words == () and none.describe() == (
+        "guided: the CNN's labels point to dog, dogs, but this model's second opinion (its word probe) gives dog 30% and "
+        "dogs 20% that a description would use them, under 70%; nothing was required")
+    assert constraint_for(f, vocab, None, expected={"cat": 0.1}).words == ("dog", "dogs")  # words it does not know stay

@@ -445,10 +445,13 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
     files = [photo_path, str(bad), str(other), str(empty)]
     table, downloads = handlers.caption_files(files, max_len=8)
     want = [caption(model, p, APP_DEFAULTS, max_len=8) for p in (photo_path, str(other))]
-    assert table["headers"] == ["image", "caption", "error"]
+    assert table["headers"] == ["image", "caption", "familiar", "confidence", "error"]
     assert [row[0] for row in table["data"]] == ["photo.jpg", "notes.jpg", "grey.png", "empty.png"]  # the input order
     assert [row[1] for row in table["data"]] == [want[0], "", want[1], ""]
-    assert table["data"][1][2].startswith("not an image file PIL can read") and table["data"][3][2].startswith("the file is empty")
+    # a 40 x 30 flat grey image is unfamiliar by rule; this tiny model has no familiarity statistics, so the photo is
+    # not known either way, and no confidence calibration
+    assert [row[2:4] for row in table["data"]] == [["", ""], ["", ""], ["no", ""], ["", ""]]
+    assert table["data"][1][4].startswith("not an image file PIL can read") and table["data"][3][4].startswith("the file is empty")
     assert all(str(tmp_path) not in cell for row in table["data"] for cell in row)
     csv_path, json_path = downloads
     assert csv_path.endswith("captions.csv") and json_path.endswith("captions.json")
@@ -456,11 +459,13 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
         assert list(csv.reader(f)) == [table["headers"], *table["data"]]
     with open(json_path, encoding="utf-8") as f:
         records = json.load(f)
-    assert records[0] == {"image": "photo.jpg", "caption": want[0], "precision": model.precision}
+    assert records[0] == {"image": "photo.jpg", "caption": want[0], "familiar": None, "confidence": None, "familiarity": None,
+                          "precision": model.precision}
+    assert records[2]["familiar"] is False and records[2]["familiarity"]["reason"] == "only 30×40 pixels"
     assert set(records[1]) == {"image", "error"}
     # Gradio's upload payloads (file dicts with the original name) work too
     table2, _ = handlers.caption_files([{"path": str(bad), "orig_name": "my notes.jpg"}], max_len=8)
-    assert table2["data"][0][0] == "my notes.jpg" and table2["data"][0][2].startswith("not an image file")
+    assert table2["data"][0][0] == "my notes.jpg" and table2["data"][0][4].startswith("not an image file")
 
 
 def test_each_photo_gets_its_own_caption_in_the_table_and_one_by_one(distinct, distinct_dir, tmp_path):
@@ -621,7 +626,7 @@ def test_the_apis_shape(model):
 
     settings = [(name, kind, "Radio" if name == "strategy" else "Number" if name == "seed" else "Slider")
                 for name, kind in SETTING_TYPES.items()]
-    outputs = [("Caption", "Textbox"), ("Words", "Label"), ("History", "Dataframe")]
+    outputs = [("Caption", "Textbox"), ("Words", "Label"), ("History", "Dataframe"), ("Assessment", "Json")]
     assert shape("/caption") == ([("image", "filepath", "Image"), *settings], outputs)
     assert shape("/branch") == ([("image", "filepath", "Image"), ("step", "int", "Number"), ("word", "str", "Textbox"), *settings],
                                 outputs)

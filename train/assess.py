@@ -180,10 +180,11 @@ def main(argv=None) -> int:
     p.add_argument("--train-split", default="train")
     p.add_argument("--out", default=None, help="model folder to write assessment.safetensors into (default: write nothing)")
     p.add_argument("--outside", default=None, help="a folder of non-Flickr8k images, measured with the synthetic ones")
-    p.add_argument("--dims", type=int, default=128, help="PCA dimensions of the familiarity space")
+    p.add_argument("--dims", type=int, default=128, help="dimensions of the familiarity space")
     p.add_argument("--k", type=int, default=10, help="nearest train photos averaged")
     p.add_argument("--flag", type=float, default=0.04, help="share of the dev photos the threshold flags")
-    p.add_argument("--signals", default=",".join(__import__("captioner.confidence", fromlist=["SIGNALS"]).SIGNALS))
+    p.add_argument("--signals", default="mean_logprob,probe_mean,probe_cover",
+                   help="comma-separated captioner.confidence.SIGNALS the calibration uses")
     p.add_argument("--probe-min-photos", type=int, default=20)
     p.add_argument("--report", default=None, help="write the measurements here as JSON")
     args = p.parse_args(argv)
