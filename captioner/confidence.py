@@ -151,8 +151,8 @@ class Assessment:
         if self.confidence is None:
             return ""
         pct = f"{self.confidence * 100:.0f}%"
-        if self.familiar is False:
-            return f"Unsure: an unfamiliar photo (confidence {pct})."
+        if self.familiar is False:  # calibrated on dev photos, like the training ones: the number says little here
+            return f"Its confidence score ({pct}) was calibrated on photos like the training ones, so it does not apply here."
         if self.unsure:
             return f"Unsure: this caption may well be wrong (confidence {pct})."
         return f"Fairly sure (confidence {pct})."
