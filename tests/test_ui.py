@@ -278,7 +278,7 @@ def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
 
 # ---------------------------------------------------------------- the page: one selected step, nothing stale
 
-PAGE = {"caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download", "status", "photo"}
+PAGE = {"caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download", "status", "photo", "assessment"}
 
 
 def apply(page: dict, update: dict) -> dict:
@@ -448,9 +448,9 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
     assert table["headers"] == ["image", "caption", "familiar", "confidence", "error"]
     assert [row[0] for row in table["data"]] == ["photo.jpg", "notes.jpg", "grey.png", "empty.png"]  # the input order
     assert [row[1] for row in table["data"]] == [want[0], "", want[1], ""]
-    # a 40 x 30 flat grey image is unfamiliar by rule; this tiny model has no familiarity statistics, so the photo is
-    # not known either way, and no confidence calibration
-    assert [row[2:4] for row in table["data"]] == [["", ""], ["", ""], ["no", ""], ["", ""]]
+    # the fixture's photo (random pixels) and a 30 x 40 flat grey image are unfamiliar by rule, for any model; this
+    # tiny model has no confidence calibration
+    assert [row[2:4] for row in table["data"]] == [["no", ""], ["", ""], ["no", ""], ["", ""]]
     assert table["data"][1][4].startswith("not an image file PIL can read") and table["data"][3][4].startswith("the file is empty")
     assert all(str(tmp_path) not in cell for row in table["data"] for cell in row)
     csv_path, json_path = downloads
@@ -459,7 +459,8 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
         assert list(csv.reader(f)) == [table["headers"], *table["data"]]
     with open(json_path, encoding="utf-8") as f:
         records = json.load(f)
-    assert records[0] == {"image": "photo.jpg", "caption": want[0], "familiar": None, "confidence": None, "familiarity": None,
+    assert records[0] == {"image": "photo.jpg", "caption": want[0], "familiar": False, "confidence": None,
+                          "familiarity": {"familiar": False, "distance": None, "threshold": None, "reason": "random noise"},
                           "precision": model.precision}
     assert records[2]["familiar"] is False and records[2]["familiarity"]["reason"] == "only 30×40 pixels"
     assert set(records[1]) == {"image", "error"}
@@ -804,3 +805,19 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
     # Not guided: no such line.
     plain, _ = run_page({}, h.page_caption(photo_path, page["cache"], strategy="beam"))
     assert "Guided" not in plain["info"]
+
+
+def test_an_unfamiliar_photo_gets_its_sentence_under_the_caption(handlers, tmp_path):
+    """Issue 32: the sentence under the caption, the download's and the API's "familiar"/"confidence"; cleared when
+    the next photo comes."""
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(grey)
+    page, seen = run_page({}, handlers.page_caption(str(grey), max_len=8))
+    assert seen[0]["assessment"]["visible"] is False  # cleared first
+    shown = page["assessment"]
+    assert shown["visible"] and shown["value"].startswith("**This image is a single flat colour, nothing like the photos")
+    with open(handlers.download(page["decoding"]), encoding="utf-8") as f:
+        record = json.load(f)
+    assert record["familiar"] is False and record["confidence"] is None and record["familiarity"]["reason"] == "a single flat colour"
+    api = list(handlers.caption(str(grey), max_len=8))
+    assert all(u.assessment is None for u in api[:-1]) and api[-1].assessment == page["decoding"].assessment.record()
