@@ -217,7 +217,7 @@ def test_guided_decoding_with_calibrated_per_word_thresholds(monkeypatch):
     import captioner.imagenet as imagenet
 
     m = model_of("show-tell", 1)
-    monkeypatch.setattr(decode, "constraint_for", lambda f, v, t: imagenet.constraint_for(f, v, None))
+    monkeypatch.setattr(decode, "constraint_for", lambda f, v, t, expected=None: imagenet.constraint_for(f, v, None, expected))
     monkeypatch.setattr(imagenet, "thresholds", lambda: {"dog": 0.5})
     last = list(stream(m, photo(), **GUIDED, beam_size=3))[-1]
     c = last.constraint
