@@ -542,16 +542,16 @@ def test_the_sentence_for_an_unfamiliar_photo_and_none_for_a_familiar_one(served
     Image.new("RGB", (320, 240), (128, 128, 128)).save(grey)
     page.set_input_files("#photo input[type=file]", str(grey))
     wait_step(page, 1)
-    page.wait_for_function("() => document.querySelector('#assessment').innerText.includes('This image is a single flat colour')")
+    page.wait_for_function("() => (document.querySelector('#assessment')?.innerText || '').includes('This image is a single flat colour')")
     sentence = page.locator("#assessment").inner_text()
     assert "nothing like the photos I learned from (people, dogs and outdoor scenes on Flickr)" in sentence, sentence
     box = page.locator("#assessment").bounding_box()
     assert box and box["y"] > page.locator("#caption").bounding_box()["y"]  # under the caption
     if real and Assessor.of(model).familiarity is not None:
         page.set_input_files("#photo input[type=file]", str(ROOT / "examples" / "stream.jpg"))
-        page.wait_for_function("() => !document.querySelector('#assessment').innerText.includes('flat colour')")
+        page.wait_for_function("() => !(document.querySelector('#assessment')?.innerText || '').includes('flat colour')")
         wait_step(page, 1)
-        page.wait_for_function("() => document.querySelector('#assessment').innerText.includes('confidence')")
+        page.wait_for_function("() => (document.querySelector('#assessment')?.innerText || '').includes('confidence')")
         text = page.locator("#assessment").inner_text()
         assert "This doesn't look like" not in text and "This image is" not in text, text
         drawn = tmp_path / "page.png"
@@ -561,6 +561,6 @@ def test_the_sentence_for_an_unfamiliar_photo_and_none_for_a_familiar_one(served
             d.text((10, y), "the of and to in is that for it as was with be by on not he this", fill="black")
         img.save(drawn)
         page.set_input_files("#photo input[type=file]", str(drawn))
-        page.wait_for_function("() => document.querySelector('#assessment').innerText.includes(\"This doesn't look like\")")
+        page.wait_for_function("() => (document.querySelector('#assessment')?.innerText || '').includes(\"This doesn't look like\")")
     assert not errors, errors
     page.close()
