@@ -683,7 +683,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                         caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                         paths = example_paths()
                         examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public domain, CC0, CC BY 4.0)",
-                                               examples_per_page=8, cache_examples=False, elem_id="examples") if paths else None
+                                               examples_per_page=12, cache_examples=False, elem_id="examples") if paths else None
                         with gr.Accordion("Decoding settings", open=False, elem_id="settings"):
                             d = APP_DEFAULTS  # every default comes from the one settings object
                             limit = GenerationConfig.limit  # and every range from its LIMITS (what the server enforces)

@@ -330,6 +330,11 @@ def test_phone_the_caption_streams_in_view(served, browser, tmp_path):
     table keeps words and numbers whole."""
     url, model, real = served
     page, errors = open_app(browser, url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    # A first visit sees the examples without scrolling: right after the photo box and the Caption button.
+    page.wait_for_selector("button.gallery-item img")
+    gallery = page.locator("#examples").bounding_box()
+    assert gallery["y"] < 844 and gallery["y"] < page.locator("#caption").bounding_box()["y"], gallery
+    assert gallery["y"] > page.locator("#caption-btn").bounding_box()["y"]
     page.evaluate(RECORD_BOXES)
     page.set_input_files("#photo input[type=file]", str(PHOTO))
     wait_step(page, 1)
@@ -367,11 +372,9 @@ def test_phone_the_caption_streams_in_view(served, browser, tmp_path):
     page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Branched')")
     box = page.locator("#caption textarea").bounding_box()
     assert box["y"] >= 0 and box["y"] + box["height"] <= 844, box
-    # The examples sit below the history on a phone: tapping one scrolls back up to the photo, and its caption
-    # streams in view too.
+    # Tapping an example (after scrolling to it) brings the photo back up, and its caption streams in view too.
     example = page.locator(f"button.gallery-item:has(img[src*='{SECOND_PHOTO.name}'])")
     example.scroll_into_view_if_needed()
-    assert page.evaluate("window.scrollY") > 0
     page.evaluate("() => { window.__boxes = []; }")
     example.click()
     want = default_steps(model, SECOND_PHOTO)[-1].text
