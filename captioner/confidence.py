@@ -25,6 +25,7 @@ from .familiarity import Familiarity, Verdict, read, verdict
 
 GOOD_CIDER = 0.1  # per-image CIDEr-D at or above which a caption counts as a good description
 UNSURE = 0.5  # below this confidence a caption is marked unsure in words
+SURE = 0.75  # at or above this, "fairly sure"; between the two, "somewhat sure" (dev: 0.6-0.8 was 74% good)
 SIGNALS = ("mean_logprob", "min_logprob", "probe_mean", "probe_min", "probe_cover", "distance", "cnn_top")
 # What the shipped calibration uses: on dev (cross-fitted) these three did as well as all of SIGNALS (docs/familiarity.md)
 DEFAULT_SIGNALS = ("mean_logprob", "probe_mean", "probe_cover")
@@ -155,7 +156,7 @@ class Assessment:
             return f"Its confidence score ({pct}) was calibrated on photos like the training ones, so it does not apply here."
         if self.unsure:
             return f"Unsure: this caption may well be wrong (confidence {pct})."
-        return f"Fairly sure (confidence {pct})."
+        return f"{'Fairly' if self.confidence >= SURE else 'Somewhat'} sure (confidence {pct})."
 
     def markdown(self) -> str:
         """What the app shows under the caption: the sentence for an unfamiliar photo, and how sure the caption is."""

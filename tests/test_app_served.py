@@ -67,7 +67,7 @@ def expected(model, path) -> str:
 def test_caption_streams_growing_partials_then_the_final_caption(server, model, files):
     client = Client(server, verbose=False)
     job = client.submit(handle_file(str(files["photo0"])), api_name="/caption")  # the app's defaults
-    updates = [(text, len(table["data"])) for text, _, table in job]
+    updates = [(text, len(table["data"])) for text, _, table, _ in job]
     final = job.result()[0]
     assert final == expected(model, files["photo0"]) and len(final.split()) >= 3
     partials = [u for u in updates if u[0] != final]
@@ -131,7 +131,8 @@ def test_branch_streams_the_caption_decoded_from_the_changed_word(server, model,
         job = client.submit(handle_file(path), 3, word, api_name="/branch")
         texts = [out[0] for out in job]
         assert texts == [w.text for w in want], (word, texts)
-        text, bars, table = job.result()
+        text, bars, table, assessment = job.result()
+        assert set(assessment) == {"familiar", "confidence", "familiarity"}  # the finished branch's verdicts
         assert [row[1] for row in table["data"]] == [w.word for w in want[-1].caption_steps()]
     with pytest.raises(AppError, match="not a word of the model's vocabulary"):
         client.predict(handle_file(path), 3, "zebrafish-unicorn", api_name="/branch")
@@ -160,7 +161,8 @@ def test_caption_files_names_bad_files_and_captions_the_rest(server, model, file
     with open(by_name["captions.json"], encoding="utf-8") as f:
         records = json.load(f)
     assert [r["image"] for r in records] == [r[0] for r in rows] and records[0]["caption"] == rows[0][1]
-    assert "caption" not in records[1] and records[1]["error"] == rows[1][2]
+    assert "caption" not in records[1] and records[1]["error"] == rows[1][4]
+    assert [r.get("familiar") for r in records] == [{"yes": True, "no": False, "": None}[r[2]] for r in rows]
 
 
 def test_uploads_over_20mb_are_refused(server, tmp_path):

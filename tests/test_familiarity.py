@@ -112,6 +112,7 @@ def test_the_sentences():
 
     sure = Assessment(True, 0.83, familiar)
     assert sure.words() == "Fairly sure (confidence 83%)." and sure.mark() == "" and sure.markdown() == sure.words()
+    assert Assessment(True, 0.6, familiar).words() == "Somewhat sure (confidence 60%)."
     unsure = Assessment(True, 0.31, familiar)
     assert unsure.words() == "Unsure: this caption may well be wrong (confidence 31%)." and unsure.mark() == "[unsure]"
     odd = Assessment(False, 0.12, far)
