@@ -756,7 +756,7 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                 files = gr.File(label="Photos", file_count="multiple", file_types=["image"], type="filepath", elem_id="files")
                 files_btn = gr.Button("Caption all", variant="primary", elem_id="files-btn")
                 files_table = gr.Dataframe(value={"headers": FILES_HEADERS, "data": []}, label="Captions", interactive=False,
-                                           wrap=True, column_widths=["30%", "34%", "9%", "11%", "16%"], elem_id="files-table")
+                                           wrap=True, column_widths=["38%", "30%", "10%", "11%", "11%"], elem_id="files-table")
                 files_out = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="files-download")
 
         with gr.Row(visible=False):  # /branch's own inputs (API only)
