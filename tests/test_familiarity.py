@@ -206,3 +206,26 @@ def test_few_dev_photos_are_flagged(bundled, tmp_path):
         f = encode(model, img)
         flagged.append(not verdict(assessor.familiarity, f.grid.mean(1)[0], img).familiar)
     assert sum(flagged) / len(flagged) <= 0.08, sum(flagged)
+
+
+# ---------------------------------------------------------------- train.assess's measurements
+
+
+def test_the_measurements():
+    from train.assess import auroc, cross_fitted, least_confident_ratio, reliability
+
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([False, False, True, True])) == 1.0
+    assert auroc(np.array([0.9, 0.2, 0.8, 0.1]), np.array([True, False, False, True])) == 0.5
+    assert auroc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5  # a tie counts half
+    with pytest.raises(ValueError, match="0 positive"):
+        auroc(np.array([0.1, 0.2]), np.array([False, False]))
+    cider = np.array([0.0, 0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    conf = np.arange(10) / 10  # the least confident two are the two poor captions
+    assert least_confident_ratio(conf, cider) == pytest.approx(0.05)
+    rows = reliability(np.array([0.1, 0.3, 0.9, 0.95]), np.array([False, True, True, True]))
+    assert [r["captions"] for r in rows] == [1, 1, 0, 0, 2] and rows[4]["good"] == 1.0 and rows[2]["good"] is None
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2))
+    y = (x[:, 0] + 0.3 * rng.normal(size=200) > 0).astype(float)
+    p = cross_fitted(x, y)  # every row scored by a model fitted without it
+    assert p.shape == (200,) and auroc(p, y.astype(bool)) > 0.9

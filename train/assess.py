@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Sequence
 
@@ -91,7 +90,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-2) -> tuple[np.
         return loss
 
     opt.step(closure)
-    return mean, scale, w.detach().numpy(), float(b)
+    return mean, scale, w.detach().numpy(), float(b.detach())
 
 
 def predict(params, x: np.ndarray) -> np.ndarray:
@@ -193,7 +192,7 @@ def main(argv=None) -> int:
     from captioner.decode import caption_batch
     from captioner.familiarity import degenerate, fit, save, threshold_for
     from captioner.generation import GenerationConfig
-    from captioner.loading import DEFAULT_MODEL, load_model
+    from captioner.loading import load_model
     from captioner.preprocess import preprocess
     from train.data import load_dataset
 
