@@ -229,3 +229,26 @@ def test_the_measurements():
     y = (x[:, 0] + 0.3 * rng.normal(size=200) > 0).astype(float)
     p = cross_fitted(x, y)  # every row scored by a model fitted without it
     assert p.shape == (200,) and auroc(p, y.astype(bool)) > 0.9
+
+
+@pytest.mark.slow
+def test_train_assess_fits_any_model_and_writes_what_loads(tmp_path, capsys):
+    """`python -m train.assess` end to end on a tiny model and a tiny Flickr8k-layout dataset: the file it writes
+    beside the model loads back (detector, probe, calibration) and the app's Assessor reads it from the folder."""
+    from captioner.loading import load_model
+    from test_train import write_dataset
+    from tiny import attend_model
+    from train.assess import main
+
+    data = write_dataset(tmp_path / "data", n_train=12, n_dev=10)
+    folder = tmp_path / "model"
+    attend_model(seed=2).save_pretrained(folder)
+    report = tmp_path / "report.json"
+    assert main(["--data", str(data), "--model", str(folder), "--out", str(folder), "--cache", str(tmp_path / "cache"),
+                 "--dims", "4", "--k", "3", "--flag", "0.1", "--probe-min-photos", "1", "--report", str(report)]) == 0
+    numbers = json.loads(report.read_text())
+    assert numbers["dev_photos"] == 10 and numbers["train_photos"] == 12 and numbers["dev_flagged"] == pytest.approx(0.1)
+    assert numbers["outside_images"] == len(synthetic()) and 0 <= numbers["confidence_auroc_poor"] <= 1
+    assessor = Assessor.of(load_model(str(folder), precision="fp32"))
+    assert assessor.familiarity.k == 3 and assessor.familiarity.bank.shape == (12, 4)
+    assert assessor.probe is not None and set(assessor.calibration.names) == {"mean_logprob", "probe_mean", "probe_cover"}
