@@ -5,7 +5,10 @@
 With a model that keeps its ImageNet head, --steps prints what the CNN sees ("the CNN sees: Egyptian cat 81%, ...")
 and --json adds it as "imagenet": [[label, probability], ...]; with --strategy guided, "constraint" says which word
 was required and why. --tree (GenerationConfig.tree) adds the search as "tree": [nodes] (docs/search-tree.md); without
---json it prints the search step by step.
+--json it prints the search step by step. Every caption says whether its photo is like the ones the model learned
+from and how sure it is (captioner.confidence): --json as "familiar" (true/false; null: not known) and "confidence"
+(0-1), the plain output as a third column, "[unfamiliar photo: likely wrong]" or "[unsure]", after the caption of such
+a photo.
 """
 from __future__ import annotations
 
@@ -47,7 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default: 32)")
     args = p.parse_args(argv)
 
+    from .confidence import Assessor, expected_words
     from .decode import caption_batch, describe_stop
+    from .familiarity import degenerate
     from .hub import ModelLoadError
     from .imagenet import constraint_for, describe_labels, labels
     from .loading import load_model
@@ -73,11 +78,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     guided = settings.strategy == "guided"
+    assessor = Assessor.of(model)
 
-    def report(path, text=None, steps=None, error=None, seen=None, constraint=None, tree=None):
+    def report(path, text=None, steps=None, error=None, seen=None, constraint=None, tree=None, assessment=None):
         if args.json:
             rec = {"image": path, "caption": text} if error is None else {"image": path, "error": error}
             if error is None:
+                rec.update(assessment.record())
                 rec["precision"] = model.precision
             if steps is not None:
                 rec["steps"] = [s.record() for s in steps]
@@ -91,7 +98,10 @@ def main(argv=None) -> int:
                 rec["tree"] = [n.record() for n in tree]
             print(json.dumps(rec), flush=True)
         elif error is None:
-            print(f"{path}\t{text}", flush=True)
+            mark = assessment.mark()
+            print(f"{path}\t{text}" + (f"\t{mark}" if mark else ""), flush=True)
+            if steps is not None and assessment.verdict is not None and not assessment.familiar:
+                print(f"    {assessment.verdict.sentence()}", flush=True)
             if steps is not None and seen:
                 print(f"    the CNN sees: {describe_labels(seen)}", flush=True)
             if steps is not None and constraint is not None:
@@ -120,24 +130,23 @@ def main(argv=None) -> int:
         except ImageError as e:
             opened.append((f, None, str(e).removeprefix(f + ": ")))
     good = [(f, img) for f, img, err in opened if err is None]
-    # Encoder batches as caption_batch makes them, keeping each batch's features for the CNN's labels. Guided
-    # decoding and --steps take the records (which say whether the constraint was met), not only the text.
-    records = args.steps or guided or settings.tree
+    # Encoder batches as caption_batch makes them, keeping each batch's features for the CNN's labels. Every caption
+    # takes its records (the confidence reads its word probabilities; guided decoding's say whether the constraint was
+    # met), not only the text.
     results = {}
     for start in range(0, len(good), args.batch_size):
         part = good[start : start + args.batch_size]
         features = model.encode(preprocess_batch([img for _, img in part], model.config).to(device_of(model)))
-        outs = caption_batch(model, config=settings, features=features, batch_size=args.batch_size, steps=records)
-        for i, ((f, _), out) in enumerate(zip(part, outs)):
+        outs = caption_batch(model, config=settings, features=features, batch_size=args.batch_size, steps=True)
+        for i, ((f, img), out) in enumerate(zip(part, outs)):
             one = features.select(slice(i, i + 1))
-            if not records:
-                results[f] = dict(text=out, seen=seen_of(one))
-                continue
             constraint = out.constraint if out is not None else (
-                constraint_for(one, model.vocab, settings.guide_threshold) if guided else None)
-            steps = (out.caption_steps() if out is not None else ()) if args.steps else None
-            results[f] = dict(text=out.text if out is not None else "", steps=steps, seen=seen_of(one), constraint=constraint,
-                              tree=(out.tree if out is not None else ()) if settings.tree else None)
+                constraint_for(one, model.vocab, settings.guide_threshold, expected_words(model, one)) if guided else None)
+            words = out.caption_steps() if out is not None else ()
+            results[f] = dict(text=out.text if out is not None else "", steps=words if args.steps else None, seen=seen_of(one),
+                              constraint=constraint if guided else None,
+                              tree=(out.tree if out is not None else ()) if settings.tree else None,
+                              assessment=assessor.assess(one, words, rule=degenerate(img)))
     for f, _, err in opened:
         if err is None:
             report(f, **results[f])

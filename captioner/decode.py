@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .generation import GenerationConfig
+from .confidence import expected_words
 from .imagenet import Constraint, constraint_for
 from .model import ImageFeatures, device_of, encode
 from .preprocess import preprocess_batch
@@ -342,7 +343,7 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
         return
     if config.strategy == "guided":
         if constraint is None:
-            constraint = constraint_for(features, vocab, config.guide_threshold)
+            constraint = constraint_for(features, vocab, config.guide_threshold, expected=expected_words(model, features))
         yield from _beam(model, features, config, max_len, prefix, constraint)
         return
     generator = None

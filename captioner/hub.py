@@ -15,6 +15,7 @@ from .vocab import VOCAB_FILE, Vocabulary
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)
+ASSESS_FILE = "assessment.safetensors"  # optional: familiarity statistics and confidence calibration (train.assess)
 
 
 class ModelLoadError(RuntimeError):
@@ -55,7 +56,7 @@ def resolve(src: str | os.PathLike, *, revision: str | None = None, cache_dir=No
         path = snapshot_download(
             repo_id=text,
             revision=revision,
-            allow_patterns=list(MODEL_FILES) + ["README.md"],
+            allow_patterns=list(MODEL_FILES) + ["README.md", ASSESS_FILE],
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,

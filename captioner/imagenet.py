@@ -22,6 +22,9 @@ CLASSES_FILE = DATA / "imagenet_classes.json"
 WORDS_FILE = DATA / "imagenet_words.json"
 THRESHOLDS_FILE = DATA / "imagenet_thresholds.json"
 NUM_CLASSES = 1000
+# The word probe (captioner.confidence) must give a confident word at least this chance of being in a description
+# before guided decoding requires it: on dev, 0.7 raised the required word's precision to >= 0.90 (docs/guided.md).
+EXPECTED_FLOOR = 0.7
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,19 +203,24 @@ class Constraint:
                 "note": self.note, "text": self.describe()}
 
     def describe(self) -> str:
-        """One line for the inspector: which word was required and why, and how it ended."""
+        """One line for the inspector: which word was required and why, and how it ended; or, when nothing was,
+        why not, in words that agree with the CNN's labels shown above it (docs/guided.md, "The explanation")."""
         if not self.words:
-            return f"guided: nothing required: {self.note}" if self.note else "guided: nothing required"
+            return f"guided: {self.note}" if self.note else "guided: nothing was required"
         calibrated = self.threshold is None
         groups: dict[tuple, list[str]] = {}
         for e in self.evidence:
-            needs = e.threshold if calibrated else None
-            groups.setdefault((round(e.confidence, 4), e.labels, needs), []).append(e.word)
-        why = "; ".join(f"{'/'.join(ws)} {percent(conf)}{f' (needs {percent(needs)})' if needs is not None else ''} "
-                        f"from {describe_labels(lbls)}" for (conf, lbls, needs), ws in groups.items())
-        text = f"guided: required one of {', '.join(self.words)} ({why})"
-        if calibrated:
-            text += "; thresholds calibrated per word"
+            groups.setdefault((round(e.confidence, 4), e.labels, e.threshold), []).append(e.word)
+        why = []
+        for (conf, lbls, needs), ws in groups.items():
+            said = " or ".join(f'"{w}"' for w in ws)
+            # the labels' own probabilities, as the CNN line shows them; their sum only when several add up
+            seen = describe_labels(lbls) if lbls else "labels that stand for it"
+            extra = [f"together {percent(conf)}"] if len(lbls) > 1 else []
+            if needs is not None:
+                extra.append(f"{'its calibrated threshold' if calibrated else 'the threshold set'} is {percent(needs)}")
+            why.append(f"{said}, as the CNN sees {seen}{' (' + '; '.join(extra) + ')' if extra else ''}")
+        text = "required " + "; or ".join(why)
         if self.met is True:
             text += f"; the caption uses \"{self.used}\"" if self.used else "; met"
         elif self.met is False and self.unfit:
@@ -222,7 +230,50 @@ class Constraint:
             text += "; no candidate caption could use one: kept the unconstrained best"
         if self.note:
             text += f"; {self.note}"
-        return text
+        return "guided: " + text
+
+
+def concept_words(index: int) -> tuple[str, ...]:
+    """The caption words an ImageNet class stands for (over every concept listing it), in mapping order; () for none."""
+    return tuple(dict.fromkeys(w for c in concepts() if index in c.classes for w in c.words))
+
+
+def why_nothing(probs: torch.Tensor, vocab, per_word: dict[str, float], threshold: float | None) -> str:
+    """Why guided decoding requires no word for these (1000,) probabilities, in one sentence about the CNN's top
+    label (the first label the CNN line shows), so the two never disagree. The cases:
+    - the top label stands for no caption word (tripod, military uniform);
+    - it stands for words this model's vocabulary lacks;
+    - its words have no calibrated threshold: on the train photos the CNN's label did not reliably mean the word
+      was right (espresso -> cup);
+    - its word is below its threshold (the labels that map to it, together, short of it);
+    plus, when the top label's word is not the likeliest mapped word, what kept that one out too."""
+    names = class_names()
+    top = int(probs.argmax())
+    label = f"The CNN's top label, {names[top]} ({percent(float(probs[top]))}),"
+    conf = word_confidence(probs)
+    bar = "its calibrated threshold" if threshold is None else "the threshold set"
+
+    def short(w: str) -> str:
+        return f"at {percent(conf[w])} with all the labels that stand for it, under {bar} of {percent(per_word[w])}"
+
+    words = concept_words(top)
+    known = [w for w in words if w in vocab.stoi]
+    if not words:
+        head = f"{label} is not one of the words guided decoding may require"
+    elif not known:
+        head = f"{label} stands for {', '.join(words)}, not in this model's vocabulary"
+    elif not any(w in per_word for w in known):
+        head = (f"{label} stands for \"{known[0]}\", but on the training photos that label did not reliably mean "
+                f"\"{known[0]}\" was in the picture, so it is never required")
+    else:
+        w = max((w for w in known if w in per_word), key=lambda w: conf[w])
+        head = f'{label} stands for "{w}", {short(w)}'
+    # The likeliest mapped word with a threshold, when it is another label's and came closest: why it is not required
+    near = [w for w in per_word if w in vocab.stoi and w not in known and conf[w] >= 0.05]
+    if near:
+        w = max(near, key=lambda w: conf[w] / per_word[w])
+        head += f'; "{w}" is {short(w)}'
+    return head + "; nothing was required"
 
 
 def word_confidence(features) -> dict[str, float]:
@@ -231,13 +282,17 @@ def word_confidence(features) -> dict[str, float]:
     return {w: float(probs[list(cs)].sum()) for w, cs in word_classes().items()}
 
 
-def constraint_for(features, vocab, threshold: float | None) -> Constraint:
+def constraint_for(features, vocab, threshold: float | None, expected: dict[str, float] | None = None,
+                   floor: float = EXPECTED_FLOOR) -> Constraint:
     """The requirement guided decoding puts on one image's caption: the words (in `vocab`) whose confidence reaches
     their threshold, with the labels behind them; no requirement for features without ImageNet labels.
     threshold None: each word's calibrated threshold (imagenet_thresholds.json; a word without one is never
-    required); a float: one threshold for every mapped word (an override)."""
+    required); a float: one threshold for every mapped word (an override).
+    `expected`: a second opinion, word -> the chance a description of the photo uses it (the model's word probe,
+    captioner.confidence.expected_words); a confident word it gives less than `floor` is not required ("dog" where
+    the photo shows dogs), a word it does not know stays."""
     if getattr(features, "labels", None) is None:
-        return Constraint((), (), threshold, note="this model has no ImageNet head, so nothing to be sure of")
+        return Constraint((), (), threshold, note="this model has no ImageNet head (image classifier), so nothing was required")
     probs = _probs(features)
     names = class_names()
     conf = word_confidence(probs)
@@ -245,19 +300,22 @@ def constraint_for(features, vocab, threshold: float | None) -> Constraint:
     confident = sorted((w for w, c in conf.items() if w in per_word and c >= per_word[w]), key=lambda w: (-conf[w], w))
     known = [w for w in confident if w in vocab.stoi]
     missing = [w for w in confident if w not in vocab.stoi]
+    doubted = [w for w in known if expected is not None and expected.get(w, 1.0) < floor]
+    known = [w for w in known if w not in doubted]
     evidence = []
     for w in known:
         cs = sorted(word_classes()[w], key=lambda c: -float(probs[c]))[:3]
         evidence.append(Evidence(w, conf[w], tuple((names[c], float(probs[c])) for c in cs if probs[c] >= 0.005),
                                  per_word[w]))
     note = ""
-    if missing and not known:
-        note = f"{', '.join(missing)} confident, but not in this model's vocabulary"
-    if not confident and threshold is not None:
-        best = max(conf, key=conf.get)
-        note = f"no mapped word reaches {percent(threshold)}; the likeliest is {best}, {percent(conf[best])}"
+    if doubted and not known:
+        note = (f"the CNN's labels point to {', '.join(doubted)}, but this model's second opinion (its word probe) "
+                f"gives {' and '.join(f'{w} {percent(expected[w])}' for w in doubted)} that a description would use "
+                f"{'it' if len(doubted) == 1 else 'them'}, under {percent(floor)}; nothing was required")
+    elif doubted:
+        note = f"not {', '.join(doubted)}: the word probe gives {'it' if len(doubted) == 1 else 'them'} under {percent(floor)}"
+    elif missing and not known:
+        note = f"{', '.join(missing)} confident, but not in this model's vocabulary; nothing was required"
     elif not confident:
-        best = max(conf, key=conf.get)
-        needs = f"needs {percent(per_word[best])}" if best in per_word else "never required: no calibrated threshold"
-        note = f"no mapped word reaches its calibrated threshold; the likeliest is {best}, {percent(conf[best])} ({needs})"
+        note = why_nothing(probs, vocab, per_word, threshold)
     return Constraint(tuple(known), tuple(evidence), threshold, note=note)

@@ -489,6 +489,7 @@ class Captioner(
         model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
         model.eval()
         model.source = str(src)
+        model.folder = folder  # where optional files beside the weights are read from (familiarity.ASSESS_FILE)
         model.revision = revision
         # For a Hub download the snapshot folder is named by the commit actually loaded (what "main" meant then).
         model.commit = folder.name if not os.path.isdir(os.fspath(src)) else None

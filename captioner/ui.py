@@ -32,7 +32,9 @@ import torch
 from PIL import Image
 from starlette.middleware import Middleware
 
+from .confidence import Assessment, Assessor, expected_words
 from .decode import SearchStep, Step, caption_batch, describe_stop, encode, stream
+from .familiarity import degenerate
 from .generation import STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
 from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
@@ -73,7 +75,7 @@ DOWNLOADS = Path(tempfile.gettempdir()) / "captioner-downloads"  # files offered
 DOWNLOAD_MAX_AGE = 3600  # seconds a download file is kept here
 
 TABLE_HEADERS = ["#", "word", "p", "p(<EOS>)", "alternatives (p)"]
-FILES_HEADERS = ["image", "caption", "error"]
+FILES_HEADERS = ["image", "caption", "familiar", "confidence", "error"]
 CONFIDENCE = {  # HighlightedText categories of per-word probability, most confident first
     "confident (≥ 50%)": (0.5, "#86efac"),
     "unsure (20–50%)": (0.2, "#fde68a"),
@@ -185,11 +187,13 @@ class ImageCache:
     # The photo as the encoder saw it, at most PHOTO_MAX_SIDE a side: the heatmaps' base (None: nothing attends).
     photo: Photo | None = None
     constraints: dict = field(default_factory=dict, compare=False)  # guide_threshold -> guided decoding's Constraint
+    rule: str | None = None  # familiarity.degenerate's reason for an image with nothing to caption ("only 1×1 pixels")
 
-    def constraint(self, vocab, threshold: float | None) -> Constraint:
-        """Guided decoding's requirement for this image: it depends on nothing else, so it is worked out once."""
+    def constraint(self, vocab, threshold: float | None, expected: dict[str, float] | None = None) -> Constraint:
+        """Guided decoding's requirement for this image (`expected`: the model's word probe on it, the same for every
+        call): it depends on nothing else, so it is worked out once."""
         if threshold not in self.constraints:
-            self.constraints[threshold] = constraint_for(self.features, vocab, threshold)
+            self.constraints[threshold] = constraint_for(self.features, vocab, threshold, expected)
         return self.constraints[threshold]
 
 
@@ -205,6 +209,7 @@ class Decoding:
     image_key: str  # ImageCache.key of the image it describes
     photo: Photo | None = None  # ImageCache.photo of that image: the heatmaps' base (same object, not a copy)
     tree: tuple | None = None  # the recorded search (decode.Node, the last Step's tree): the page's tree view
+    assessment: Assessment | None = None  # familiar? how sure? (captioner.confidence)
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -223,6 +228,7 @@ class Update(NamedTuple):
     table: dict  # the history so far
     decoding: Decoding | None  # set on the last update only
     cache: ImageCache
+    assessment: dict | None = None  # on the last update: {"familiar", "confidence", "familiarity"} (Assessment.record)
 
 
 class Inspector(NamedTuple):
@@ -294,14 +300,29 @@ def heatmap_view(step: Step | None, photo: Photo | None) -> dict:
                      alt_text=f"The photo with a heatmap of where the model looked when it chose the word {step.word}")
 
 
+def assessment_markdown(decoding: Decoding | None) -> dict:
+    """Under the caption: the sentence for an unfamiliar photo and how sure the caption is, in words (hidden when
+    there is nothing to say)."""
+    text = decoding.assessment.markdown() if decoding is not None and decoding.assessment is not None else ""
+    return gr.update(value=text, visible=bool(text))
+
+
 def decoding_record(decoding: Decoding, model_id: str, precision: str = "fp32") -> dict:
-    """What "Download decoding (JSON)" holds: the caption, every step's record (Step.record), guided decoding's
-    constraint (which word was tried, whether it was kept, and why), the settings, the model and its precision."""
+    """What "Download decoding (JSON)" holds: the caption, whether its photo is familiar and how sure it is, every
+    step's record (Step.record), guided decoding's constraint (which word was tried, whether it was kept, and why),
+    the settings, the model and its precision."""
     constraint = decoding.steps[-1].constraint if decoding.steps else None
-    return {"model": model_id, "precision": precision, "caption": decoding.text, "stop": decoding.stop,
+    assessed = (decoding.assessment or Assessment(None, None)).record()
+    return {"model": model_id, "precision": precision, "caption": decoding.text, **assessed, "stop": decoding.stop,
             "settings": asdict(decoding.settings), "prefix": list(decoding.prefix),
             "constraint": None if constraint is None else constraint.record(), "steps": [s.record() for s in decoding.steps],
             "tree": None if decoding.tree is None else [n.record() for n in decoding.tree]}
+
+
+def familiar_cell(familiar: bool | None) -> str:
+    """The several-photos table's "familiar" column: yes, no (an unfamiliar photo: its caption is likely wrong) or
+    blank (not known: a model without familiarity statistics, or no caption)."""
+    return "" if familiar is None else "yes" if familiar else "no"
 
 
 def write_download(name: str, text: str) -> str:
@@ -333,6 +354,7 @@ class Handlers:
         self.model_id = model_id
         # Heatmaps for decoders whose steps attend over the image's grid of regions.
         self.uses_grid = bool(getattr(model.decoder, "uses_grid", False))
+        self.assessor = Assessor.of(model)  # familiarity and confidence, read once from the model's folder
 
     def settings(self, **controls) -> GenerationConfig:
         return settings_from(controls, replace(APP_DEFAULTS, max_len=self.model.config.max_len))
@@ -358,7 +380,8 @@ class Handlers:
             config = self.model.config
             features = encode(self.model, to_tensor(img, config))
             labels = None if features.labels is None else tuple(imagenet_labels(features, NUM_LABELS))
-            return ImageCache(key, features, labels, Photo.of(encoder_view(img, config, PHOTO_MAX_SIDE)) if self.uses_grid else None)
+            return ImageCache(key, features, labels, Photo.of(encoder_view(img, config, PHOTO_MAX_SIDE)) if self.uses_grid else None,
+                              rule=degenerate(img))
 
     # --- decoding, streamed: the API's outputs (caption, words, history) and the states ---
 
@@ -368,7 +391,8 @@ class Handlers:
 
     def _records(self, cache: ImageCache, settings: GenerationConfig, prefix: Sequence[int]) -> Iterator[Step]:
         try:
-            constraint = cache.constraint(self.model.vocab, settings.guide_threshold) if settings.strategy == "guided" else None
+            constraint = cache.constraint(self.model.vocab, settings.guide_threshold, expected_words(self.model, cache.features)) \
+                if settings.strategy == "guided" else None
             yield from stream(self.model, config=settings, features=cache.features, prefix=prefix, constraint=constraint)
         except ValueError as e:  # a setting out of range (decode.stream says which and why)
             raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
@@ -400,10 +424,12 @@ class Handlers:
                 rows.append(step)
             else:
                 rows = list(step.caption_steps())  # beam search: the winner's records, which the stream may not have shown
+                assessment = self.assessor.assess(cache.features, rows, rule=cache.rule)
                 decoding = Decoding(tuple(rows), step.stop, settings, prefix, min(focus, len(rows) - 1), cache.key, cache.photo,
-                                    step.tree)
+                                    tree=step.tree, assessment=assessment)
             last = self._pace(last)
-            yield Update(step.text, top_words(step), history_table(rows), decoding, cache)
+            yield Update(step.text, top_words(step), history_table(rows), decoding, cache,
+                         None if decoding is None else decoding.assessment.record())
 
     def _pace(self, last: float) -> float:
         if self.word_delay:  # the first word at once, then one every word_delay
@@ -529,7 +555,7 @@ class Handlers:
         """The page with nothing from an earlier caption: no caption, labels, history, inspector, download or message."""
         return dict(caption="", table=history_table([]), decoding=None, labels="", **self.inspect(None)._asdict(),
                     download=gr.update(interactive=False), status=gr.update(value="", visible=False),
-                    tree=tree_view.render(None), tree_info="", pick=None)
+                    tree=tree_view.render(None), tree_info="", pick=None, assessment=assessment_markdown(None))
 
     def _page(self, updates: Iterator[Update], *, clear_first: bool, tree: tree_view.Growing | None = None) -> Iterator[dict]:
         """A decode's updates as page updates. The page is cleared first (`clear_first`: before the work starts, so a
@@ -549,7 +575,8 @@ class Handlers:
                         time.monotonic() - drawn_at >= TREE_REDRAW * (len(tree.nodes) // TREE_EVERY_STEP)):
                     out["tree"], drawn, drawn_at = tree.view(), len(tree.nodes), time.monotonic()  # it grew: draw it again
                 if u.decoding is not None:
-                    out.update(decoding=u.decoding, cache=u.cache, **self.finished(u.decoding))
+                    out.update(decoding=u.decoding, cache=u.cache, assessment=assessment_markdown(u.decoding),
+                               **self.finished(u.decoding))
                 first = False
                 yield out
         except gr.Error as e:
@@ -672,7 +699,8 @@ class Handlers:
 
     def _caption_files(self, files, settings: GenerationConfig, job: Job) -> tuple[dict, list[str]]:
         records: list[dict] = []
-        batch: list[tuple[dict, torch.Tensor]] = []  # photos waiting for the encoder: model-sized tensors, never photos
+        batch: list[tuple[dict, torch.Tensor, str | None]] = []  # photos waiting for the encoder: model-sized tensors (and
+        # familiarity.degenerate's verdict on the photo), never photos
         budget = REQUEST_PIXELS
 
         def caption_batch_of_photos():
@@ -680,12 +708,15 @@ class Handlers:
                 return
             try:
                 with self.turns.turn(job):
-                    features = self.model.encode(torch.stack([x for _, x in batch]).to(device_of(self.model)))
-                    texts = caption_batch(self.model, config=settings, features=features)
+                    features = self.model.encode(torch.stack([x for _, x, _ in batch]).to(device_of(self.model)))
+                    # the records, not only the text: the confidence reads the caption's word probabilities
+                    lasts = caption_batch(self.model, config=settings, features=features, steps=True)
+                    assessed = [self.assessor.assess(features.select(slice(i, i + 1)), last.caption_steps() if last else (),
+                                                     rule=rule) for i, (last, (_, _, rule)) in enumerate(zip(lasts, batch))]
             except ValueError as e:
                 raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
-            for (rec, _), text in zip(batch, texts):
-                rec.update(caption=text, precision=self.model.precision)
+            for (rec, _, _), last, a in zip(batch, lasts, assessed):
+                rec.update(caption=last.text if last is not None else "", **a.record(), precision=self.model.precision)
             batch.clear()
 
         # Photo by photo: each is opened (reduced as it is: preprocess.open_image), turned into the model's input and
@@ -705,13 +736,15 @@ class Handlers:
             budget -= pixels
             try:
                 with self.turns.turn(job):
-                    batch.append((rec, to_tensor(open_image(path, name), self.model.config)))
+                    img = open_image(path, name)
+                    batch.append((rec, to_tensor(img, self.model.config), degenerate(img)))
             except ImageError as e:
                 rec["error"] = str(e).removeprefix(name + ": ")
             if len(batch) == FILES_BATCH:
                 caption_batch_of_photos()
         caption_batch_of_photos()
-        rows = [[r["image"], r.get("caption", ""), r.get("error", "")] for r in records]
+        rows = [[r["image"], r.get("caption", ""), familiar_cell(r.get("familiar")),
+                 "" if r.get("confidence") is None else f"{r['confidence']:.2f}", r.get("error", "")] for r in records]
         out = io.StringIO()
         csv.writer(out).writerows([FILES_HEADERS, *rows])
         folder = Path(write_download("captions.csv", out.getvalue())).parent
@@ -757,8 +790,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                                      "Webcam: take a photo, then press Caption", height=340, elem_id="photo")
                         caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                         paths = example_paths()
-                        examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public domain, CC0)",
-                                               examples_per_page=8, cache_examples=False, elem_id="examples") if paths else None
+                        examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public domain, CC0, CC BY 4.0)",
+                                               examples_per_page=12, cache_examples=False, elem_id="examples") if paths else None
                         with gr.Accordion("Decoding settings", open=False, elem_id="settings"):
                             d = APP_DEFAULTS  # every default comes from the one settings object
                             limit = GenerationConfig.limit  # and every range from its LIMITS (what the server enforces)
@@ -784,6 +817,8 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                     with gr.Column(scale=6):
                         caption = gr.Textbox(label="Caption", lines=2, interactive=False, buttons=["copy"], elem_id="caption",
                                              placeholder="The caption appears here, word by word.")
+                        # Is the photo like the ones the model learned from, and how sure is the caption (in words)?
+                        assessment = gr.Markdown("", visible=False, elem_id="assessment")
                         # Why the last request could not be done (an unreadable photo, no word picked), beside the caption.
                         status = gr.Markdown("", visible=False, elem_id="status")
                         # What the CNN's own ImageNet classifier sees in the photo (models saved with its head only).
@@ -835,22 +870,24 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                 files = gr.File(label="Photos", file_count="multiple", file_types=["image"], type="filepath", elem_id="files")
                 files_btn = gr.Button("Caption all", variant="primary", elem_id="files-btn")
                 files_table = gr.Dataframe(value={"headers": FILES_HEADERS, "data": []}, label="Captions", interactive=False,
-                                           wrap=True, column_widths=["42%", "36%", "22%"], elem_id="files-table")
+                                           wrap=True, column_widths=["38%", "30%", "10%", "11%", "11%"], elem_id="files-table")
                 files_out = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="files-download")
 
         with gr.Row(visible=False):  # /branch's own inputs (API only)
             api_step = gr.Number(label="step", precision=0, value=None)
             api_word = gr.Textbox(label="word", value=None)
+            # /caption's and /branch's last output: {"familiar", "confidence", "familiarity"} of the finished caption
+            api_assessment = gr.JSON(label="Assessment", value=None)
 
         # Keyed by GenerationConfig's field names, which the handlers take as keyword arguments: a new decoding setting
         # is its field plus its control here. (guide_threshold last: API clients that pass settings by position keep working.)
         controls = dict(strategy=strategy, beam_size=beam_size, max_len=max_len, num_alternatives=num_alternatives,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, guide_threshold=guide_threshold)
-        streamed = [caption, current, table, decode_state, cache]  # in Update's order
+        streamed = [caption, current, table, decode_state, cache, api_assessment]  # in Update's order
         inspector = [current, heading, step, prefix, step_info, step_alts, confidence, branch, heatmap]  # in Inspector's order
         page = dict(zip(Inspector._fields, inspector), caption=caption, table=table, decoding=decode_state, cache=cache,
                     labels=cnn_labels, download=download, status=status, photo=image, tree=search_tree, tree_info=tree_info,
-                    pick=tree_pick)  # the page's outputs by name
+                    pick=tree_pick, assessment=assessment)  # the page's outputs by name
 
         def on_page(fn: Callable[..., Iterator[dict]]) -> Callable[..., Iterator[dict]]:
             """A page handler whose updates name their outputs, as Gradio takes them (keyed by component)."""

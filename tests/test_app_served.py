@@ -68,7 +68,7 @@ def expected(model, path) -> str:
 def test_caption_streams_growing_partials_then_the_final_caption(server, model, files):
     client = Client(server, verbose=False)
     job = client.submit(handle_file(str(files["photo0"])), api_name="/caption")  # the app's defaults
-    updates = [(text, len(table["data"])) for text, _, table in job]
+    updates = [(text, len(table["data"])) for text, _, table, _ in job]
     final = job.result()[0]
     assert final == expected(model, files["photo0"]) and len(final.split()) >= 3
     partials = [u for u in updates if u[0] != final]
@@ -88,7 +88,7 @@ def test_greedy_partials_are_prefixes_of_each_other(server, model, files):
 
 def test_other_outputs_are_the_step_bars_and_the_history(server, model, files):
     client = Client(server, verbose=False)
-    text, bars, table = client.predict(handle_file(str(files["photo1"])), "greedy", api_name="/caption")
+    text, bars, table, assessment = client.predict(handle_file(str(files["photo1"])), "greedy", api_name="/caption")
     assert text == caption(model, str(files["photo1"]), strategy="greedy", max_len=MAX_LEN)
     final = list(stream(model, str(files["photo1"]), strategy="greedy", max_len=MAX_LEN))[-1]
     # the last step's top words: 5, less those a decoding rule blocked there (a repeated phrase has probability 0)
@@ -96,6 +96,8 @@ def test_other_outputs_are_the_step_bars_and_the_history(server, model, files):
     assert bars["label"] == bars["confidences"][0]["label"]
     assert [row[1] for row in table["data"]] == [model.vocab.itos[t] for t in final.tokens]
     assert len(table["data"]) == MAX_LEN
+    # the last output: whether the photo is familiar and how sure the caption is (None: the model cannot say)
+    assert set(assessment) == {"familiar", "confidence", "familiarity"} and assessment["familiar"] in (True, False, None)
 
 
 def test_guided_decoding_and_its_threshold_by_name(server, model, files):
@@ -130,7 +132,8 @@ def test_branch_streams_the_caption_decoded_from_the_changed_word(server, model,
         job = client.submit(handle_file(path), 3, word, api_name="/branch")
         texts = [out[0] for out in job]
         assert texts == [w.text for w in want], (word, texts)
-        text, bars, table = job.result()
+        text, bars, table, assessment = job.result()
+        assert set(assessment) == {"familiar", "confidence", "familiarity"}  # the finished branch's verdicts
         assert [row[1] for row in table["data"]] == [w.word for w in want[-1].caption_steps()]
     with pytest.raises(AppError, match="not a word of the model's vocabulary"):
         client.predict(handle_file(path), 3, "zebrafish-unicorn", api_name="/branch")
@@ -145,12 +148,12 @@ def test_caption_files_names_bad_files_and_captions_the_rest(server, model, file
     client = Client(server, verbose=False)
     names = ["photo0", "text", "photo1", "truncated"]
     table, downloads = client.predict([handle_file(str(files[n])) for n in names], api_name="/caption_files")
-    assert table["headers"] == ["image", "caption", "error"]
+    assert table["headers"] == ["image", "caption", "familiar", "confidence", "error"]
     rows = table["data"]
     assert [r[0] for r in rows] == [files[n].name for n in names]
     assert rows[0][1] == expected(model, files["photo0"]) and rows[2][1] == expected(model, files["photo1"])
-    assert rows[1][1] == "" and rows[1][2].startswith("not an image file PIL can read")
-    assert rows[3][1] == "" and rows[3][2].startswith("the image data is damaged or truncated")
+    assert rows[1][1] == "" and rows[1][4].startswith("not an image file PIL can read")
+    assert rows[3][1] == "" and rows[3][4].startswith("the image data is damaged or truncated")
     assert not any("/tmp" in cell for r in rows for cell in r)
     by_name = {os.path.basename(d): d for d in downloads}
     assert set(by_name) == {"captions.csv", "captions.json"}
@@ -159,7 +162,8 @@ def test_caption_files_names_bad_files_and_captions_the_rest(server, model, file
     with open(by_name["captions.json"], encoding="utf-8") as f:
         records = json.load(f)
     assert [r["image"] for r in records] == [r[0] for r in rows] and records[0]["caption"] == rows[0][1]
-    assert "caption" not in records[1] and records[1]["error"] == rows[1][2]
+    assert "caption" not in records[1] and records[1]["error"] == rows[1][4]
+    assert [r.get("familiar") for r in records] == [{"yes": True, "no": False, "": None}[r[2]] for r in rows]
 
 
 def test_uploads_over_20mb_are_refused(server, tmp_path):

@@ -330,6 +330,11 @@ def test_phone_the_caption_streams_in_view(served, browser, tmp_path):
     table keeps words and numbers whole."""
     url, model, real = served
     page, errors = open_app(browser, url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    # A first visit sees the examples without scrolling: right after the photo box and the Caption button.
+    page.wait_for_selector("button.gallery-item img")
+    gallery = page.locator("#examples").bounding_box()
+    assert gallery["y"] < 844 and gallery["y"] < page.locator("#caption").bounding_box()["y"], gallery
+    assert gallery["y"] > page.locator("#caption-btn").bounding_box()["y"]
     page.evaluate(RECORD_BOXES)
     page.set_input_files("#photo input[type=file]", str(PHOTO))
     wait_step(page, 1)
@@ -367,11 +372,9 @@ def test_phone_the_caption_streams_in_view(served, browser, tmp_path):
     page.wait_for_function("() => document.querySelector('#step-info').innerText.includes('Branched')")
     box = page.locator("#caption textarea").bounding_box()
     assert box["y"] >= 0 and box["y"] + box["height"] <= 844, box
-    # The examples sit below the history on a phone: tapping one scrolls back up to the photo, and its caption
-    # streams in view too.
+    # Tapping an example (after scrolling to it) brings the photo back up, and its caption streams in view too.
     example = page.locator(f"button.gallery-item:has(img[src*='{SECOND_PHOTO.name}'])")
     example.scroll_into_view_if_needed()
-    assert page.evaluate("window.scrollY") > 0
     page.evaluate("() => { window.__boxes = []; }")
     example.click()
     want = default_steps(model, SECOND_PHOTO)[-1].text
@@ -626,3 +629,44 @@ def test_an_expired_caption_says_so_on_every_control(browser, tmp_path_factory, 
         wait_step(page, 2)
         assert not errors, errors
         page.close()
+
+
+# ---------------------------------------------------------------- a photo unlike the training photos (issue 32)
+
+
+def test_the_sentence_for_an_unfamiliar_photo_and_none_for_a_familiar_one(served, browser, tmp_path):
+    """Under the caption: the plain sentence for a photo unlike the ones the model learned from (a flat grey image:
+    by rule, for any model; a page of text: by the bundled model's statistics), and no such sentence for a photo of
+    what Flickr8k shows (examples/stream.jpg, with the bundled model's statistics)."""
+    from PIL import Image, ImageDraw
+
+    from captioner.confidence import Assessor
+
+    url, model, real = served
+    page, errors = open_app(browser, url)
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(grey)
+    page.set_input_files("#photo input[type=file]", str(grey))
+    wait_step(page, 1)
+    page.wait_for_function("() => (document.querySelector('#assessment')?.innerText || '').includes('This image is a single flat colour')")
+    sentence = page.locator("#assessment").inner_text()
+    assert "nothing like the photos I learned from (people, dogs and outdoor scenes on Flickr)" in sentence, sentence
+    box = page.locator("#assessment").bounding_box()
+    assert box and box["y"] > page.locator("#caption").bounding_box()["y"]  # under the caption
+    if real and Assessor.of(model).familiarity is not None:
+        page.set_input_files("#photo input[type=file]", str(ROOT / "examples" / "stream.jpg"))
+        page.wait_for_function("() => !(document.querySelector('#assessment')?.innerText || '').includes('flat colour')")
+        wait_step(page, 1)
+        page.wait_for_function("() => (document.querySelector('#assessment')?.innerText || '').includes('confidence')")
+        text = page.locator("#assessment").inner_text()
+        assert "This doesn't look like" not in text and "This image is" not in text, text
+        drawn = tmp_path / "page.png"
+        img = Image.new("RGB", (420, 560), "white")
+        d = ImageDraw.Draw(img)
+        for y in range(12, 548, 14):
+            d.text((10, y), "the of and to in is that for it as was with be by on not he this", fill="black")
+        img.save(drawn)
+        page.set_input_files("#photo input[type=file]", str(drawn))
+        page.wait_for_function("() => (document.querySelector('#assessment')?.innerText || '').includes(\"This doesn't look like\")")
+    assert not errors, errors
+    page.close()

@@ -41,6 +41,9 @@ def test_cli_folder_json_steps_and_bad_files(tmp_path):
     assert set(good) == {"p0.png", "p1.png", "p2.png"}
     for name, text in good.items():
         assert text == caption(model, imgs / name)
+    # 30 x 40 pixels of noise: unfamiliar by rule, even for a model without familiarity statistics (no confidence then)
+    assert all(d["familiar"] is False and d["confidence"] is None and d["familiarity"]["reason"] == "only 40×30 pixels"
+               for d in lines if "caption" in d)
     assert len(bad) == 1 and bad[0]["image"].endswith("broken.jpg") and "not an image" in bad[0]["error"]
 
     r = run_cli(imgs / "p0.png", "--model", tmp_path / "model", "--json", "--steps", "--num-alternatives", "2")
@@ -49,7 +52,8 @@ def test_cli_folder_json_steps_and_bad_files(tmp_path):
     assert rec["steps"] and all(len(s["alternatives"]) <= 2 for s in rec["steps"])
 
     r = run_cli(imgs / "p0.png", "--model", tmp_path / "model")
-    assert r.returncode == 0 and r.stdout.strip().endswith(caption(model, imgs / "p0.png", strategy="greedy"))
+    assert r.returncode == 0 and r.stdout.strip().split("\t")[1:] == [caption(model, imgs / "p0.png", strategy="greedy"),
+                                                                      "[unfamiliar photo: likely wrong]"]
 
 
 @pytest.mark.slow

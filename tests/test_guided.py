@@ -2,6 +2,7 @@
 and caption() agree, branching works, and it falls back cleanly (nothing confident, the word not in the vocabulary,
 no ImageNet head, no caption that can meet it)."""
 import dataclasses
+import re
 import math
 import json
 
@@ -58,7 +59,7 @@ def test_the_required_word_appears(decoder):
     c = last.constraint
     assert c.words == ("dog",) and c.met is True and c.used == "dog"
     assert c.evidence[0].confidence > 0.9 and c.evidence[0].labels[0][0] in ("Chihuahua", "Japanese spaniel", "Maltese dog")
-    assert "required one of dog" in c.describe() and 'uses "dog"' in c.describe()
+    assert c.describe().startswith('guided: required "dog", as the CNN sees ') and 'uses "dog"' in c.describe()
     # every record says what is required; the end (met) only on the last
     assert all(s.constraint is not None and s.constraint.words == ("dog",) and s.constraint.met is None for s in steps[:-1])
     assert all(s.constraint is not None for s in last.caption_steps())
@@ -152,9 +153,11 @@ def test_nothing_required_is_beam_search(decoder):
             notes[why] = c.describe()
         # beam size 1 without a requirement is greedy
         assert caption(m, photo(3), **GUIDED, beam_size=1) == caption(m, photo(3))
-    assert "no mapped word reaches its calibrated threshold" in notes["nothing confident"]
-    assert "cat, cats, kitten confident, but not in this model's vocabulary" in notes["word not in the vocabulary"]
-    assert "no ImageNet head" in notes["no ImageNet head"]
+    # Each case says why in one sentence that starts from the CNN's top label (the first label the CNN line shows).
+    assert re.fullmatch(r"guided: The CNN's top label, [^()]+ \(\S+%\), .+; nothing was required", notes["nothing confident"])
+    assert notes["word not in the vocabulary"] == ("guided: cat, cats, kitten confident, but not in this model's vocabulary; "
+                                                    "nothing was required")
+    assert notes["no ImageNet head"] == "guided: this model has no ImageNet head (image classifier), so nothing was required"
 
 
 def test_the_threshold_decides():
@@ -183,6 +186,7 @@ def test_guided_names_the_subject_of_the_example_photos():
     decoding names the cat, which beam search calls a dog; it requires nothing where train did not show the CNN's
     word to be right (cup for the espresso, rocket for the missile: docs/guided.md), so no caption puts a subject
     where it cannot be ("running through the cup"); the people are named as by beam search."""
+    from captioner.imagenet import top_labels
     from captioner.loading import load_model
     from captioner.vocab import tokenize
     from conftest import ROOT
@@ -199,7 +203,9 @@ def test_guided_names_the_subject_of_the_example_photos():
             assert last.constraint.words[0] == "cat" and last.constraint.met and "Egyptian cat" in last.constraint.describe()
         if name in ("coffee.jpg", "rocket.jpg", "grace_hopper.jpg"):  # nothing forced in where it would not fit
             assert last.constraint.words == ()
-            assert name == "grace_hopper.jpg" or "no calibrated threshold" in last.constraint.describe()
+            top = top_labels(model, ROOT / "examples" / name, k=1)[0][0]
+            assert last.constraint.describe().startswith(f"guided: The CNN's top label, {top} (")
+            assert last.constraint.describe().endswith("; nothing was required")
             assert not {"cup", "mug", "rocket", "uniform", "jersey"} & set(tokenize(last.text)), last.text
     assert named["cat.jpg"] and sum(named.values()) >= 4, named
 
@@ -211,12 +217,12 @@ def test_guided_decoding_with_calibrated_per_word_thresholds(monkeypatch):
     import captioner.imagenet as imagenet
 
     m = model_of("show-tell", 1)
-    monkeypatch.setattr(decode, "constraint_for", lambda f, v, t: imagenet.constraint_for(f, v, None))
+    monkeypatch.setattr(decode, "constraint_for", lambda f, v, t, expected=None: imagenet.constraint_for(f, v, None, expected))
     monkeypatch.setattr(imagenet, "thresholds", lambda: {"dog": 0.5})
     last = list(stream(m, photo(), **GUIDED, beam_size=3))[-1]
     c = last.constraint
     assert c.words == ("dog",) and c.threshold is None and c.met and "dog" in words_of(last)
-    assert "(needs 50%)" in c.describe() and "calibrated per word" in c.describe() and 'uses "dog"' in c.describe()
+    assert "its calibrated threshold is 50%" in c.describe() and 'uses "dog"' in c.describe()
     assert json.loads(json.dumps(last.record()))  # the step's JSON form carries the None threshold
     monkeypatch.setattr(imagenet, "thresholds", lambda: {"cat": 0.5})  # no threshold for dog: never required
     last = list(stream(m, photo(), **GUIDED, beam_size=3))[-1]

@@ -157,7 +157,7 @@ def test_word_confidence_sums_the_classes_that_map_to_it():
     vocab = Vocabulary(["<PAD>", "<SOS>", "<EOS>", "<UNK>", "a", "rocket", "cat"])
     c = constraint_for(type("F", (), {"labels": probs.unsqueeze(0)})(), vocab, 0.25)
     assert c.words == ("rocket",) and c.evidence[0].labels[0] == ("missile", pytest.approx(0.13))
-    assert "rocket 26% from missile 13%, projectile 7%, space shuttle 6%" in c.describe()
+    assert '"rocket", as the CNN sees missile 13%, projectile 7%, space shuttle 6% (together 26%; the threshold set is 25%)' in c.describe()
     assert constraint_for(type("F", (), {"labels": probs.unsqueeze(0)})(), vocab, 0.3).words == ()
 
 
@@ -257,23 +257,27 @@ def test_per_word_thresholds_are_applied(monkeypatch):
     c = constraint_for(_features_with(probs), vocab, None)
     assert c.words == ("rocket",) and c.threshold is None
     assert c.evidence[0].threshold == 0.2
-    assert "rocket 22% (needs 20%) from missile 12%, projectile 10%" in c.describe() and "calibrated per word" in c.describe()
+    assert '"rocket", as the CNN sees missile 12%, projectile 10% (together 22%; its calibrated threshold is 20%)' in c.describe()
     rec = c.record()
     assert rec["threshold"] is None and rec["evidence"][0]["threshold"] == 0.2 and json.dumps(rec)
     # The float override is today's global rule, its description unchanged.
     g = constraint_for(_features_with(probs), vocab, 0.25)
     assert g.words == ("cat", "dog") and g.threshold == 0.25 and all(e.threshold == 0.25 for e in g.evidence)
-    assert "(needs" not in g.describe() and "calibrated" not in g.describe()
+    assert "calibrated" not in g.describe() and "the threshold set is 25%" in g.describe()
     # Above its own threshold, the cat is required too.
     probs[281] = 0.7
     assert constraint_for(_features_with(probs), vocab, None).words == ("cat", "rocket")
-    # Nothing reaches its threshold: the note says what the likeliest word needs, or that it has no threshold.
+    # Nothing reaches its threshold: one sentence from the CNN's top label (what the CNN line shows first).
     probs[:] = 0
-    probs[151] = 0.9
+    probs[151] = 0.9  # Chihuahua -> dog, which has no calibrated threshold here
     c = constraint_for(_features_with(probs), vocab, None)
-    assert c.words == () and "calibrated threshold" in c.describe() and "dog, 90%" in c.describe() and "never required" in c.describe()
-    probs[151], probs[281] = 0, 0.5
-    assert "cat, 50% (needs 60%)" in constraint_for(_features_with(probs), vocab, None).describe()
+    assert c.words == () and c.describe() == (
+        "guided: The CNN's top label, Chihuahua (90%), stands for \"dog\", but on the training photos that label did not "
+        "reliably mean \"dog\" was in the picture, so it is never required; nothing was required")
+    probs[151], probs[281] = 0, 0.5  # tabby -> cat, under its threshold
+    assert constraint_for(_features_with(probs), vocab, None).describe() == (
+        "guided: The CNN's top label, tabby (50%), stands for \"cat\", at 50% with all the labels that stand for it, "
+        "under its calibrated threshold of 60%; nothing was required")
 
 
 def test_calibration_picks_the_lowest_threshold_reaching_the_precision_with_support():
@@ -351,3 +355,25 @@ def test_calibrate_keeps_a_rarely_seen_word_only_where_the_cnn_is_sure_and_every
     assert out["thresholds"]["cat"] == {"threshold": THIN_FLOOR, "support": 2, "precision": 1.0, "thin": True}
     assert "cup" not in out["thresholds"]  # at 0.5 one of three photos is not named
     assert "cat" not in calibrate(labels, None, refs=refs, grid=grid, thin=False)["thresholds"]
+
+
+def test_a_word_the_word_probe_doubts_is_not_required(monkeypatch):
+    """The second opinion (issue 32): a confident word that the model's word probe gives under the floor is not
+    required, and the note says so; a word the probe does not know stays required."""
+    import captioner.imagenet as imagenet
+    from captioner.imagenet import EXPECTED_FLOOR, constraint_for
+    from captioner.vocab import Vocabulary
+
+    monkeypatch.setattr(imagenet, "thresholds", lambda: {"dog": 0.2, "dogs": 0.2, "cat": 0.5})
+    vocab = Vocabulary(["<PAD>", "<SOS>", "<EOS>", "<UNK>", "a", "dog", "dogs", "cat"])
+    probs = torch.zeros(1000)
+    probs[151] = 0.9  # Chihuahua: dog, dogs
+    f = _features_with(probs)
+    assert constraint_for(f, vocab, None).words == ("dog", "dogs")
+    both = constraint_for(f, vocab, None, expected={"dog": 0.9, "dogs": 0.2})
+    assert both.words == ("dog",) and both.describe().endswith(f"not dogs: the word probe gives it under {EXPECTED_FLOOR:.0%}")
+    none = constraint_for(f, vocab, None, expected={"dog": 0.3, "dogs": 0.2})
+    assert none.words == () and none.describe() == (
+        "guided: the CNN's labels point to dog, dogs, but this model's second opinion (its word probe) gives dog 30% and "
+        "dogs 20% that a description would use them, under 70%; nothing was required")
+    assert constraint_for(f, vocab, None, expected={"cat": 0.1}).words == ("dog", "dogs")  # words it does not know stay

@@ -310,7 +310,10 @@ def test_the_guided_view_shows_both_groups_and_the_note(app):
     c = page["decoding"].steps[-1].constraint
     assert c.words == ("dog",)
     assert "with dog" in page["tree"] and "without it" in page["tree"] and "★" in page["tree"]
-    assert "required one of dog" in page["tree"]  # the note: what was required and how it ended
+    import html
+
+    assert c.describe().startswith('guided: required "dog"')
+    assert html.escape(c.describe()) in page["tree"]  # the note: what was required and how it ended
 
 
 def test_render_large_search_stays_bounded():

@@ -278,7 +278,8 @@ def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
 
 # ---------------------------------------------------------------- the page: one selected step, nothing stale
 
-PAGE = {"caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download", "status", "photo", "tree", "tree_info", "pick"}
+PAGE = {"caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download", "status", "photo", "tree", "tree_info", "pick",
+        "assessment"}
 
 
 def apply(page: dict, update: dict) -> dict:
@@ -455,10 +456,13 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
     files = [photo_path, str(bad), str(other), str(empty)]
     table, downloads = handlers.caption_files(files, max_len=8)
     want = [caption(model, p, APP_DEFAULTS, max_len=8) for p in (photo_path, str(other))]
-    assert table["headers"] == ["image", "caption", "error"]
+    assert table["headers"] == ["image", "caption", "familiar", "confidence", "error"]
     assert [row[0] for row in table["data"]] == ["photo.jpg", "notes.jpg", "grey.png", "empty.png"]  # the input order
     assert [row[1] for row in table["data"]] == [want[0], "", want[1], ""]
-    assert table["data"][1][2].startswith("not an image file PIL can read") and table["data"][3][2].startswith("the file is empty")
+    # the fixture's photo (random pixels) and a 30 x 40 flat grey image are unfamiliar by rule, for any model; this
+    # tiny model has no confidence calibration
+    assert [row[2:4] for row in table["data"]] == [["no", ""], ["", ""], ["no", ""], ["", ""]]
+    assert table["data"][1][4].startswith("not an image file PIL can read") and table["data"][3][4].startswith("the file is empty")
     assert all(str(tmp_path) not in cell for row in table["data"] for cell in row)
     csv_path, json_path = downloads
     assert csv_path.endswith("captions.csv") and json_path.endswith("captions.json")
@@ -466,11 +470,14 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
         assert list(csv.reader(f)) == [table["headers"], *table["data"]]
     with open(json_path, encoding="utf-8") as f:
         records = json.load(f)
-    assert records[0] == {"image": "photo.jpg", "caption": want[0], "precision": model.precision}
+    assert records[0] == {"image": "photo.jpg", "caption": want[0], "familiar": False, "confidence": None,
+                          "familiarity": {"familiar": False, "distance": None, "threshold": None, "reason": "random noise"},
+                          "precision": model.precision}
+    assert records[2]["familiar"] is False and records[2]["familiarity"]["reason"] == "only 30×40 pixels"
     assert set(records[1]) == {"image", "error"}
     # Gradio's upload payloads (file dicts with the original name) work too
     table2, _ = handlers.caption_files([{"path": str(bad), "orig_name": "my notes.jpg"}], max_len=8)
-    assert table2["data"][0][0] == "my notes.jpg" and table2["data"][0][2].startswith("not an image file")
+    assert table2["data"][0][0] == "my notes.jpg" and table2["data"][0][4].startswith("not an image file")
 
 
 def test_each_photo_gets_its_own_caption_in_the_table_and_one_by_one(distinct, distinct_dir, tmp_path):
@@ -631,7 +638,7 @@ def test_the_apis_shape(model):
 
     settings = [(name, kind, "Radio" if name == "strategy" else "Number" if name == "seed" else "Slider")
                 for name, kind in SETTING_TYPES.items()]
-    outputs = [("Caption", "Textbox"), ("Words", "Label"), ("History", "Dataframe")]
+    outputs = [("Caption", "Textbox"), ("Words", "Label"), ("History", "Dataframe"), ("Assessment", "Json")]
     assert shape("/caption") == ([("image", "filepath", "Image"), *settings], outputs)
     assert shape("/branch") == ([("image", "filepath", "Image"), ("step", "int", "Number"), ("word", "str", "Textbox"), *settings],
                                 outputs)
@@ -791,7 +798,7 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
     first_dog = next(i for i, s in enumerate(decoding.steps) if s.word == "dog")
     for n in range(1, len(decoding.steps) + 1):
         info = h.inspect(decoding, n).info
-        assert "**Guided:** required one of dog" in info and "golden retriever" in info and 'the caption uses "dog"' in info
+        assert '**Guided:** required "dog", as the CNN sees' in info and "golden retriever" in info and 'the caption uses "dog"' in info
         assert ("this step's word is the required one" in info) == (n - 1 == first_dog)
     # The download says which constraint was tried and whether it was kept.
     with open(h.download(decoding), encoding="utf-8") as f:
@@ -809,3 +816,19 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
     # Not guided: no such line.
     plain, _ = run_page({}, h.page_caption(photo_path, page["cache"], strategy="beam"))
     assert "Guided" not in plain["info"]
+
+
+def test_an_unfamiliar_photo_gets_its_sentence_under_the_caption(handlers, tmp_path):
+    """Issue 32: the sentence under the caption, the download's and the API's "familiar"/"confidence"; cleared when
+    the next photo comes."""
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(grey)
+    page, seen = run_page({}, handlers.page_caption(str(grey), max_len=8))
+    assert seen[0]["assessment"]["visible"] is False  # cleared first
+    shown = page["assessment"]
+    assert shown["visible"] and shown["value"].startswith("**This image is a single flat colour, nothing like the photos")
+    with open(handlers.download(page["decoding"]), encoding="utf-8") as f:
+        record = json.load(f)
+    assert record["familiar"] is False and record["confidence"] is None and record["familiarity"]["reason"] == "a single flat colour"
+    api = list(handlers.caption(str(grey), max_len=8))
+    assert all(u.assessment is None for u in api[:-1]) and api[-1].assessment == page["decoding"].assessment.record()

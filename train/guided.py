@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     from dataclasses import replace
 
     from captioner.decode import caption_batch, final
+    from captioner.confidence import expected_words
     from captioner.imagenet import constraint_for
     from captioner.loading import load_model
     from captioner.vocab import tokenize
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     for i in range(len(samples)):
         one = features.select(slice(i, i + 1))
         beam.append(final(model, config=replace(settings, strategy="beam"), features=one).text)
-        if constraint_for(one, model.vocab, settings.guide_threshold).words:
+        if constraint_for(one, model.vocab, settings.guide_threshold, expected_words(model, one)).words:
             kept = final(model, config=replace(settings, guide_margin=math.inf), features=one)
             c = kept.constraint
             if not c.met:  # no caption could use the word: guided decoding's caption is the best without it

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if not folder.is_dir():
         return _fail(f"model folder {str(folder)!r} does not exist (or is not a folder)")
 
-    from captioner.hub import MODEL_FILES, ModelLoadError
+    from captioner.hub import ASSESS_FILE, MODEL_FILES, ModelLoadError
     from captioner.model import Captioner
 
     try:
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     except HFValidationError as e:
         return _fail(f"bad --repo {args.repo!r}: {e}")
 
-    patterns = [*MODEL_FILES, CARD_FILE, *args.include]
+    patterns = [*MODEL_FILES, CARD_FILE, ASSESS_FILE, *args.include]  # ASSESS_FILE where train.assess wrote one
     if not (folder / CARD_FILE).is_file():
         print(f"note: {folder} has no {CARD_FILE}; the Hub page will have no model card (save_pretrained writes one)", file=sys.stderr)
 
