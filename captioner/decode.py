@@ -515,10 +515,8 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
         else:
             chunk = features.select(slice(start, start + batch_size)).to(device_of(model))
         if config.strategy == "greedy" and not steps:
-            rows = len(chunk) if getattr(model, "batch_invariant", True) else 1  # int8: each image alone, as caption() does
-            for i in range(0, len(chunk), rows):
-                tokens = generate_batch(model, chunk.select(slice(i, i + rows)), max_len, rules=rules)  # (rows, T)
-                out.extend(model.vocab.decode(row.tolist()) for row in tokens)
+            tokens = generate_batch(model, chunk, max_len, rules=rules)  # (b, T): every precision is batch-invariant
+            out.extend(model.vocab.decode(row.tolist()) for row in tokens)
         else:
             one = config if steps else replace(config, num_alternatives=0)
             lasts = [final(model, config=one, features=chunk.select(slice(i, i + 1))) for i in range(len(chunk))]

@@ -404,9 +404,6 @@ class Captioner(
         return self.decoder(self.encoder.from_backbone(backbone_features), captions)
 
     precision = "fp32"  # what set_precision chose: "fp32", or e.g. "encoder fp32, decoder int8"
-    # False once the decoder is int8: dynamic quantization scales each call's activations by their batch-wide range,
-    # so a row's logits would depend on the other rows; batched decoding then runs image by image (decode.py).
-    batch_invariant = True
 
     def optimize_for_inference(self, precision: str = "fp32") -> "Captioner":
         """Eval mode plus the encoder's inference copy (fused batch norm, channels_last), at `precision` (see
@@ -418,7 +415,8 @@ class Captioner(
         """For inference only: run the encoder and the decoder at `precision` ('auto' | 'fp32' | 'bf16' | 'int8'; see
         captioner.precision.inference_plan, which picks each part's format for this CPU). bf16 keeps the decoder's
         weights and state in bfloat16; int8 quantizes its Linear (and the attention decoder's LSTM cell) weights to
-        int8 (dynamic quantization: activations quantized per call). Logits and features stay float32 at the seam.
+        int8, each activation row quantized by its own scale (captioner/int8.py: batch-invariant). Logits and
+        features stay float32 at the seam.
         A model set to anything but fp32 cannot be saved or trained: load it again for that."""
         from .precision import inference_plan
 
@@ -431,20 +429,15 @@ class Captioner(
             self.decoder.to(torch.bfloat16)
             self.decoder.compute_dtype = torch.bfloat16
         elif decoder == "int8":
-            import warnings
-
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+            from .int8 import quantize
 
             # The attention decoder: the layers every word runs on the LSTM state (the cell, the attention's query and
-            # gate), with per-channel weight scales; the vocabulary projection and the once-per-image region layers stay
-            # float32. Measured on dev with the bundled model: quantizing the projection too left 929 of 1,000 greedy
-            # captions unchanged, without it 959. Show-and-Tell steps nn.LSTM's own weights through
-            # torch.lstm_cell, so its LSTM stays float32 and its projection is what int8 can take.
-            names = ("cell", "query", "gate") if self.decoder.uses_grid else ("head",)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.ao.quantization's notice that it moves to torchao
-                quantize_dynamic(self.decoder, {n: per_channel_dynamic_qconfig for n in names}, inplace=True)
-            self.batch_invariant = False
+            # gate); the vocabulary projection and the once-per-image region layers stay float32. Measured on dev with
+            # the bundled model (dynamic quantization, issue 21): quantizing the projection too left 929 of 1,000 greedy
+            # captions unchanged, without it 959. Show-and-Tell steps nn.LSTM's own weights through torch.lstm_cell, so
+            # its LSTM stays float32 and its projection is what int8 can take. Each row is quantized by its own scale
+            # (captioner/int8.py): a batch decodes together and every row gets the numbers it gets alone.
+            quantize(self.decoder, ("cell", "query", "gate") if self.decoder.uses_grid else ("head",))
         self.precision = "fp32" if encoder == decoder == "fp32" else (
             encoder if encoder == decoder else f"encoder {encoder}, decoder {decoder}")
         return self
