@@ -9,6 +9,8 @@ The row scale costs one max and two elementwise products on the row; no calibrat
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -28,7 +30,9 @@ def _pack(weight: torch.Tensor):
     in float after the row scale)."""
     w = weight.detach().float()
     scales = (w.abs().amax(1) / 127).clamp_min(1e-12).double()  # (N,)
-    q = torch.quantize_per_channel(w, scales, torch.zeros(w.size(0), dtype=torch.long), 0, torch.qint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensor types are deprecated; fbgemm's packed weight still takes one
+        q = torch.quantize_per_channel(w, scales, torch.zeros(w.size(0), dtype=torch.long), 0, torch.qint8)
     return torch.ops.quantized.linear_prepack(q, None)
 
 
