@@ -1,0 +1,142 @@
+"""The encoder's backbone in ONNX Runtime, where it is installed: about 2x PyTorch eager at batch 1 on this project's
+CPUs (docs/performance.md), with PyTorch as the fallback wherever it is not.
+
+The graph is always made from the model's own weights: exported from the fused inference backbone at load, and
+cached on disk under a name that is a hash of those weights (and of the input size and the exporter's versions), so
+a cached graph can only ever be found by the weights it was made from. The hash is also written into the graph and
+checked when it is read back, so a file renamed or overwritten by hand is never used either: it is exported again.
+
+`runtime`: "auto" (ONNX Runtime when onnxruntime and onnx import, else PyTorch), "onnx" (the same, but an error
+where it cannot be had), "torch". $CAPTIONER_ENCODER_RUNTIME sets the default; $CAPTIONER_CACHE the cache folder
+(default ~/.cache/captioner).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+RUNTIMES = ("auto", "onnx", "torch")
+HASH_KEY = "captioner.weights_sha256"  # the graph's metadata entry that names the weights it was made from
+
+
+def resolve(runtime: str | None) -> str:
+    runtime = runtime or os.environ.get("CAPTIONER_ENCODER_RUNTIME") or "auto"
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
+def available() -> bool:
+    """True where both the runtime and the exporter's dependency import."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CAPTIONER_CACHE") or Path.home() / ".cache" / "captioner") / "encoders"
+
+
+def weights_hash(module: nn.Module, image_size: int) -> str:
+    """sha256 of every tensor (name, shape, dtype, bytes) of `module`, the input size and the versions that shape the
+    graph: a change to any weight is a new name."""
+    import onnxruntime
+
+    h = hashlib.sha256(f"{image_size}|torch {torch.__version__}|ort {onnxruntime.__version__}".encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Regions(nn.Module):
+    """The backbone's last map as regions (B, N, F), or its pooled feature (B, F): what Encoder.backbone_features gives."""
+
+    def __init__(self, backbone: nn.Module, spatial: bool):
+        super().__init__()
+        self.backbone, self.spatial = backbone, spatial
+
+    def forward(self, x):
+        return self.backbone.forward_features(x).flatten(2).transpose(1, 2) if self.spatial else self.backbone(x)
+
+
+def _export(module: nn.Module, image_size: int, digest: str) -> bytes:
+    import warnings
+
+    import onnx
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(module.eval(), (torch.zeros(1, 3, image_size, image_size),), buf, input_names=["images"],
+                          output_names=["features"], dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    graph = onnx.load_from_string(buf.getvalue())
+    graph.metadata_props.add(key=HASH_KEY, value=digest)
+    return graph.SerializeToString()
+
+
+def _stamped(data: bytes) -> str | None:
+    """The weights hash written into a serialized graph (None: none, or not a graph)."""
+    import onnx
+
+    try:
+        graph = onnx.load_from_string(data)
+    except Exception:  # a truncated or foreign file: not ours
+        return None
+    return next((p.value for p in graph.metadata_props if p.key == HASH_KEY), None)
+
+
+class OnnxBackbone:
+    """A callable like the fused backbone wrapper: float32 (B, 3, S, S) -> features, through an ONNX Runtime session."""
+
+    def __init__(self, data: bytes, digest: str, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # No arena: it keeps the largest batch's activations for the life of the process (RSS).
+        options.enable_cpu_mem_arena = False
+        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.digest = digest
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().float().contiguous().cpu().numpy()
+        return torch.from_numpy(self.session.run(None, {"images": x})[0])
+
+
+def onnx_backbone(backbone: nn.Module, image_size: int, spatial: bool, *, folder: Path | None = None) -> OnnxBackbone:
+    """The ONNX Runtime version of `backbone` (the fused float32 inference copy), from the cache when a graph made
+    from these very weights is there, else exported now and cached (best effort: a read-only cache only costs the
+    export at every start). Raises ImportError where onnxruntime or onnx is missing."""
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    module = _Regions(backbone, spatial).eval()
+    digest = weights_hash(module, image_size) + ("s" if spatial else "p")
+    folder = folder or cache_dir()
+    path = folder / f"{digest}.onnx"
+    data = path.read_bytes() if path.is_file() else None
+    if data is not None and _stamped(data) != digest:  # not the graph of these weights, whatever its name says
+        data = None
+    if data is None:
+        data = _export(module, image_size, digest)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+                f.write(data)
+            os.replace(f.name, path)  # atomic: a reader sees the old file or the whole new one
+        except OSError:
+            pass
+    return OnnxBackbone(data, digest, torch.get_num_threads())
