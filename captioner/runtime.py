@@ -108,6 +108,8 @@ class OnnxBackbone:
         options.inter_op_num_threads = 1
         # No arena: it keeps the largest batch's activations for the life of the process (RSS).
         options.enable_cpu_mem_arena = False
+        # No spinning: idle workers would busy-wait after each call, taking the cores from the decoder that runs next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.digest = digest
 
