@@ -33,13 +33,15 @@ def resolve(runtime: str | None) -> str:
 
 
 def available() -> bool:
-    """True where both the runtime and the exporter's dependency import."""
+    """True where both the runtime and the exporter's dependency are installed (looked up, not imported: importing
+    onnx costs a start that finds its graph in the cache)."""
+    from importlib.util import find_spec
+
     try:
-        import onnx  # noqa: F401  (torch.onnx.export needs it)
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
-    return True
+    return find_spec("onnx") is not None  # torch.onnx.export needs it
 
 
 def cache_dir() -> Path:
@@ -86,21 +88,10 @@ def _export(module: nn.Module, image_size: int, digest: str) -> bytes:
     return graph.SerializeToString()
 
 
-def _stamped(data: bytes) -> str | None:
-    """The weights hash written into a serialized graph (None: none, or not a graph)."""
-    import onnx
-
-    try:
-        graph = onnx.load_from_string(data)
-    except Exception:  # a truncated or foreign file: not ours
-        return None
-    return next((p.value for p in graph.metadata_props if p.key == HASH_KEY), None)
-
-
 class OnnxBackbone:
     """A callable like the fused backbone wrapper: float32 (B, 3, S, S) -> features, through an ONNX Runtime session."""
 
-    def __init__(self, data: bytes, digest: str, threads: int):
+    def __init__(self, data: bytes, threads: int):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -111,7 +102,7 @@ class OnnxBackbone:
         # No spinning: idle workers would busy-wait after each call, taking the cores from the decoder that runs next.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        self.digest = digest
+        self.digest = self.session.get_modelmeta().custom_metadata_map.get(HASH_KEY)  # the weights it was made from
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().float().contiguous().cpu().numpy()
@@ -120,25 +111,33 @@ class OnnxBackbone:
 
 def onnx_backbone(backbone: nn.Module, image_size: int, spatial: bool, *, folder: Path | None = None) -> OnnxBackbone:
     """The ONNX Runtime version of `backbone` (the fused float32 inference copy), from the cache when a graph made
-    from these very weights is there, else exported now and cached (best effort: a read-only cache only costs the
-    export at every start). Raises ImportError where onnxruntime or onnx is missing."""
-    import onnx  # noqa: F401
+    from these very weights is there (the hash stamped in it, read back by the runtime itself, must match), else
+    exported now and cached (best effort: a read-only cache only costs the export at every start). Raises
+    ImportError where onnxruntime is missing, or onnx when an export is needed."""
     import onnxruntime  # noqa: F401
 
     module = _Regions(backbone, spatial).eval()
     digest = weights_hash(module, image_size) + ("s" if spatial else "p")
     folder = folder or cache_dir()
     path = folder / f"{digest}.onnx"
-    data = path.read_bytes() if path.is_file() else None
-    if data is not None and _stamped(data) != digest:  # not the graph of these weights, whatever its name says
-        data = None
-    if data is None:
-        data = _export(module, image_size, digest)
+    threads = torch.get_num_threads()
+    if path.is_file():
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
-                f.write(data)
-            os.replace(f.name, path)  # atomic: a reader sees the old file or the whole new one
-        except OSError:
+            cached = OnnxBackbone(path.read_bytes(), threads)
+            if cached.digest == digest:
+                return cached
+        except Exception:  # a truncated or foreign file: not a graph of ours
             pass
-    return OnnxBackbone(data, digest, torch.get_num_threads())
+    # Nothing cached, or a graph that is not of these weights, whatever its name says: export it now.
+    data = _export(module, image_size, digest)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+            f.write(data)
+        os.replace(f.name, path)  # atomic: a reader sees the old file or the whole new one
+    except OSError:  # a read-only cache: the export is repeated at the next start
+        pass
+    made = OnnxBackbone(data, threads)
+    if made.digest != digest:
+        raise RuntimeError(f"the exported encoder graph carries weights hash {made.digest!r}, not {digest!r}")
+    return made
