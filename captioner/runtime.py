@@ -104,6 +104,9 @@ class OnnxBackbone:
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.digest = self.session.get_modelmeta().custom_metadata_map.get(HASH_KEY)  # the weights it was made from
 
+    def __deepcopy__(self, memo) -> "OnnxBackbone":
+        return self  # a session is immutable and safe to share between threads: a copied model shares it
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().float().contiguous().cpu().numpy()
         return torch.from_numpy(self.session.run(None, {"images": x})[0])

@@ -81,3 +81,14 @@ def test_a_stale_cached_graph_is_never_used(tmp_path, cache):
         digest = runtime.weights_hash(model.encoder.backbone, 64)
         next(model.encoder.backbone.parameters()).add_(1e-3)
         assert runtime.weights_hash(model.encoder.backbone, 64) != digest
+
+
+@needs_ort
+def test_a_model_on_onnx_runtime_can_be_deep_copied(tmp_path, cache):
+    """The benchmarks copy loaded models; the copy shares the (immutable) session and gives the same features."""
+    import copy
+
+    model = load_model(_saved(tmp_path), precision="fp32", runtime="onnx")
+    twin = copy.deepcopy(model)
+    assert twin.encoder.runtime == "onnx"
+    torch.testing.assert_close(_features(twin), _features(model), rtol=0, atol=0)
