@@ -101,7 +101,11 @@ def main(argv=None) -> int:
     quiet_space_reloader()
 
     try:
-        model = load_model(args.model, revision=args.revision, precision=args.precision)
+        # The encoder in PyTorch unless $CAPTIONER_ENCODER_RUNTIME says otherwise: ONNX Runtime, faster for folders,
+        # made the app's click to first word slower (216 against 174 and 316 against 226 ms) and its RSS 40-50 MB
+        # larger in two runs (docs/performance.md, issue 35).
+        model = load_model(args.model, revision=args.revision, precision=args.precision,
+                           runtime=os.environ.get("CAPTIONER_ENCODER_RUNTIME") or "torch")
     except ModelLoadError as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2

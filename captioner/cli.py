@@ -35,6 +35,40 @@ def expand(paths: list[str]) -> list[str]:
     return out
 
 
+class Progress:
+    """A one-line progress bar on a terminal: photos done, photos/s, time left. Drawn only where `stream` is a
+    terminal (never into a file or a pipe a program reads), redrawn in place, and erased at the end."""
+
+    WIDTH = 24
+
+    def __init__(self, total: int, stream=None, *, enabled: bool = True, clock=None):
+        import time
+
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.done = total, 0
+        self.clock = clock or time.monotonic
+        self.start = self.clock()
+        self.shown = enabled and total > 1 and self.stream.isatty()
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.start, 1e-9)
+        rate = self.done / elapsed
+        filled = self.WIDTH * self.done // max(self.total, 1)
+        left = f"{(self.total - self.done) / rate:.0f} s left" if self.done else "starting"
+        return f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{self.total} photos  {rate:.1f} photos/s  {left}"
+
+    def update(self, n: int) -> None:
+        self.done = min(self.total, self.done + n)
+        if self.shown:
+            self.stream.write("\r" + self.line() + "\x1b[K")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")  # the results are what stays on the screen
+            self.stream.flush()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m captioner", description="Caption images with a CNN+LSTM captioner.")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
@@ -48,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--labels", type=int, default=5, metavar="K",
                    help="ImageNet labels shown per image, for a model with an ImageNet head (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default: 32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn on stderr only when it is a terminal)")
     args = p.parse_args(argv)
 
     from .confidence import Assessor, expected_words
@@ -134,6 +169,8 @@ def main(argv=None) -> int:
     # takes its records (the confidence reads its word probabilities; guided decoding's say whether the constraint was
     # met), not only the text.
     results = {}
+    bar = Progress(len(good), enabled=not args.no_progress)
+    bar.update(0)
     for start in range(0, len(good), args.batch_size):
         part = good[start : start + args.batch_size]
         features = model.encode(preprocess_batch([img for _, img in part], model.config).to(device_of(model)))
@@ -147,6 +184,8 @@ def main(argv=None) -> int:
                               constraint=constraint if guided else None,
                               tree=(out.tree if out is not None else ()) if settings.tree else None,
                               assessment=assessor.assess(one, words, rule=degenerate(img)))
+        bar.update(len(part))
+    bar.close()
     for f, _, err in opened:
         if err is None:
             report(f, **results[f])

@@ -595,8 +595,20 @@ def final(model, image=None, config: GenerationConfig | None = None, *, features
 
 def caption(model, image=None, config: GenerationConfig | None = None, *, features: ImageFeatures | None = None,
             prefix: Sequence[int] = (), **settings) -> str:
-    """The caption of one image: the text of the last record of `stream`."""
-    out = final(model, image, config, features=features, prefix=prefix, **settings)
+    """The caption of one image: the text of the last record of `stream`. Greedy without a prefix takes
+    `generate_batch` instead, the same words without the inspector's per-step records (top-k, attention copies,
+    p(<UNK>), text so far), which nobody reads here."""
+    config = GenerationConfig.make(config, **settings)
+    if config.strategy == "greedy" and not prefix:
+        _check_model(model)
+        one = _features(model, image, features)
+        if len(one) != 1:
+            raise ValueError(f"caption decodes one image; got features of {len(one)} (use caption_batch for many)")
+        with torch.inference_mode():
+            tokens = generate_batch(model, one, config.resolved_max_len(model.config.max_len),
+                                    rules=processors_for(config, model.vocab))  # (1, T)
+        return model.vocab.decode(tokens[0].tolist())
+    out = final(model, image, config, features=features, prefix=prefix)
     return out.text if out is not None else ""
 
 
@@ -633,10 +645,8 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
         else:
             chunk = features.select(slice(start, start + batch_size)).to(device_of(model))
         if config.strategy == "greedy" and not steps:
-            rows = len(chunk) if getattr(model, "batch_invariant", True) else 1  # int8: each image alone, as caption() does
-            for i in range(0, len(chunk), rows):
-                tokens = generate_batch(model, chunk.select(slice(i, i + rows)), max_len, rules=rules)  # (rows, T)
-                out.extend(model.vocab.decode(row.tolist()) for row in tokens)
+            tokens = generate_batch(model, chunk, max_len, rules=rules)  # (b, T): every precision is batch-invariant
+            out.extend(model.vocab.decode(row.tolist()) for row in tokens)
         else:
             one = config if steps else replace(config, num_alternatives=0)
             lasts = [final(model, config=one, features=chunk.select(slice(i, i + 1))) for i in range(len(chunk))]

@@ -25,13 +25,17 @@ def example(name: str = "cat.jpg") -> Path:
     return path
 
 
-def load_model(src=None, *, revision: str | None = None, precision: str = "auto") -> Captioner:
+def load_model(src=None, *, revision: str | None = None, precision: str = "auto", runtime: str | None = None) -> Captioner:
     """A model ready for inference from SRC, else $CAPTIONER_MODEL (at $CAPTIONER_REVISION), else the bundled
-    default, at `precision` (auto | fp32 | bf16 | int8: captioner.precision.inference_plan); raises ModelLoadError."""
+    default, at `precision` (auto | fp32 | bf16 | int8: captioner.precision.inference_plan), its encoder's backbone
+    run by `runtime` (auto | onnx | torch: captioner.runtime; default $CAPTIONER_ENCODER_RUNTIME, else auto: ONNX
+    Runtime where installed); raises ModelLoadError."""
     src = src or os.environ.get("CAPTIONER_MODEL") or None
     if src is None:
         if not (DEFAULT_MODEL / "model.safetensors").exists():
             raise ModelLoadError(f"the bundled default model is missing from {DEFAULT_MODEL}; pass --model FOLDER_OR_REPO_ID")
         src = DEFAULT_MODEL
     model = Captioner.from_pretrained(src, revision=revision or os.environ.get("CAPTIONER_REVISION") or None)
-    return model.optimize_for_inference(precision)
+    from .runtime import resolve
+
+    return model.optimize_for_inference(precision, runtime=resolve(runtime))

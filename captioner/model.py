@@ -129,24 +129,43 @@ class Encoder(nn.Module):
             self.backbone.eval()  # a frozen backbone keeps its batch-norm statistics
         return self
 
-    def optimize_for_inference(self, image_size: int, dtype: torch.dtype = torch.float32) -> "Encoder":
+    def optimize_for_inference(self, image_size: int, dtype: torch.dtype = torch.float32,
+                               runtime: str = "torch") -> "Encoder":
         """Build an inference copy of the backbone: batch norm folded into the convolutions, channels_last, its
         weights in `dtype` (bfloat16: half the bytes, and native maths on a CPU with AVX512-BF16/AMX; the features
         come back float32). Used only when autograd is off and the input has the model's own size; training and
-        the state dict keep the original. Call again after loading other weights."""
+        the state dict keep the original. Call again after loading other weights. `runtime` (captioner.runtime):
+        "onnx" or "auto" run a float32 copy in ONNX Runtime, exported from these weights (auto: where installed)."""
+        from . import runtime as runtimes
+
+        runtime = runtimes.resolve(runtime)
         fast = _fuse_conv_bn(self.backbone).to(memory_format=torch.channels_last, dtype=dtype)
         self.__dict__["_fast"] = (fast, image_size, dtype)  # a plain attribute: not a submodule, never saved
+        self.__dict__["_onnx"] = None
+        if runtime == "onnx" or (runtime == "auto" and dtype == torch.float32 and runtimes.available()):
+            if dtype != torch.float32:
+                raise ValueError(f"runtime='onnx' with a {dtype} encoder: ONNX Runtime runs the float32 one")
+            self.__dict__["_onnx"] = runtimes.onnx_backbone(fast, image_size, self.spatial)  # ImportError: absent
+            self.__dict__["_fast"] = (None, image_size, dtype)  # the torch copy is not needed: its memory back
         return self
+
+    @property
+    def runtime(self) -> str:
+        """What runs the backbone at inference: "onnx" or "torch"."""
+        return "onnx" if self.__dict__.get("_onnx") is not None else "torch"
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> what the training feature cache stores: pooled (B, F), or with `spatial` the last map as
         regions (B, N, F), N = (S/32)^2."""
         backbone = self.backbone
         fast = self.__dict__.get("_fast")
+        run = None
         if fast is not None and not torch.is_grad_enabled() and images.dim() == 4 and images.shape[-1] == images.shape[-2] == fast[1]:
-            backbone = fast[0]
-            images = images.to(dtype=fast[2], memory_format=torch.channels_last)
-        run = (lambda x: backbone.forward_features(x).flatten(2).transpose(1, 2)) if self.spatial else backbone  # (b, N, F) / (b, F)
+            run = self.__dict__.get("_onnx")  # ONNX Runtime: (b, N, F) / (b, F) from float32 images
+            backbone = fast[0] if run is None else None
+            images = images.to(dtype=fast[2], memory_format=torch.channels_last) if run is None else images
+        if run is None:
+            run = (lambda x: backbone.forward_features(x).flatten(2).transpose(1, 2)) if self.spatial else backbone  # (b, N, F) / (b, F)
         if backbone is self.backbone:
             return run(images)
         return torch.cat([run(chunk) for chunk in images.split(ENCODER_CHUNK)]).float().contiguous()  # (B, F) or (B, N, F)
@@ -404,21 +423,19 @@ class Captioner(
         return self.decoder(self.encoder.from_backbone(backbone_features), captions)
 
     precision = "fp32"  # what set_precision chose: "fp32", or e.g. "encoder fp32, decoder int8"
-    # False once the decoder is int8: dynamic quantization scales each call's activations by their batch-wide range,
-    # so a row's logits would depend on the other rows; batched decoding then runs image by image (decode.py).
-    batch_invariant = True
 
-    def optimize_for_inference(self, precision: str = "fp32") -> "Captioner":
+    def optimize_for_inference(self, precision: str = "fp32", runtime: str = "torch") -> "Captioner":
         """Eval mode plus the encoder's inference copy (fused batch norm, channels_last), at `precision` (see
-        set_precision; fp32 leaves captions unchanged)."""
+        set_precision; fp32 leaves captions unchanged), its backbone run by `runtime` (captioner.runtime)."""
         self.eval()
-        return self.set_precision(precision)
+        return self.set_precision(precision, runtime=runtime)
 
-    def set_precision(self, precision: str = "auto") -> "Captioner":
+    def set_precision(self, precision: str = "auto", *, runtime: str = "torch") -> "Captioner":
         """For inference only: run the encoder and the decoder at `precision` ('auto' | 'fp32' | 'bf16' | 'int8'; see
         captioner.precision.inference_plan, which picks each part's format for this CPU). bf16 keeps the decoder's
         weights and state in bfloat16; int8 quantizes its Linear (and the attention decoder's LSTM cell) weights to
-        int8 (dynamic quantization: activations quantized per call). Logits and features stay float32 at the seam.
+        int8, each activation row quantized by its own scale (captioner/int8.py: batch-invariant). Logits and
+        features stay float32 at the seam.
         A model set to anything but fp32 cannot be saved or trained: load it again for that."""
         from .precision import inference_plan
 
@@ -426,25 +443,21 @@ class Captioner(
         self.eval()
         if self.precision != "fp32":  # its float32 weights are gone: bf16 or int8 copies cannot give them back
             raise ValueError(f"set_precision({precision!r}) on a model already set to {self.precision}: load it again")
-        self.encoder.optimize_for_inference(self.config.image_size, torch.bfloat16 if encoder == "bf16" else torch.float32)
+        self.encoder.optimize_for_inference(self.config.image_size, torch.bfloat16 if encoder == "bf16" else torch.float32,
+                                            runtime if encoder == "fp32" or runtime != "auto" else "torch")
         if decoder == "bf16":
             self.decoder.to(torch.bfloat16)
             self.decoder.compute_dtype = torch.bfloat16
         elif decoder == "int8":
-            import warnings
-
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+            from .int8 import quantize
 
             # The attention decoder: the layers every word runs on the LSTM state (the cell, the attention's query and
-            # gate), with per-channel weight scales; the vocabulary projection and the once-per-image region layers stay
-            # float32. Measured on dev with the bundled model: quantizing the projection too left 929 of 1,000 greedy
-            # captions unchanged, without it 959. Show-and-Tell steps nn.LSTM's own weights through
-            # torch.lstm_cell, so its LSTM stays float32 and its projection is what int8 can take.
-            names = ("cell", "query", "gate") if self.decoder.uses_grid else ("head",)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.ao.quantization's notice that it moves to torchao
-                quantize_dynamic(self.decoder, {n: per_channel_dynamic_qconfig for n in names}, inplace=True)
-            self.batch_invariant = False
+            # gate); the vocabulary projection and the once-per-image region layers stay float32. Measured on dev with
+            # the bundled model (dynamic quantization, issue 21): quantizing the projection too left 929 of 1,000 greedy
+            # captions unchanged, without it 959. Show-and-Tell steps nn.LSTM's own weights through torch.lstm_cell, so
+            # its LSTM stays float32 and its projection is what int8 can take. Each row is quantized by its own scale
+            # (captioner/int8.py): a batch decodes together and every row gets the numbers it gets alone.
+            quantize(self.decoder, ("cell", "query", "gate") if self.decoder.uses_grid else ("head",))
         self.precision = "fp32" if encoder == decoder == "fp32" else (
             encoder if encoder == decoder else f"encoder {encoder}, decoder {decoder}")
         return self

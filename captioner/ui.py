@@ -685,9 +685,10 @@ class Handlers:
 
     # --- several photos at once ---
 
-    def caption_files(self, files, **controls) -> tuple[dict, list[str] | None]:
+    def caption_files(self, files, progress=gr.Progress(), **controls) -> tuple[dict, list[str] | None]:
         """/caption_files: caption several images. Returns the table (image, caption, error: a bad file is named with
-        its reason and the rest still get captions, as the CLI does) and the same as captions.csv and captions.json."""
+        its reason and the rest still get captions, as the CLI does) and the same as captions.csv and captions.json.
+        `progress` (Gradio fills it in) shows photo by photo how many are captioned."""
         if not files:
             raise gr.Error("No photos yet: choose or drop several image files first.", title="No photos", print_exception=False)
         if len(files) > MAX_FILES:
@@ -695,10 +696,18 @@ class Handlers:
                            print_exception=False)
         settings = replace(self.settings(**controls), num_alternatives=0)
         with self.turns.request() as job:  # each photo opened, and each batch encoded and captioned, is one CPU turn
-            return self._caption_files(files, settings, job)
+            return self._caption_files(files, settings, job, progress)
 
-    def _caption_files(self, files, settings: GenerationConfig, job: Job) -> tuple[dict, list[str]]:
+    def _caption_files(self, files, settings: GenerationConfig, job: Job, progress=None) -> tuple[dict, list[str]]:
         records: list[dict] = []
+        finished = 0
+
+        def tell(n: int) -> None:  # n more photos done (captioned, refused or unreadable)
+            nonlocal finished
+            finished += n
+            if progress is not None:
+                progress((finished, len(files)), desc=f"{finished} of {len(files)} photos", unit="photos")
+
         batch: list[tuple[dict, torch.Tensor, str | None]] = []  # photos waiting for the encoder: model-sized tensors (and
         # familiarity.degenerate's verdict on the photo), never photos
         budget = REQUEST_PIXELS
@@ -717,6 +726,7 @@ class Handlers:
                 raise gr.Error(str(e), title="Bad decoding setting", print_exception=False) from None
             for (rec, _, _), last, a in zip(batch, lasts, assessed):
                 rec.update(caption=last.text if last is not None else "", **a.record(), precision=self.model.precision)
+            tell(len(batch))
             batch.clear()
 
         # Photo by photo: each is opened (reduced as it is: preprocess.open_image), turned into the model's input and
@@ -732,6 +742,7 @@ class Handlers:
                 rec["error"] = (f"over this request's limit of {REQUEST_PIXELS // 1_000_000} megapixels in all; "
                                 "caption it in another request")
                 budget = 0  # and every file after it: the table keeps the order they were sent in
+                tell(1)
                 continue
             budget -= pixels
             try:
@@ -740,6 +751,7 @@ class Handlers:
                     batch.append((rec, to_tensor(img, self.model.config), degenerate(img)))
             except ImageError as e:
                 rec["error"] = str(e).removeprefix(name + ": ")
+                tell(1)
             if len(batch) == FILES_BATCH:
                 caption_batch_of_photos()
         caption_batch_of_photos()

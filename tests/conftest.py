@@ -15,6 +15,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
 
 
+# The encoder's ONNX graphs (captioner.runtime) are cached in a temporary folder, for this process and the apps and
+# CLIs it starts (tiny.app_env keeps CAPTIONER_CACHE): tests write only to temporary folders.
+@pytest.fixture(scope="session", autouse=True)
+def encoder_cache(tmp_path_factory):
+    old = os.environ.get("CAPTIONER_CACHE")
+    os.environ["CAPTIONER_CACHE"] = str(tmp_path_factory.mktemp("captioner-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CAPTIONER_CACHE", None)
+    else:
+        os.environ["CAPTIONER_CACHE"] = old
+
+
 # One torch thread for the tests run in this process: their models are tiny, and with two threads every op waits for
 # both, which on a busy 2-core machine made some tests ten times slower (the quick tier, -m "not slow", from well
 # under 2 minutes to over 6). Subprocesses the tests start (the CLI, app.py, training runs) keep their own settings.

@@ -96,3 +96,33 @@ def test_unknown_section_is_refused(capsys):
     for gone in ("nope", "levers"):  # levers: section 6, removed once its speed-ups moved into the package
         with pytest.raises(SystemExit):
             run.main(["--sections", gone])
+
+
+@pytest.mark.slow
+def test_issue_35_rows_before_and_after(tmp_path):
+    """benchmarks.folders on a tiny attention model, --quick: every row has a before and an after, batch captions are
+    all identical to single ones, and each runtime ran where it should. Structure only, never timings."""
+    import io
+    from contextlib import redirect_stdout
+
+    import torch
+
+    from benchmarks import folders
+    from tiny import attend_model
+
+    attend_model(0).save_pretrained(tmp_path / "m")
+    buf = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with redirect_stdout(buf):
+            rc = folders.main(["--quick", "--model", str(tmp_path / "m"), "--threads", "1", "--photos", "6",
+                               "--json", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0 and "## Issue 35: before and after" in buf.getvalue()
+    rows = {r["what"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    for what in ("decoder step, batch 1", "decoder step, batch 6", "encoder, batch 1", "greedy caption, JPEG file to text",
+                 "caption_batch, 6 photos", "6 photos batched / one at a time", "load_model (cold start)",
+                 "peak RSS, load + 8 captions"):
+        assert rows[what]["before"] > 0 and rows[what]["after"] > 0, what
+    assert rows["6 batch captions identical to one-at-a-time (after)"]["after"] == 6

@@ -1,4 +1,5 @@
 """The command line on a tiny model: captions, JSON lines, per-step output, bad files reported per file."""
+import io
 import json
 import os
 import re
@@ -151,3 +152,37 @@ def test_which_model_and_revision_are_loaded(distinct, distinct_dir, tmp_path, m
     monkeypatch.delenv("CAPTIONER_REVISION")
     bundled = load_model()
     assert Path(bundled.source) == DEFAULT_MODEL and bundled.revision is None
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_folder_shows_its_progress_on_a_terminal_only(distinct, distinct_dir, monkeypatch, capsys):
+    """On a terminal, stderr gets a bar redrawn in place (photos done, photos/s, time left) that is erased at the end;
+    stdout has only the results. Where stderr is no terminal (a pipe, a file, CI), nothing extra is written."""
+    from captioner.cli import Progress, main
+
+    model_dir, photos = distinct_dir
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([str(p) for p in photos] + ["--model", str(model_dir), "--json", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert [json.loads(line)["image"] for line in out.splitlines()] == [str(p) for p in photos]  # stdout: JSON only
+    drawn = terminal.getvalue()
+    assert f"0/{len(photos)} photos" in drawn and f"{len(photos)}/{len(photos)} photos" in drawn
+    assert "photos/s" in drawn and "s left" in drawn and "\r" in drawn
+    assert drawn.endswith("\r\x1b[K")  # erased
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([str(p) for p in photos] + ["--model", str(model_dir), "--json", "--no-progress"]) == 0
+    assert terminal.getvalue() == ""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    assert main([str(p) for p in photos] + ["--model", str(model_dir), "--json"]) == 0
+    assert sys.stderr.getvalue() == ""
+    # the numbers: 3 of 12 photos after 1.5 s -> 2 photos/s, 4.5 s left
+    ticks = iter([0.0, 1.5])
+    bar = Progress(12, _Terminal(), clock=lambda: next(ticks))
+    bar.done = 3
+    assert bar.line() == "[######..................] 3/12 photos  2.0 photos/s  4 s left"

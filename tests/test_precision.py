@@ -143,7 +143,7 @@ def test_every_precision_runs_a_tiny_model(tmp_path, name, decoder):
     caps = [caption(m, p) for p in _photos()]
     if name == "fp32":
         assert caps == reference
-    # batched and streamed agree with one by one at every precision (an int8 decoder decodes each image alone)
+    # batched and streamed agree with one by one at every precision (the int8 decoder is batch-invariant)
     assert caption_batch(m, _photos(), batch_size=3) == caps
     last = None
     for last in stream(m, _photos()[1]):
@@ -157,18 +157,92 @@ def test_every_precision_runs_a_tiny_model(tmp_path, name, decoder):
 
 
 def test_int8_shrinks_the_decoder_weights():
+    from captioner.int8 import RowInt8Linear, RowInt8LSTMCell
     from tiny import attend_model
 
     m = attend_model(0, hidden_size=64, embed_size=64)
     before = sum(p.numel() * p.element_size() for p in m.decoder.parameters())
     m.set_precision("int8")
-    from torch.ao.nn.quantized.dynamic import Linear as QLinear, LSTMCell as QLSTMCell
-
-    assert isinstance(m.decoder.cell, QLSTMCell) and isinstance(m.decoder.query, QLinear) and isinstance(m.decoder.gate, QLinear)
-    assert not isinstance(m.decoder.head, QLinear)  # the vocabulary projection stays float32 (captions change less)
+    assert isinstance(m.decoder.cell, RowInt8LSTMCell)
+    assert isinstance(m.decoder.query, RowInt8Linear) and isinstance(m.decoder.gate, RowInt8Linear)
+    assert not isinstance(m.decoder.head, RowInt8Linear)  # the vocabulary projection stays float32 (captions change less)
     after = sum(p.numel() * p.element_size() for p in m.decoder.parameters())  # what stays float
     cell = sum(p.numel() * p.element_size() for p in (torch.nn.LSTMCell(128, 64).parameters()))
     assert after <= before - cell  # the cell's float32 weights are gone
+
+
+# --- batch invariance: a row's numbers never depend on the rows beside it
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_int8_linear_rows_are_the_same_alone_and_in_any_batch(passes):
+    """Bit for bit: each row is quantized by its own scale and the integer product is exact. Rows of very different
+    magnitudes side by side are what moved a dynamically quantized row (its scale was the batch's)."""
+    from captioner.int8 import RowInt8Linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(48, 40)
+    q = RowInt8Linear(lin, passes=passes)
+    x = torch.randn(9, 48, generator=g) * torch.tensor([1e-3, 1, 30, 1, 1, 1e2, 0.5, 2, 1]).unsqueeze(1)
+    alone = torch.cat([q(x[i : i + 1]) for i in range(len(x))])
+    assert torch.equal(q(x), alone)
+    assert torch.equal(q(x.flip(0)).flip(0), alone)  # order does not matter either
+    assert torch.equal(q(x.reshape(3, 3, 48)).reshape(9, 40), alone)  # nor the leading shape
+    # and it still computes the layer: int8 error relative to the row's size, smaller with a second pass
+    err = ((alone - lin(x)).abs().amax(1) / lin(x).abs().amax(1)).max()
+    assert err < (0.03 if passes == 1 else 0.01), err
+    # the old dynamic quantization, for contrast: the same rows in a batch moved
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dyn = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear: per_channel_dynamic_qconfig})[0]
+    assert not torch.equal(dyn(x), torch.cat([dyn(x[i : i + 1]) for i in range(len(x))]))
+
+
+def test_int8_refuses_what_it_cannot_quantize():
+    from captioner.int8 import RowInt8Linear, quantize
+
+    with pytest.raises(ValueError, match="passes=3"):
+        RowInt8Linear(torch.nn.Linear(4, 4), passes=3)
+    holder = torch.nn.Module()
+    holder.conv = torch.nn.Conv2d(1, 1, 1)
+    with pytest.raises(ValueError, match="conv=Conv2d"):
+        quantize(holder, ("conv",))
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+def test_a_decoder_step_gives_each_row_the_numbers_it_gets_alone(tmp_path, name):
+    """The tiny attention model at each precision: start and three steps for 5 images together, and for each alone.
+    The int8 layers are identical bit for bit (test above); the float layers around them (regions, attention score,
+    vocabulary projection) may sum in another order for another batch size, so all agree to float32's rounding.
+    (Dynamic quantization moved rows by up to a quantum of the batch's range.)"""
+    from captioner.loading import load_model
+    from captioner.preprocess import preprocess_batch
+    from tiny import attend_model
+
+    attend_model(0).save_pretrained(tmp_path / "m")
+    m = load_model(tmp_path / "m", precision=name)
+    photos = [p for s in range(2) for p in _photos()][:5]
+    with torch.inference_mode():
+        features = m.encode(preprocess_batch(photos, m.config))
+
+        def run(feats, words):
+            logits, state = m.decoder.start(feats)
+            out = [logits]
+            for w in words:
+                logits, state = m.decoder.step(torch.tensor(w), state)
+                out.append(logits)
+            return torch.stack(out), state.h  # (steps, b, V), (b, H)
+
+        words = [[4, 5, 6, 7, 4], [5, 5, 4, 6, 7], [6, 7, 7, 5, 4]]  # a different word per row at every step
+        together, h = run(features, words)
+        for i in range(5):
+            alone, h1 = run(features.select(slice(i, i + 1)), [[w[i]] for w in words])
+            torch.testing.assert_close(alone[:, 0], together[:, i], rtol=0, atol=1e-5)
+            torch.testing.assert_close(h1[0], h[i], rtol=0, atol=1e-6)
 
 
 def _dev_photos(n):
@@ -189,7 +263,8 @@ def test_what_auto_picks_keeps_the_greedy_captions():
     """The caption guard, on the 1,000 dev photos: at the precision auto picks on this CPU, at least 95% of the bundled
     model's greedy captions are identical to float32's. Skips where auto picks float32 (a CPU without VNNI). (It took
     the first 100 photos until the model of issue 21, whose int8 decoder keeps 94 of those and 951 of all 1,000 (a probe that
-    batched 32 at a time): 100 photos are too few to tell 94% from 95%.)"""
+    batched 32 at a time): 100 photos are too few to tell 94% from 95%. Issue 35's batch-invariant int8 decoder keeps
+    982, so the guard is now 970.)"""
     from captioner.decode import caption_batch
     from captioner.loading import load_model
 
@@ -201,8 +276,36 @@ def test_what_auto_picks_keeps_the_greedy_captions():
     model = load_model(precision="auto")
     caps = caption_batch(model, photos)
     same = sum(a == b for a, b in zip(base, caps))
-    assert same >= 950, f"{same} of 1,000 captions identical at {model.precision}"
+    assert same >= 970, f"{same} of 1,000 captions identical at {model.precision}"  # batch-invariant int8: 982
     assert len(set(caps)) > 500  # captions that differ per photo: identity is not trivially met
+
+
+@pytest.mark.slow
+@needs_data
+@pytest.mark.parametrize("name", ["auto", "int8"])
+def test_the_bundled_model_captions_a_batch_as_it_captions_each_photo(name):
+    """Batch invariance on the real model: 40 dev photos captioned in batches of 32 (and a last one of 8) say what
+    each says alone, and a decoder step's logits for a row agree with that row's alone."""
+    from captioner.decode import caption, caption_batch
+    from captioner.loading import load_model
+    from captioner.preprocess import preprocess_batch
+
+    model = load_model(precision=name)
+    photos = _dev_photos(40)
+    with torch.inference_mode():
+        features = model.encode(preprocess_batch(photos, model.config))
+    batched = caption_batch(model, features=features, batch_size=32)
+    alone = [caption(model, features=features.select(slice(i, i + 1))) for i in range(len(photos))]
+    assert len(set(alone)) > 30  # the photos get their own captions: a mix-up would show
+    assert batched == alone
+    with torch.inference_mode():
+        logits, state = model.decoder.start(features)
+        words = torch.arange(len(photos)) % 50 + 10
+        logits, _ = model.decoder.step(words, state)
+        for i in (0, 17, 39):
+            one, s1 = model.decoder.start(features.select(slice(i, i + 1)))
+            one, _ = model.decoder.step(words[i : i + 1], s1)
+            torch.testing.assert_close(one[0], logits[i], rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -231,3 +334,53 @@ def test_benchmark_prints_every_precision_and_both_training_formats(tmp_path):
         assert r["greedy_ms"] > 0 and r["beam3_ms"] > 0 and r["batch32_ips"] > 0
     assert [(r["precision"], r["unit"]) for r in sec["training"]["rows"]] == [
         ("fp32", "captions/s"), ("bf16", "captions/s"), ("fp32", "images/s"), ("bf16", "images/s")]
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+def test_one_prefix_gets_one_set_of_numbers_in_every_view(tmp_path, name):
+    """Issue 32's "one prefix, one set of numbers": the same words after the same photo get the same probabilities in
+    the stream, a branch, re-decoding (rescore), beam search (its beams decoded 3 at a time) and a batch of other
+    photos. Within float32's rounding: dynamic int8 differed in the second digit (19.3% against 19.5%)."""
+    from captioner.decode import rescore, stream
+    from captioner.generation import GenerationConfig
+    from captioner.decode import processors_for
+    from captioner.loading import load_model
+    from captioner.preprocess import preprocess_batch
+    from tiny import attend_model
+
+    attend_model(0).save_pretrained(tmp_path / "m")
+    m = load_model(tmp_path / "m", precision=name)
+    photos = _photos()
+    with torch.inference_mode():
+        features = m.encode(preprocess_batch(photos, m.config))
+    one = features.select(slice(0, 1))
+    probs = lambda steps: [s.prob for s in steps]  # noqa: E731
+    close = lambda a, b: torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=2e-6)  # noqa: E731
+
+    streamed = list(stream(m, features=one))
+    words = [s.token for s in streamed[-1].caption_steps()]
+    assert len(words) >= 3
+    redecoded = rescore(m, features=one, tokens=words)[: len(words)]
+    assert [s.token for s in redecoded] == words
+    close(probs(redecoded), probs(streamed))
+    for a, b in zip(redecoded, streamed):  # the top alternatives: same words, same numbers
+        assert [c.token for c in a.alternatives] == [c.token for c in b.alternatives]
+        close([c.prob for c in a.alternatives], [c.prob for c in b.alternatives])
+    branch = list(stream(m, features=one, prefix=words[:2]))  # forced words, then its own
+    close(probs(branch[:2]), probs(streamed[:2]))
+    beam = stream(m, features=one, strategy="beam", beam_size=3)
+    *_, best = beam
+    beam_steps = best.caption_steps()
+    close(probs(beam_steps), probs(rescore(m, features=one, tokens=[s.token for s in beam_steps])[: len(beam_steps)]))
+    # a batch: the photo's words on row 0, other photos saying other words beside it
+    rules = processors_for(GenerationConfig(), m.vocab)
+    with torch.inference_mode():
+        logits, state = m.decoder.start(features)
+        seen, said = [], torch.zeros(len(photos), 0, dtype=torch.long)
+        for t, w in enumerate(words):
+            p = torch.softmax(rules(logits, said), -1)
+            seen.append(float(p[0, w]))
+            nxt = torch.tensor([w] + [(w + 1 + i) % 4 + 4 for i in range(len(photos) - 1)])
+            said = torch.cat((said, nxt.unsqueeze(1)), 1)
+            logits, state = m.decoder.step(nxt, state)
+    close(seen, probs(streamed))

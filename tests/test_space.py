@@ -38,6 +38,9 @@ LARGE = 1_000_000  # bytes: the Hub refuses plain git blobs over 10 MB; anything
 OPTIONAL_AT_RUNTIME = {
     "spacy": "captioner.vocab.tokenize: building a vocabulary and scoring (training); decoding never tokenizes",
     "timm": "captioner.model.Encoder, for backbones other than the built-in tf_efficientnet_lite0 (captioner.lite0)",
+    # captioner.runtime: the encoder in ONNX Runtime for batches where installed; the app keeps PyTorch (issue 35)
+    "onnxruntime": "captioner.runtime, where installed: the CLI on folders and evaluation; PyTorch otherwise",
+    "onnx": "captioner.runtime: exporting the encoder's graph (with onnxruntime)",
 }
 NOT_RUNTIME = {"spacy", "timm", "torchvision", "tqdm"}  # the issue's list: none belongs in a Space's requirements
 

@@ -480,6 +480,19 @@ def test_caption_files_captions_the_good_ones_and_names_the_bad_ones(handlers, m
     assert table2["data"][0][0] == "my notes.jpg" and table2["data"][0][4].startswith("not an image file")
 
 
+def test_caption_files_reports_progress_photo_by_photo(handlers, photo_path, tmp_path):
+    """The several-photos tab's progress: a count that reaches every photo, bad ones included, never going back."""
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a photo\n")
+    files = [photo_path, str(bad), photo_path, photo_path]
+    seen = []
+    handlers.caption_files(files, progress=lambda done, desc=None, unit=None: seen.append((done, desc, unit)), max_len=8)
+    counts = [done for (done, total), _, _ in seen]
+    assert counts == sorted(counts) and counts[-1] == 4 and counts[0] == 1  # the bad file first, then the batch
+    assert all(total == 4 and unit == "photos" for (_, total), _, unit in seen)
+    assert seen[-1][1] == "4 of 4 photos"
+
+
 def test_each_photo_gets_its_own_caption_in_the_table_and_one_by_one(distinct, distinct_dir, tmp_path):
     """On the model whose captions differ per photo: the table keeps each caption with its photo (out of order, a bad
     file in between), and captioning photo after photo with the previous photo's cache gives each its own."""

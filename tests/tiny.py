@@ -101,10 +101,11 @@ def endless_model_dir(folder, max_len: int):
 
 
 def app_env(**extra) -> dict:
-    """The environment for running app.py in a subprocess: this one, less any GRADIO_/CAPTIONER_ settings."""
+    """The environment for running app.py in a subprocess: this one, less any GRADIO_/CAPTIONER_ settings (but the
+    encoder cache's folder, a temporary one in tests)."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "CAPTIONER_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "CAPTIONER_")) or k == "CAPTIONER_CACHE"}
     env.update(extra)
     return env
 
