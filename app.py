@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     # page, which this app does not use: never, so pandas (tens of MB) is never imported and no CPU goes to it.
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**12))
 
-    from captioner.loading import load_model
     from captioner.hub import ModelLoadError
+    from captioner.loading import load_model
 
     limit_malloc_arenas()  # before any server thread exists
     quiet_space_reloader()

@@ -97,7 +97,6 @@ def main(argv=None) -> int:
     from captioner.decode import caption, caption_batch, final, generate_batch, processors_for
     from captioner.generation import GenerationConfig
     from captioner.loading import DEFAULT_MODEL, load_model
-    from captioner.model import encode
     from captioner.preprocess import preprocess, preprocess_batch
 
     src = args.model or str(DEFAULT_MODEL)

@@ -102,7 +102,7 @@ def build_blip(scale: str):
 
 
 def build_vit_gpt2(scale: str):
-    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
     if scale == "full":
         enc, dec = ViTConfig(), GPT2Config(add_cross_attention=True)
@@ -163,7 +163,7 @@ def run(model, s: Settings, ours_greedy_ms: float, *, scale: str = "full", which
                 warnings.simplefilter("ignore")
                 for beams, key in ((1, "greedy"), (3, "beam3")):
                     row[f"{key}_tokens"] = tokens(beams)  # doubles as the warm-up call
-                    st = measure(lambda b=beams: gen(b), warmup=0, repeat=s.peer_repeat)
+                    st = measure(lambda b=beams, g=gen: g(b), warmup=0, repeat=s.peer_repeat)
                     row[f"{key}_ms"] = round(st.median_ms, 1)
                     row[f"{key}_x_ours"] = round(st.median_ms / ours_greedy_ms, 1)
         except Exception as e:  # report, keep going with the other peers

@@ -8,8 +8,8 @@ import torch
 
 from captioner.decode import caption, caption_batch, stream
 from captioner.model import caption_loss
-from captioner.preprocess import open_image, preprocess
 from captioner.precision import autocast, cpu_features, inference_plan
+from captioner.preprocess import open_image, preprocess
 
 from .common import Settings, measure_interleaved
 

@@ -129,7 +129,8 @@ def main(argv=None) -> int:
         sec = model_bench.throughput(model, s, images[: s.batch_images])
         results["sections"]["batch"] = sec
         emit("\n## 2. Batch throughput, greedy (caption_batch, CLI folder mode)\n")
-        emit(md_table(["batch size", "images", "images/s", "ms/image"], [[r["batch_size"], r["images"], r["images_per_s"], r["ms_per_image"]] for r in sec["rows"]]))
+        emit(md_table(["batch size", "images", "images/s", "ms/image"],
+                      [[r["batch_size"], r["images"], r["images_per_s"], r["ms_per_image"]] for r in sec["rows"]]))
         emit(f"\n{sec['note']}")
 
     if "peers" in sections:

@@ -320,7 +320,8 @@ def main(argv=None) -> int:
                  ["ratio (target ≤ 2)", h["ratio"], f"{h['hostile_requests_done']} hostile requests done meanwhile, median {h['hostile_median_s']} s"]]
     if f := results.get("flood"):
         rows += [[f"flood of {f['clients']}: refused, median / max answer (ms) (target ≤ 1000)",
-                  f"{f['refusal_median_ms']} / {f['refusal_max_ms']}", f"{f['refused']} refused, {f['served']} served (last after {f['served_max_s']} s); accepted: answered in "
+                  f"{f['refusal_median_ms']} / {f['refusal_max_ms']}", f"{f['refused']} refused, {f['served']} served (last after {f['served_max_s']} s); "
+                  "accepted: answered in "
                   f"{f['accepted_median_ms']} / {f['accepted_max_ms']} ms"]]
     if g := results.get("hog"):
         rows += [["one-client hog: normal caption alone (median ms)", g["alone_ms"], ""],

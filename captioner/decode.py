@@ -19,8 +19,8 @@ from typing import ClassVar, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .generation import GenerationConfig
 from .confidence import expected_words
+from .generation import GenerationConfig
 from .imagenet import Constraint, constraint_for
 from .model import ImageFeatures, device_of, encode
 from .preprocess import preprocess_batch

@@ -32,17 +32,32 @@ import torch
 from PIL import Image
 from starlette.middleware import Middleware
 
+from . import tree_view
 from .confidence import Assessment, Assessor, expected_words
 from .decode import SearchStep, Step, caption_batch, describe_stop, encode, stream
 from .familiarity import degenerate
 from .generation import STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
-from .imagenet import Constraint, constraint_for, describe_labels, labels as imagenet_labels, percent
+from .imagenet import Constraint, constraint_for, describe_labels, percent
+from .imagenet import labels as imagenet_labels
 from .model import ImageFeatures, device_of
 from .preprocess import ImageError, encoder_view, open_image, to_tensor
-from . import tree_view
-from .serving import (MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, REQUEST_PIXELS, ClientLimits, FairShare, Job, PhotoError, RequestLimits,
-                      ServedBlocks, header_pixels, read_upload, settings_from, shown, whole_number)
+from .serving import (
+    MAX_REQUEST_BYTES,
+    MAX_UPLOAD_BYTES,
+    REQUEST_PIXELS,
+    ClientLimits,
+    FairShare,
+    Job,
+    PhotoError,
+    RequestLimits,
+    ServedBlocks,
+    header_pixels,
+    read_upload,
+    settings_from,
+    shown,
+    whole_number,
+)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -812,13 +827,15 @@ def build_demo(model, model_label: str, *, word_delay: float = WORD_DELAY) -> gr
                                                      "sample: random, varied · guided: beam search that must use a word for what "
                                                      "the CNN is sure of")
                             with gr.Row():
-                                beam_size = gr.Slider(*limit("beam_size"), value=d.beam_size, step=1, precision=0, label="Beam size", info="beam search and guided")
+                                beam_size = gr.Slider(*limit("beam_size"), value=d.beam_size, step=1, precision=0, label="Beam size",
+                                                      info="beam search and guided")
                                 max_len = gr.Slider(1, max(limit("max_len")[1], model.config.max_len), value=model.config.max_len, step=1, precision=0,
                                                     label="Max length (words)")
                             guide_threshold = gr.Slider(0, 1.0, value=d.guide_threshold or 0, step=0.05, label="Guidance threshold",
                                                         info="guided: how sure the CNN must be of a word before the caption must "
                                                              "use it; 0 = each word's own, calibrated", elem_id="guide-threshold")
-                            num_alternatives = gr.Slider(1, limit("num_alternatives")[1], value=d.num_alternatives, step=1, precision=0, label="Words shown per step")
+                            num_alternatives = gr.Slider(1, limit("num_alternatives")[1], value=d.num_alternatives, step=1, precision=0,
+                                                         label="Words shown per step")
                             with gr.Row():
                                 temperature = gr.Slider(0.1, limit("temperature")[1], value=d.temperature, step=0.05, label="Temperature", info="sampling")
                                 top_k = gr.Slider(*limit("top_k"), value=d.top_k, step=1, precision=0, label="Top-k", info="sampling; 0 = all words")

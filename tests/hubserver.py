@@ -259,7 +259,8 @@ class FakeHub:
     def blob(self, oid: str) -> bytes:
         return (self.blobs / oid).read_bytes()
 
-    def _commit(self, repo: Repo, branch: str, add: Mapping[str, bytes], delete: Iterable[str], title: str, description: str = "", parent: str | None = None) -> str:
+    def _commit(self, repo: Repo, branch: str, add: Mapping[str, bytes], delete: Iterable[str], title: str, description: str = "",
+                parent: str | None = None) -> str:
         head = repo.branches.get(branch)
         if parent is not None and head is not None and parent != head:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")

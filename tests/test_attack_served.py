@@ -535,7 +535,6 @@ def test_refused_requests_from_new_sessions_evict_no_one_and_eviction_takes_the_
     """Reproduction 5: 60 instantly refused requests from new session ids evicted everyone's state. Now only served
     sessions count against ui.SESSIONS (3 here), and past it the least recently used goes."""
     import captioner.ui as ui
-
     from captioner.serving import SessionStates
 
     monkeypatch.setattr(ui, "SESSIONS", 3)

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from captioner.decode import stream
-from captioner.imagenet import describe_labels, top_labels
-from captioner.imagenet import percent
+from captioner.imagenet import describe_labels, percent, top_labels
 from tiny import attend_model, endless_model_dir, serve_demo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 from conftest import FLICKR8K, ROOT
 
 DEFAULT = ROOT / "captioner" / "default_model"

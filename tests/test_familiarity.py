@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from captioner.confidence import Assessment, Assessor, Calibration, WordProbe, signals
-from captioner.familiarity import (ASSESS_FILE, Familiarity, Verdict, degenerate, fit, read, save, threshold_for, verdict)
+from captioner.familiarity import ASSESS_FILE, Familiarity, Verdict, degenerate, fit, read, save, threshold_for, verdict
 from train.outside import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,8 +235,9 @@ def test_the_measurements():
 def test_train_assess_fits_any_model_and_writes_what_loads(tmp_path, capsys):
     """`python -m train.assess` end to end on a tiny model and a tiny Flickr8k-layout dataset: the file it writes
     beside the model loads back (detector, probe, calibration) and the app's Assessor reads it from the folder."""
-    from captioner.loading import load_model
     from test_train import write_dataset
+
+    from captioner.loading import load_model
     from tiny import attend_model
     from train.assess import main
 

@@ -2,9 +2,9 @@
 and caption() agree, branching works, and it falls back cleanly (nothing confident, the word not in the vocabulary,
 no ImageNet head, no caption that can meet it)."""
 import dataclasses
-import re
-import math
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -186,10 +186,11 @@ def test_guided_names_the_subject_of_the_example_photos():
     decoding names the cat, which beam search calls a dog; it requires nothing where train did not show the CNN's
     word to be right (cup for the espresso, rocket for the missile: docs/guided.md), so no caption puts a subject
     where it cannot be ("running through the cup"); the people are named as by beam search."""
+    from conftest import ROOT
+
     from captioner.imagenet import top_labels
     from captioner.loading import load_model
     from captioner.vocab import tokenize
-    from conftest import ROOT
 
     model = load_model()
     expectations = json.loads((ROOT / "examples" / "subjects.json").read_text())

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
 from tiny import tiny_model
 
 DATA = ROOT / "captioner" / "data"

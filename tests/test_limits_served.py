@@ -107,10 +107,9 @@ def test_ordinary_photos_reach_the_model_bit_identical_and_huge_ones_are_reduced
     JPEG is decoded at a reduced scale (draft) and a PNG box-reduced, both keeping at least KEEP_SHORT_SIDE."""
     import torch
 
+    from captioner.loading import load_model
     from captioner.preprocess import KEEP_SHORT_SIDE, open_image, resize, to_tensor
     from captioner.ui import example_paths
-
-    from captioner.loading import load_model
 
     bundled = load_model(None)
     for path in example_paths():

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from tiny import app_env
 
 timm = pytest.importorskip("timm")  # the reference; still a requirement for the other backbones
@@ -107,7 +107,6 @@ def test_optimize_for_inference_matches_plain_path():
 @pytest.mark.slow
 def test_default_model_loads_and_captions_without_timm_or_torchvision():
     from captioner import Captioner
-
     from captioner.preprocess import preprocess_batch
 
     model = Captioner.from_pretrained(ROOT / "captioner" / "default_model")

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from test_train import tiny_args, write_dataset
 
 from captioner import precision
-from test_train import tiny_args, write_dataset
 
 
 def cpu_without_bf16(monkeypatch):
@@ -192,9 +192,9 @@ def test_int8_linear_rows_are_the_same_alone_and_in_any_batch(passes):
     err = ((alone - lin(x)).abs().amax(1) / lin(x).abs().amax(1)).max()
     assert err < (0.03 if passes == 1 else 0.01), err
     # the old dynamic quantization, for contrast: the same rows in a batch moved
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
     import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -341,9 +341,8 @@ def test_one_prefix_gets_one_set_of_numbers_in_every_view(tmp_path, name):
     """Issue 32's "one prefix, one set of numbers": the same words after the same photo get the same probabilities in
     the stream, a branch, re-decoding (rescore), beam search (its beams decoded 3 at a time) and a batch of other
     photos. Within float32's rounding: dynamic int8 differed in the second digit (19.3% against 19.5%)."""
-    from captioner.decode import rescore, stream
+    from captioner.decode import processors_for, rescore, stream
     from captioner.generation import GenerationConfig
-    from captioner.decode import processors_for
     from captioner.loading import load_model
     from captioner.preprocess import preprocess_batch
     from tiny import attend_model

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from gradio_client import Client, handle_file
 
-from conftest import ROOT
 from tiny import app_env, start_app
 
 CAT = ROOT / "examples" / "cat.jpg"

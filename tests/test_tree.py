@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 from captioner.decode import Node, SearchStep, Step, final, last, stream
-from conftest import ROOT
-from tiny import WORDS, attend_model, scripted_model, tiny_model
+from tiny import WORDS, scripted_model, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 DOG = WORDS.index("dog")

@@ -16,10 +16,9 @@ from captioner import Captioner
 from captioner.decode import Step, caption, stream
 from captioner.generation import STRATEGIES, GenerationConfig
 from captioner.heatmap import attention_overlay
-from captioner.imagenet import describe_labels, top_labels
+from captioner.imagenet import describe_labels, percent, top_labels
 from captioner.preprocess import encoder_view
-from captioner.ui import (APP_DEFAULTS, PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, table_row)
-from captioner.imagenet import percent
+from captioner.ui import APP_DEFAULTS, PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, table_row
 from tiny import assert_all_different, attend_model, tiny_model
 
 SETTINGS = [

@@ -141,7 +141,8 @@ def format_check(result: dict, thresholds: dict[str, float], global_threshold: f
     pct = lambda a, b: f"{a}/{b} = {a / max(1, b):.1%}"  # noqa: E731
     lines = ["| thresholds | photos with a requirement | a reference has a required word | a reference names one (concept words) |",
              "|---|---|---|---|",
-             f"| global {global_threshold:g} | {g['required']} of {g['photos']} | {pct(g['word_in_reference'], g['required'])} | {pct(g['named'], g['required'])} |",
+             f"| global {global_threshold:g} | {g['required']} of {g['photos']} | {pct(g['word_in_reference'], g['required'])} "
+             f"| {pct(g['named'], g['required'])} |",
              f"| calibrated per word | {c['required']} of {c['photos']} | {pct(c['word_in_reference'], c['required'])} | {pct(c['named'], c['required'])} |",
              "", f"| word | threshold | required at {global_threshold:g}: named | required calibrated: named |", "|---|---|---|---|"]
     names = word_names()

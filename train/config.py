@@ -14,7 +14,6 @@ from captioner.config import CaptionerConfig
 from captioner.settings import add_flags, kind
 from captioner.settings import setting as _setting
 
-
 # The settings that are the model's architecture, named as in CaptionerConfig: a new model takes them from the
 # training settings (model_config), and a model training starts from (--init) gives them back (with_architecture_of).
 ARCHITECTURE = ("backbone", "decoder", "attention_size", "attention_score", "region_size", "embed_size", "hidden_size",

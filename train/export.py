@@ -116,7 +116,8 @@ datasets: [flickr8k]
 ---
 # Captioner: EfficientNet-Lite0 + LSTM, trained on Flickr8k
 
-A small {"Show, Attend and Tell" if c.decoder == "attend" else "Show-and-Tell"} image captioner ({n_params / 1e6:.1f} M parameters) for fast captioning on a laptop CPU, with a
+A small {"Show, Attend and Tell" if c.decoder == "attend" else "Show-and-Tell"} image captioner ({n_params / 1e6:.1f} M parameters)
+for fast captioning on a laptop CPU, with a
 decoder that streams its choices one word at a time (see the `captioner` project and its Gradio app).
 
 ## Architecture

@@ -29,8 +29,8 @@ def main(argv=None) -> int:
 
     from dataclasses import replace
 
-    from captioner.decode import caption_batch, final
     from captioner.confidence import expected_words
+    from captioner.decode import caption_batch, final
     from captioner.imagenet import constraint_for
     from captioner.loading import load_model
     from captioner.vocab import tokenize

@@ -22,7 +22,6 @@ from captioner.decode import generate_batch
 from captioner.model import caption_loss
 from captioner.precision import autocast
 
-
 END = "<eos>"  # the end of a caption as a word of the reward's n-grams (spaCy never makes this token from text)
 
 

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="the model folder (written by save_pretrained / the training run)")
     parser.add_argument("--repo", required=True, metavar="USER/NAME", help="the Hub repo id to publish to (created if missing)")
-    parser.add_argument("--branch", "--revision", dest="branch", default=None, metavar="B", help="commit to this branch (created from main if missing); default: main")
+    parser.add_argument("--branch", "--revision", dest="branch", default=None, metavar="B",
+                        help="commit to this branch (created from main if missing); default: main")
     parser.add_argument("--private", action="store_true", help="create the repo as private (an existing repo keeps its visibility)")
     parser.add_argument("--token", default=None, help="a Hub token with write access (default: HF_TOKEN or the `hf auth login` token)")
     parser.add_argument("--message", "-m", default=None, metavar="M", help="the commit message")
