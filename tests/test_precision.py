@@ -96,9 +96,9 @@ def test_plateau_schedule_and_early_stopping(tmp_path):
     assert [(h["epoch"], h["phase"]) for h in history] == [(1, "xe"), (2, "xe"), (6, "scst"), (7, "scst")]
     # the plateau schedule: warm-up, then the lr times plateau_decay per stale epoch
     trainer.cfg.lr, trainer.cfg.warmup_steps = 1e-3, 10
-    trainer.meta.update(global_step=4, lr_scale=1.0)
+    trainer.progress.global_step, trainer.progress.lr_scale = 4, 1.0
     assert trainer.learning_rate(False) == pytest.approx(5e-4)
-    trainer.meta.update(global_step=50, lr_scale=0.25)
+    trainer.progress.global_step, trainer.progress.lr_scale = 50, 0.25
     assert trainer.learning_rate(False) == pytest.approx(2.5e-4)
 
 
