@@ -9,7 +9,9 @@ caption, and saves:
            guided default: "cat") with another word picked to branch on (with what the CNN sees beside the caption
            for a model with an ImageNet head, and, for a model that attends, step 3's attention heatmap);
   phone:   screenshot-phone.png, 390 x 844, the screen as a phone shows it once the caption is done (the photo,
-           the caption right under it, what the CNN sees, and this step's words).
+           the caption right under it, what the CNN sees, and this step's words);
+and, for the bundled model, made_with.json: the sha256 of the weights they show (the README's caption table is
+refreshed with them by hand, from `python -m captioner`).
 Run it through `bash scripts/screenshots.sh`, which sets up the dev requirements first.
 """
 from __future__ import annotations
@@ -96,7 +98,22 @@ def main(argv=None) -> int:
                 print(f"saved {path}")
         finally:
             browser.close()
+    if not os.environ.get("CAPTIONER_MODEL"):
+        record_model(args.out_dir / "made_with.json")
     return 0
+
+
+def record_model(path: Path) -> None:
+    """Which weights the pictures (and the README's caption table, refreshed with them) were made with: the bundled
+    model's sha256. tests/test_readme.py fails once the weights change without the pictures being made again."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256((ROOT / "captioner" / "default_model" / "model.safetensors").read_bytes()).hexdigest()
+    path.write_text(json.dumps({"model.safetensors sha256": digest,
+                                "made with it": ["assets/screenshot.png", "assets/screenshot-phone.png", "assets/tree.png",
+                                                 "README.md's table of captions"]}, indent=1) + "\n")
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -210,6 +210,18 @@ def test_readme_stays_short_and_says_how_to_run_the_tests():
     assert "CONTRIBUTING.md" in readme
 
 
+def test_the_pictures_and_caption_table_show_the_bundled_model():
+    """The screenshots, the tree picture and the README's caption table were made with the bundled weights: once they
+    change, `bash scripts/screenshots.sh` (which records the weights' hash) and the table are due again."""
+    import hashlib
+    import json
+
+    made = json.loads((ROOT / "assets" / "made_with.json").read_text())
+    weights = (ROOT / "captioner" / "default_model" / "model.safetensors").read_bytes()
+    assert made["model.safetensors sha256"] == hashlib.sha256(weights).hexdigest(), \
+        "the bundled model changed: run bash scripts/screenshots.sh and refresh README.md's caption table"
+
+
 def test_experiment_log_is_linked_and_kept():
     readme = README.read_text(encoding="utf-8")
     log = (ROOT / "docs" / "experiments.md").read_text(encoding="utf-8")
