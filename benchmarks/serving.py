@@ -209,10 +209,11 @@ MODE_FILES = ["16-bit PNG", "32-bit TIFF", "float TIFF", "palette PNG with trans
               "RGBA PNG"]
 
 
-def mode_file(kind: str, path: Path, side: int = 6324) -> Path:
+def mode_file(kind: str, path: Path, size: tuple[int, int] = (6324, 6324)) -> Path:
+    """A flat image of `kind` (16-bit PNG, float TIFF, CMYK JPEG, multi-page TIFF, ...): a few hundred kB on disk at
+    40 MP, however much it takes decoded. tests/test_attack_served.py makes its files with it too."""
     from PIL import Image
 
-    size = (side, side)
     if kind == "16-bit PNG":
         Image.new("I;16", size, 40000).save(path, "PNG")
     elif kind == "32-bit TIFF":
@@ -223,13 +224,19 @@ def mode_file(kind: str, path: Path, side: int = 6324) -> Path:
         img = Image.new("P", size, 3)
         img.putpalette([0, 0, 0] * 3 + [200, 0, 0] + [0, 0, 0] * 252)
         img.save(path, "PNG", transparency=3)
-    elif kind == "CMYK TIFF":
-        Image.new("CMYK", size, (0, 255, 255, 0)).save(path, "TIFF", compression="tiff_deflate")
-    elif kind == "animated GIF":
+    elif kind in ("CMYK TIFF", "CMYK JPEG"):
+        img = Image.new("CMYK", size, (0, 255, 255, 0))
+        img.save(path, *(("TIFF",) if "TIFF" in kind else ("JPEG",)), **({"compression": "tiff_deflate"} if "TIFF" in kind else {}))
+    elif kind in ("animated GIF", "multi-page TIFF"):
         frames = [Image.new("RGB", size, c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
-        frames[0].save(path, "GIF", save_all=True, append_images=frames[1:])
+        extra = {"compression": "tiff_deflate"} if "TIFF" in kind else {}
+        frames[0].save(path, "GIF" if "GIF" in kind else "TIFF", save_all=True, append_images=frames[1:], **extra)
     elif kind == "RGBA PNG":
         Image.new("RGBA", size, (0, 0, 255, 255)).save(path, "PNG")
+    elif kind == "LA PNG":
+        Image.new("LA", size, (100, 255)).save(path, "PNG")
+    else:
+        raise ValueError(f"kind={kind!r}")
     return path
 
 

@@ -13,6 +13,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from benchmarks.serving import mode_file
 from captioner import Captioner
 from captioner.preprocess import ImageError, open_image
 from tiny import endless_model_dir, serve_demo, start_app
@@ -47,32 +48,6 @@ def suffix(kind: str) -> str:
     return next(s for s in ("png", "tif", "jpg", "gif") if s.upper() in kind.replace("TIFF", "TIF").replace("JPEG", "JPG"))
 
 
-def mode_file(kind: str, path, size: tuple[int, int]):
-    """A flat image of `kind` (MODES): a few hundred kB on disk at 40 MP, however much it takes decoded."""
-    if kind == "16-bit PNG":
-        Image.new("I;16", size, 40000).save(path, "PNG")
-    elif kind == "32-bit TIFF":
-        Image.new("I", size, 30000).save(path, "TIFF", compression="tiff_deflate")
-    elif kind == "float TIFF":
-        Image.new("F", size, 200.0).save(path, "TIFF", compression="tiff_deflate")
-    elif kind == "palette PNG with transparency":
-        img = Image.new("P", size, 3)
-        img.putpalette([0, 0, 0] * 3 + [200, 0, 0] + [0, 0, 0] * 252)
-        img.save(path, "PNG", transparency=3)
-    elif kind in ("CMYK TIFF", "CMYK JPEG"):
-        img = Image.new("CMYK", size, (0, 255, 255, 0))
-        img.save(path, *(("TIFF",) if "TIFF" in kind else ("JPEG",)), **({"compression": "tiff_deflate"} if "TIFF" in kind else {}))
-    elif kind in ("animated GIF", "multi-page TIFF"):
-        frames = [Image.new("RGB", size, c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
-        extra = {"compression": "tiff_deflate"} if "TIFF" in kind else {}
-        frames[0].save(path, "GIF" if "GIF" in kind else "TIFF", save_all=True, append_images=frames[1:], **extra)
-    elif kind == "RGBA PNG":
-        Image.new("RGBA", size, (0, 0, 255, 255)).save(path, "PNG")
-    elif kind == "LA PNG":
-        Image.new("LA", size, (100, 255)).save(path, "PNG")
-    else:
-        raise ValueError(f"kind={kind!r}")
-    return path
 
 
 @pytest.mark.parametrize("kind", list(MODES))
