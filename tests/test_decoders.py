@@ -14,7 +14,7 @@ from PIL import Image
 
 from captioner import Captioner, GenerationConfig, ImageFeatures, ModelLoadError
 from captioner.decode import caption, caption_batch, encode, final, generate_batch, rescore, stream
-from tiny import WORDS, assert_all_different, scripted_model, tiny_model
+from tiny import WORDS, assert_all_different, photo, scripted_model, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 SETTINGS = [{}, {"strategy": "beam", "beam_size": 3}, {"strategy": "beam", "beam_size": 1},
@@ -25,10 +25,6 @@ SETTINGS = [{}, {"strategy": "beam", "beam_size": 3}, {"strategy": "beam", "beam
 def no_grad():
     with torch.no_grad():  # encode() runs in inference mode; nothing here trains
         yield
-
-
-def photo(seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (30, 40, 3), dtype=np.uint8))
 
 
 def model_of(decoder, seed=0, **kw):

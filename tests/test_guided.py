@@ -6,14 +6,12 @@ import json
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from captioner import GenerationConfig
 from captioner.decode import caption, caption_batch, encode, final, rescore, stream
-from tiny import WORDS, tiny_model
+from tiny import WORDS, photo, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 DOG = WORDS.index("dog")
@@ -28,10 +26,6 @@ CAT_CLASSES = list(range(281, 286))
 def no_grad():
     with torch.no_grad():
         yield
-
-
-def photo(seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (30, 40, 3), dtype=np.uint8))
 
 
 def model_of(decoder="show-tell", seed=0, hot=DOG_CLASSES, dog_bias=-4.0, head=True, **kw):

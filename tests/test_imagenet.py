@@ -3,13 +3,11 @@ word mapping shipped as data, the labels in the Python API and the CLI."""
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from PIL import Image
 
-from tiny import tiny_model
+from tiny import photo, tiny_model
 
 DATA = ROOT / "captioner" / "data"
 
@@ -21,10 +19,6 @@ def with_head(seed=0, decoder="show-tell", hot=(), **kw):
         m.encoder.classifier.weight.normal_(0, 0.01)
         m.encoder.classifier.bias[list(hot)] = 12.0
     return m
-
-
-def photo(seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (30, 40, 3), dtype=np.uint8))
 
 
 # ---------------------------------------------------------------- the head in the model

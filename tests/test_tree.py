@@ -4,14 +4,12 @@ import collections
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from PIL import Image
 
 from captioner.decode import Node, SearchStep, Step, final, last, stream
-from tiny import WORDS, scripted_model, tiny_model
+from tiny import WORDS, photo, scripted_model, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 DOG = WORDS.index("dog")
@@ -23,10 +21,6 @@ STATUSES = {"kept", "pruned", "finished", "blocked", "chosen"}
 def no_grad():
     with torch.no_grad():
         yield
-
-
-def photo(seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (30, 40, 3), dtype=np.uint8))
 
 
 def model_of(decoder, seed=0, **kw):

@@ -80,6 +80,14 @@ def decoder_probe(model) -> list[float]:
     return [round(float(v), 6) for v in logits.flatten()]
 
 
+def photo(seed: int = 0):
+    """A 40x30 photo of random pixels, the same for the same seed: the mechanics tests' input."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (30, 40, 3), dtype=np.uint8))
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for serving the app in tests)."""
     import socket
