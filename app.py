@@ -4,7 +4,7 @@
                   [--precision auto|fp32|bf16|int8] [--word-delay S]
 
 Hugging Face Spaces runs `python app.py` (and sets GRADIO_SERVER_NAME/GRADIO_SERVER_PORT).
-The handlers and the layout are in captioner/ui.py.
+The app itself is the captioner.app package (layout, handlers, views, limits: captioner/app/__init__.py).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def limit_malloc_arenas(n: int = 2) -> bool:
     """Let the server's threads share n glibc malloc arenas (the default allows 8 per core, and each arena keeps
     its own freed memory: measured, RSS went on growing over 100 captions; with 2 it stayed flat). What
     MALLOC_ARENA_MAX=n does, set from inside; returns False where the C library is not glibc."""
-    from captioner.serving import libc
+    from captioner.app.turns import libc
 
     try:
         return bool(libc().mallopt(-8, n))  # -8 = M_ARENA_MAX in glibc's malloc.h
@@ -59,7 +59,7 @@ def model_label(model, src, revision) -> str:
 # threads interleaved) on this project's 2-core machine: 1 thread 92-155 ms, 2 threads 0.43-3.2 s in seven runs while
 # training jobs shared the two cores (an OpenMP thread waits on a core someone else holds); on the otherwise idle machine
 # 2 threads were 14% faster (26.2 vs 30.4 ms, benchmarks/RESULTS.md section 6). So the default stays half the cores: it
-# never loses much, and it leaves room for the app's own concurrent decodes (ui.CONCURRENCY requests in progress).
+# never loses much, and it leaves room for the app's own concurrent decodes (limits.CONCURRENCY requests in progress).
 THREADS_HELP = ("torch threads (default: half the CPU cores, at least 1; give all the cores where the app has the machine "
                 "to itself)")
 
@@ -113,8 +113,8 @@ def main(argv=None) -> int:
         print(f"error: cannot load the model from {args.model or 'the default source'}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
-    from captioner.serving import release_freed_memory
-    from captioner.ui import build_demo, configure_torch, launch_options
+    from captioner.app import build_demo, configure_torch, launch_options
+    from captioner.app.turns import release_freed_memory
 
     release_freed_memory(collect=True)
 

@@ -181,7 +181,7 @@ def app_rows(model) -> list[dict]:
         return []
     import socket
 
-    from captioner.ui import build_demo, launch_options
+    from captioner.app import build_demo, launch_options
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -33,7 +33,7 @@ LEGEND = ('<div class="tree-legend"><span class="k">kept</span><span class="c">c
 
 @dataclass
 class Growing:
-    """A page request's search while it streams (ui.Handlers._decode collects its nodes here as they come)."""
+    """A page request's search while it streams (app.handlers.Handlers._decode collects its nodes here as they come)."""
 
     nodes: list[Node] = field(default_factory=list)
     required: tuple[str, ...] = ()  # guided decoding: the words it requires (the bands' labels)

@@ -153,3 +153,35 @@ def pytest_sessionfinish(session, exitstatus):
             print(line)
     if session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# The served app, one fixture for every test module of it (test_app_served, test_limits_served, test_attack_served,
+# test_sturdiness): `model_dir` and `model` are a tiny random model whose <EOS> never wins, so every caption has the
+# module's MAX_LEN words; `server` serves `served_model` (that model, unless the module overrides the fixture) in this
+# process at the module's WORD_DELAY (0 where the module sets none: no pacing between streamed words).
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory):
+    from tiny import endless_model_dir
+
+    return endless_model_dir(tmp_path_factory.mktemp("endless_model"), request.module.MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from captioner import Captioner
+
+    return Captioner.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def served_model(model):
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(request, served_model):
+    """The app serving `served_model` on a free port of 127.0.0.1 -> its URL."""
+    from tiny import serve_demo
+
+    with serve_demo(served_model, f"tiny ({request.module.__name__})", word_delay=getattr(request.module, "WORD_DELAY", 0)) as url:
+        yield url

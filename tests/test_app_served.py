@@ -13,32 +13,16 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from captioner import Captioner
+from captioner.app.handlers import WORD_DELAY as APP_WORD_DELAY
 from captioner.decode import caption, stream
-from tiny import app_env, assert_all_different, endless_model_dir, free_port, serve_demo, start_app
+from tiny import app_env, assert_all_different, free_port, serve_demo, start_app
 
 # gradio 6.31's queue statistics use a pandas option that pandas 3 deprecates (not this app's code)
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 8
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random model whose <EOS> never wins, so every caption has MAX_LEN words."""
-    return endless_model_dir(tmp_path_factory.mktemp("served_model"), MAX_LEN)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return Captioner.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with serve_demo(model, "tiny (tests)") as url:
-        yield url
+WORD_DELAY = APP_WORD_DELAY  # the served app streams at its own pace (conftest's `server`)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +43,8 @@ def files(tmp_path_factory):
 
 
 def expected(model, path) -> str:
-    """What the app's defaults give (ui.APP_DEFAULTS, the served max_len)."""
-    from captioner.ui import APP_DEFAULTS
+    """What the app's defaults give (app.APP_DEFAULTS, the served max_len)."""
+    from captioner.app import APP_DEFAULTS
 
     return caption(model, str(path), APP_DEFAULTS, max_len=MAX_LEN)
 
@@ -122,7 +106,7 @@ def test_bad_uploads_are_clear_errors_and_the_server_goes_on(server, model, file
 
 def test_branch_streams_the_caption_decoded_from_the_changed_word(server, model, files):
     client = Client(server, verbose=False)
-    from captioner.ui import APP_DEFAULTS
+    from captioner.app import APP_DEFAULTS
 
     path = str(files["photo0"])
     final = list(stream(model, path, APP_DEFAULTS, max_len=MAX_LEN))[-1]

@@ -14,9 +14,8 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from benchmarks.serving import mode_file
-from captioner import Captioner
 from captioner.preprocess import ImageError, open_image
-from tiny import endless_model_dir, serve_demo, start_app
+from tiny import serve_demo, start_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
@@ -75,16 +74,6 @@ def test_every_image_mode_is_shrunk_in_its_own_mode_or_refused_by_its_decoded_si
 
 
 # ---------------------------------------------------------------- app.py in a subprocess, its RSS measured
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return endless_model_dir(tmp_path_factory.mktemp("attack_model"), MAX_LEN)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return Captioner.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -188,12 +177,6 @@ def call(url: str, api: str, data: list, session: str | None = None, timeout: fl
     return str(kind), payload
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    with serve_demo(model, "tiny (attack)", word_delay=0) as url:
-        yield url
-
-
 def test_the_run_and_api_routes_are_closed_and_the_queue_is_the_one_way_in(server, model, tmp_path):
     """Reproduction 2: 80 concurrent /gradio_api/run/branch requests were all served, outside the queue's limits.
     Now /run and /api refuse every decoding event at once (404), 40 of them at a time change nothing for a normal
@@ -219,9 +202,9 @@ def test_the_run_and_api_routes_are_closed_and_the_queue_is_the_one_way_in(serve
 
 
 def test_client_limits_count_each_sessions_and_addresss_requests_in_the_decoding_group():
-    """serving.ClientLimits: a session's 4th request in progress or waiting is its last; an address's bound counts
+    """limits.ClientLimits: a session's 4th request in progress or waiting is its last; an address's bound counts
     every session from it (the first X-Forwarded-For address behind a proxy); other groups are not counted."""
-    from captioner.serving import ClientLimits
+    from captioner.app.limits import ClientLimits
 
     limits = ClientLimits(2, 3, {"decode"})
     decode, other = SimpleNamespace(concurrency_id="decode"), SimpleNamespace(concurrency_id="select")
@@ -246,7 +229,7 @@ def test_one_client_with_80_longest_requests_does_not_hold_up_another(model):
     """Reproduction 3: one session sent 80 longest-allowed requests through /call/caption; another user was refused 17
     times in 19 and waited 38x its time alone for the rest. Now that session holds PER_SESSION of them (the rest are
     refused at once), and the other user is served in at most twice its time alone."""
-    from captioner.ui import PER_SESSION
+    from captioner.app.limits import PER_SESSION
 
     with serve_demo(model, "tiny (hog)", word_delay=0.1) as url, httpx.Client(timeout=120) as http:
         def normal(i):
@@ -369,11 +352,11 @@ class Folder(type(Path())):
 @pytest.fixture()
 def upload_server(model, tmp_path, monkeypatch):
     """The app in this process with its own upload folder (GRADIO_TEMP_DIR) and a 1-second idle timeout -> (url, folder)."""
-    import captioner.ui as ui
+    import captioner.app.limits as limits
 
     folder = tmp_path / "gradio"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder))
-    monkeypatch.setattr(ui, "UPLOAD_IDLE_TIMEOUT", 1.0)
+    monkeypatch.setattr(limits, "UPLOAD_IDLE_TIMEOUT", 1.0)
     with serve_demo(model, "tiny (uploads)", word_delay=0) as url:
         folder = Folder(folder)
         folder.startup = frozenset(p for p in folder.rglob("*") if p.is_file())
@@ -428,7 +411,7 @@ def test_the_file_count_limit_holds_for_every_spelling_of_the_boundary(upload_se
     """Reproduction 7: a boundary written as BOUNDARY=, given twice, or as boundary = "..." got 1,000 files stored
     (the middleware counted with its own reading of the header). Now the parser that stores the files counts them:
     each is refused (or not parsed at all) and nothing is stored."""
-    from captioner.ui import MAX_FILES
+    from captioner.app.limits import MAX_FILES
 
     url, folder = upload_server
     body = b"".join(b'--XyZ\r\nContent-Disposition: form-data; name="files"; filename="p%d.jpg"\r\n\r\nx\r\n' % i
@@ -489,7 +472,7 @@ import contextlib  # noqa: E402
 @contextlib.contextmanager
 def demo_served(model):
     """The app in this process -> (its Blocks, URL): the state holder is looked at directly."""
-    from captioner.ui import build_demo, launch_options
+    from captioner.app import build_demo, launch_options
     from tiny import free_port
 
     demo = build_demo(model, "tiny (state)", word_delay=0)
@@ -509,11 +492,11 @@ def holding(demo) -> set[str]:
 
 def test_refused_requests_from_new_sessions_evict_no_one_and_eviction_takes_the_least_recently_used(model, monkeypatch):
     """Reproduction 5: 60 instantly refused requests from new session ids evicted everyone's state. Now only served
-    sessions count against ui.SESSIONS (3 here), and past it the least recently used goes."""
-    import captioner.ui as ui
-    from captioner.serving import SessionStates
+    sessions count against limits.SESSIONS (3 here), and past it the least recently used goes."""
+    import captioner.app.limits as limits
+    from captioner.app.session import SessionStates
 
-    monkeypatch.setattr(ui, "SESSIONS", 3)
+    monkeypatch.setattr(limits, "SESSIONS", 3)
     with demo_served(model) as (demo, url):
         assert isinstance(demo.state_holder, SessionStates)
         for s in ("s1", "s2", "s3"):
@@ -532,10 +515,10 @@ def test_refused_requests_from_new_sessions_evict_no_one_and_eviction_takes_the_
 
 def test_state_expires_from_the_last_use_not_the_last_caption(model, monkeypatch):
     """Reproduction 5: a user stepping through the inspector once a second lost their state at the expiry mark, while
-    using it. Now expiry counts from the session's last request (ui.STATE_TTL 3 s here)."""
-    import captioner.ui as ui
+    using it. Now expiry counts from the session's last request (limits.STATE_TTL 3 s here)."""
+    import captioner.app.limits as limits
 
-    monkeypatch.setattr(ui, "STATE_TTL", 3)
+    monkeypatch.setattr(limits, "STATE_TTL", 3)
     with demo_served(model) as (demo, url):
         assert call(url, "caption", [data_url(jpeg(1)), *settings()], session="user")[0] == "complete"
         assert call(url, "caption", [data_url(jpeg(1)), *settings()], session="idle")[0] == "complete"
@@ -551,7 +534,9 @@ def test_every_control_that_needs_the_caption_says_it_expired(model):
     """Reproduction 5: after eviction the step slider said "Value 3 is greater than maximum value 2", re-decode said
     "Caption an image first", the download returned nothing. Now each says, in one sentence, that the caption expired
     and to caption the photo again (the page still shows the caption; the server has no decoding for it)."""
-    from captioner.ui import EXPIRED, Handlers
+    from captioner.app import Handlers
+    from captioner.app.errors import EXPIRED
+    from captioner.app.views import on_page
 
     h = Handlers(model, word_delay=0)
     assert EXPIRED.count(". ") == 0 and EXPIRED.endswith("caption the photo again.")
@@ -562,7 +547,7 @@ def test_every_control_that_needs_the_caption_says_it_expired(model):
     with pytest.raises(Exception, match="expired on the server"):
         list(h.redecode(None, 3, 17, None, shown_caption="a dog runs"))
     with pytest.warns(UserWarning, match="expired on the server"):  # said beside the caption and as a warning
-        (update,) = list(h.page_redecode(None, 3, 17, None, shown_caption="a dog runs"))
+        (update,) = list(on_page(h.redecode, clear_first=False)(None, 3, 17, None, shown_caption="a dog runs"))
     assert EXPIRED in update["status"]["value"], update
     with pytest.raises(Exception, match="expired on the server"):
         h.download(None, "a dog runs")

@@ -60,8 +60,8 @@ def browser():
 
 
 def default_steps(model, path, **kw):
-    """What the app's defaults give (ui.APP_DEFAULTS, the model's max length)."""
-    from captioner.ui import APP_DEFAULTS
+    """What the app's defaults give (app.APP_DEFAULTS, the model's max length)."""
+    from captioner.app import APP_DEFAULTS
 
     return list(stream(model, str(path), APP_DEFAULTS, max_len=model.config.max_len, num_alternatives=5, **kw))
 
@@ -535,9 +535,9 @@ def test_the_search_tree_re_decodes_from_a_pruned_node(served, browser, tmp_path
     """The tree of the default (guided) search: drawn beside the inspector, readable (a phone scrolls it sideways in
     its box), a pruned node says why on hover, and tapping it then "Re-decode from here" gives a caption that starts
     with that node's hypothesis."""
+    from captioner.app import APP_DEFAULTS
     from captioner.decode import final
     from captioner.tree_view import path
-    from captioner.ui import APP_DEFAULTS
 
     url, model, real = served
     phone = viewport["width"] < 500
@@ -593,10 +593,10 @@ def test_an_expired_caption_says_so_on_every_control(browser, tmp_path_factory, 
     than maximum value 2", a null, or nothing."""
     import time
 
-    import captioner.ui as ui
+    import captioner.app.limits as limits
     from captioner import Captioner
 
-    monkeypatch.setattr(ui, "STATE_TTL", 2)
+    monkeypatch.setattr(limits, "STATE_TTL", 2)
     model = Captioner.from_pretrained(endless_model_dir(tmp_path_factory.mktemp("expiring_model"), 8))
     with serve_demo(model, "tiny (expiring)", word_delay=0) as url:
         page, errors = open_app(browser, url)

@@ -16,17 +16,15 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from captioner import Captioner
+from captioner.app.limits import MAX_FILES, MAX_UPLOAD_BYTES, REQUEST_PIXELS
 from captioner.decode import caption
 from captioner.generation import LIMITS, GenerationConfig
-from captioner.serving import MAX_UPLOAD_BYTES, REQUEST_PIXELS
-from captioner.ui import MAX_FILES
-from tiny import endless_model_dir, serve_demo, start_app
+from tiny import serve_demo, start_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
 MAX_LEN = 6
-# The /caption endpoint's inputs in order: the image, then the settings (ui.build_demo's `controls`).
+# The /caption endpoint's inputs in order: the image, then the settings (layout.settings_controls).
 CONTROLS = ["strategy", "beam_size", "max_len", "num_alternatives", "temperature", "top_k", "top_p", "seed", "guide_threshold"]
 
 
@@ -65,25 +63,9 @@ def settings(**values) -> list:
     return [values.get(name) for name in CONTROLS]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return endless_model_dir(tmp_path_factory.mktemp("limits_model"), MAX_LEN)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return Captioner.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with serve_demo(model, "tiny (limits)", word_delay=0) as url:
-        yield url
-
-
 def test_limits_are_one_table_the_sliders_use(model):
     """The app's ranges are LIMITS' `served` numbers; the library's reach further where that makes sense."""
-    from captioner.ui import build_demo
+    from captioner.app import build_demo
 
     assert LIMITS["max_len"].served == 60 and LIMITS["beam_size"].served == 10 and LIMITS["num_alternatives"].served == 20
     assert LIMITS["max_len"].high > 60 and LIMITS["beam_size"].high > 10
@@ -107,9 +89,9 @@ def test_ordinary_photos_reach_the_model_bit_identical_and_huge_ones_are_reduced
     JPEG is decoded at a reduced scale (draft) and a PNG box-reduced, both keeping at least KEEP_SHORT_SIDE."""
     import torch
 
+    from captioner.app.layout import example_paths
     from captioner.loading import load_model
     from captioner.preprocess import KEEP_SHORT_SIDE, open_image, resize, to_tensor
-    from captioner.ui import example_paths
 
     bundled = load_model(None)
     for path in example_paths():
@@ -197,11 +179,11 @@ def test_a_normal_caption_is_not_queued_behind_hostile_ones(model):
 
 
 def test_a_full_queue_refuses_at_once_with_gradios_answer(model, monkeypatch):
-    """Past the queue's size a request is answered 503 "Queue is full" before its body is read (serving.queue_full)."""
-    import captioner.ui as ui
+    """Past the queue's size a request is answered 503 "Queue is full" before its body is read (limits.queue_full)."""
+    import captioner.app.limits as limits
 
-    monkeypatch.setattr(ui, "CONCURRENCY", 1)
-    monkeypatch.setattr(ui, "MAX_QUEUE", 2)
+    monkeypatch.setattr(limits, "CONCURRENCY", 1)
+    monkeypatch.setattr(limits, "MAX_QUEUE", 2)
     with serve_demo(model, "tiny (small queue)", word_delay=0.05) as url, httpx.Client(timeout=60) as http:
         long = {"data": [data_url(jpeg(30)), *settings(strategy="sample", max_len=60)]}
         answers = [http.post(f"{url}gradio_api/call/caption", json=long) for _ in range(5)]
@@ -291,7 +273,7 @@ def test_sixteen_huge_flat_photos_stay_under_300_mb(app_process, model, tmp_path
 @pytest.mark.slow
 def test_500_short_sessions_leave_rss_flat(app_process):
     """Reproduction 4: every API call is a new session, and Gradio kept each one's state (about 1 MB with the bundled
-    model) for up to 10,000 sessions. Now a session's state expires, and at most ui.SESSIONS are kept."""
+    model) for up to 10,000 sessions. Now a session's state expires, and at most limits.SESSIONS are kept."""
     proc, url = app_process
     photo = data_url(jpeg(7, (320, 240)))
     with httpx.Client(timeout=60) as http:
@@ -311,11 +293,11 @@ def test_500_short_sessions_leave_rss_flat(app_process):
 
 
 def test_fair_share_gives_a_free_turn_to_the_least_served_and_bounds_how_many_compute():
-    """serving.FairShare: with one slot held, a request that has had 5 s of CPU and a new one wait; the new one goes
+    """turns.FairShare: with one slot held, a request that has had 5 s of CPU and a new one wait; the new one goes
     first. With two slots, never more than two compute at once."""
     import threading
 
-    from captioner.serving import FairShare, Job
+    from captioner.app.turns import FairShare, Job
 
     share = FairShare(1)
     order: list[str] = []

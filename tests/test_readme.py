@@ -239,8 +239,11 @@ def test_pyproject_names_the_package_and_covers_it():
     project = data["project"]
     assert project["name"] == "captioner"
     assert data["build-system"]["build-backend"] == "setuptools.build_meta"
-    assert "dependencies" in project.get("dynamic", []), "dependencies come from requirements.txt"
-    assert data["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
+    # The library's dependencies and the app's extra are, together, exactly requirements.txt's pins (what a Space and
+    # scripts/setup.sh install); the web server is in the extra only.
+    pins = [line.split("#", 1)[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert sorted(project["dependencies"] + project["optional-dependencies"]["app"]) == sorted(p for p in pins if p)
+    assert not any(d.startswith(("gradio", "starlette")) for d in project["dependencies"])
     version = data["tool"]["setuptools"]["dynamic"]["version"]["attr"]
     assert version == "captioner.__version__"
     assert re.search(r'^__version__ = "[\d.]+"$', (ROOT / "captioner" / "__init__.py").read_text(), re.M)
@@ -259,14 +262,43 @@ def test_pyproject_names_the_package_and_covers_it():
 
 
 def test_pyproject_dependencies_are_requirements_setuptools_can_read():
-    """What `pip install -e .` reads: requirements.txt through setuptools' own parser, each line a valid requirement."""
+    """What `pip install -e .[app]` reads, through setuptools' own parser: each dependency a valid requirement."""
     pytest.importorskip("setuptools")
     from packaging.requirements import Requirement
     from setuptools.config.pyprojecttoml import read_configuration
 
     config = read_configuration(ROOT / "pyproject.toml", expand=True)
     deps = config["project"]["dependencies"]
+    app = config["project"]["optional-dependencies"]["app"]
     init = (ROOT / "captioner" / "__init__.py").read_text(encoding="utf-8")
     assert f'__version__ = "{config["project"]["version"]}"' in init
     names = {Requirement(d).name.lower().replace("_", "-") for d in deps}
-    assert {"torch", "gradio", "safetensors"} <= names
+    assert {"torch", "safetensors"} <= names and not {"gradio", "starlette"} & names  # the library: no web server
+    assert {"gradio", "starlette"} <= {Requirement(d).name.lower() for d in app}
+
+
+def test_the_library_captions_without_importing_the_app_or_a_web_server(tmp_path):
+    """`pip install captioner` has no web server (gradio and starlette are the [app] extra): importing captioner,
+    parsing served settings and captioning a photo import neither, nor the app's package; importing the app does."""
+    from tiny import tiny_model
+
+    tiny_model(seed=1).save_pretrained(tmp_path / "model")
+    script = f"""
+import sys
+import captioner
+from captioner import Captioner, GenerationConfig, example
+from captioner.decode import caption, stream
+from captioner.setting_values import settings_from
+model = Captioner.from_pretrained({str(tmp_path / "model")!r})
+text = caption(model, example("cat.jpg"), settings_from({{"strategy": "beam", "beam_size": "3"}}, GenerationConfig()))
+assert isinstance(text, str) and text, text
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("gradio", "starlette", "gradio_client") or m.startswith("captioner.app"))
+print("LOADED", loaded)
+import captioner.app
+print("APP", "gradio" in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "LOADED []" in r.stdout, r.stdout
+    assert "APP True" in r.stdout  # the check can see gradio when it is imported

@@ -25,7 +25,7 @@ from captioner import Captioner
 from captioner.decode import caption, stream
 from captioner.hub import ModelLoadError
 from captioner.preprocess import open_image
-from tiny import assert_all_different, endless_model_dir, serve_demo, start_app, tiny_model
+from tiny import assert_all_different, start_app, tiny_model
 
 # gradio 6.31's queue statistics use a pandas option that pandas 3 deprecates (not this app's code)
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -128,27 +128,15 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random model whose <EOS> never wins, so every caption has MAX_LEN words."""
-    return endless_model_dir(tmp_path_factory.mktemp("sturdy_model"), MAX_LEN)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return Captioner.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def server(distinct):
-    """The app serving the tiny model whose captions differ per photo (conftest's `distinct`): after the corpus, each
-    of its photos must still get its own caption."""
-    with serve_demo(distinct[0], "distinct (sturdiness)", word_delay=0) as url:
-        yield url
+def served_model(distinct):
+    """What conftest's `server` serves here: the tiny model whose captions differ per photo (conftest's `distinct`):
+    after the corpus, each of its photos must still get its own caption."""
+    return distinct[0]
 
 
 def expected(model, path) -> str:
-    """What the app's defaults give (ui.APP_DEFAULTS, the model's max_len)."""
-    from captioner.ui import APP_DEFAULTS
+    """What the app's defaults give (app.APP_DEFAULTS, the model's max_len)."""
+    from captioner.app import APP_DEFAULTS
 
     return caption(model, str(path), APP_DEFAULTS, max_len=MAX_LEN)
 

@@ -242,7 +242,7 @@ def test_real_model_trees(real, name):
 @pytest.fixture
 def app(tmp_path):
     """(Handlers of a tiny model, a photo's path)."""
-    from captioner.ui import Handlers
+    from captioner.app import Handlers
 
     m = model_of("attend", seed=2)
     path = tmp_path / "photo.png"
@@ -259,16 +259,15 @@ def page_of(events) -> dict:
 
 @pytest.mark.filterwarnings("ignore:node 999")  # the refused re-decode's gr.Warning
 def test_the_page_draws_the_search_and_re_decodes_from_a_pruned_node(app):
+    from captioner.app.views import decoding_record, on_page
     from captioner.tree_view import path as node_path
 
     h, img = app
-    page = page_of(h.page_caption(img, strategy="beam", beam_size=3))
+    page = page_of(on_page(h.caption, clear_first=True)(img, strategy="beam", beam_size=3))
     decoding = page["decoding"]
     assert decoding.tree and page["tree"].count("data-node=") == len(decoding.tree)
     check_tree(decoding.steps[-1], 3, h.model.vocab.eos_id)
     # The download carries the tree.
-    from captioner.ui import decoding_record
-
     record = decoding_record(decoding, "tiny")
     assert record["tree"] == [n.record() for n in decoding.tree]
     # Every node's title says why it has its status; pruned ones say what they lost to.
@@ -280,27 +279,28 @@ def test_the_page_draws_the_search_and_re_decodes_from_a_pruned_node(app):
     assert picked["pick"] == node.id and picked["slider"].value == min(node.t, len(decoding.steps) - 1) + 1
     assert "pruned" in picked["tree_info"] and " ".join(words) in picked["tree_info"]
     # Re-decode from here, no word picked: the caption continues from the node's hypothesis.
-    new = page_of(h.page_redecode(decoding, picked["slider"].value, None, page["cache"], node.id, strategy="beam", beam_size=3))
+    new = page_of(on_page(h.redecode, clear_first=False)(decoding, picked["slider"].value, None, page["cache"], node.id, strategy="beam", beam_size=3))
     tokens = tuple(n.token for n in node_path(node, {n.id: n for n in decoding.tree}))
     assert new["decoding"].tokens[: len(tokens)] == tokens and new["decoding"].prefix == tokens
     want = final(h.model, img, strategy="beam", beam_size=3, prefix=tokens, max_len=h.model.config.max_len)
     assert new["caption"] == want.text and new["decoding"].tree  # the new search, drawn
     # A picked word wins over a picked node; an unknown node is refused by name.
     alt = decoding.steps[1].alternatives[-1]
-    redone = page_of(h.page_redecode(decoding, 2, alt.token, page["cache"], node.id, strategy="beam", beam_size=3))
+    redone = page_of(on_page(h.redecode, clear_first=False)(decoding, 2, alt.token, page["cache"], node.id, strategy="beam", beam_size=3))
     assert redone["decoding"].prefix == (*decoding.tokens[:1], alt.token)
     assert "node 999" in h.pick(decoding, 999)["tree_info"]
-    failed = page_of(h.page_redecode(decoding, 1, None, page["cache"], 999, strategy="beam"))
+    failed = page_of(on_page(h.redecode, clear_first=False)(decoding, 1, None, page["cache"], 999, strategy="beam"))
     assert "node 999" in failed["status"]["value"]
 
 
 def test_the_guided_view_shows_both_groups_and_the_note(app):
     h, img = app
     m = guided_model("attend")
-    from captioner.ui import Handlers
+    from captioner.app import Handlers
+    from captioner.app.views import on_page
 
     h = Handlers(m, word_delay=0)
-    page = page_of(h.page_caption(img, strategy="guided", beam_size=3))
+    page = page_of(on_page(h.caption, clear_first=True)(img, strategy="guided", beam_size=3))
     c = page["decoding"].steps[-1].constraint
     assert c.words == ("dog",)
     assert "with dog" in page["tree"] and "without it" in page["tree"] and "★" in page["tree"]

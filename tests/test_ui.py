@@ -1,4 +1,4 @@
-"""The Gradio app's handlers (captioner/ui.py), called directly: streaming, inspector, branching, bad input."""
+"""The Gradio app's handlers and views (captioner/app/), called directly: streaming, inspector, branching, bad input."""
 import dataclasses
 import io
 import json
@@ -13,12 +13,15 @@ import torch
 from PIL import Image
 
 from captioner import Captioner
+from captioner.app import APP_DEFAULTS, Handlers, build_demo
+from captioner.app.session import PHOTO_MAX_SIDE, Decoding, ImageCache
+from captioner.app.views import Inspector, cleared, finished, highlighted, inspect, on_page, table_row
 from captioner.decode import Step, caption, stream
 from captioner.generation import STRATEGIES, GenerationConfig
 from captioner.heatmap import attention_overlay
 from captioner.imagenet import describe_labels, percent, top_labels
 from captioner.preprocess import encoder_view
-from captioner.ui import APP_DEFAULTS, PHOTO_MAX_SIDE, Decoding, Handlers, ImageCache, Inspector, build_demo, highlighted, table_row
+from captioner.setting_values import settings_from
 from tiny import assert_all_different, attend_model, tiny_model
 
 SETTINGS = [
@@ -74,6 +77,16 @@ def cap(handlers, image, cache=None, **controls):
 
 def branch(handlers, decoding, step_number, choice, cache=None, **controls):
     return list(handlers.redecode(decoding, step_number, choice, cache, **controls))
+
+
+def page_caption(handlers, *args, **kw):
+    """The page's caption event (the same handler as /caption, through views.on_page): updates by output name."""
+    return on_page(handlers.caption, clear_first=True)(*args, **kw)
+
+
+def page_redecode(handlers, *args, **kw):
+    """The page's Re-decode from here (the same handler as the API's redecode, through views.on_page)."""
+    return on_page(handlers.redecode, clear_first=False)(*args, **kw)
 
 
 class CallCounter:
@@ -170,7 +183,6 @@ def test_settings_change_never_reruns_the_encoder(handlers, model, photo_path, m
 def test_defaults_are_guided_and_the_models_max_len(handlers, model, photo_path):
     """The app decodes with guided decoding by default (issue 15: level with greedy on dev, more subjects named);
     everything else is GenerationConfig's default."""
-    from captioner.ui import APP_DEFAULTS
 
     assert APP_DEFAULTS == GenerationConfig(strategy="guided")
     outs = list(handlers.caption(photo_path))
@@ -205,16 +217,16 @@ def test_inspector_says_when_unk_not_eos_ended_the_caption(photo_path):
     h = Handlers(m, word_delay=0)
     decoding = cap(h, photo_path, strategy="greedy", max_len=8)[-1][3]
     assert decoding.stop == "unk"
-    last = h.inspect(decoding, len(decoding.steps)).info
+    last = inspect(decoding, len(decoding.steps)).info
     assert "outside its vocabulary" in last and "`<EOS>` won" not in last and "p = 100%" in last
-    assert all("p(`<UNK>`) here = 100.0%" in h.inspect(decoding, t + 1).info for t in range(len(decoding.steps)))
+    assert all("p(`<UNK>`) here = 100.0%" in inspect(decoding, t + 1).info for t in range(len(decoding.steps)))
 
 
 def test_inspector_step_view_equals_the_core_records(handlers, model, photo_path):
     decoding = cap(handlers, photo_path, strategy="greedy", max_len=8, num_alternatives=4)[-1][3]
     steps = list(stream(model, photo_path, strategy="greedy", max_len=8, num_alternatives=4))
     for t, st in enumerate(steps):
-        view = handlers.inspect(decoding, t + 1)
+        view = inspect(decoding, t + 1)
         assert view.slider.value == t + 1 and view.slider.maximum == max(len(steps), 2)
         assert view.prefix == (steps[t - 1].text if t else "")
         assert view.alternatives == {a.word: a.prob for a in st.alternatives}
@@ -228,8 +240,8 @@ def test_inspector_step_view_equals_the_core_records(handlers, model, photo_path
         # One selected step: "This step" shows the same step's words, and says which step it is.
         assert view.current == view.alternatives and f"{t + 1} of {len(steps)}" in view.heading
     # Out of range steps are clamped; prev/next move by one.
-    assert handlers.inspect(decoding, 99).slider.value == len(steps)
-    assert handlers.inspect(decoding, -3).slider.value == 1
+    assert inspect(decoding, 99).slider.value == len(steps)
+    assert inspect(decoding, -3).slider.value == 1
     assert handlers.select(decoding, 2, +1).slider.value == 3 and handlers.select(decoding, 1, -1).slider.value == 1
 
 
@@ -259,7 +271,7 @@ def test_branching_equals_stream_with_a_prefix(handlers, model, photo_path, s, m
     assert new.tokens == want[-1].tokens and new.tokens[: t + 1] == prefix
     assert new.prefix == prefix and new.focus == t
     # The inspector then shows the new caption, at the step where it branched.
-    view = Inspector(*(handlers.finished(new)[k] for k in Inspector._fields))
+    view = Inspector(*(finished(new)[k] for k in Inspector._fields))
     assert view.slider.value == t + 1 and "".join(w for w, _ in view.confidence) == want[-1].text
     assert view.prefix == (new.steps[t - 1].text if t else "") and f"**{alt.word}**" in view.info
 
@@ -271,13 +283,13 @@ def test_branch_to_eos_ends_the_caption_there(handlers, model, photo_path):
     assert eos is not None, "the fixture's step 4 must offer <EOS> (5 alternatives of 8 words)"
     outs = branch(handlers, decoding, 4, eos.token, cache, strategy="greedy", max_len=8)
     assert outs[-1][3].tokens == decoding.tokens[:3] and outs[-1][3].stop == "eos"
-    view = Inspector(*(handlers.finished(outs[-1][3])[k] for k in Inspector._fields))
+    view = Inspector(*(finished(outs[-1][3])[k] for k in Inspector._fields))
     assert view.slider.value == 3 and "made to end after word 3" in view.info
 
 
 # ---------------------------------------------------------------- the page: one selected step, nothing stale
 
-PAGE = {"caption", "table", "decoding", "cache", "labels", *Inspector._fields, "download", "status", "photo", "tree", "tree_info", "pick",
+PAGE = {"caption", "table", "decoding", "cache", "cnn_sees", *Inspector._fields, "download", "status", "photo", "tree", "tree_info", "pick",
         "assessment"}
 
 
@@ -297,7 +309,7 @@ def run_page(page: dict, events) -> tuple[dict, list[dict]]:
 
 
 def test_a_page_decode_clears_then_streams_then_selects_the_focus_step(handlers, model, photo_path):
-    page, seen = run_page({}, handlers.page_caption(photo_path, max_len=8))
+    page, seen = run_page({}, page_caption(handlers, photo_path, max_len=8))
     assert seen[0]["caption"] == "" and seen[0]["decoding"] is None and seen[0]["current"] is None  # cleared first
     steps = list(stream(model, photo_path, APP_DEFAULTS, max_len=8))
     # One update per streamed word, and one per search step that streamed none (the search tree grows by a column:
@@ -317,7 +329,7 @@ def test_a_page_decode_clears_then_streams_then_selects_the_focus_step(handlers,
 
 
 def test_moving_the_inspector_moves_this_step_too(handlers, photo_path):
-    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
+    page, _ = run_page({}, page_caption(handlers, photo_path, max_len=8))
     decoding = page["decoding"]
     for n in (3, 2, len(decoding.steps)):
         view = handlers.select(decoding, n)  # the slider: dragged, arrow keys, a typed number
@@ -330,30 +342,30 @@ def test_moving_the_inspector_moves_this_step_too(handlers, photo_path):
 
 
 def test_a_failed_upload_after_a_good_one_leaves_empty_outputs(handlers, photo_path, tmp_path):
-    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
+    page, _ = run_page({}, page_caption(handlers, photo_path, max_len=8))
     assert page["caption"] and page["table"]["data"] and page["decoding"] and page["current"]
     bad = tmp_path / "notes.jpg"
     bad.write_text("a shopping list, not a photo\n")
     with pytest.warns(UserWarning, match="notes.jpg: not an image file"):  # gr.Warning, outside a served page
-        page, seen = run_page(page, handlers.page_caption(str(bad), page["cache"], max_len=8))
+        page, seen = run_page(page, page_caption(handlers, str(bad), page["cache"], max_len=8))
     assert seen[0]["caption"] == "" and seen[0]["status"]["visible"] is False  # cleared first, before the file is read
     assert page["caption"] == "" and page["table"]["data"] == [] and page["decoding"] is None
     assert page["current"] is None and page["alternatives"] is None and page["confidence"] is None
     assert page["prefix"] == "" and page["branch"].choices == [] and "Caption an image" in page["info"]
-    assert page["download"]["interactive"] is False and page["labels"] == "" and page["heatmap"]["value"] is None
+    assert page["download"]["interactive"] is False and page["cnn_sees"] == "" and page["heatmap"]["value"] is None
     # Why, beside the caption (not an error badge over it), and the photo box emptied (not a broken image).
     assert page["status"]["visible"] is True and "notes.jpg: not an image file" in page["status"]["value"]
     assert str(bad.parent) not in page["status"]["value"] and "photo" in page and page["photo"] is None
 
 
 def test_a_branch_that_cannot_be_done_changes_nothing(handlers, photo_path):
-    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
+    page, _ = run_page({}, page_caption(handlers, photo_path, max_len=8))
     with pytest.warns(UserWarning, match="Pick one of this step's words"):
-        (update,) = handlers.page_redecode(page["decoding"], 1, None, page["cache"], max_len=8)
+        (update,) = page_redecode(handlers, page["decoding"], 1, None, page["cache"], max_len=8)
     assert set(update) == {"status"} and "Pick one of this step's words" in update["status"]["value"]  # nothing else changes
     t = 1
     alt = next(a for a in page["decoding"].steps[t].alternatives[::-1] if a.word != "<EOS>")
-    new, seen = run_page(page, handlers.page_redecode(page["decoding"], t + 1, alt.token, page["cache"], max_len=8))
+    new, seen = run_page(page, page_redecode(handlers, page["decoding"], t + 1, alt.token, page["cache"], max_len=8))
     assert seen[0]["decoding"] is None and seen[0]["current"] is not None  # the old decoding goes with the first new word
     assert new["decoding"].prefix == (*page["decoding"].tokens[:t], alt.token) and new["slider"].value == t + 1
 
@@ -377,18 +389,18 @@ def test_table_and_radio_show_small_probabilities_as_less_than_one_percent(handl
     row = table_row(st)
     assert row == [1, "dog", "62.0%", "<0.1%", "dog\u00a062%, a\u00a01%, runs\u00a0<1%"]
     decoding = Decoding((st,), "eos", GenerationConfig(), (), 0, "key")
-    view = handlers.inspect(decoding, 1)
+    view = inspect(decoding, 1)
     assert [label for label, _ in view.branch.choices] == ["dog  (62%)", "a  (1%)", "runs  (<1%)"]
     assert "p(`<EOS>`) here = <0.1%" in view.info
 
 
 def test_the_decoding_download_holds_steps_words_probabilities_alternatives_settings_and_model(handlers, model, photo_path,
                                                                                                monkeypatch):
-    import captioner.ui
+    from captioner.app import downloads
 
     written = []
-    monkeypatch.setattr(captioner.ui, "write_download", lambda *a, w=captioner.ui.write_download: written.append(a) or w(*a))
-    page, _ = run_page({}, handlers.page_caption(photo_path, strategy="beam", max_len=8))
+    monkeypatch.setattr(downloads, "write_download", lambda *a, w=downloads.write_download: written.append(a) or w(*a))
+    page, _ = run_page({}, page_caption(handlers, photo_path, strategy="beam", max_len=8))
     assert written == []  # a caption writes no file that nobody may ask for
     decoding = page["decoding"]
     assert page["download"]["interactive"]
@@ -534,7 +546,7 @@ def test_redecode_without_a_caption_or_a_word_is_a_clear_error(handlers, photo_p
 
 
 def test_inspector_before_any_caption_is_empty_not_an_error(handlers):
-    view = handlers.inspect(None, 3)
+    view = inspect(None, 3)
     assert view.slider.value == 1 and view.prefix == "" and "Caption an image" in view.info
     assert view.alternatives is None and view.current is None and view.branch.choices == []
 
@@ -555,11 +567,11 @@ def test_no_image_is_a_clear_error(handlers):
 
 
 def test_cleared_image_just_clears_the_outputs(handlers):
-    page = apply({}, handlers.cleared())
+    page = apply({}, cleared())
     assert page["caption"] == "" and page["table"]["data"] == [] and page["decoding"] is None and "cache" not in page
     assert page["current"] is None and page["alternatives"] is None and page["confidence"] is None and page["prefix"] == ""
     assert page["download"]["interactive"] is False and page["status"]["visible"] is False
-    assert page["labels"] == "" and page["heatmap"]["value"] is None
+    assert page["cnn_sees"] == "" and page["heatmap"]["value"] is None
 
 
 @pytest.mark.parametrize("name,data,message", [
@@ -619,9 +631,9 @@ def test_build_demo_has_the_caption_endpoint_and_no_warnings(model):
     assert defaults["strategy"] == "guided" and defaults["beam_size"] == 3 and defaults["max_len"] == model.config.max_len
     assert defaults["temperature"] == 1.0 and defaults["top_k"] == 0 and defaults["top_p"] == 0.9 and defaults["seed"] == -1
     assert defaults["guide_threshold"] == 0 and GenerationConfig().guide_threshold is None  # 0: calibrated per word
-    from captioner import ui
+    from captioner.app import limits
 
-    assert demo._queue.default_concurrency_limit == ui.CONCURRENCY == 16 and demo._queue.max_size == ui.MAX_QUEUE == 64
+    assert demo._queue.default_concurrency_limit == limits.CONCURRENCY == 16 and demo._queue.max_size == limits.MAX_QUEUE == 64
     assert any("tiny @ test" in str(c.get("props", {}).get("value")) for c in demo.config["components"])
 
 
@@ -684,23 +696,23 @@ def pixels(image) -> np.ndarray:
 def test_the_cnns_labels_are_shown_beside_the_caption_computed_once_per_photo(attend_handlers, attend, photo_path, monkeypatch):
     want = top_labels(attend, photo_path, k=5)  # the Python API's labels
     counter = EncodeCounter(attend, monkeypatch)
-    page, seen = run_page({}, attend_handlers.page_caption(photo_path))
+    page, seen = run_page({}, page_caption(attend_handlers, photo_path))
     assert len(want) == 5 and want[0][1] > want[-1][1] > 0  # the fixture's head gives distinct labels
-    assert page["cache"].labels == tuple(want)
-    assert page["labels"] == "**The CNN sees:** " + describe_labels(want) and "%" in page["labels"]
-    assert seen[0]["labels"] == "" and seen[1]["labels"] == page["labels"]  # cleared, then with the first word
+    assert page["cache"].cnn_sees == tuple(want)
+    assert page["cnn_sees"] == "**The CNN sees:** " + describe_labels(want) and "%" in page["cnn_sees"]
+    assert seen[0]["cnn_sees"] == "" and seen[1]["cnn_sees"] == page["cnn_sees"]  # cleared, then with the first word
     # Re-decoding, branching and other settings reuse them with the features: the CNN ran once.
-    run_page(page, attend_handlers.page_caption(photo_path, page["cache"], strategy="beam"))
+    run_page(page, page_caption(attend_handlers, photo_path, page["cache"], strategy="beam"))
     t = 1
     alt = next(a for a in page["decoding"].steps[t].alternatives if a.token != page["decoding"].steps[t].token)
-    new, _ = run_page(page, attend_handlers.page_redecode(page["decoding"], t + 1, alt.token, page["cache"]))
-    assert new["labels"] == page["labels"] and counter.n == 1
+    new, _ = run_page(page, page_redecode(attend_handlers, page["decoding"], t + 1, alt.token, page["cache"]))
+    assert new["cnn_sees"] == page["cnn_sees"] and counter.n == 1
 
 
 def test_no_labels_for_a_model_without_an_imagenet_head(handlers, model, photo_path):
     assert not model.config.imagenet_head
-    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
-    assert page["cache"].labels is None and page["labels"] == ""
+    page, _ = run_page({}, page_caption(handlers, photo_path, max_len=8))
+    assert page["cache"].cnn_sees is None and page["cnn_sees"] == ""
     demo = build_demo(model, "tiny")
     (line,) = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "cnn-labels"]
     assert line["props"]["visible"] is False  # hidden, not an empty line
@@ -709,7 +721,7 @@ def test_no_labels_for_a_model_without_an_imagenet_head(handlers, model, photo_p
 
 
 def test_the_heatmap_follows_the_selected_step(attend_handlers, photo_path):
-    page, _ = run_page({}, attend_handlers.page_caption(photo_path))
+    page, _ = run_page({}, page_caption(attend_handlers, photo_path))
     decoding, cache = page["decoding"], page["cache"]
     assert cache.photo is not None and decoding.photo is cache.photo  # kept once per photo, shared with the decoding
     steps = decoding.steps
@@ -726,28 +738,28 @@ def test_the_heatmap_follows_the_selected_step(attend_handlers, photo_path):
     assert np.array_equal(pixels(attend_handlers.select(decoding, 2).heatmap["value"]), pixels(nxt["value"]))
     assert np.array_equal(pixels(attend_handlers.select(decoding, 2, -1).heatmap["value"]), pixels(hm["value"]))
     for n in range(1, len(steps) + 1):
-        view = attend_handlers.inspect(decoding, n).heatmap
+        view = inspect(decoding, n).heatmap
         assert np.array_equal(pixels(view["value"]), pixels(attention_overlay(cache.photo.image(), steps[n - 1].attention)))
 
 
 def test_branching_shows_the_new_captions_heatmaps(attend_handlers, attend, photo_path):
-    page, _ = run_page({}, attend_handlers.page_caption(photo_path))
+    page, _ = run_page({}, page_caption(attend_handlers, photo_path))
     decoding = page["decoding"]
     t = 1
     alt = next(a for a in decoding.steps[t].alternatives if a.token != decoding.steps[t].token and a.word != "<EOS>")
-    new, _ = run_page(page, attend_handlers.page_redecode(decoding, t + 1, alt.token, page["cache"]))
+    new, _ = run_page(page, page_redecode(attend_handlers, decoding, t + 1, alt.token, page["cache"]))
     branched = new["decoding"]
     want = list(stream(attend, photo_path, APP_DEFAULTS, prefix=(*decoding.tokens[:t], alt.token), max_len=attend.config.max_len))[-1]
     assert branched.tokens == want.tokens
     assert np.allclose([s.attention for s in branched.steps], [s.attention for s in want.caption_steps()], atol=1e-5)
     assert new["heatmap"]["label"].startswith(f"Where it looked for “{alt.word}”")  # the branch point is selected
     assert np.array_equal(pixels(new["heatmap"]["value"]), pixels(attention_overlay(page["cache"].photo.image(), branched.steps[t].attention)))
-    last = attend_handlers.inspect(branched, len(branched.steps)).heatmap
+    last = inspect(branched, len(branched.steps)).heatmap
     assert np.array_equal(pixels(last["value"]), pixels(attention_overlay(page["cache"].photo.image(), branched.steps[-1].attention)))
 
 
 def test_no_heatmap_for_a_model_that_does_not_attend(handlers, model, photo_path):
-    page, _ = run_page({}, handlers.page_caption(photo_path, max_len=8))
+    page, _ = run_page({}, page_caption(handlers, photo_path, max_len=8))
     assert page["decoding"].steps[0].attention is None and page["cache"].photo is None  # nothing kept that nobody draws
     assert page["heatmap"] == {"__type__": "update", "value": None, "visible": False}
     assert handlers.select(page["decoding"], 1, +1).heatmap["visible"] is False
@@ -766,9 +778,9 @@ def test_the_attend_models_page_shows_the_heatmap_and_the_labels(attend):
 
 def test_the_photo_kept_for_the_heatmap_is_what_the_encoder_saw_at_most_512_px(attend_handlers, attend, tmp_path):
     big = Image.fromarray(np.random.RandomState(2).randint(0, 256, (800, 1200, 3), dtype=np.uint8))
-    cache = attend_handlers.features(big, None)
+    cache = attend_handlers.image_cache(big, None)
     assert cache.photo.size == (PHOTO_MAX_SIDE, round(PHOTO_MAX_SIDE * 800 / 1200))  # squash: the whole photo
-    assert max(attend_handlers.features(Image.new("RGB", (40, 30)), None).photo.size) == 40  # never enlarged
+    assert max(attend_handlers.image_cache(Image.new("RGB", (40, 30)), None).photo.size) == 40  # never enlarged
     # A model that centre-crops saw only the centre square: the heatmap's grid covers that.
     crop = dataclasses.replace(attend.config, resize="crop", crop_pct=0.875)
     a = np.zeros((800, 1200, 3), np.uint8)
@@ -783,7 +795,7 @@ def test_the_photo_kept_for_the_heatmap_is_what_the_encoder_saw_at_most_512_px(a
 
 def test_the_decoding_download_holds_each_steps_attention(attend_handlers, handlers, photo_path):
     for h in (attend_handlers, handlers):
-        page, _ = run_page({}, h.page_caption(photo_path, max_len=8))
+        page, _ = run_page({}, page_caption(h, photo_path, max_len=8))
         with open(h.download(page["decoding"]), encoding="utf-8") as f:
             record = json.load(f)
         for got, st in zip(record["steps"], page["decoding"].steps, strict=True):
@@ -801,15 +813,15 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
     h = Handlers(Captioner.from_pretrained(tmp_path / "m"), word_delay=0)
     assert h.settings(guide_threshold=0.3).guide_threshold == 0.3
     assert h.settings(guide_threshold=None).guide_threshold == GenerationConfig().guide_threshold
-    page, _ = run_page({}, h.page_caption(photo_path, strategy="guided", guide_threshold=0.4))
+    page, _ = run_page({}, page_caption(h, photo_path, strategy="guided", guide_threshold=0.4))
     decoding = page["decoding"]
     assert decoding.settings.strategy == "guided" and decoding.settings.guide_threshold == 0.4
     final = decoding.steps[-1].constraint
     assert final.words == ("dog",) and final.met is True and final.used == "dog"
-    assert "golden retriever" in page["cache"].labels[0][0]
+    assert "golden retriever" in page["cache"].cnn_sees[0][0]
     first_dog = next(i for i, s in enumerate(decoding.steps) if s.word == "dog")
     for n in range(1, len(decoding.steps) + 1):
-        info = h.inspect(decoding, n).info
+        info = inspect(decoding, n).info
         assert '**Guided:** required "dog", as the CNN sees' in info and "golden retriever" in info and 'the caption uses "dog"' in info
         assert ("this step's word is the required one" in info) == (n - 1 == first_dog)
     # The download says which constraint was tried and whether it was kept.
@@ -821,12 +833,12 @@ def test_guided_decoding_has_its_threshold_and_the_inspector_says_what_was_requi
     # This decoder likes "dog" (the caption with it is the likelier one); make "dog" unlikely so that it cannot fit.
     with torch.no_grad():
         h.model.decoder.head.bias[h.model.vocab.stoi["dog"]] -= 6.0
-    tight, _ = run_page({}, h.page_caption(photo_path, page["cache"], strategy="guided", guide_threshold=0.4, guide_margin=0))
+    tight, _ = run_page({}, page_caption(h, photo_path, page["cache"], strategy="guided", guide_threshold=0.4, guide_margin=0))
     c = tight["decoding"].steps[-1].constraint
     assert c.unfit and c.met is False and c.free > c.fit, c
-    assert "dog" not in [s.word for s in tight["decoding"].steps] and "could not fit" in h.inspect(tight["decoding"], 1).info
+    assert "dog" not in [s.word for s in tight["decoding"].steps] and "could not fit" in inspect(tight["decoding"], 1).info
     # Not guided: no such line.
-    plain, _ = run_page({}, h.page_caption(photo_path, page["cache"], strategy="beam"))
+    plain, _ = run_page({}, page_caption(h, photo_path, page["cache"], strategy="beam"))
     assert "Guided" not in plain["info"]
 
 
@@ -835,7 +847,7 @@ def test_an_unfamiliar_photo_gets_its_sentence_under_the_caption(handlers, tmp_p
     the next photo comes."""
     grey = tmp_path / "grey.png"
     Image.new("RGB", (320, 240), (128, 128, 128)).save(grey)
-    page, seen = run_page({}, handlers.page_caption(str(grey), max_len=8))
+    page, seen = run_page({}, page_caption(handlers, str(grey), max_len=8))
     assert seen[0]["assessment"]["visible"] is False  # cleared first
     shown = page["assessment"]
     assert shown["visible"] and shown["value"].startswith("**This image is a single flat colour, nothing like the photos")
@@ -844,3 +856,24 @@ def test_an_unfamiliar_photo_gets_its_sentence_under_the_caption(handlers, tmp_p
     assert record["familiar"] is False and record["confidence"] is None and record["familiarity"]["reason"] == "a single flat colour"
     api = list(handlers.caption(str(grey), max_len=8))
     assert all(u.assessment is None for u in api[:-1]) and api[-1].assessment == page["decoding"].assessment.record()
+
+
+def test_every_setting_slider_takes_its_range_from_limits(model):
+    """Each decoding setting's slider in the built page spans its served range in GenerationConfig.LIMITS: up to
+    `served`, from `low` (one step above it where LIMITS excludes it, unless the slider's low end stands for the
+    default: guide_threshold's 0 is each word's calibrated threshold), and the server takes both ends."""
+    from captioner.generation import LIMITS
+
+    demo = build_demo(model, "tiny")
+    settings = {name: c for name, c in demo.controls.items() if isinstance(c, gr.Slider)}
+    assert set(settings) == {"beam_size", "max_len", "guide_threshold", "num_alternatives", "temperature", "top_k", "top_p"}
+    others = [b.elem_id for b in demo.blocks.values() if isinstance(b, gr.Slider) and all(b is not s for s in settings.values())]
+    assert others == ["step-slider"]  # every other slider on the page is a decoding setting's
+    for name, s in settings.items():
+        limit = LIMITS[name]
+        low = limit.low + s.step if limit.open_low and name != "guide_threshold" else limit.low
+        high = max(limit.served, model.config.max_len) if name == "max_len" else limit.served
+        assert (s.minimum, s.maximum) == pytest.approx((low, high)), name
+        defaults = GenerationConfig.make(APP_DEFAULTS, max_len=model.config.max_len)
+        for end in (s.minimum, s.maximum):  # as the slider sends them: floats; a ValueError here fails the test
+            settings_from({name: float(end)}, defaults)

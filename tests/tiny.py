@@ -155,7 +155,7 @@ def start_app(model_dir, *args: str, timeout: float = 120, env: dict | None = No
 @contextlib.contextmanager
 def serve_demo(model, label: str, **build_kw):
     """The app's Blocks served in this process on a free port of 127.0.0.1; yields its URL, closes it after."""
-    from captioner.ui import build_demo, launch_options
+    from captioner.app import build_demo, launch_options
 
     demo = build_demo(model, label, **build_kw)
     port = free_port()

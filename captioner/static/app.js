@@ -1,7 +1,7 @@
 // Run once in the page: accessible names for the example thumbnails and the photo (Gradio leaves alt=""), "<1%"
 // for probabilities that gr.Label would round to "0%" (every word it shows has p > 0), and on a phone a tapped
 // example scrolls the page back to the photo, and "Re-decode from here" to the caption, so the caption streams in view.
-// %(phone)s is ui.PHONE.
+// %(phone)s is app.layout.PHONE.
 (examples) => {
   const fix = () => {
     document.querySelectorAll('button.gallery-item img').forEach(img => {
