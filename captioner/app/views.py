@@ -189,7 +189,7 @@ def inspect(decoding: Decoding | None, step_number=1) -> Inspector:
 
 
 def cleared() -> dict:
-    """The page with nothing from an earlier caption: no caption, labels, history, inspector, download or message."""
+    """The page with nothing from an earlier caption: no caption, CNN classes, history, inspector, download or message."""
     return dict(caption="", table=history_table([]), decoding=None, cnn_sees="", **inspect(None)._asdict(),
                 download=gr.update(interactive=False), status=gr.update(value="", visible=False),
                 tree=tree_view.render(None), tree_info="", pick=None, assessment=assessment_markdown(None))
@@ -199,6 +199,7 @@ def finished(decoding: Decoding) -> dict:
     """After a decode: "This step" and the inspector at its focus step, and the download offered."""
     return dict(**inspect(decoding, decoding.focus + 1)._asdict(), download=gr.update(interactive=True),
                 tree=tree_html(decoding), tree_info="", pick=None)
+
 
 def tree_html(decoding: Decoding) -> str:
     """The finished search, drawn (tree_view.render): guided decoding's note says what was required and how it ended."""
