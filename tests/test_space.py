@@ -215,7 +215,7 @@ def distributions(module: str) -> set[str]:
 
 
 def app_files() -> list[Path]:
-    return [ROOT / "app.py", *sorted((ROOT / "captioner").glob("*.py"))]
+    return [ROOT / "app.py", *sorted((ROOT / "captioner").rglob("*.py"))]  # captioner/app/ included
 
 
 def local_modules() -> set[str]:
