@@ -91,13 +91,16 @@ class TrainConfig:
                                               "be practical; teacher forcing only)")
     tune_top_stages: int = _setting(0, "train the CNN's last N stages and head conv too, on cached maps of the frozen "
                                        "stages below. 1 gave no gain (runs/tune1); 2 beat the frozen CNN in teacher "
-                                       "forcing, not after self-critical training (runs/tune2_scst)")
+                                       "forcing, not after self-critical training (runs/tune2_scst). With --decoder attend the "
+                                       "tuned top gives the regions")
     tune_lr_scale: float = _setting(0.1, "those stages learn at this times lr (and scst_lr): pretrained weights need "
                                          "small steps")
     feature_cache: str = _setting(".cache/features", "folder of cached backbone features, keyed by backbone, weights "
                                                      "and preprocessing")
     augment_views: int = _setting(0, "extra cached views of each training image (random crop + mirror); each caption "
                                      "draws one per step (the bundled model: 0)")
+    flip: float = _setting(0.0, "share of training rows that show the photo mirrored left to right, their captions' "
+                                "'left' and 'right' swapped (in teacher forcing and in the self-critical references)")
     # --- evaluation and running
     eval_beam: int = _setting(3, "beam size scored after the last epoch (0 = none); beam 3 helped teacher-forcing "
                                  "models, not self-critical ones")
@@ -124,6 +127,11 @@ class TrainConfig:
         if self.tune_top_stages and self.finetune_backbone:
             raise ValueError("--tune-top-stages with --finetune-backbone: the first trains the last stages on cached maps, "
                              "the second the whole CNN on images; choose one")
+        if not 0.0 <= self.flip <= 1.0:
+            raise ValueError(f"--flip {self.flip}: a share of the rows, between 0 and 1")
+        if self.flip and self.augment_views:
+            raise ValueError("--flip with --augment-views: augmented views mirror without swapping left and right; "
+                             "choose one")
         if self.tune_top_stages < 0:
             raise ValueError(f"--tune-top-stages {self.tune_top_stages}: must be >= 0")
         from captioner.precision import TRAINING

@@ -38,9 +38,11 @@ class CiderReward:
         self.tokens: list | None = None
         self.cider = None
 
-    def __call__(self, rows: list[list[int]], images: list[int], samples: int) -> torch.Tensor:
-        """Rewards (B, samples) of token rows (B * samples, T), each image's samples consecutive."""
+    def __call__(self, rows: list[list[int]], images: list[int], samples: int, flipped: list[bool] | None = None) -> torch.Tensor:
+        """Rewards (B, samples) of token rows (B * samples, T), each image's samples consecutive. An image that was
+        shown mirrored (`flipped`) is scored against its references with "left" and "right" swapped."""
         from train.evaluate import PUNCT
+        from train.inputs import swap_sides
 
         if self.cider is None:
             from train.cider import CiderD
@@ -55,7 +57,11 @@ class CiderReward:
             if self.eos and self.vocab.eos_id in row:
                 words.append(END)
             image = images[r // samples]
-            rewards.append(self.cider.score(words, image, self.tokens[image]))
+            if flipped and flipped[r // samples]:
+                refs = [swap_sides(t) for t in self.tokens[image]]
+                rewards.append(self.cider.score(words, ("mirrored", image), refs))  # its own key: other ref vectors
+            else:
+                rewards.append(self.cider.score(words, image, self.tokens[image]))
         return torch.tensor(rewards).view(-1, samples)
 
 
@@ -107,7 +113,7 @@ class CaptionObjective(nn.Module):
             seqs = generate_batch(self.model, self.model.encoder.from_backbone(pooled), self.max_len, sample=True,
                                   top_k=self.top_k, generator=self.generator)  # (B*n, T)
         rows = seqs.tolist()
-        reward = self.reward(rows, batch.images, n)  # (B, n)
+        reward = self.reward(rows, batch.images, n, batch.flipped)  # (B, n)
         baseline = (reward.sum(1, keepdim=True) - reward) / max(1, n - 1)
         advantage = (reward - baseline).view(-1).to(device)  # (B*n,)
         sampled = []  # the sampled captions, as teacher-forcing input
