@@ -757,3 +757,17 @@ def test_the_architecture_fields_go_to_the_model_config_and_come_back_from_one()
     back = TrainConfig().with_architecture_of(config)  # --init: the saved model's sizes win over the flags' defaults
     assert [getattr(back, f) for f in ARCHITECTURE] == [getattr(cfg, f) for f in ARCHITECTURE]
     assert back.dropout == TrainConfig().dropout  # a training setting, not carried from the saved model
+
+
+def test_scst_greedy_baseline_trains_and_a_bad_baseline_is_refused(tmp_path):
+    """--scst-baseline greedy (Rennie et al.): each sample is measured against its image's greedy caption; the run
+    trains and records the setting, and an unknown baseline is refused by name."""
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    r = run_train(tiny_args(data, out, **{"epochs": 1, "scst-epochs": 1, "scst-batch-images": 4, "scst-samples": 2,
+                                          "scst-baseline": "greedy"}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [h["phase"] for h in read_metrics(out)] == ["xe", "scst"]
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["train_config"]["scst_baseline"] == "greedy"
+    bad = run_train(tiny_args(data, tmp_path / "bad", **{"scst-baseline": "max"}))
+    assert bad.returncode == 2 and "--scst-baseline 'max'" in bad.stderr

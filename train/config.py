@@ -79,6 +79,9 @@ class TrainConfig:
     scst_samples: int = _setting(5, "sampled captions per image; baseline = the mean reward of the others. 10 gave no "
                                     "gain and diverged later (runs/drop03_scst_n10)")
     scst_batch_images: int = _setting(64, "images per self-critical step")
+    scst_baseline: str = _setting("mean", "what each sample's reward is measured against: mean (the mean reward of the "
+                                          "image's other samples, Luo 2020's 'new SCST') or greedy (the reward of the "
+                                          "image's greedy caption, Rennie et al. 2017)")
     scst_top_k: int = _setting(5, "rollouts sample from the k likeliest words (label smoothing leaves ~10% on random "
                                   "words); 10 started lower (runs/drop03_scst_k10)")
     scst_xe_weight: float = _setting(0.0, "adds this times the teacher-forcing loss of one reference per image to each "
@@ -119,6 +122,8 @@ class TrainConfig:
 
         if self.decoder not in DECODERS:
             raise ValueError(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
+        if self.scst_baseline not in ("mean", "greedy"):
+            raise ValueError(f"--scst-baseline {self.scst_baseline!r}: choose mean or greedy")
         if self.scst_schedule not in ("constant", "cosine"):
             raise ValueError(f"--scst-schedule {self.scst_schedule!r}: choose constant or cosine")
         if self.scst_epochs and self.finetune_backbone:
