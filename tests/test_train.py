@@ -527,6 +527,13 @@ def test_split_backbone_top_of_bottom_is_the_backbone():
                 torch.testing.assert_close(top(maps), backbone(x))
         with pytest.raises(ValueError, match="tune-top-stages 99"):
             split_backbone(backbone, 99)
+    # for a decoder that attends, the top ends in the last map's regions, as Encoder.backbone_features gives them
+    model = tiny_model(decoder="attend", image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    bottom, top = split_backbone(model.encoder.backbone, 1, spatial=True)
+    with torch.no_grad():
+        torch.testing.assert_close(top(bottom(x)), model.encoder.backbone_features(x))
+        assert top(bottom(x)).shape == (2, 4, model.encoder.backbone.num_features)  # a 2 x 2 grid of regions
 
 
 def test_tune_top_stages_trains_only_the_last_stages_on_cached_maps(tmp_path):
@@ -656,8 +663,87 @@ def test_attend_decoder_trains_through_the_same_loop(tmp_path):
     assert ex.returncode == 0, ex.stderr
     card = (tmp_path / "export" / "README.md").read_text()
     assert "soft attention (Show, Attend and Tell" in card and "no attention" not in card
-    bad = run_train(tiny_args(data, tmp_path / "bad", **{"decoder": "attend", "tune-top-stages": 1}))
-    assert bad.returncode == 2 and "--decoder attend" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+
+
+def test_end_to_end_tuning_of_the_attention_decoder_trains_the_cnn_top_and_saves_a_model_that_loads(tmp_path):
+    """--decoder attend --tune-top-stages 1 --flip: teacher forcing and self-critical steps train the CNN's last stage
+    (the regions come from it), the bottom stays as it was, and the saved checkpoint and best model load and give
+    from the JPEGs the regions training computed from the cached maps."""
+    from captioner import Captioner, preprocess
+    from captioner.decode import caption
+    from train.features import extract_features, top_parameter_names
+    from train.inputs import pooled_features
+
+    data = write_dataset(tmp_path / "data")
+    common = {"decoder": "attend", "attention-size": 8, "image-size": 64, "epochs": 1, "scst-epochs": 1,
+              "scst-batch-images": 4, "scst-samples": 2, "scst-xe-weight": 0.5, "flip": 0.5, "tune-lr-scale": 1.0}
+    tuned, plain = tmp_path / "tuned", tmp_path / "plain"
+    r = run_train(tiny_args(data, tuned, **common, **{"tune-top-stages": 1}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_train(tiny_args(data, plain, **common)).returncode == 0
+    a, b = Captioner.from_pretrained(tuned / "checkpoint"), Captioner.from_pretrained(plain / "checkpoint")  # same seed
+    top = top_parameter_names(a.encoder.backbone, 1)
+    sa, sb = a.encoder.backbone.state_dict(), b.encoder.backbone.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k not in top)  # the bottom stayed frozen
+    assert any(not torch.equal(sa[k], sb[k]) for k in top if sa[k].is_floating_point())  # the top learned
+    images = sorted(str(p) for p in (data / "Images").iterdir())
+    maps = extract_features(a, images, tmp_path / "cache", progress=False, top_stages=1)
+    regions = pooled_features(a, maps, 1, torch.device("cpu"))
+    assert regions.dim() == 3 and regions.shape[:2] == (len(images), 4)
+    with torch.no_grad():
+        from_jpegs = a.encoder.backbone_features(torch.stack([preprocess(i, a.config) for i in images]))  # (N, R, F)
+    torch.testing.assert_close(regions, from_jpegs, rtol=1e-4, atol=1e-4)
+    best = Captioner.from_pretrained(tuned / "best")
+    assert best.config.decoder == "attend" and isinstance(caption(best, images[0]), str)
+    ex = run_here("train.export", ["--run", str(tuned), "--out", str(tmp_path / "export")])
+    assert ex.returncode == 0, ex.stderr
+    assert "except its last 1 stage(s) and head conv" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_flip_swaps_left_and_right_in_captions_references_and_rewards(tmp_path):
+    """--flip 1: every row shows the mirrored photo (the MIRROR view's cached features), its caption's "left" and
+    "right" are swapped, and the self-critical reward scores a sample against the swapped references."""
+    from captioner import Captioner, Vocabulary
+    from tiny import tiny_config
+    from train.config import TrainConfig
+    from train.data import Sample
+    from train.features import MIRROR, extract_features
+    from train.inputs import TrainInputs, swap_side_ids, swap_sides
+    from train.objectives import CiderReward
+
+    assert swap_sides("a dog on the left of a man on the right".split()) == "a dog on the right of a man on the left".split()
+    data = write_dataset(tmp_path / "data", n_train=2, n_dev=1)
+    paths = sorted(str(p) for p in (data / "Images").iterdir())
+    said = [("A dog on the left .", "A dog left of a man on the right ."), ("A man on the right .", "A bike to the left .")]
+    train_set = [Sample(paths[i], said[i], "train") for i in range(2)]
+    val_set = [Sample(paths[2], ("A dog .",), "dev")]
+    vocab = Vocabulary.build([c for s in train_set for c in s.captions], min_freq=1)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "out"), backbone="test_efficientnet", pretrained=False,
+                      image_size=32, embed_size=16, hidden_size=16, batch_size=4, flip=1.0,
+                      feature_cache=str(tmp_path / "cache"), precision="fp32", scst_xe_weight=1.0)
+    cfg.check()
+    torch.manual_seed(0)
+    model = Captioner(tiny_config(vocab_size=len(vocab)), vocab).eval()
+    inputs = TrainInputs(cfg, model, train_set, val_set, vocab, device=torch.device("cpu"), progress=False)
+    mirrored = extract_features(model, [s.image for s in train_set], tmp_path / "cache", view=MIRROR, progress=False)
+    plain = extract_features(model, [s.image for s in train_set], tmp_path / "cache", progress=False)
+    assert not torch.equal(mirrored, plain)
+    batch = inputs.batch([0, 1, 2, 3], step=0, self_critical=False)
+    assert batch.flipped == [True] * 4 and torch.equal(batch.x, mirrored[batch.images])
+    for c, i in zip(batch.captions.t().tolist(), [0, 1, 2, 3]):
+        words = [w for w in vocab.words(c) if w not in ("<PAD>",)]
+        assert words == swap_sides(vocab.words(inputs.captions[i])) != vocab.words(inputs.captions[i])
+    assert swap_side_ids(swap_side_ids(inputs.captions[1], vocab), vocab) == inputs.captions[1]
+    scst = inputs.batch([0, 1], step=3, self_critical=True)
+    assert scst.flipped == [True, True] and torch.equal(scst.x, mirrored[[0, 1]])
+    left, right = (vocab.encode(t, add_specials=False) + [vocab.eos_id] for t in ("A dog on the left", "A dog on the right"))
+    reward = CiderReward([s.captions for s in train_set], vocab)
+    as_seen, mirror = reward([left, right], [0], 2), reward([left, right], [0], 2, [True])
+    assert as_seen[0, 0] > as_seen[0, 1] and mirror[0, 1] > mirror[0, 0]  # the side the references name wins
+    with pytest.raises(ValueError, match="--flip 1.5"):
+        TrainConfig(flip=1.5).check()
+    with pytest.raises(ValueError, match="--flip with --augment-views"):
+        TrainConfig(flip=0.5, augment_views=2).check()
 
 
 def test_the_architecture_fields_go_to_the_model_config_and_come_back_from_one():
@@ -671,3 +757,17 @@ def test_the_architecture_fields_go_to_the_model_config_and_come_back_from_one()
     back = TrainConfig().with_architecture_of(config)  # --init: the saved model's sizes win over the flags' defaults
     assert [getattr(back, f) for f in ARCHITECTURE] == [getattr(cfg, f) for f in ARCHITECTURE]
     assert back.dropout == TrainConfig().dropout  # a training setting, not carried from the saved model
+
+
+def test_scst_greedy_baseline_trains_and_a_bad_baseline_is_refused(tmp_path):
+    """--scst-baseline greedy (Rennie et al.): each sample is measured against its image's greedy caption; the run
+    trains and records the setting, and an unknown baseline is refused by name."""
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    r = run_train(tiny_args(data, out, **{"epochs": 1, "scst-epochs": 1, "scst-batch-images": 4, "scst-samples": 2,
+                                          "scst-baseline": "greedy"}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [h["phase"] for h in read_metrics(out)] == ["xe", "scst"]
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["train_config"]["scst_baseline"] == "greedy"
+    bad = run_train(tiny_args(data, tmp_path / "bad", **{"scst-baseline": "max"}))
+    assert bad.returncode == 2 and "--scst-baseline 'max'" in bad.stderr

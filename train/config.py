@@ -79,6 +79,9 @@ class TrainConfig:
     scst_samples: int = _setting(5, "sampled captions per image; baseline = the mean reward of the others. 10 gave no "
                                     "gain and diverged later (runs/drop03_scst_n10)")
     scst_batch_images: int = _setting(64, "images per self-critical step")
+    scst_baseline: str = _setting("mean", "what each sample's reward is measured against: mean (the mean reward of the "
+                                          "image's other samples, Luo 2020's 'new SCST') or greedy (the reward of the "
+                                          "image's greedy caption, Rennie et al. 2017)")
     scst_top_k: int = _setting(5, "rollouts sample from the k likeliest words (label smoothing leaves ~10% on random "
                                   "words); 10 started lower (runs/drop03_scst_k10)")
     scst_xe_weight: float = _setting(0.0, "adds this times the teacher-forcing loss of one reference per image to each "
@@ -91,13 +94,16 @@ class TrainConfig:
                                               "be practical; teacher forcing only)")
     tune_top_stages: int = _setting(0, "train the CNN's last N stages and head conv too, on cached maps of the frozen "
                                        "stages below. 1 gave no gain (runs/tune1); 2 beat the frozen CNN in teacher "
-                                       "forcing, not after self-critical training (runs/tune2_scst)")
+                                       "forcing, not after self-critical training (runs/tune2_scst). With --decoder attend the "
+                                       "tuned top gives the regions")
     tune_lr_scale: float = _setting(0.1, "those stages learn at this times lr (and scst_lr): pretrained weights need "
                                          "small steps")
     feature_cache: str = _setting(".cache/features", "folder of cached backbone features, keyed by backbone, weights "
                                                      "and preprocessing")
     augment_views: int = _setting(0, "extra cached views of each training image (random crop + mirror); each caption "
                                      "draws one per step (the bundled model: 0)")
+    flip: float = _setting(0.0, "share of training rows that show the photo mirrored left to right, their captions' "
+                                "'left' and 'right' swapped (in teacher forcing and in the self-critical references)")
     # --- evaluation and running
     eval_beam: int = _setting(3, "beam size scored after the last epoch (0 = none); beam 3 helped teacher-forcing "
                                  "models, not self-critical ones")
@@ -116,6 +122,8 @@ class TrainConfig:
 
         if self.decoder not in DECODERS:
             raise ValueError(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
+        if self.scst_baseline not in ("mean", "greedy"):
+            raise ValueError(f"--scst-baseline {self.scst_baseline!r}: choose mean or greedy")
         if self.scst_schedule not in ("constant", "cosine"):
             raise ValueError(f"--scst-schedule {self.scst_schedule!r}: choose constant or cosine")
         if self.scst_epochs and self.finetune_backbone:
@@ -124,6 +132,11 @@ class TrainConfig:
         if self.tune_top_stages and self.finetune_backbone:
             raise ValueError("--tune-top-stages with --finetune-backbone: the first trains the last stages on cached maps, "
                              "the second the whole CNN on images; choose one")
+        if not 0.0 <= self.flip <= 1.0:
+            raise ValueError(f"--flip {self.flip}: a share of the rows, between 0 and 1")
+        if self.flip and self.augment_views:
+            raise ValueError("--flip with --augment-views: augmented views mirror without swapping left and right; "
+                             "choose one")
         if self.tune_top_stages < 0:
             raise ValueError(f"--tune-top-stages {self.tune_top_stages}: must be >= 0")
         from captioner.precision import TRAINING

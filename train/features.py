@@ -21,10 +21,19 @@ from captioner.preprocess import open_image, preprocess
 CHUNK = 256  # images per cache chunk file
 
 
-def split_backbone(backbone, top_stages: int):
+class Regions(torch.nn.Module):
+    """(B, F, H, W) -> (B, H*W, F): the last map as the regions a decoder that attends reads (as
+    `Encoder.backbone_features` gives them)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)  # (B, F, H*W) -> (B, H*W, F)
+
+
+def split_backbone(backbone, top_stages: int, *, spatial: bool = False):
     """(bottom, top) views of an EfficientNet-style backbone (conv_stem, bn1, blocks, conv_head, bn2), sharing its
-    modules: bottom(x) is the feature map before the last `top_stages` stages, top(map) the pooled (B, F) features.
-    top(bottom(x)) == backbone(x). Training only `top` on cached bottom maps is CNN fine-tuning a CPU can afford."""
+    modules: bottom(x) is the feature map before the last `top_stages` stages, top(map) the pooled (B, F) features,
+    or with `spatial` the last map's regions (B, H*W, F). top(bottom(x)) == backbone(x) (or its regions). Training
+    only `top` on cached bottom maps is CNN fine-tuning a CPU can afford."""
     import torch.nn as nn
 
     stages = getattr(backbone, "blocks", None)
@@ -34,7 +43,8 @@ def split_backbone(backbone, top_stages: int):
         raise ValueError(f"--tune-top-stages {top_stages}: the backbone has {len(stages)} stages; choose 1..{len(stages)}")
     cut = len(stages) - top_stages
     bottom = nn.Sequential(backbone.conv_stem, backbone.bn1, *list(stages)[:cut])
-    top = nn.Sequential(*list(stages)[cut:], backbone.conv_head, backbone.bn2, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    head = [Regions()] if spatial else [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    top = nn.Sequential(*list(stages)[cut:], backbone.conv_head, backbone.bn2, *head)
     return bottom, top
 
 
@@ -58,11 +68,16 @@ def backbone_fingerprint(encoder, top_stages: int = 0) -> str:
     return h.hexdigest()[:16]
 
 
-def augmented_view(path: str, view: int):
+MIRROR = "mirror"  # the view that is the plain image flipped left to right (--flip); its captions swap left/right
+
+
+def augmented_view(path: str, view: int | str):
     """View number `view` (>= 1) of an image, for training-time augmentation: a random crop of 60-100% of the area
-    (aspect 3:4 to 4:3), mirrored half of the time. Seeded by (view, file name), so cached views stay valid.
+    (aspect 3:4 to 4:3), mirrored half of the time; view MIRROR is the whole image mirrored. Seeded by (view, file name), so cached views stay valid.
     Mirroring can contradict a caption's "left"/"right"; those are rare in Flickr8k (about 1% of captions)."""
     img = open_image(path)
+    if view == MIRROR:
+        return img.transpose(0)  # 0 = Image.FLIP_LEFT_RIGHT
     rng = random.Random(f"{view}:{os.path.basename(path)}")
     w, h = img.size
     area = w * h * rng.uniform(0.6, 1.0)
@@ -73,7 +88,7 @@ def augmented_view(path: str, view: int):
     return img.transpose(0) if rng.random() < 0.5 else img  # 0 = Image.FLIP_LEFT_RIGHT
 
 
-def cache_key(model, images: list[str], view: int = 0, top_stages: int = 0, precision: str = "fp32") -> str:
+def cache_key(model, images: list[str], view: int | str = 0, top_stages: int = 0, precision: str = "fp32") -> str:
     c = model.config
     spec = {
         "backbone": c.backbone,
@@ -104,7 +119,7 @@ def _atomic_save(array: np.ndarray, path: Path) -> None:
 
 @torch.inference_mode()
 def extract_features(model, images: list[str], cache_dir: str | os.PathLike, *, batch_size: int = 32, progress: bool = True,
-                     view: int = 0, top_stages: int = 0, precision: str = "fp32") -> torch.Tensor:
+                     view: int | str = 0, top_stages: int = 0, precision: str = "fp32") -> torch.Tensor:
     """Backbone features (N, F) for the image paths (or for their augmented view `view`), from the cache where present.
     With `top_stages`, the feature maps (N, C, H, W) below the backbone's last `top_stages` stages instead; for a
     decoder that attends, the last map's regions (N, R, F) in half precision (7,000 images of 49 x 1,280 take 0.9 GB).

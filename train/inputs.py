@@ -3,6 +3,8 @@
 Four input modes behind one interface (`TrainInputs`):
 - cached features: the frozen CNN ran once per image (train/features.py); a row is its backbone features;
 - augmented views (--augment-views K): K more cached views of every training image; each row draws one per step;
+- mirrored photos (--flip P): one more cached view, the photo mirrored; a share P of the rows shows it, with "left"
+  and "right" swapped in its captions and references;
 - cached maps (--tune-top-stages N): the cache holds the maps below the CNN's last N stages, which run (and
   learn) every step;
 - raw images (--finetune-backbone): nothing cached; every step preprocesses the images and runs the whole CNN.
@@ -27,6 +29,7 @@ class Batch:
     images: list[int]  # the training image of each row
     captions: torch.Tensor | None  # (T, B) teacher forcing: each row's caption; self-critical: one reference per image
     #                                (only with --scst-xe-weight), else None
+    flipped: list[bool] | None = None  # rows that show the photo mirrored (--flip): their words swap left and right
 
     def __len__(self) -> int:
         return len(self.images)
@@ -69,21 +72,45 @@ def view_choice(views: int, rows: int, seed: int, step: int) -> torch.Tensor:
     return torch.randint(0, views, (rows,), generator=pick)
 
 
+def flip_choice(share: float, rows: int, seed: int, step: int) -> list[bool]:
+    """Which of `rows` rows show the mirrored photo at this step (a share `share` on average); seeded by the step
+    apart from the view draws, so --resume flips the same rows again."""
+    if not share:
+        return [False] * rows
+    pick = torch.Generator().manual_seed(seed * 2_000_003 + step + 1)
+    return (torch.rand(rows, generator=pick) < share).tolist()
+
+
+SIDES = {"left": "right", "right": "left"}  # what a mirror swaps in a caption
+
+
+def swap_sides(words: list[str]) -> list[str]:
+    """A caption's words as they describe the mirrored photo: "left" and "right" swapped."""
+    return [SIDES.get(w, w) for w in words]
+
+
+def swap_side_ids(ids: list[int], vocab) -> list[int]:
+    """Token ids with the ids of "left" and "right" swapped (those absent from the vocabulary stay as they are)."""
+    pairs = {vocab.stoi[a]: vocab.stoi[b] for a, b in SIDES.items() if a in vocab.stoi and b in vocab.stoi}
+    return [pairs.get(i, i) for i in ids]
+
+
 def draw_views(views: torch.Tensor, rows: list[int], seed: int, step: int) -> torch.Tensor:
     """Cached rows, each from one view drawn at random: views (1 + K, N, ...) -> (len(rows), ...)."""
     return views[view_choice(views.size(0), len(rows), seed, step), rows]
 
 
 def pooled_features(model, x: torch.Tensor, top_stages: int, device) -> torch.Tensor:
-    """(N, F) pooled features of cached features or maps, through `model`'s own top stages, without gradients."""
+    """(N, F) pooled features (or (N, R, F) regions) of cached features or maps, through `model`'s own top stages,
+    without gradients."""
     if not top_stages:
         return x
     from train.features import split_backbone
 
-    top = split_backbone(model.encoder.backbone, top_stages)[1]
+    top = split_backbone(model.encoder.backbone, top_stages, spatial=model.encoder.spatial)[1]
     model.eval()
     with torch.inference_mode():
-        return torch.cat([top(x[i : i + 256].to(device)).cpu() for i in range(0, len(x), 256)])  # (N, F)
+        return torch.cat([top(x[i : i + 256].to(device)).cpu() for i in range(0, len(x), 256)])  # (N, F) / (N, R, F)
 
 
 class BackboneFeatures(nn.Module):
@@ -101,12 +128,9 @@ class _Cached:
     """Features (or, with top_stages, maps) cached on disk once per image and view; rows pass through `pool`."""
 
     def __init__(self, cfg, model, train_images: list[str], val_images: list[str], device, progress: bool):
-        from train.features import extract_features
+        from train.features import MIRROR, extract_features
 
-        self.top_stages, self.device = cfg.tune_top_stages, device
-        if self.top_stages and model.encoder.spatial:
-            raise ValueError("--tune-top-stages trains the CNN's top on pooled features; a decoder that attends "
-                             "(--decoder attend) reads the spatial map instead: leave it 0")
+        self.top_stages, self.device, self.spatial = cfg.tune_top_stages, device, model.encoder.spatial
         from captioner.precision import for_training
 
         precision = for_training(cfg.precision, "cpu")  # extraction runs on the CPU
@@ -121,17 +145,25 @@ class _Cached:
                      for k in range(1, cfg.augment_views + 1)]
             model.to(device)
             self.views = torch.stack([self.train, *views])  # (1 + views, N, F) or (1 + views, N, C, H, W)
+        self.mirrored = None
+        if cfg.flip:
+            self.mirrored = extract_features(model.cpu(), train_images, cfg.feature_cache, view=MIRROR, progress=progress,
+                                             top_stages=self.top_stages, precision=precision)
+            model.to(device)
 
     def pool(self, model) -> nn.Module:
         if not self.top_stages:
             return nn.Identity()
         from train.features import split_backbone
 
-        top = split_backbone(model.encoder.backbone, self.top_stages)[1]
+        top = split_backbone(model.encoder.backbone, self.top_stages, spatial=self.spatial)[1]
         return top.requires_grad_(True)  # its batch norms keep their ImageNet statistics: the backbone stays in eval mode
 
-    def rows(self, rows: list[int], seed: int, step: int) -> torch.Tensor:
+    def rows(self, rows: list[int], seed: int, step: int, flipped: list[bool]) -> torch.Tensor:
         x = self.train[rows] if self.views is None else draw_views(self.views, rows, seed, step)
+        if any(flipped):
+            mask = torch.tensor(flipped)
+            x[mask] = self.mirrored[[r for r, f in zip(rows, flipped) if f]]  # x is a copy: indexing copies
         return x.to(self.device)
 
     def val_features(self, model) -> torch.Tensor:
@@ -152,12 +184,11 @@ class _Images:
 
         return preprocess_batch(sources, self.config).to(self.device)  # (B, 3, S, S)
 
-    def rows(self, rows: list[int], seed: int, step: int) -> torch.Tensor:
-        if not self.views:
-            return self._images([self.train[r] for r in rows])
-        from train.features import augmented_view
+    def rows(self, rows: list[int], seed: int, step: int, flipped: list[bool]) -> torch.Tensor:
+        from train.features import MIRROR, augmented_view
 
-        drawn = view_choice(1 + self.views, len(rows), seed, step).tolist()
+        drawn = view_choice(1 + self.views, len(rows), seed, step).tolist() if self.views else [0] * len(rows)
+        drawn = [MIRROR if f else k for k, f in zip(drawn, flipped)]  # --flip and --augment-views exclude each other
         return self._images([augmented_view(self.train[r], k) if k else self.train[r] for r, k in zip(rows, drawn)])
 
     def val_features(self, model) -> torch.Tensor:
@@ -208,17 +239,21 @@ class TrainInputs:
         from train.data import collate_captions
 
         cfg, pad = self.cfg, self.vocab.pad_id
+        flipped = flip_choice(cfg.flip, len(indices), cfg.seed, step)
         if not self_critical:
             rows = [self.image_index[i] for i in indices]
-            captions = collate_captions([self.captions[i] for i in indices], pad_id=pad).to(self.source.device)  # (T, B)
-            return Batch(self.source.rows(rows, cfg.seed, step), rows, captions)
-        x = self.source.rows(indices, cfg.seed, step)  # rollouts from augmented views too, as in teacher forcing
-        references = None
-        if cfg.scst_xe_weight:  # one reference caption per image, drawn by the step
-            pick = random.Random(cfg.seed * 1_000_003 + step)
-            chosen = [self.captions[pick.choice(self.captions_of[i])] for i in indices]
-            references = collate_captions(chosen, pad_id=pad).to(self.source.device)  # (T, B)
-        return Batch(x, list(indices), references)
+            chosen = [self.captions[i] for i in indices]
+        else:
+            rows, chosen = list(indices), None
+            if cfg.scst_xe_weight:  # one reference caption per image, drawn by the step
+                pick = random.Random(cfg.seed * 1_000_003 + step)
+                chosen = [self.captions[pick.choice(self.captions_of[i])] for i in indices]
+        x = self.source.rows(rows, cfg.seed, step, flipped)  # rollouts from augmented views too, as in teacher forcing
+        captions = None
+        if chosen is not None:
+            chosen = [swap_side_ids(c, self.vocab) if f else c for c, f in zip(chosen, flipped)]
+            captions = collate_captions(chosen, pad_id=pad).to(self.source.device)  # (T, B)
+        return Batch(x, rows, captions, flipped)
 
     def val_features(self, model) -> torch.Tensor:
         """Backbone features (N, F) of the validation images as `model` sees them (its own top stages or CNN)."""

@@ -4,7 +4,8 @@
   words, through `model.forward_features`.
 - Self-critical sequence training (Rennie et al. 2017): captions sampled through `generate_batch` from the model's
   own policy, rewarded with CIDEr-D against the image's references, minus a baseline (the mean reward of the other
-  samples of the same image); optionally plus a weighted teacher-forcing loss (--scst-xe-weight).
+  samples of the same image, or with --scst-baseline greedy the reward of its greedy caption); optionally plus a
+  weighted teacher-forcing loss (--scst-xe-weight).
 
 Only the decoder's seam is used (`model.forward_features`, `model.encoder.from_backbone`, `generate_batch`), so a new
 decoder trains without an edit here. DistributedDataParallel wraps `CaptionObjective`, so both phases synchronise
@@ -38,9 +39,11 @@ class CiderReward:
         self.tokens: list | None = None
         self.cider = None
 
-    def __call__(self, rows: list[list[int]], images: list[int], samples: int) -> torch.Tensor:
-        """Rewards (B, samples) of token rows (B * samples, T), each image's samples consecutive."""
+    def __call__(self, rows: list[list[int]], images: list[int], samples: int, flipped: list[bool] | None = None) -> torch.Tensor:
+        """Rewards (B, samples) of token rows (B * samples, T), each image's samples consecutive. An image that was
+        shown mirrored (`flipped`) is scored against its references with "left" and "right" swapped."""
         from train.evaluate import PUNCT
+        from train.inputs import swap_sides
 
         if self.cider is None:
             from train.cider import CiderD
@@ -55,7 +58,11 @@ class CiderReward:
             if self.eos and self.vocab.eos_id in row:
                 words.append(END)
             image = images[r // samples]
-            rewards.append(self.cider.score(words, image, self.tokens[image]))
+            if flipped and flipped[r // samples]:
+                refs = [swap_sides(t) for t in self.tokens[image]]
+                rewards.append(self.cider.score(words, ("mirrored", image), refs))  # its own key: other ref vectors
+            else:
+                rewards.append(self.cider.score(words, image, self.tokens[image]))
         return torch.tensor(rewards).view(-1, samples)
 
 
@@ -74,6 +81,7 @@ class CaptionObjective(nn.Module):
         self.label_smoothing = cfg.label_smoothing
         self.unk_id = None if cfg.learn_unk else vocab.unk_id  # <UNK> never a target (see caption_loss)
         self.samples, self.top_k, self.xe_weight = cfg.scst_samples, cfg.scst_top_k, cfg.scst_xe_weight
+        self.greedy_baseline = cfg.scst_baseline == "greedy"
         self.max_len = cfg.max_tokens - 2  # words, without <SOS> and <EOS>
         self.reward = CiderReward(references, vocab, eos=cfg.scst_reward_eos)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the rollouts' draws
@@ -98,17 +106,23 @@ class CaptionObjective(nn.Module):
         return loss, loss.item()
 
     def self_critical(self, batch) -> tuple[torch.Tensor, float]:
-        """Sample captions; reward = CIDEr-D minus the mean reward of the other samples of the same image."""
+        """Sample captions; reward = CIDEr-D minus the baseline (the mean reward of the other samples of the same image,
+        or its greedy caption's reward)."""
         from train.data import collate_captions
 
         n, vocab, device = self.samples, self.vocab, batch.x.device
         with torch.no_grad(), self.autocast():  # the model is in eval mode: rollouts without dropout
-            pooled = self.pool(batch.x).repeat_interleave(n, dim=0)  # (B*n, F)
-            seqs = generate_batch(self.model, self.model.encoder.from_backbone(pooled), self.max_len, sample=True,
-                                  top_k=self.top_k, generator=self.generator)  # (B*n, T)
+            pooled = self.pool(batch.x)  # (B, F) or (B, R, F)
+            seqs = generate_batch(self.model, self.model.encoder.from_backbone(pooled.repeat_interleave(n, dim=0)),
+                                  self.max_len, sample=True, top_k=self.top_k, generator=self.generator)  # (B*n, T)
+            greedy = (generate_batch(self.model, self.model.encoder.from_backbone(pooled), self.max_len).tolist()
+                      if self.greedy_baseline else None)  # (B, T)
         rows = seqs.tolist()
-        reward = self.reward(rows, batch.images, n)  # (B, n)
-        baseline = (reward.sum(1, keepdim=True) - reward) / max(1, n - 1)
+        reward = self.reward(rows, batch.images, n, batch.flipped)  # (B, n)
+        if greedy is not None:  # Rennie et al.: better than the test-time caption, not than the other samples
+            baseline = self.reward(greedy, batch.images, 1, batch.flipped)  # (B, 1)
+        else:
+            baseline = (reward.sum(1, keepdim=True) - reward) / max(1, n - 1)
         advantage = (reward - baseline).view(-1).to(device)  # (B*n,)
         sampled = []  # the sampled captions, as teacher-forcing input
         for row in rows:
