@@ -55,6 +55,23 @@ def _swapped(base, name: str):
     return model
 
 
+def conv_macs(backbone: torch.nn.Module, side: int) -> int:
+    """Multiply-adds of the backbone's convolutions on one side x side image: a cost no other process's load moves."""
+    total = [0]
+
+    def count(m, _, out):
+        total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            backbone.forward_features(torch.zeros(1, 3, side, side))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
 def _settings() -> dict[str, str]:
     """Setting name -> why it is (not) measured here; measured ones map to ''."""
     from captioner import runtime
@@ -80,11 +97,12 @@ def run(base, s: Settings, image_path: str) -> dict:
         raise ValueError(f"eyes: the bundled attention model is the baseline, got decoder={base.config.decoder!r}")
     skipped = {k: why for k, why in _settings().items() if why}
     settings = [k for k in _settings() if k not in skipped]
-    models, inputs, weights = {}, {}, {}
+    models, inputs, weights, macs = {}, {}, {}, {}
     for name in VARIANTS:
         log(f"eyes: building {name}")
         plain = _swapped(base, name)
         weights[name] = plain.config.extra.get("eyes_weights", "trained (bundled)")
+        macs[name] = conv_macs(plain.encoder.backbone.eval(), plain.config.image_size)
         inputs[name] = preprocess(image_path, plain.config)[None]  # (1, 3, S, S)
         for setting in settings:
             models[name, setting] = _ready(copy.deepcopy(plain), setting)
@@ -113,7 +131,9 @@ def run(base, s: Settings, image_path: str) -> dict:
             enc, cap = stats["encoder", name, setting], stats["caption", name, setting]
             lite0 = stats["caption", "tf_efficientnet_lite0", setting].median_ms
             rows.append({"backbone": name, "side": v.image_size, "regions": f"{int(regions ** 0.5)}x{int(regions ** 0.5)} = {regions}",
-                         "backbone_params_m": round(params / 1e6, 2), "setting": setting, "weights": weights[name],
+                         "backbone_params_m": round(params / 1e6, 2), "gmacs": round(macs[name] / 1e9, 3),
+                         "gmacs_x_lite0": round(macs[name] / macs["tf_efficientnet_lite0"], 3),
+                         "setting": setting, "weights": weights[name],
                          "encoder_ms": round(enc.median_ms, 2), "caption_ms": round(cap.median_ms, 2),
                          "decoding_ms": round(cap.median_ms - enc.median_ms, 2), "words": words[name, setting],
                          "x_lite0_same_setting": round(cap.median_ms / lite0, 3), "x_today": round(cap.median_ms / today, 3),

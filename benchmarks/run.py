@@ -245,9 +245,11 @@ def main(argv=None) -> int:
         emit(f"\n## 8. A bigger eye: Lite0, Lite1, Lite2 behind the model's decoder (exactly {sec['words']} words, interleaved; "
              f"{sec['threads']} threads; load average {machine.get('load_average_1m', '?')} at start, "
              f"{sec['load_average_1m_after']} after)\n")
-        emit(md_table(["backbone", "side", "regions", "backbone M params", "setting", "encoder ms", "greedy caption ms",
-                       "decoding ms", "x Lite0 (same setting)", f"x today ({sec['today_ms']} ms)", f"<= {sec['budget_x']}x"],
-                      [[r["backbone"], r["side"], r["regions"], r["backbone_params_m"], r["setting"], r["encoder_ms"],
+        emit(md_table(["backbone", "side", "regions", "backbone M params", "conv GMACs (x Lite0)", "setting", "encoder ms",
+                       "greedy caption ms", "decoding ms", "x Lite0 (same setting)", f"x today ({sec['today_ms']} ms)",
+                       f"<= {sec['budget_x']}x"],
+                      [[r["backbone"], r["side"], r["regions"], r["backbone_params_m"], f"{r['gmacs']} ({r['gmacs_x_lite0']}x)",
+                        r["setting"], r["encoder_ms"],
                         r["caption_ms"], r["decoding_ms"], r["x_lite0_same_setting"], r["x_today"], "yes" if r["fits"] else "no"]
                        for r in sec["rows"]]))
         emit(f"\n{sec['note']}" + "".join(f"; {k} not measured: {why}" for k, why in sec["skipped"].items()))
