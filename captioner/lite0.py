@@ -24,8 +24,6 @@ STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80)
 BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the tf_ weights were trained with (PyTorch's default is 1e-5)
 
 
-
-
 @dataclass(frozen=True)
 class LiteVariant:
     """How a Lite variant scales Lite0 (timm's channel_multiplier, depth_multiplier) and the side it was trained at."""
