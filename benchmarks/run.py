@@ -1,7 +1,7 @@
 """Run the benchmarks: markdown tables on stdout, everything in JSON.
 
     python -m benchmarks.run [--quick] [--model SRC] [--threads N] [--json PATH]
-                             [--sections latency,batch,peers,app,train] [--peer-scale full|tiny]
+                             [--sections latency,batch,peers,app,train,decoders,precision,eyes] [--peer-scale full|tiny]
 
 --model: a model folder or Hub repo id; "random" for the default architecture with random weights. Without it:
 the bundled captioner/default_model, else runs/flickr8k/best, else random weights (said in the output).
@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-SECTIONS = ("latency", "batch", "peers", "app", "train", "decoders", "precision")
+SECTIONS = ("latency", "batch", "peers", "app", "train", "decoders", "precision", "eyes")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 # Targets of the issue "Fast on a laptop CPU, measured against the alternatives users would pick".
@@ -234,6 +234,25 @@ def main(argv=None) -> int:
         emit(md_table(["training stage", "precision", "per s", "unit", "median ms"],
                       [[r["stage"], r["precision"], r["per_s"], r["unit"], r["median_ms"]] for r in sec["training"]["rows"]]))
         emit(f"\n{sec['training']['note']}")
+
+    if "eyes" in sections:
+        from . import eyes
+
+        log("section 8: a bigger eye")
+        base = model if model.precision == "fp32" else common.load_bench_model(args.model, "fp32")[0]  # swapped, then set
+        sec = eyes.run(base, s, images[0])
+        results["sections"]["eyes"] = sec
+        emit(f"\n## 8. A bigger eye: Lite0, Lite1, Lite2 behind the model's decoder (exactly {sec['words']} words, interleaved; "
+             f"{sec['threads']} threads; load average {machine.get('load_average_1m', '?')} at start, "
+             f"{sec['load_average_1m_after']} after)\n")
+        emit(md_table(["backbone", "side", "regions", "backbone M params", "conv GMACs (x Lite0)", "setting", "encoder ms",
+                       "greedy caption ms", "decoding ms", "x Lite0 (same setting)", f"x today ({sec['today_ms']} ms)",
+                       f"<= {sec['budget_x']}x"],
+                      [[r["backbone"], r["side"], r["regions"], r["backbone_params_m"], f"{r['gmacs']} ({r['gmacs_x_lite0']}x)",
+                        r["setting"], r["encoder_ms"],
+                        r["caption_ms"], r["decoding_ms"], r["x_lite0_same_setting"], r["x_today"], "yes" if r["fits"] else "no"]
+                       for r in sec["rows"]]))
+        emit(f"\n{sec['note']}" + "".join(f"; {k} not measured: {why}" for k, why in sec["skipped"].items()))
 
     # ---------------------------------------------------------------- targets
     measured = {"greedy_ms": ours_greedy, "first_word_ms": ours_first,

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 feature extractor: timm's headless `tf_efficientnet_lite0`, reimplemented in plain PyTorch.
+"""EfficientNet-Lite0/1/2 feature extractors: timm's headless `tf_efficientnet_lite0/1/2`, reimplemented in plain PyTorch.
 
 EfficientNet-Lite (Tan & Le, "EfficientNet: Rethinking Model Scaling for CNNs", arXiv:1905.11946; the Lite variants:
 https://github.com/tensorflow/tpu/tree/master/models/official/efficientnet/lite) is EfficientNet-B0 without
@@ -7,10 +7,13 @@ squeeze-excite, with ReLU6 and a fixed stem (32) and head (1280).
 Why it exists: `import timm` pulls in torchvision and torch._dynamo, seconds and ~200 MB at start-up, for one model.
 This module computes what `timm.create_model("tf_efficientnet_lite0", num_classes=0)` computes, with the same
 module names, state-dict keys, shapes, order and weight init, so checkpoints saved from timm's model load unchanged.
+Lite1 and Lite2 are the same network scaled as timm scales it (`build(name)`): wider stages (Lite2) and more blocks in
+every stage but the first and the last; the stem (32) and head (1280) stay fixed.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,6 +22,37 @@ import torch.nn.functional as F
 # One row per stage, as timm's arch_def: (repeats, kernel, stride of the first block, expansion, out channels).
 STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
 BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the tf_ weights were trained with (PyTorch's default is 1e-5)
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """How a Lite variant scales Lite0 (timm's channel_multiplier, depth_multiplier) and the side it was trained at."""
+
+    width: float
+    depth: float
+    image_size: int
+
+
+VARIANTS = {
+    "tf_efficientnet_lite0": LiteVariant(1.0, 1.0, 224),
+    "tf_efficientnet_lite1": LiteVariant(1.0, 1.1, 240),
+    "tf_efficientnet_lite2": LiteVariant(1.1, 1.2, 260),
+}
+
+
+def round_channels(chs: int, width: float, divisor: int = 8) -> int:
+    """timm's round_channels: chs * width to the nearest multiple of 8, never more than 10% below it."""
+    v = chs * width
+    out = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * v else out
+
+
+def scaled_stages(width: float, depth: float) -> list[tuple[int, int, int, int, int]]:
+    """STAGES scaled as timm's decode_arch_def(fix_first_last=True) and round_channels do: repeats rounded up
+    (ceil, in the same float arithmetic), except the first and last stage's single block."""
+    last = len(STAGES) - 1
+    return [(r if i in (0, last) else int(math.ceil(r * depth)), k, s, e, round_channels(c, width))
+            for i, (r, k, s, e, c) in enumerate(STAGES)]
 
 
 class Conv2dSame(nn.Conv2d):
@@ -92,12 +126,13 @@ class InvertedResidual(nn.Module):
         return y + x if self.has_skip else y  # no drop path: timm's is off unless asked for (drop_path_rate=0)
 
 
-class EfficientNetLite0(nn.Module):
-    """(B, 3, H, W) -> (B, 1280) globally average-pooled features, as timm's headless tf_efficientnet_lite0."""
+class EfficientNetLite(nn.Module):
+    """(B, 3, H, W) -> (B, 1280) globally average-pooled features, as timm's headless tf_efficientnet_lite* with
+    this width and depth multiplier (Lite0: 1.0, 1.0)."""
 
     num_features = 1280
 
-    def __init__(self) -> None:
+    def __init__(self, width: float = 1.0, depth: float = 1.0) -> None:
         super().__init__()
         self.conv_stem = conv(3, 32, 3, stride=2)
         self.bn1 = BatchNormAct(32)
@@ -106,7 +141,7 @@ class EfficientNetLite0(nn.Module):
         for _ in range(2):
             nn.Conv2d(8, 8, 1)
         stages, chs = [], 32
-        for i, (repeats, kernel, stride, expansion, chs_out) in enumerate(STAGES):
+        for i, (repeats, kernel, stride, expansion, chs_out) in enumerate(scaled_stages(width, depth)):
             blocks: list[nn.Module] = []
             for j in range(repeats):
                 s = stride if j == 0 else 1
@@ -135,3 +170,20 @@ class EfficientNetLite0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.forward_features(x), 1).flatten(1)  # timm's 'avg' global pool
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """timm's headless tf_efficientnet_lite0 (the bundled model's backbone)."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0, 1.0)
+
+
+def build(name: str) -> EfficientNetLite:
+    """The headless backbone timm names `name` (a key of VARIANTS), with timm's random init."""
+    if name not in VARIANTS:
+        raise ValueError(f"backbone {name!r}: captioner.lite0 builds {', '.join(VARIANTS)}")
+    if name == "tf_efficientnet_lite0":
+        return EfficientNetLite0()
+    v = VARIANTS[name]
+    return EfficientNetLite(v.width, v.depth)

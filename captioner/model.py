@@ -98,10 +98,10 @@ class Encoder(nn.Module):
     def __init__(self, config: CaptionerConfig, *, spatial: bool = False):
         super().__init__()
         self.spatial = spatial
-        if config.backbone == "tf_efficientnet_lite0":
-            from .lite0 import EfficientNetLite0  # timm's model, state dict included, without timm's import cost
+        from .lite0 import VARIANTS, build  # timm's Lite0/1/2, state dict included, without timm's import cost
 
-            self.backbone = EfficientNetLite0()
+        if config.backbone in VARIANTS:
+            self.backbone = build(config.backbone)
         else:
             import timm  # heavy import kept local to model construction
 

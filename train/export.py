@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from captioner.hub import MODEL_FILES
+from captioner.lite0 import VARIANTS as LITE_VARIANTS
 from captioner.model import Captioner
 from train.backbones import weights_source
 from train.checkpoint import trainer_state
@@ -88,7 +89,7 @@ def model_card(model, run: Path | None, final: dict, train_config: dict, repo_hi
     chain = _runs(model, run, train_config)
     tc = chain[0][0] or train_config  # the first run built the vocabulary
     data = tc.get("data", "?")
-    built = "timm's architecture; `captioner/lite0.py` builds it without timm" if c.backbone == "tf_efficientnet_lite0" else "timm"
+    built = "timm's architecture; `captioner/lite0.py` builds it without timm" if c.backbone in LITE_VARIANTS else "timm"
     weights = f"ImageNet weights\n  from {weights_source(c.backbone)}" if tc.get("pretrained", True) else "randomly initialised (no ImageNet weights)"
     stages = "\n".join(f"- Run {i + 1}: {_stage(t, h)}." for i, (t, h) in enumerate(chain))
     tuned = [t["tune_top_stages"] for t, _ in chain if t.get("tune_top_stages")]
