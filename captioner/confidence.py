@@ -61,7 +61,7 @@ class WordProbe:
 
 def content_words(words: Sequence[str]) -> list[str]:
     """The words of a caption that name something (not function words or punctuation)."""
-    from .decode import FUNCTION_WORDS
+    from .processors import FUNCTION_WORDS
 
     return [w for w in words if w not in FUNCTION_WORDS and any(c.isalpha() for c in w)]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import ClassVar, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from .generation import GenerationConfig
 from .imagenet import Constraint, constraint_for
 from .model import ImageFeatures, device_of, encode
 from .preprocess import preprocess_batch
+from .processors import Processors, processors_for
 from .vocab import detokenize
 
 
@@ -126,138 +127,6 @@ def _check_model(model) -> None:
         raise ValueError("this model has no vocabulary; load it with Captioner.from_pretrained or pass vocab=")
 
 
-# ---------------------------------------------------------------------------------------------------- decoding rules
-# Each rule is one processor: (logits (n, V), tokens so far (n, t)) -> logits, masking what may not come next. One
-# ordered list of them, built from the settings by `processors_for`, runs in every decoding loop: `stream`'s greedy
-# and sampling, beam search and guided decoding, and batched `generate_batch` (caption_batch, self-critical rollouts).
-# A new rule is one processor here plus its setting in GenerationConfig.
-
-
-@dataclass(frozen=True)
-class Unsaid:
-    """Never emit <PAD>/<SOS>/<UNK> (<UNK>'s probability is reported before this, see Step.unk_prob)."""
-
-    why: ClassVar[str] = "never said: <PAD>, <SOS> and <UNK> (a word outside the vocabulary) are not words"
-    ids: tuple[int, ...]
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        logits[:, list(self.ids)] = -math.inf
-        return logits
-
-
-@dataclass(frozen=True)
-class MinLength:
-    """Never end before the first word: an empty caption is no caption."""
-
-    why: ClassVar[str] = "a caption has at least one word"
-    eos: int
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.size(1) == 0:
-            logits[:, self.eos] = -math.inf
-        return logits
-
-
-@dataclass(frozen=True)
-class OneSentence:
-    """After a full stop only <EOS> may follow (guided decoding, from position `after` on: a branch's forced words
-    are the user's): a caption is one sentence, and a search that must place a word would otherwise tack it on after
-    the period ("... on a street. rocket"). <EOS> keeps its own logit, so such a row's <EOS> gets probability 1."""
-
-    why: ClassVar[str] = "nothing after a full stop (guided: one sentence)"
-    full_stop: int
-    eos: int
-    after: int = 0
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.size(1) and tokens.size(1) >= self.after:
-            rows = (tokens[:, -1] == self.full_stop).to(logits.device)  # (n,)
-            if rows.any():
-                eos = logits[rows, self.eos]
-                logits[rows] = -math.inf
-                logits[rows, self.eos] = eos
-        return logits
-
-
-# Words a caption may say twice in a row of words without saying anything twice ("a man in a red shirt and a woman
-# in a blue dress"): articles, prepositions, conjunctions, auxiliaries and punctuation.
-FUNCTION_WORDS = frozenset("a an the in on of at with and or to for from by near into onto is are while its their "
-                           "his her , .".split())
-
-
-@dataclass(frozen=True)
-class NoRepeatNGram:
-    """Never say an n-gram of `n` words twice in a caption (GenerationConfig.no_repeat_ngram), except n-grams made
-    only of the tokens in `free` (function words: "in a", "of the" may repeat; "a man" may not)."""
-
-    why: ClassVar[str] = "would say a word pair twice (no_repeat_ngram)"
-    n: int
-    free: frozenset[int] = frozenset()
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        n, free = self.n, self.free
-        for row, hist in enumerate(tokens.tolist()):
-            if len(hist) >= n - 1:
-                tail = tuple(hist[len(hist) - n + 1 :]) if n > 1 else ()
-                said = all(tok in free for tok in tail)  # a candidate from `free` would complete a function-word n-gram
-                banned = {hist[i + n - 1] for i in range(len(hist) - n + 1) if tuple(hist[i : i + n - 1]) == tail}
-                banned = {tok for tok in banned if not (said and tok in free)}
-                if banned:
-                    logits[row, list(banned)] = -math.inf
-        return logits
-
-
-@dataclass(frozen=True)
-class Ended:
-    """A row that has said <EOS> says only <EOS> (batched decoding keeps finished captions in the batch). Last in
-    the list, so that no other rule can take <EOS> from a finished row."""
-
-    why: ClassVar[str] = "the caption had ended"
-    eos: int
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.size(1):
-            done = (tokens == self.eos).any(1).to(logits.device)  # (n,)
-            if done.any():
-                logits[done] = -math.inf
-                logits[done, self.eos] = 0.0
-        return logits
-
-
-class Processors(list):
-    """The decoding rules in order; calling it applies each to a copy of the logits."""
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        logits = logits.clone()
-        for rule in self:
-            logits = rule(logits, tokens)
-        return logits
-
-    def blocker(self, logits: torch.Tensor, tokens: torch.Tensor, token: int):
-        """The rule that removes `token` from one row of logits (1, V) after `tokens` (1, t), or None (a recorded
-        search names the rule of each blocked word it shows: a few rows a step, never the whole batch)."""
-        logits = logits.clone()
-        for rule in self:
-            logits = rule(logits, tokens)
-            if logits[0, token] == -math.inf:
-                return rule
-        return None
-
-
-def processors_for(config: GenerationConfig, vocab, *, constraint: Constraint | None = None,
-                   forced: int = 0) -> Processors:
-    """The rules that `config` asks for, in the order they run. `constraint`: guided decoding's, which, when it
-    requires words, keeps the caption to one sentence after the `forced` words of a branch's prefix."""
-    rules = Processors([Unsaid(tuple(vocab.unsaid)), MinLength(vocab.eos_id)])
-    if constraint is not None and constraint.words and "." in vocab.stoi:
-        rules.append(OneSentence(vocab.stoi["."], vocab.eos_id, forced))
-    if config.no_repeat_ngram:
-        free = frozenset() if config.block_function_words else frozenset(vocab.stoi[w] for w in FUNCTION_WORDS if w in vocab.stoi)
-        rules.append(NoRepeatNGram(config.no_repeat_ngram, free))
-    rules.append(Ended(vocab.eos_id))
-    return rules
-
-
 def _history(rows: Sequence[Sequence[int]], device=None) -> torch.Tensor:
     """Token lists of equal length -> (n, t) LongTensor (t may be 0)."""
     return torch.tensor(rows, dtype=torch.long, device=device)  # [[]] -> (1, 0)
@@ -293,25 +162,11 @@ def _ended(stop: str, unk_prob: float | None, unk_top: bool) -> dict:
     return {"stop": "unk" if stop == "eos" and unk_top else stop, "stop_unk_prob": unk_prob}
 
 
-def _keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Scores (..., V) with all but the k highest of each row set to -inf; k = 0 keeps them all."""
-    if not k:
-        return scores
-    kth = scores.topk(min(k, scores.size(-1)), dim=-1).values[..., -1:]  # (..., 1)
-    return scores.masked_fill(scores < kth, -math.inf)
-
-
-def _pick(logp: torch.Tensor, config: GenerationConfig, generator) -> int:
-    """Choose one token from a row of log-probabilities (greedy, or sampled with temperature/top-k/top-p)."""
-    if config.strategy != "sample":
-        return int(torch.argmax(logp))
-    scores = _keep_top_k(logp / config.temperature, config.top_k)
-    probs = torch.softmax(scores, dim=-1)
-    if config.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < config.top_p  # smallest set reaching top_p; always keeps the first
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _pick(scores: torch.Tensor, sample: bool, generator) -> torch.Tensor:
+    """One token per row of scores (n, V), already through the rules and warpers: the likeliest, or drawn."""
+    if sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+    return scores.argmax(-1)
 
 
 @torch.inference_mode()
@@ -350,7 +205,7 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
     if config.strategy == "sample":
         generator = torch.Generator(device=features.vector.device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    rules = processors_for(config, vocab)
+    rules, warpers = processors_for(config, vocab).split()
     logits, state = model.decoder.start(features)
     tokens: list[int] = []
     done: list[Step] = []
@@ -359,8 +214,10 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
     ended = _ended("max_len", None, False)
     for t in range(max_len):
         (unk,), (unk_top,) = _unk_probs(logits, vocab)
-        logp = F.log_softmax(rules(logits, _history([tokens])), dim=-1)[0]  # (V,)
-        token = prefix[t] if t < len(prefix) else _pick(logp, config, generator)
+        hist = _history([tokens])
+        logp = F.log_softmax(rules(logits, hist), dim=-1)  # (1, V): the records' probabilities
+        token = prefix[t] if t < len(prefix) else int(_pick(warpers(logp, hist), generator is not None, generator))
+        logp = logp[0]
         if path is not None:
             at = cum + float(logp[token])
             path.append(Node(t, t - 1 if t else None, t, token, vocab.itos[token], at, at, None, "chosen"))
@@ -605,8 +462,7 @@ def caption(model, image=None, config: GenerationConfig | None = None, *, featur
         if len(one) != 1:
             raise ValueError(f"caption decodes one image; got features of {len(one)} (use caption_batch for many)")
         with torch.inference_mode():
-            tokens = generate_batch(model, one, config.resolved_max_len(model.config.max_len),
-                                    rules=processors_for(config, model.vocab))  # (1, T)
+            tokens = generate_batch(model, one, config)  # (1, T)
         return model.vocab.decode(tokens[0].tolist())
     out = final(model, image, config, features=features, prefix=prefix)
     return out.text if out is not None else ""
@@ -634,8 +490,6 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
         raise ValueError(f"batch_size={batch_size}: expected 1 or more")
     if (images is None) == (features is None):
         raise ValueError("give either images or features=, not both or neither")
-    max_len = config.resolved_max_len(model.config.max_len)
-    rules = processors_for(config, model.vocab)
     n = len(images) if features is None else len(features)
     out: list = []
     for start in range(0, n, batch_size):
@@ -645,7 +499,7 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
         else:
             chunk = features.select(slice(start, start + batch_size)).to(device_of(model))
         if config.strategy == "greedy" and not steps:
-            tokens = generate_batch(model, chunk, max_len, rules=rules)  # (b, T): every precision is batch-invariant
+            tokens = generate_batch(model, chunk, config)  # (b, T): every precision is batch-invariant
             out.extend(model.vocab.decode(row.tolist()) for row in tokens)
         else:
             one = config if steps else replace(config, num_alternatives=0)
@@ -654,30 +508,27 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
     return out
 
 
-def generate_batch(model, features: ImageFeatures, max_len: int, *, rules: Processors | None = None,
-                   sample: bool = False, top_k: int = 0, generator=None) -> torch.Tensor:
-    """Batched greedy (or sampled) decoding of n images -> token ids (n, T), <EOS>-padded.
+def generate_batch(model, features: ImageFeatures, config: GenerationConfig | None = None, *,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched greedy (or, with strategy "sample", sampled) decoding of n images -> token ids (n, T), <EOS>-padded.
 
-    The fast path for many images (caption_batch) and for self-critical training's rollouts; top_k > 0 samples
-    from the k likeliest words only. `rules`: the decoding rules (processors_for); by default only those every
-    caption obeys (no special tokens, at least one word, nothing after <EOS>).
+    The fast path for many images (caption_batch) and for self-critical training's rollouts, through the same
+    processors as `stream` (processors_for: the rules, then sampling's temperature, top-k and top-p). No records:
+    only the tokens. `generator` draws the samples (default: one seeded with config.seed, else torch's own).
     """
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = the whole vocabulary), got {top_k}")
-    vocab = model.vocab
-    if rules is None:
-        rules = processors_for(GenerationConfig(no_repeat_ngram=0), vocab)
+    config = config or GenerationConfig()
+    vocab, sample = model.vocab, config.strategy == "sample"
+    if config.strategy not in ("greedy", "sample"):
+        raise ValueError(f"strategy={config.strategy!r}: generate_batch decodes greedy or sample (beam: stream)")
+    if sample and generator is None and config.seed is not None:
+        generator = torch.Generator(device=features.vector.device).manual_seed(config.seed)
+    rules = processors_for(config, vocab)
     n = len(features)
     logits, state = model.decoder.start(features)
     tokens = torch.zeros(n, 0, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool)
-    for t in range(max_len):
-        logits = rules(logits, tokens)
-        if sample:
-            logits = _keep_top_k(logits, top_k)
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1).cpu()  # (n,)
-        else:
-            nxt = logits.argmax(-1).cpu()  # (n,)
+    for t in range(config.resolved_max_len(model.config.max_len)):
+        nxt = _pick(rules(logits, tokens), sample, generator).cpu()  # (n,)
         tokens = torch.cat((tokens, nxt.unsqueeze(1)), dim=1)  # (n, t+1)
         alive &= nxt != vocab.eos_id
         if not alive.any():

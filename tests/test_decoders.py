@@ -162,7 +162,7 @@ def test_generate_batch_matches_greedy(distinct_of):
     greedy = [caption(m, i) for i in imgs]
     assert_all_different(greedy)
     feats = m.encode(preprocess_batch(imgs, m.config))
-    rows = generate_batch(m, feats, 8)
+    rows = generate_batch(m, feats, GenerationConfig(max_len=8))
     assert [m.vocab.decode(r.tolist()) for r in rows] == greedy
 
 
@@ -338,7 +338,7 @@ def test_beam_keeps_the_caption_that_ends_after_its_full_stop():
 
 
 def test_no_repeat_rule_blocks_content_phrases_and_spares_function_words():
-    from captioner.decode import FUNCTION_WORDS, NoRepeatNGram, processors_for
+    from captioner.processors import FUNCTION_WORDS, NoRepeatNGram, processors_for
 
     m = tiny_model(0)
     a, dog, runs, stop = (WORDS.index(w) for w in ("a", "dog", "runs", "."))

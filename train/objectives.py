@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.decode import generate_batch
+from captioner.generation import GenerationConfig
 from captioner.model import caption_loss
 from captioner.precision import autocast
 
@@ -73,8 +74,11 @@ class CaptionObjective(nn.Module):
         self.autocast = lambda: autocast(precision, device)  # forward passes and rollouts; the losses stay float32
         self.label_smoothing = cfg.label_smoothing
         self.unk_id = None if cfg.learn_unk else vocab.unk_id  # <UNK> never a target (see caption_loss)
-        self.samples, self.top_k, self.xe_weight = cfg.scst_samples, cfg.scst_top_k, cfg.scst_xe_weight
-        self.max_len = cfg.max_tokens - 2  # words, without <SOS> and <EOS>
+        self.samples, self.xe_weight = cfg.scst_samples, cfg.scst_xe_weight
+        # the rollouts: drawn from the k likeliest words (0: all) of the rules every caption obeys, up to max_tokens
+        # less <SOS> and <EOS>
+        self.rollout = GenerationConfig(strategy="sample", max_len=cfg.max_tokens - 2, top_k=cfg.scst_top_k, top_p=1.0,
+                                        no_repeat_ngram=0)
         self.reward = CiderReward(references, vocab, eos=cfg.scst_reward_eos)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the rollouts' draws
 
@@ -104,8 +108,8 @@ class CaptionObjective(nn.Module):
         n, vocab, device = self.samples, self.vocab, batch.x.device
         with torch.no_grad(), self.autocast():  # the model is in eval mode: rollouts without dropout
             pooled = self.pool(batch.x).repeat_interleave(n, dim=0)  # (B*n, F)
-            seqs = generate_batch(self.model, self.model.encoder.from_backbone(pooled), self.max_len, sample=True,
-                                  top_k=self.top_k, generator=self.generator)  # (B*n, T)
+            seqs = generate_batch(self.model, self.model.encoder.from_backbone(pooled), self.rollout,
+                                  generator=self.generator)  # (B*n, T)
         rows = seqs.tolist()
         reward = self.reward(rows, batch.images, n)  # (B, n)
         baseline = (reward.sum(1, keepdim=True) - reward) / max(1, n - 1)
