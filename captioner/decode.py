@@ -148,14 +148,6 @@ def caption(model, image=None, config: GenerationConfig | None = None, *, featur
     return out.text if out is not None else ""
 
 
-def rescore(model, image=None, tokens: Sequence[int] = (), *, features: ImageFeatures | None = None,
-            num_alternatives: int = 5) -> list[Step]:
-    """The Step records of a given caption (probabilities and alternatives at every word)."""
-    eos = model.vocab.eos_id
-    return list(stream(model, image, features=features, prefix=[*tokens, eos], max_len=len(tokens) + 1,
-                       num_alternatives=num_alternatives))
-
-
 @torch.inference_mode()
 def caption_batch(model, images: Sequence | None = None, config: GenerationConfig | None = None, *,
                   features: ImageFeatures | None = None, batch_size: int = 32, steps: bool = False,
@@ -170,14 +162,10 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
         raise ValueError(f"batch_size={batch_size}: expected 1 or more")
     if (images is None) == (features is None):
         raise ValueError("give either images or features=, not both or neither")
-    n = len(images) if features is None else len(features)
+    chunks = encoded(model, images, batch_size) if features is None else (
+        features.select(slice(start, start + batch_size)).to(device_of(model)) for start in range(0, len(features), batch_size))
     out: list = []
-    for start in range(0, n, batch_size):
-        if features is None:
-            x = preprocess_batch(list(images[start : start + batch_size]), model.config)  # (b, 3, S, S)
-            chunk = model.encode(x.to(device_of(model)))
-        else:
-            chunk = features.select(slice(start, start + batch_size)).to(device_of(model))
+    for chunk in chunks:
         if config.strategy == "greedy" and not steps:
             tokens = generate_batch(model, chunk, config)  # (b, T): every precision is batch-invariant
             out.extend(model.vocab.decode(row.tolist()) for row in tokens)
@@ -186,6 +174,14 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
             lasts = [final(model, config=one, features=chunk.select(slice(i, i + 1))) for i in range(len(chunk))]
             out.extend(lasts if steps else [last.text if last is not None else "" for last in lasts])
     return out
+
+
+def encoded(model, images: Sequence, batch_size: int = 32) -> Iterator[ImageFeatures]:
+    """The images' features, `batch_size` images at a time: each batch preprocessed and encoded together (the CLI
+    keeps them for the CNN's labels and the confidence, caption_batch decodes them)."""
+    for start in range(0, len(images), batch_size):
+        x = preprocess_batch(list(images[start : start + batch_size]), model.config)  # (b, 3, S, S)
+        yield model.encode(x.to(device_of(model)))
 
 
 def generate_batch(model, features: ImageFeatures, config: GenerationConfig | None = None, *,

@@ -2,6 +2,7 @@
 that the CLI's --json and the app's download both write."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -50,3 +51,16 @@ def decode_record(last, *, model: str | None, precision: str, assessment=None, s
         rec["tree"] = [n.record() for n in last.tree]
     rec.update(more)
     return rec
+
+
+def model_label(model, src=None, revision: str | None = None) -> str:
+    """Which model this is, as records and the app name it: its folder or Hub id (the bundled one says so), the
+    revision asked for, and the commit a Hub download actually loaded."""
+    from .loading import DEFAULT_MODEL
+
+    source = str(getattr(model, "source", src) or src)
+    if os.path.abspath(source) == str(DEFAULT_MODEL):
+        source = "captioner/default_model (bundled)"
+    rev = getattr(model, "revision", None) or revision
+    commit = getattr(model, "commit", None)  # a Hub download: the commit actually loaded
+    return source + (f" @ {rev}" if rev else "") + (f" (commit {commit[:10]})" if commit and commit != rev else "")

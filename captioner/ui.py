@@ -36,6 +36,7 @@ from . import tree_view
 from .confidence import Assessment, Assessor, expected_words
 from .decode import SearchStep, Step, caption_batch, describe_stop, encode, stream
 from .familiarity import degenerate
+from .formatting import decode_record
 from .generation import STRATEGIES, GenerationConfig
 from .heatmap import attention_overlay
 from .imagenet import Constraint, constraint_for, describe_labels, percent
@@ -628,7 +629,8 @@ class Handlers:
         if not decoding:
             raise gr.Error(EXPIRED if shown_caption else "Caption an image first, then download its decoding.",
                            title="Caption expired" if shown_caption else "No caption", print_exception=False)
-        record = decoding_record(decoding, self.model_id, self.model.precision)
+        record = decode_record(decoding.steps[-1], model=self.model_id, precision=self.model.precision,
+                               assessment=decoding.assessment, settings=asdict(decoding.settings), prefix=list(decoding.prefix))
         return write_download("decoding.json", json.dumps(record, indent=1))
 
     # --- the selected step: "This step" and the inspector show the same one ---

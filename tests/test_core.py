@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from captioner import Captioner, CaptionerConfig, ImageError, ModelLoadError, Vocabulary, preprocess
-from captioner.decode import caption, caption_batch, rescore, stream
+from captioner.decode import caption, caption_batch, stream
 from captioner.model import caption_loss
 from captioner.vocab import detokenize, tokenize
-from tiny import WORDS, assert_all_different, tiny_config, tiny_model
+from tiny import WORDS, assert_all_different, rescore, tiny_config, tiny_model
 
 
 def photo(w=40, h=30, seed=0, mode="RGB"):

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from captioner import Captioner, GenerationConfig, ImageFeatures, ModelLoadError
-from captioner.decode import caption, caption_batch, encode, final, generate_batch, rescore, stream
-from tiny import WORDS, assert_all_different, photo, scripted_model, tiny_model
+from captioner.decode import caption, caption_batch, encode, final, generate_batch, stream
+from tiny import WORDS, assert_all_different, photo, rescore, scripted_model, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 SETTINGS = [{}, {"strategy": "beam", "beam_size": 3}, {"strategy": "beam", "beam_size": 1},

@@ -267,9 +267,9 @@ def test_the_page_draws_the_search_and_re_decodes_from_a_pruned_node(app):
     assert decoding.tree and page["tree"].count("data-node=") == len(decoding.tree)
     check_tree(decoding.steps[-1], 3, h.model.vocab.eos_id)
     # The download carries the tree.
-    from captioner.ui import decoding_record
+    from captioner.formatting import decode_record
 
-    record = decoding_record(decoding, "tiny")
+    record = decode_record(decoding.steps[-1], model="tiny", precision="fp32")
     assert record["tree"] == [n.record() for n in decoding.tree]
     # Every node's title says why it has its status; pruned ones say what they lost to.
     pruned = [n for n in decoding.tree if n.status == "pruned" and n.t >= 1]
