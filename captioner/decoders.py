@@ -43,9 +43,9 @@ class ImageFeatures:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with its mask drawn by `torch.rand` instead of `bernoulli_`: the same distribution, but on this
-    project's CPUs bernoulli_ costs about 4.5x more (68 against 15 ms for a (128, 49, 512) batch of regions), which
-    was a tenth of an attention training step. No parameters: saved models are unchanged."""
+    """nn.Dropout with its mask drawn by `torch.rand` instead of `bernoulli_`: the same distribution, drawn several
+    times faster on CPUs (docs/performance.md, "Measurements behind the code"). No parameters: saved models are
+    unchanged."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -178,8 +178,8 @@ class AttendDecoder(nn.Module):
     regions (softmax over the N regions), and the gated weighted sum enters the LSTM with the previous word. The
     initial state comes from the pooled image vector. The score (config.attention_score) is a scaled dot product of
     a query from the LSTM state with each region's key (Luong et al. 2015's "general" score; the bundled model), or
-    Xu's one-hidden-layer MLP, which builds a (B, N, A) tanh activation at every word (in float32 a training batch
-    cost about 30% more; docs/experiments.md compares the two in bf16)."""
+    Xu's one-hidden-layer MLP, which builds a (B, N, A) tanh activation at every word, so its training batches cost
+    more (docs/experiments.md compares the two)."""
 
     uses_grid = True
     compute_dtype = torch.float32  # what its weights and state are in (Captioner.set_precision); logits come back float32

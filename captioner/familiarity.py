@@ -1,4 +1,4 @@
-"""Is a photo like the ones the model learned from? (issue 32)
+"""Is a photo like the ones the model learned from?
 
 Two checks, either of which makes a photo unfamiliar:
 - `degenerate(image)`: images with nothing to describe, caught by rule, for sure: tiny (a side under MIN_SIDE

@@ -216,9 +216,9 @@ class Captioner(
             from .int8 import quantize
 
             # The attention decoder: the layers every word runs on the LSTM state (the cell, the attention's query and
-            # gate); the vocabulary projection and the once-per-image region layers stay float32. Measured on dev with
-            # the bundled model (dynamic quantization, issue 21): quantizing the projection too left 929 of 1,000 greedy
-            # captions unchanged, without it 959. Show-and-Tell steps nn.LSTM's own weights through torch.lstm_cell, so
+            # gate); the vocabulary projection and the once-per-image region layers stay float32: quantizing the
+            # projection too changed more greedy dev captions (docs/performance.md). Show-and-Tell steps nn.LSTM's own
+            # weights through torch.lstm_cell, so
             # its LSTM stays float32 and its projection is what int8 can take. Each row is quantized by its own scale
             # (captioner/int8.py): a batch decodes together and every row gets the numbers it gets alone.
             quantize(self.decoder, ("cell", "query", "gate") if self.decoder.uses_grid else ("head",))

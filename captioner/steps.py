@@ -104,7 +104,7 @@ def step_record(vocab, t, token, logp_row, k, cum, tokens, attention=None, unk=0
     alts = ()
     if k:
         top = torch.topk(probs, min(k, probs.numel()))
-        # as Python numbers first: a comparison or index per element of a tensor costs ~20 us each at this size
+        # as Python numbers first: a comparison or an index per element of a small tensor costs far more than the math
         alts = tuple(Candidate(i, vocab.itos[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist()) if p > 0)
     words = [vocab.itos[i] for i in tokens]
     return Step(t, int(token), vocab.itos[int(token)], float(probs[token]), float(cum), alts,
