@@ -3,7 +3,9 @@
 `encode` runs the CNN once per image; `stream` decodes from its ImageFeatures through the decoder's own seam
 (`start`, `step`) with the settings of one GenerationConfig. Greedy, sampling, beam search, guided decoding,
 branching, the CLI, the app and self-critical training's rollouts (`generate_batch`) all go through that seam;
-`caption()` just drains `stream()`.
+`caption()` just drains `stream()`. Every loop applies the same processors (captioner/processors.py: the rules, then
+sampling's temperature, top-k and top-p) and picks the argmax or a draw (`_pick`); the Step records are in
+captioner/steps.py, beam search and guided decoding in captioner/beam.py.
 
 Guided decoding is constrained beam search (Anderson et al., "Guided Open Vocabulary Image Captioning with
 Constrained Beam Search", EMNLP 2017) with one disjunctive constraint: the caption must use one of the words that

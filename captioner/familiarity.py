@@ -142,7 +142,7 @@ class Verdict:
         """The one plain sentence a user reads under the caption of an unfamiliar photo ("" for a familiar one)."""
         if self.familiar:
             return ""
-        from .imagenet import percent
+        from .formatting import percent
 
         if self.reason and self.distance is None:  # a rule: nothing in it to describe
             head = f"This image is {self.reason}, nothing like the photos I learned from ({LEARNED_FROM}), so this caption is meaningless."
