@@ -2,6 +2,10 @@
 probability: run before and after a change to decoding, and compare the two JSON files (a refactor changes no output).
 
     python scripts/decode_fingerprint.py OUT.json [--data ../shared/data/flickr8k] [--n 200]
+    cmp before.json after.json
+
+Each photo is encoded once (in batches of --batch-size) and decoded from its features; compare runs with the same
+--batch-size, since the float32 encoder's last digits depend on the batch.
 """
 from __future__ import annotations
 
