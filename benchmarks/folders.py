@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     warmup, repeat = (1, 3) if args.quick else (3, 15)
 
-    from captioner.decode import caption, caption_batch, final, generate_batch, processors_for
+    from captioner.decode import caption, caption_batch, final, generate_batch
     from captioner.generation import GenerationConfig
     from captioner.loading import DEFAULT_MODEL, load_model
     from captioner.preprocess import preprocess, preprocess_batch
@@ -116,7 +116,6 @@ def main(argv=None) -> int:
         log(f"  {what}: before {b:.2f} {unit}, after {a:.2f} {unit}")
 
     config = GenerationConfig()
-    rules = processors_for(config, after.vocab)
     jpeg = photos[0]
     with torch.inference_mode():
         x = preprocess(jpeg, after.config).unsqueeze(0)
@@ -158,7 +157,7 @@ def main(argv=None) -> int:
     def old_batch(paths):  # caption_batch as it was for an int8 decoder: encoder batched, decoding image by image
         with torch.inference_mode():
             f = before.encode(preprocess_batch(paths, before.config))
-            return [before.vocab.decode(generate_batch(before, f.select(slice(i, i + 1)), 20, rules=rules)[0].tolist())
+            return [before.vocab.decode(generate_batch(before, f.select(slice(i, i + 1)), GenerationConfig(max_len=20))[0].tolist())
                     for i in range(len(paths))]
 
     reps = dict(warmup=1, repeat=2 if args.quick else 5)

@@ -57,6 +57,7 @@ def training(model, s: Settings) -> dict:
     """A teacher-forcing step (batch 128) and a self-critical step's forward parts (rollouts of 64 x 5 captions and
     their log-probabilities), in float32 and in bfloat16 autocast; weights and optimizer float32 both times."""
     from captioner.decode import generate_batch
+    from captioner.generation import GenerationConfig
 
     torch.manual_seed(0)
     trainee = copy.deepcopy(model).float().train()
@@ -84,7 +85,8 @@ def training(model, s: Settings) -> dict:
     def rollouts(precision):
         trainee.eval()
         with torch.no_grad(), autocast(precision):
-            generate_batch(trainee, trainee.encoder.from_backbone(rollout_features), MAX_TOKENS - 2, sample=True, top_k=5)
+            generate_batch(trainee, trainee.encoder.from_backbone(rollout_features), GenerationConfig(
+                strategy="sample", max_len=MAX_TOKENS - 2, top_k=5, top_p=1.0, no_repeat_ngram=0))
 
     st = measure_interleaved({"tf fp32": lambda: tf_step("fp32"), "tf bf16": lambda: tf_step("bf16"),
                               "roll fp32": lambda: rollouts("fp32"), "roll bf16": lambda: rollouts("bf16")},

@@ -16,8 +16,10 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from .formatting import decode_record, describe_labels, describe_stop, model_label
 from .generation import add_arguments, from_arguments
 from .precision import add_precision_argument
 
@@ -69,7 +71,7 @@ class Progress:
             self.stream.flush()
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m captioner", description="Caption images with a CNN+LSTM captioner.")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
     p.add_argument("--model", default=None, help="model folder or Hub repo id (default: $CAPTIONER_MODEL or the bundled model)")
@@ -83,16 +85,14 @@ def main(argv=None) -> int:
                    help="ImageNet labels shown per image, for a model with an ImageNet head (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default: 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn on stderr only when it is a terminal)")
-    args = p.parse_args(argv)
+    return p
 
-    from .confidence import Assessor, expected_words
-    from .decode import caption_batch, describe_stop
-    from .familiarity import degenerate
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     from .hub import ModelLoadError
-    from .imagenet import constraint_for, describe_labels, labels
     from .loading import load_model
-    from .model import device_of
-    from .preprocess import ImageError, open_image, preprocess_batch
+    from .preprocess import ImageError, open_image
 
     try:
         settings = from_arguments(args)
@@ -112,50 +112,6 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    guided = settings.strategy == "guided"
-    assessor = Assessor.of(model)
-
-    def report(path, text=None, steps=None, error=None, seen=None, constraint=None, tree=None, assessment=None):
-        if args.json:
-            rec = {"image": path, "caption": text} if error is None else {"image": path, "error": error}
-            if error is None:
-                rec.update(assessment.record())
-                rec["precision"] = model.precision
-            if steps is not None:
-                rec["steps"] = [s.record() for s in steps]
-                rec["stop"] = steps[-1].stop if steps else None  # eos | unk | max_len (decode.Step.stop)
-                rec["stop_unk_prob"] = steps[-1].stop_unk_prob if steps else None
-            if seen is not None:
-                rec["imagenet"] = [[name, round(p, 4)] for name, p in seen]
-            if constraint is not None:
-                rec["constraint"] = constraint.record()
-            if tree is not None:
-                rec["tree"] = [n.record() for n in tree]
-            print(json.dumps(rec), flush=True)
-        elif error is None:
-            mark = assessment.mark()
-            print(f"{path}\t{text}" + (f"\t{mark}" if mark else ""), flush=True)
-            if steps is not None and assessment.verdict is not None and not assessment.familiar:
-                print(f"    {assessment.verdict.sentence()}", flush=True)
-            if steps is not None and seen:
-                print(f"    the CNN sees: {describe_labels(seen)}", flush=True)
-            if steps is not None and constraint is not None:
-                print(f"    {constraint.describe()}", flush=True)
-            for s in steps or ():
-                alts = ", ".join(f"{a.word} {a.prob:.2f}" for a in s.alternatives)
-                print(f"    {s.t + 1:2d}. {s.word:<12} p={s.prob:.2f}  <EOS> {s.eos_prob:.2f}  [{alts}]", flush=True)
-            if steps:
-                print(f"    stopped: {describe_stop(steps[-1]).replace('`', '')}", flush=True)
-            for t in sorted({n.t for n in tree or ()}):  # the search, a line per step: "+" on the caption's path
-                marks = {"chosen": "+", "kept": "", "finished": "", "pruned": "-", "blocked": "x"}
-                line = "  ".join(f"{marks[n.status]}{n.word} {n.score:.2f}" for n in tree if n.t == t)
-                print(f"    search {t + 1:2d}: {line}", flush=True)
-        else:
-            print(f"{path}\terror: {error}", file=sys.stderr, flush=True)
-
-    def seen_of(features):
-        return labels(features, args.labels) if features.labels is not None and args.labels else None
-
     # Open every file first: bad ones are reported by name (in their place in the input order) and the rest still
     # get captions.
     opened: list[tuple[str, object, str | None]] = []
@@ -164,31 +120,85 @@ def main(argv=None) -> int:
             opened.append((f, open_image(f), None))
         except ImageError as e:
             opened.append((f, None, str(e).removeprefix(f + ": ")))
-    good = [(f, img) for f, img, err in opened if err is None]
-    # Encoder batches as caption_batch makes them, keeping each batch's features for the CNN's labels. Every caption
-    # takes its records (the confidence reads its word probabilities; guided decoding's say whether the constraint was
-    # met), not only the text.
-    results = {}
-    bar = Progress(len(good), enabled=not args.no_progress)
-    bar.update(0)
-    for start in range(0, len(good), args.batch_size):
-        part = good[start : start + args.batch_size]
-        features = model.encode(preprocess_batch([img for _, img in part], model.config).to(device_of(model)))
-        outs = caption_batch(model, config=settings, features=features, batch_size=args.batch_size, steps=True)
-        for i, ((f, img), out) in enumerate(zip(part, outs)):
-            one = features.select(slice(i, i + 1))
-            constraint = out.constraint if out is not None else (
-                constraint_for(one, model.vocab, settings.guide_threshold, expected_words(model, one)) if guided else None)
-            words = out.caption_steps() if out is not None else ()
-            results[f] = dict(text=out.text if out is not None else "", steps=words if args.steps else None, seen=seen_of(one),
-                              constraint=constraint if guided else None,
-                              tree=(out.tree if out is not None else ()) if settings.tree else None,
-                              assessment=assessor.assess(one, words, rule=degenerate(img)))
-        bar.update(len(part))
-    bar.close()
+    results = caption_photos(model, [(f, img) for f, img, err in opened if err is None], settings, args)
     for f, _, err in opened:
-        if err is None:
-            report(f, **results[f])
+        if args.json:
+            print(json.dumps({"image": f, "error": err} if err else {"image": f, **results[f].record(model, args)}), flush=True)
+        elif err is not None:
+            print(f"{f}\terror: {err}", file=sys.stderr, flush=True)
         else:
-            report(f, error=err)
+            results[f].print(f, args)
     return 1 if any(err for _, _, err in opened) else 0
+
+
+@dataclass
+class Result:
+    """One photo's decode as the CLI reports it: its last Step record (None: no caption), what the CNN sees, the
+    constraint (guided), how sure the caption is."""
+
+    last: object
+    seen: list | None
+    constraint: object
+    assessment: object
+    tree: bool  # GenerationConfig.tree: the search was recorded
+
+    def record(self, model, args) -> dict:
+        """The --json line (formatting.decode_record, as the app's download), less what was not asked for."""
+        more = {} if self.seen is None else {"imagenet": [[name, round(p, 4)] for name, p in self.seen]}
+        if self.last is None and self.constraint is not None:
+            more["constraint"] = self.constraint.record()
+        if self.last is None and self.tree:
+            more["tree"] = []
+        return decode_record(self.last, model=model_label(model, args.model, args.revision), precision=model.precision,
+                             assessment=self.assessment, steps=args.steps, tree=self.tree, **more)
+
+    def print(self, path: str, args) -> None:
+        """The plain output: the caption (and, with --steps, the details; with --tree, the search step by step)."""
+        last, assessment, constraint = self.last, self.assessment, self.constraint
+        steps = (last.caption_steps() if last is not None else ()) if args.steps else None
+        mark = assessment.mark()
+        print(f"{path}\t{last.text if last is not None else ''}" + (f"\t{mark}" if mark else ""), flush=True)
+        if steps is not None and assessment.verdict is not None and not assessment.familiar:
+            print(f"    {assessment.verdict.sentence()}", flush=True)
+        if steps is not None and self.seen:
+            print(f"    the CNN sees: {describe_labels(self.seen)}", flush=True)
+        if steps is not None and constraint is not None:
+            print(f"    {constraint.describe()}", flush=True)
+        for s in steps or ():
+            alts = ", ".join(f"{a.word} {a.prob:.2f}" for a in s.alternatives)
+            print(f"    {s.t + 1:2d}. {s.word:<12} p={s.prob:.2f}  <EOS> {s.eos_prob:.2f}  [{alts}]", flush=True)
+        if steps:
+            print(f"    stopped: {describe_stop(steps[-1]).replace('`', '')}", flush=True)
+        tree = (last.tree if last is not None else ()) if self.tree else None
+        for t in sorted({n.t for n in tree or ()}):  # the search, a line per step: "+" on the caption's path
+            marks = {"chosen": "+", "kept": "", "finished": "", "pruned": "-", "blocked": "x"}
+            line = "  ".join(f"{marks[n.status]}{n.word} {n.score:.2f}" for n in tree if n.t == t)
+            print(f"    search {t + 1:2d}: {line}", flush=True)
+
+
+def caption_photos(model, photos: list[tuple[str, object]], settings, args) -> dict[str, Result]:
+    """Each photo's Result, by path: encoder batches of --batch-size (decode.encoded, as caption_batch makes them),
+    each batch's features kept for the CNN's labels and the confidence. Every caption takes its records (the
+    confidence reads its word probabilities; guided decoding's say whether the constraint was met), not only the text."""
+    from .confidence import Assessor, expected_words
+    from .decode import caption_batch, encoded
+    from .familiarity import degenerate
+    from .imagenet import constraint_for, top_labels
+
+    assessor, guided = Assessor.of(model), settings.strategy == "guided"
+    results = {}
+    bar = Progress(len(photos), enabled=not args.no_progress)
+    bar.update(0)
+    for start, features in zip(range(0, len(photos), args.batch_size),
+                               encoded(model, [img for _, img in photos], args.batch_size)):
+        outs = caption_batch(model, config=settings, features=features, batch_size=args.batch_size, steps=True)
+        for i, ((f, img), last) in enumerate(zip(photos[start : start + args.batch_size], outs)):
+            one = features.select(slice(i, i + 1))
+            constraint = last.constraint if last is not None else (
+                constraint_for(one, model.vocab, settings.guide_threshold, expected_words(model, one)) if guided else None)
+            words = last.caption_steps() if last is not None else ()
+            results[f] = Result(last, (top_labels(model, one, args.labels) or None) if args.labels else None,
+                                constraint if guided else None, assessor.assess(one, words, rule=degenerate(img)), settings.tree)
+        bar.update(len(features))
+    bar.close()
+    return results

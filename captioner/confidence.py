@@ -1,4 +1,4 @@
-"""How sure is a caption, and is its photo familiar? (issue 32)
+"""How sure is a caption, and is its photo familiar?
 
 `confidence` is the estimated chance that a caption is a good description of its photo: a logistic model over
 a few signals (`signals`), fitted on the dev split against the caption's own quality (per-image CIDEr-D of at least
@@ -25,7 +25,7 @@ from .familiarity import Familiarity, Verdict, read, verdict
 
 GOOD_CIDER = 0.1  # per-image CIDEr-D at or above which a caption counts as a good description
 UNSURE = 0.5  # below this confidence a caption is marked unsure in words
-SURE = 0.75  # at or above this, "fairly sure"; between the two, "somewhat sure" (dev: 0.6-0.8 was 74% good)
+SURE = 0.75  # at or above this, "fairly sure"; between the two, "somewhat sure" (how good each band was: docs/performance.md)
 SIGNALS = ("mean_logprob", "min_logprob", "probe_mean", "probe_min", "probe_cover", "distance", "cnn_top")
 # What the shipped calibration uses: on dev (cross-fitted) these three did as well as all of SIGNALS (docs/familiarity.md)
 DEFAULT_SIGNALS = ("mean_logprob", "probe_mean", "probe_cover")
@@ -61,7 +61,7 @@ class WordProbe:
 
 def content_words(words: Sequence[str]) -> list[str]:
     """The words of a caption that name something (not function words or punctuation)."""
-    from .decode import FUNCTION_WORDS
+    from .processors import FUNCTION_WORDS
 
     return [w for w in words if w not in FUNCTION_WORDS and any(c.isalpha() for c in w)]
 

@@ -3,7 +3,9 @@
 `encode` runs the CNN once per image; `stream` decodes from its ImageFeatures through the decoder's own seam
 (`start`, `step`) with the settings of one GenerationConfig. Greedy, sampling, beam search, guided decoding,
 branching, the CLI, the app and self-critical training's rollouts (`generate_batch`) all go through that seam;
-`caption()` just drains `stream()`.
+`caption()` just drains `stream()`. Every loop applies the same processors (captioner/processors.py: the rules, then
+sampling's temperature, top-k and top-p) and picks the argmax or a draw (`_pick`); the Step records are in
+captioner/steps.py, beam search and guided decoding in captioner/beam.py.
 
 Guided decoding is constrained beam search (Anderson et al., "Guided Open Vocabulary Image Captioning with
 Constrained Beam Search", EMNLP 2017) with one disjunctive constraint: the caption must use one of the words that
@@ -12,107 +14,22 @@ without and with a required word; the caption returned is the best that has one,
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, replace
-from typing import ClassVar, Iterator, Sequence
+from dataclasses import replace
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .beam import beam
 from .confidence import expected_words
+from .formatting import describe_stop as describe_stop
 from .generation import GenerationConfig
 from .imagenet import Constraint, constraint_for
 from .model import ImageFeatures, device_of, encode
 from .preprocess import preprocess_batch
-from .vocab import detokenize
-
-
-@dataclass(frozen=True)
-class Candidate:
-    token: int
-    word: str
-    prob: float  # the model's probability of this word at this step
-
-
-@dataclass(frozen=True)
-class Node:
-    """One node of a recorded search (GenerationConfig.tree): a hypothesis extended by one word (docs/search-tree.md)."""
-
-    id: int
-    parent: int | None  # the node of the hypothesis it extends; None for the first words
-    t: int  # the word's position, from 0
-    token: int
-    word: str
-    logprob: float  # cumulative log-probability of the hypothesis, this word included
-    score: float  # what the search ranked it by: logprob / words ** length_penalty (greedy, sampling: logprob)
-    group: int | None  # guided decoding: 1 once the hypothesis uses a required word, else 0; None otherwise
-    # kept (alive after its step), pruned (outscored), finished (ended with <EOS>, a candidate), blocked (a rule
-    # removed it: `rule` says which; logprob and score are what it had before the rule), chosen (the final caption's)
-    status: str
-    rule: str | None = None
-
-    def record(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class SearchStep:
-    """With GenerationConfig.tree, `stream` yields one of these after each step of the search, among the Step
-    records: the nodes that step added, as they stood then. The last Step's `tree` has every node, final statuses."""
-
-    t: int
-    nodes: tuple[Node, ...]
-
-
-@dataclass(frozen=True)
-class Step:
-    t: int  # position of this word in the caption, from 0
-    token: int
-    word: str
-    prob: float  # the model's probability of the chosen word
-    logprob: float  # cumulative log-probability of the caption up to and including this word
-    alternatives: tuple[Candidate, ...]  # top-k of this step's distribution, most likely first
-    eos_prob: float  # probability the model gave to ending the caption here instead
-    tokens: tuple[int, ...]  # the caption's token ids so far (beam: the current best hypothesis)
-    text: str  # the caption so far, readable
-    # On the last record, why decoding stopped: "eos" (the model ended it), "unk" (the model's likeliest next token was
-    # <UNK>, a word outside its vocabulary that decoding never emits, and <EOS> won among the rest: a cut-off caption,
-    # not a finished one), or "max_len".
-    stop: str | None = None
-    attention: tuple[float, ...] | None = None  # attend decoders: the weight on each image region when choosing this word
-    # On the last record: the records of the final caption's earlier words, so [*last.history, last] is the whole
-    # caption, word by word (beam search: the winning hypothesis, which may differ from what was streamed).
-    history: tuple["Step", ...] = ()
-    # Guided decoding, on every record: the word required and why (the ImageNet labels, how confident); on the last
-    # record also whether the caption meets it (constraint.met; False: it fell back to the unconstrained best).
-    constraint: Constraint | None = None
-    unk_prob: float = 0.0  # the probability the model gave <UNK> at this step, before decoding masked it
-    stop_unk_prob: float | None = None  # on the last record: that probability at the step that ended the caption
-    # On the last record, with GenerationConfig.tree: the whole search, every Node with its final status.
-    tree: tuple[Node, ...] | None = None
-
-    def caption_steps(self) -> tuple["Step", ...]:
-        """On the last record: every word's record of the final caption."""
-        return (*self.history, self)
-
-    def record(self) -> dict:
-        """This record as plain JSON data, as the CLI's --json and the app's download write each step: every field
-        but `history`, `constraint` and `tree` (those say it once for the caption)."""
-        d = asdict(replace(self, history=(), constraint=None, tree=None))
-        del d["history"], d["constraint"], d["tree"]
-        return d
-
-
-def describe_stop(last: Step) -> str:
-    """Why a caption ended, in words, from its last record (empty for a record that is not the last)."""
-    if last.stop == "eos":
-        return "the model ended it (`<EOS>` won)"
-    if last.stop == "max_len":
-        return "it reached the maximum length"
-    if last.stop == "unk":
-        return (f"the model wanted a word outside its vocabulary next (`<UNK>`, p = {last.stop_unk_prob:.0%}), which is "
-                "never emitted; `<EOS>` was the likeliest of the rest, so the caption may be cut off")
-    return ""
+from .processors import processors_for
+from .steps import Candidate as Candidate
+from .steps import Node, SearchStep, Step, attention_of, history, step_record, stop_fields, unk_probs
 
 
 def _features(model, image, features: ImageFeatures | None) -> ImageFeatures:
@@ -126,192 +43,12 @@ def _check_model(model) -> None:
         raise ValueError("this model has no vocabulary; load it with Captioner.from_pretrained or pass vocab=")
 
 
-# ---------------------------------------------------------------------------------------------------- decoding rules
-# Each rule is one processor: (logits (n, V), tokens so far (n, t)) -> logits, masking what may not come next. One
-# ordered list of them, built from the settings by `processors_for`, runs in every decoding loop: `stream`'s greedy
-# and sampling, beam search and guided decoding, and batched `generate_batch` (caption_batch, self-critical rollouts).
-# A new rule is one processor here plus its setting in GenerationConfig.
 
-
-@dataclass(frozen=True)
-class Unsaid:
-    """Never emit <PAD>/<SOS>/<UNK> (<UNK>'s probability is reported before this, see Step.unk_prob)."""
-
-    why: ClassVar[str] = "never said: <PAD>, <SOS> and <UNK> (a word outside the vocabulary) are not words"
-    ids: tuple[int, ...]
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        logits[:, list(self.ids)] = -math.inf
-        return logits
-
-
-@dataclass(frozen=True)
-class MinLength:
-    """Never end before the first word: an empty caption is no caption."""
-
-    why: ClassVar[str] = "a caption has at least one word"
-    eos: int
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.size(1) == 0:
-            logits[:, self.eos] = -math.inf
-        return logits
-
-
-@dataclass(frozen=True)
-class OneSentence:
-    """After a full stop only <EOS> may follow (guided decoding, from position `after` on: a branch's forced words
-    are the user's): a caption is one sentence, and a search that must place a word would otherwise tack it on after
-    the period ("... on a street. rocket"). <EOS> keeps its own logit, so such a row's <EOS> gets probability 1."""
-
-    why: ClassVar[str] = "nothing after a full stop (guided: one sentence)"
-    full_stop: int
-    eos: int
-    after: int = 0
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.size(1) and tokens.size(1) >= self.after:
-            rows = (tokens[:, -1] == self.full_stop).to(logits.device)  # (n,)
-            if rows.any():
-                eos = logits[rows, self.eos]
-                logits[rows] = -math.inf
-                logits[rows, self.eos] = eos
-        return logits
-
-
-# Words a caption may say twice in a row of words without saying anything twice ("a man in a red shirt and a woman
-# in a blue dress"): articles, prepositions, conjunctions, auxiliaries and punctuation.
-FUNCTION_WORDS = frozenset("a an the in on of at with and or to for from by near into onto is are while its their "
-                           "his her , .".split())
-
-
-@dataclass(frozen=True)
-class NoRepeatNGram:
-    """Never say an n-gram of `n` words twice in a caption (GenerationConfig.no_repeat_ngram), except n-grams made
-    only of the tokens in `free` (function words: "in a", "of the" may repeat; "a man" may not)."""
-
-    why: ClassVar[str] = "would say a word pair twice (no_repeat_ngram)"
-    n: int
-    free: frozenset[int] = frozenset()
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        n, free = self.n, self.free
-        for row, hist in enumerate(tokens.tolist()):
-            if len(hist) >= n - 1:
-                tail = tuple(hist[len(hist) - n + 1 :]) if n > 1 else ()
-                said = all(tok in free for tok in tail)  # a candidate from `free` would complete a function-word n-gram
-                banned = {hist[i + n - 1] for i in range(len(hist) - n + 1) if tuple(hist[i : i + n - 1]) == tail}
-                banned = {tok for tok in banned if not (said and tok in free)}
-                if banned:
-                    logits[row, list(banned)] = -math.inf
-        return logits
-
-
-@dataclass(frozen=True)
-class Ended:
-    """A row that has said <EOS> says only <EOS> (batched decoding keeps finished captions in the batch). Last in
-    the list, so that no other rule can take <EOS> from a finished row."""
-
-    why: ClassVar[str] = "the caption had ended"
-    eos: int
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.size(1):
-            done = (tokens == self.eos).any(1).to(logits.device)  # (n,)
-            if done.any():
-                logits[done] = -math.inf
-                logits[done, self.eos] = 0.0
-        return logits
-
-
-class Processors(list):
-    """The decoding rules in order; calling it applies each to a copy of the logits."""
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        logits = logits.clone()
-        for rule in self:
-            logits = rule(logits, tokens)
-        return logits
-
-    def blocker(self, logits: torch.Tensor, tokens: torch.Tensor, token: int):
-        """The rule that removes `token` from one row of logits (1, V) after `tokens` (1, t), or None (a recorded
-        search names the rule of each blocked word it shows: a few rows a step, never the whole batch)."""
-        logits = logits.clone()
-        for rule in self:
-            logits = rule(logits, tokens)
-            if logits[0, token] == -math.inf:
-                return rule
-        return None
-
-
-def processors_for(config: GenerationConfig, vocab, *, constraint: Constraint | None = None,
-                   forced: int = 0) -> Processors:
-    """The rules that `config` asks for, in the order they run. `constraint`: guided decoding's, which, when it
-    requires words, keeps the caption to one sentence after the `forced` words of a branch's prefix."""
-    rules = Processors([Unsaid(tuple(vocab.unsaid)), MinLength(vocab.eos_id)])
-    if constraint is not None and constraint.words and "." in vocab.stoi:
-        rules.append(OneSentence(vocab.stoi["."], vocab.eos_id, forced))
-    if config.no_repeat_ngram:
-        free = frozenset() if config.block_function_words else frozenset(vocab.stoi[w] for w in FUNCTION_WORDS if w in vocab.stoi)
-        rules.append(NoRepeatNGram(config.no_repeat_ngram, free))
-    rules.append(Ended(vocab.eos_id))
-    return rules
-
-
-def _history(rows: Sequence[Sequence[int]], device=None) -> torch.Tensor:
-    """Token lists of equal length -> (n, t) LongTensor (t may be 0)."""
-    return torch.tensor(rows, dtype=torch.long, device=device)  # [[]] -> (1, 0)
-
-
-def _attention(state, row: int = 0) -> torch.Tensor | None:
-    """The attention weights (N,) behind the newest logits of batch row `row`; None for decoders that do not attend."""
-    att = state.attention
-    return None if att is None else att[row]
-
-
-def _record(vocab, t, token, logp_row, k, cum, tokens, attention=None, unk=0.0) -> Step:
-    probs = logp_row.exp()
-    alts = ()
-    if k:
-        top = torch.topk(probs, min(k, probs.numel()))
-        # as Python numbers first: a comparison or index per element of a tensor costs ~20 us each at this size
-        alts = tuple(Candidate(i, vocab.itos[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist()) if p > 0)
-    words = [vocab.itos[i] for i in tokens]
-    return Step(t, int(token), vocab.itos[int(token)], float(probs[token]), float(cum), alts,
-                float(probs[vocab.eos_id]), tuple(tokens), detokenize(words),
-                attention=None if attention is None else tuple(attention.tolist()), unk_prob=float(unk))
-
-
-def _unk_probs(logits: torch.Tensor, vocab) -> tuple[list[float], list[bool]]:
-    """Per row of raw logits (n, V): the probability of <UNK> before masking, and whether it was the likeliest token."""
-    probs = torch.softmax(logits.float(), dim=-1)  # (n, V)
-    return probs[:, vocab.unk_id].tolist(), (probs.argmax(-1) == vocab.unk_id).tolist()
-
-
-def _ended(stop: str, unk_prob: float | None, unk_top: bool) -> dict:
-    """The last record's stop fields; an <EOS> that won only because <UNK> was masked is reported as "unk"."""
-    return {"stop": "unk" if stop == "eos" and unk_top else stop, "stop_unk_prob": unk_prob}
-
-
-def _keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Scores (..., V) with all but the k highest of each row set to -inf; k = 0 keeps them all."""
-    if not k:
-        return scores
-    kth = scores.topk(min(k, scores.size(-1)), dim=-1).values[..., -1:]  # (..., 1)
-    return scores.masked_fill(scores < kth, -math.inf)
-
-
-def _pick(logp: torch.Tensor, config: GenerationConfig, generator) -> int:
-    """Choose one token from a row of log-probabilities (greedy, or sampled with temperature/top-k/top-p)."""
-    if config.strategy != "sample":
-        return int(torch.argmax(logp))
-    scores = _keep_top_k(logp / config.temperature, config.top_k)
-    probs = torch.softmax(scores, dim=-1)
-    if config.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < config.top_p  # smallest set reaching top_p; always keeps the first
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _pick(scores: torch.Tensor, sample: bool, generator) -> torch.Tensor:
+    """One token per row of scores (n, V), already through the rules and warpers: the likeliest, or drawn."""
+    if sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+    return scores.argmax(-1)
 
 
 @torch.inference_mode()
@@ -339,243 +76,45 @@ def stream(model, image=None, config: GenerationConfig | None = None, *, feature
     if len(features) != 1:
         raise ValueError(f"stream decodes one image; got features of {len(features)} (use caption_batch for many)")
     if config.strategy == "beam":
-        yield from _beam(model, features, config, max_len, prefix)
+        yield from beam(model, features, config, max_len, prefix)
         return
     if config.strategy == "guided":
         if constraint is None:
             constraint = constraint_for(features, vocab, config.guide_threshold, expected=expected_words(model, features))
-        yield from _beam(model, features, config, max_len, prefix, constraint)
+        yield from beam(model, features, config, max_len, prefix, constraint)
         return
     generator = None
     if config.strategy == "sample":
         generator = torch.Generator(device=features.vector.device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    rules = processors_for(config, vocab)
+    rules, warpers = processors_for(config, vocab).split()
     logits, state = model.decoder.start(features)
     tokens: list[int] = []
     done: list[Step] = []
     path: list[Node] | None = [] if config.tree else None  # greedy and sampling search one path: every node chosen
     cum = 0.0
-    ended = _ended("max_len", None, False)
+    ended = stop_fields("max_len", None, False)
     for t in range(max_len):
-        (unk,), (unk_top,) = _unk_probs(logits, vocab)
-        logp = F.log_softmax(rules(logits, _history([tokens])), dim=-1)[0]  # (V,)
-        token = prefix[t] if t < len(prefix) else _pick(logp, config, generator)
+        (unk,), (unk_top,) = unk_probs(logits, vocab)
+        hist = history([tokens])
+        logp = F.log_softmax(rules(logits, hist), dim=-1)  # (1, V): the records' probabilities
+        token = prefix[t] if t < len(prefix) else int(_pick(warpers(logp, hist), generator is not None, generator))
+        logp = logp[0]
         if path is not None:
             at = cum + float(logp[token])
             path.append(Node(t, t - 1 if t else None, t, token, vocab.itos[token], at, at, None, "chosen"))
             yield SearchStep(t, (path[-1],))
         if token == vocab.eos_id:
-            ended = _ended("eos", unk, unk_top)
+            ended = stop_fields("eos", unk, unk_top)
             break
         if done:
             yield done[-1]  # held back one step so the last record can say why decoding stopped
         cum += float(logp[token])
         tokens.append(token)
-        done.append(_record(vocab, t, token, logp, config.num_alternatives, cum, tokens, _attention(state), unk))
+        done.append(step_record(vocab, t, token, logp, config.num_alternatives, cum, tokens, attention_of(state), unk))
         logits, state = model.decoder.step(torch.tensor([token], device=features.vector.device), state)
     if done:
         yield replace(done[-1], **ended, history=tuple(done[:-1]), tree=None if path is None else tuple(path))
-
-
-@dataclass
-class _Hyp:
-    tokens: list[int]
-    # per word: (log-prob row of its step, cumulative score, attention, p(<UNK>)): records are built only when shown
-    rows: list[tuple]
-    score: float  # sum of log-probabilities
-    end: tuple[float, bool] = (0.0, False)  # a finished one: p(<UNK>) at its <EOS> step, and whether <UNK> led there
-    node: int | None = None  # a recorded search (GenerationConfig.tree): its last word's Node (finished: its <EOS>'s)
-
-    def records(self, vocab, k: int, first: int = 0) -> list[Step]:
-        return [_record(vocab, t, self.tokens[t], row, k, cum, self.tokens[: t + 1], att, unk)
-                for t, (row, cum, att, unk) in enumerate(self.rows[first:], start=first)]
-
-
-def _common_prefix(sequences: list[list[int]]) -> int:
-    """The length of the longest prefix that all `sequences` share."""
-    n = min(map(len, sequences))
-    for i in range(n):
-        if any(seq[i] != sequences[0][i] for seq in sequences):
-            return i
-    return n
-
-
-def _beam(model, features: ImageFeatures, config: GenerationConfig, max_len: int, prefix: list[int],
-          constraint: Constraint | None = None) -> Iterator[Step]:
-    """Beam search, beams batched through one decoder step; never fails when no beam ends.
-
-    With a `constraint` (guided decoding) that requires words, hypotheses are grouped by whether they have used a
-    required word yet, and each group keeps its own `beam_size` best: the unmet group's hypotheses move to the met
-    group by taking a required word. The caption is the best finished one of the met group, unless the best of the
-    unmet one (the caption without the word) is more than `config.guide_margin` likelier per word: then that one,
-    and the constraint says why. Without required words this is plain beam search, step for step.
-
-    The stream only grows: a word is streamed once every candidate (live or finished) agrees on it, so each partial
-    caption is a prefix of the final one. A group stops when it has `beam_size` finished candidates and its best live
-    one, length-normalised, is no better than the worst of them. A finished caption's score includes its <EOS>
-    (without it, ending early cost nothing, and captions that end after their full stop lost to ones without it).
-
-    With `config.tree` the search is recorded (Node, SearchStep): at each step and in each group, the expansions it
-    kept, those that ended (finished), those of its top 2 x beam_size that lost their place (pruned), and those that
-    a rule removed but that scored, before it, above the lowest kept one (blocked)."""
-    vocab, k, beam_size = model.vocab, config.num_alternatives, config.beam_size
-    device = features.vector.device
-    required = sorted({vocab.stoi[w] for w in constraint.words}) if constraint is not None else []
-    groups = (0, 1) if required else (0,)
-    is_required = torch.zeros(len(vocab), dtype=torch.bool, device=device)
-    is_required[required] = True
-    is_required[vocab.eos_id] = False  # ending keeps a hypothesis in its own group
-    rules = processors_for(config, vocab, constraint=constraint, forced=len(prefix))
-    logits, state = model.decoder.start(features)
-    live = [_Hyp([], [], 0.0)]
-    met = [False]  # per live hypothesis: has it used a required word?
-    finished: dict[int, list[_Hyp]] = {g: [] for g in groups}
-    norm = lambda h: h.score / max(1, len(h.tokens)) ** config.length_penalty  # noqa: E731
-    tag = (lambda r: r) if constraint is None else (lambda r: replace(r, constraint=constraint))  # noqa: E731
-    streamed = 0  # words streamed so far: the candidates' common prefix, less the last word of the shortest
-    nodes: list[Node] | None = [] if config.tree else None
-
-    def node(parent: int | None, t: int, token: int, total: float, words: int, group: int, status: str,
-             rule: str | None = None) -> int:
-        nodes.append(Node(len(nodes), parent, t, token, vocab.itos[token], total,
-                          total / max(1, words) ** config.length_penalty, group if required else None, status, rule))
-        return nodes[-1].id
-
-    def done(g: int, hyps: list[_Hyp], t: int) -> bool:
-        ends = sorted((norm(h) for h in finished[g] if h.tokens), reverse=True)
-        if not hyps:
-            return True
-        if len(ends) < beam_size:
-            return False
-        if beam_size == 1:  # the first end, as greedy decoding: beam search of size 1 is greedy, word for word
-            return True
-        best_live = max(h.score for h in hyps) / max(1, t + 1) ** config.length_penalty
-        return best_live <= ends[beam_size - 1]
-
-    for t in range(max_len):
-        unk, unk_top = _unk_probs(logits, vocab)
-        if nodes is None:
-            logp = F.log_softmax(rules(logits, _history([h.tokens for h in live])), dim=-1)  # (n, V)
-        else:
-            hist = _history([h.tokens for h in live])
-            ruled = rules(logits, hist)
-            logp, first = F.log_softmax(ruled, dim=-1), len(nodes)
-            # What each word a rule removed would have scored: its log-probability before the rules, plus its
-            # hypothesis's score (-inf for the rest). (Renormalised after the rules, the others' rise a little.)
-            so_far = torch.tensor([h.score for h in live], device=device).unsqueeze(1)  # (n, 1)
-            before = torch.where((ruled == -math.inf) & (logits != -math.inf),
-                                 F.log_softmax(logits.float(), dim=-1) + so_far, -math.inf)
-        total = logp + torch.tensor([h.score for h in live], device=logp.device).unsqueeze(1)  # (n, V)
-        if t < len(prefix):  # forced word: every beam takes it
-            forced = torch.full_like(total, -math.inf)
-            forced[:, prefix[t]] = total[:, prefix[t]]
-            total = forced
-        # The group each expansion lands in: met already, or meeting it with this word.
-        dest = torch.tensor(met, device=device).unsqueeze(1) | is_required.unsqueeze(0) if required else None  # (n, V)
-        survivors, parents, survivor_met = [], [], []
-        for g in groups:
-            scores_g = total if dest is None else total.masked_fill(dest != bool(g), -math.inf)
-            width = min(2 * beam_size, scores_g.numel())
-            scores, flat = torch.topk(scores_g.reshape(-1), width)  # (width,)
-            kept = 0
-            scanned = list(zip(scores.tolist(), flat.tolist()))
-            taken, floor = len(scanned), -math.inf  # (recorded search) expansions looked at, the lowest kept score
-            for j, (score, index) in enumerate(scanned):
-                if score == -math.inf:
-                    taken = j
-                    break
-                parent, token = divmod(index, logp.size(1))
-                h = live[parent]
-                if token == vocab.eos_id:  # its score counts the <EOS>: ending is a choice, and not a free one
-                    end = None if nodes is None else node(h.node, t, token, score, len(h.tokens), g, "finished")
-                    finished[g].append(_Hyp(h.tokens, h.rows, score, (unk[parent], unk_top[parent]), end))
-                else:
-                    row = (logp[parent], score, _attention(state, parent), unk[parent])
-                    at = None if nodes is None else node(h.node, t, token, score, t + 1, g, "kept")
-                    survivors.append(_Hyp(h.tokens + [token], h.rows + [row], score, node=at))
-                    parents.append(parent)
-                    survivor_met.append(bool(g))
-                    kept, floor = kept + 1, score
-                if kept == beam_size:
-                    taken = j + 1
-                    break
-            if nodes is not None:
-                for score, index in scanned[taken:]:  # outscored: in the top 2 x beam_size, but the beam was full
-                    if score == -math.inf:
-                        break
-                    parent, token = divmod(index, logp.size(1))
-                    node(live[parent].node, t, token, score, t + (token != vocab.eos_id), g, "pruned")
-                if t >= len(prefix):  # (a forced word of a branch: every other word is the user's choice, not a rule's)
-                    _record_blocked(node, live, logits, hist, before, dest, g, floor if kept == beam_size else -math.inf,
-                                    beam_size, t, vocab.eos_id, rules)
-        if nodes is not None:
-            yield SearchStep(t, tuple(nodes[first:]))
-        if not survivors or all(done(g, [h for h, m in zip(survivors, survivor_met) if m == bool(g)], t) for g in groups):
-            break
-        candidates = [h.tokens for h in survivors] + [h.tokens for g in groups for h in finished[g] if h.tokens]
-        agreed = min(_common_prefix(candidates), min(map(len, candidates)) - 1)
-        if agreed > streamed:
-            yield from (tag(r) for r in survivors[0].records(vocab, k, first=streamed)[: agreed - streamed])
-            streamed = agreed
-        live, met = survivors, survivor_met
-        state = state.select(torch.tensor(parents, device=device))
-        logits, state = model.decoder.step(torch.tensor([h.tokens[-1] for h in live], device=device), state)
-    ended = {g: [h for h in finished[g] if h.tokens] for g in groups}
-    fit = free = None  # guided: the best caption with a required word, and the best without
-    if required:
-        fit = max(ended[1], key=norm, default=None) or max((h for h, m in zip(live, met) if m), key=norm, default=None)
-        free = max(ended[0], key=norm, default=None) or max((h for h, m in zip(live, met) if not m), key=norm, default=None)
-    if ended[groups[-1]]:  # the best caption that meets the constraint (plain beam: the best ended one)
-        pool, stop, ok = ended[groups[-1]], "eos", True
-    elif ended[0]:  # guided, and no caption with a required word ended: the unconstrained best
-        pool, stop, ok = ended[0], "eos", False
-    else:  # no beam ended: take the best live one rather than fail (one that meets the constraint first)
-        live_met = [h for h, m in zip(live, met) if m]
-        pool, stop, ok = live_met or live, "max_len", bool(live_met)
-    best = max(pool, key=norm)
-    unfit = ok and free is not None and norm(free) - norm(best) > config.guide_margin
-    if unfit:  # the word fits only into a sentence the model believes much less than its own: say nothing
-        best, ok = free, False
-        stop = "eos" if any(free is h for h in ended[0]) else "max_len"
-    tree = None
-    if nodes is not None:
-        at = best.node
-        while at is not None:  # the final caption's path, from its last word (or its <EOS>) back to its first
-            nodes[at] = replace(nodes[at], status="chosen")
-            at = nodes[at].parent
-        tree = tuple(nodes)
-    if best.tokens:
-        steps = best.records(vocab, k)
-        ended_as = _ended(stop, *best.end) if stop == "eos" else _ended(stop, None, False)
-        last = replace(steps[-1], **ended_as, history=tuple(tag(r) for r in steps[:-1]), tree=tree)
-        yield from last.history[streamed:]
-        if constraint is not None:
-            final = constraint
-            if required:
-                used = next((vocab.itos[tok] for tok in best.tokens if tok in set(required)), None)
-                final = replace(constraint, met=ok, used=used if ok else None, margin=config.guide_margin,
-                                fit=None if fit is None else norm(fit), free=None if free is None else norm(free),
-                                unfit=unfit)
-            last = replace(last, constraint=final)
-        yield last
-
-
-def _record_blocked(node, live: list[_Hyp], logits: torch.Tensor, hist: torch.Tensor, before: torch.Tensor,
-                    dest: torch.Tensor | None, g: int, floor: float, beam_size: int, t: int, eos: int,
-                    rules: "Processors") -> None:
-    """A recorded beam step's blocked expansions in group `g`: those a rule removed that would have scored (`before`:
-    -inf for the rest) above `floor`, the lowest kept score (a full beam; else any), at most beam_size of them, each
-    with the name of its rule (Processors.blocker)."""
-    if dest is not None:
-        before = before.masked_fill(dest != bool(g), -math.inf)
-    scores, flat = torch.topk(before.reshape(-1), min(beam_size, before.numel()))
-    for score, index in zip(scores.tolist(), flat.tolist()):
-        if score == -math.inf or score <= floor:
-            break
-        parent, token = divmod(index, logits.size(1))
-        rule = rules.blocker(logits[parent : parent + 1], hist[parent : parent + 1], token)
-        node(live[parent].node, t, token, score, t + (token != eos), g, "blocked", type(rule).__name__)
 
 
 def last(steps: Iterator[Step]) -> Step | None:
@@ -605,19 +144,10 @@ def caption(model, image=None, config: GenerationConfig | None = None, *, featur
         if len(one) != 1:
             raise ValueError(f"caption decodes one image; got features of {len(one)} (use caption_batch for many)")
         with torch.inference_mode():
-            tokens = generate_batch(model, one, config.resolved_max_len(model.config.max_len),
-                                    rules=processors_for(config, model.vocab))  # (1, T)
+            tokens = generate_batch(model, one, config)  # (1, T)
         return model.vocab.decode(tokens[0].tolist())
     out = final(model, image, config, features=features, prefix=prefix)
     return out.text if out is not None else ""
-
-
-def rescore(model, image=None, tokens: Sequence[int] = (), *, features: ImageFeatures | None = None,
-            num_alternatives: int = 5) -> list[Step]:
-    """The Step records of a given caption (probabilities and alternatives at every word)."""
-    eos = model.vocab.eos_id
-    return list(stream(model, image, features=features, prefix=[*tokens, eos], max_len=len(tokens) + 1,
-                       num_alternatives=num_alternatives))
 
 
 @torch.inference_mode()
@@ -634,18 +164,12 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
         raise ValueError(f"batch_size={batch_size}: expected 1 or more")
     if (images is None) == (features is None):
         raise ValueError("give either images or features=, not both or neither")
-    max_len = config.resolved_max_len(model.config.max_len)
-    rules = processors_for(config, model.vocab)
-    n = len(images) if features is None else len(features)
+    chunks = encoded(model, images, batch_size) if features is None else (
+        features.select(slice(start, start + batch_size)).to(device_of(model)) for start in range(0, len(features), batch_size))
     out: list = []
-    for start in range(0, n, batch_size):
-        if features is None:
-            x = preprocess_batch(list(images[start : start + batch_size]), model.config)  # (b, 3, S, S)
-            chunk = model.encode(x.to(device_of(model)))
-        else:
-            chunk = features.select(slice(start, start + batch_size)).to(device_of(model))
+    for chunk in chunks:
         if config.strategy == "greedy" and not steps:
-            tokens = generate_batch(model, chunk, max_len, rules=rules)  # (b, T): every precision is batch-invariant
+            tokens = generate_batch(model, chunk, config)  # (b, T): every precision is batch-invariant
             out.extend(model.vocab.decode(row.tolist()) for row in tokens)
         else:
             one = config if steps else replace(config, num_alternatives=0)
@@ -654,30 +178,35 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
     return out
 
 
-def generate_batch(model, features: ImageFeatures, max_len: int, *, rules: Processors | None = None,
-                   sample: bool = False, top_k: int = 0, generator=None) -> torch.Tensor:
-    """Batched greedy (or sampled) decoding of n images -> token ids (n, T), <EOS>-padded.
+def encoded(model, images: Sequence, batch_size: int = 32) -> Iterator[ImageFeatures]:
+    """The images' features, `batch_size` images at a time: each batch preprocessed and encoded together (the CLI
+    keeps them for the CNN's labels and the confidence, caption_batch decodes them)."""
+    for start in range(0, len(images), batch_size):
+        x = preprocess_batch(list(images[start : start + batch_size]), model.config)  # (b, 3, S, S)
+        yield model.encode(x.to(device_of(model)))
 
-    The fast path for many images (caption_batch) and for self-critical training's rollouts; top_k > 0 samples
-    from the k likeliest words only. `rules`: the decoding rules (processors_for); by default only those every
-    caption obeys (no special tokens, at least one word, nothing after <EOS>).
+
+def generate_batch(model, features: ImageFeatures, config: GenerationConfig | None = None, *,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched greedy (or, with strategy "sample", sampled) decoding of n images -> token ids (n, T), <EOS>-padded.
+
+    The fast path for many images (caption_batch) and for self-critical training's rollouts, through the same
+    processors as `stream` (processors_for: the rules, then sampling's temperature, top-k and top-p). No records:
+    only the tokens. `generator` draws the samples (default: one seeded with config.seed, else torch's own).
     """
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = the whole vocabulary), got {top_k}")
-    vocab = model.vocab
-    if rules is None:
-        rules = processors_for(GenerationConfig(no_repeat_ngram=0), vocab)
+    config = config or GenerationConfig()
+    vocab, sample = model.vocab, config.strategy == "sample"
+    if config.strategy not in ("greedy", "sample"):
+        raise ValueError(f"strategy={config.strategy!r}: generate_batch decodes greedy or sample (beam: stream)")
+    if sample and generator is None and config.seed is not None:
+        generator = torch.Generator(device=features.vector.device).manual_seed(config.seed)
+    rules = processors_for(config, vocab)
     n = len(features)
     logits, state = model.decoder.start(features)
     tokens = torch.zeros(n, 0, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool)
-    for t in range(max_len):
-        logits = rules(logits, tokens)
-        if sample:
-            logits = _keep_top_k(logits, top_k)
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1).cpu()  # (n,)
-        else:
-            nxt = logits.argmax(-1).cpu()  # (n,)
+    for t in range(config.resolved_max_len(model.config.max_len)):
+        nxt = _pick(rules(logits, tokens), sample, generator).cpu()  # (n,)
         tokens = torch.cat((tokens, nxt.unsqueeze(1)), dim=1)  # (n, t+1)
         alive &= nxt != vocab.eos_id
         if not alive.any():

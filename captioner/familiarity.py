@@ -1,4 +1,4 @@
-"""Is a photo like the ones the model learned from? (issue 32)
+"""Is a photo like the ones the model learned from?
 
 Two checks, either of which makes a photo unfamiliar:
 - `degenerate(image)`: images with nothing to describe, caught by rule, for sure: tiny (a side under MIN_SIDE
@@ -142,7 +142,7 @@ class Verdict:
         """The one plain sentence a user reads under the caption of an unfamiliar photo ("" for a familiar one)."""
         if self.familiar:
             return ""
-        from .imagenet import percent
+        from .formatting import percent
 
         if self.reason and self.distance is None:  # a rule: nothing in it to describe
             head = f"This image is {self.reason}, nothing like the photos I learned from ({LEARNED_FROM}), so this caption is meaningless."

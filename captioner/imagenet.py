@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .formatting import describe_labels, percent
 
 DATA = Path(__file__).resolve().parent / "data"
 CLASSES_FILE = DATA / "imagenet_classes.json"
@@ -147,19 +149,6 @@ def top_labels(model, image_or_features, k: int = 5) -> list[tuple[str, float]]:
     return labels(features, k)
 
 
-def describe_labels(pairs, digits: int = 0) -> str:
-    """[(name, p), ...] -> "tabby cat 62%, Egyptian cat 21%" (what the app and the CLI print)."""
-    return ", ".join(f"{name} {percent(p, digits)}" for name, p in pairs)
-
-
-def percent(p: float, digits: int = 0) -> str:
-    """A probability as a percentage with `digits` decimals; one above 0 that would round to 0 reads "<1%"
-    (or "<0.1%"), never "0%", which would say the model ruled the word out."""
-    if 0 < p and round(p * 100, digits) == 0:
-        return f"<{10 ** -digits:g}%"
-    return f"{p * 100:.{digits}f}%"
-
-
 # ---------------------------------------------------------------------------------------------------- guidance
 
 
@@ -176,25 +165,47 @@ class Evidence:
 
 @dataclass(frozen=True)
 class Constraint:
-    """Guided decoding's requirement for one image: the caption must use one of `words` (empty: nothing is
-    required and guided decoding is beam search). On a guided stream's records; on the last one `met` says
-    whether the caption meets it (False: no candidate caption could, the unconstrained best was kept)."""
+    """Guided decoding's request for one image: the caption must use one of `words` (empty: nothing is required and
+    guided decoding is beam search). On a guided stream's records while it decodes; the last record holds its
+    ConstraintOutcome instead."""
 
     words: tuple[str, ...]  # any one of these (the model's vocabulary's words for the confident labels)
     evidence: tuple[Evidence, ...]  # one per required word, most confident first
     threshold: float | None  # a word is required when its confidence reaches this; None: each word's calibrated one
     note: str = ""  # why nothing is required (no head, nothing confident, words outside the vocabulary)
-    met: bool | None = None  # on the last record: True met, False fell back; None while decoding or nothing required
-    used: str | None = field(default=None)  # on the last record: the required word the caption uses
-    # On the last record, guided decoding's two candidates, as mean log-probability per word: the best caption with a
-    # required word (fit) and without one (free); unfit: True when free was more than `margin` likelier, so it was kept.
+
+    def record(self) -> dict:
+        """As plain JSON data (the CLI's --json), with the one-line description as "text" (no outcome yet)."""
+        return ConstraintOutcome(self).record()
+
+    def describe(self) -> str:
+        """One line for the inspector: which word is required and why; or, when none is, why not."""
+        return ConstraintOutcome(self).describe()
+
+
+@dataclass(frozen=True)
+class ConstraintOutcome:
+    """How a guided decode ended against its Constraint (on the stream's last record). It reads as the constraint
+    too (`words`, `evidence`, `threshold`, `note`), so the last record answers both "what was asked" and "what came
+    of it"."""
+
+    constraint: Constraint
+    met: bool | None = None  # True met, False fell back; None: nothing was required
+    used: str | None = None  # the required word the caption uses
+    # guided decoding's two candidates, as mean log-probability per word: the best caption with a required word (fit)
+    # and without one (free); unfit: True when free was more than `margin` likelier, so it was kept.
     fit: float | None = None
     free: float | None = None
     margin: float | None = None
     unfit: bool = False
 
+    words = property(lambda self: self.constraint.words)
+    evidence = property(lambda self: self.constraint.evidence)
+    threshold = property(lambda self: self.constraint.threshold)
+    note = property(lambda self: self.constraint.note)
+
     def record(self) -> dict:
-        """As plain JSON data (the CLI's --json), with the one-line description as "text"."""
+        """As plain JSON data (the CLI's --json, the app's download), with the one-line description as "text"."""
         return {"words": list(self.words), "threshold": self.threshold, "met": self.met, "used": self.used,
                 "fit": self.fit, "free": self.free, "margin": self.margin, "unfit": self.unfit,
                 "evidence": [{"word": e.word, "confidence": round(e.confidence, 4),

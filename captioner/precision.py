@@ -67,22 +67,20 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-# What `auto` picks for inference, per class of CPU: (encoder, decoder). Measured on a 2-core AMD EPYC with AVX512-BF16
-# and VNNI (benchmarks/RESULTS.md, "Inference precision"): an int8 decoder step took 0.39 against 3.02 ms in float32,
-# and the bundled model kept 959 of 1,000 greedy dev captions identical (issue 21's model: 951; a whole greedy caption's
-# decoding 14.3 against 26.7 ms); a bf16 encoder was faster but changed 12% of
-# the captions (bf16 throughout: 14%). So auto takes the int8 decoder where the CPU has VNNI (int8 dot products in
-# hardware), and float32 elsewhere: nothing was measured there, and float32 is never slower than itself. Since issue 35
-# the int8 layers quantize each activation row by its own scale (captioner/int8.py): batch-invariant, and 982 of the
-# 1,000 dev captions identical to float32's.
+# What `auto` picks for inference, per class of CPU: (encoder, decoder). Where the CPU has VNNI (int8 dot products in
+# hardware) an int8 decoder step is several times faster than float32 and keeps nearly every greedy dev caption, while a
+# bf16 encoder changes far more of them; so auto takes the int8 decoder there, and float32 elsewhere: nothing was
+# measured there, and float32 is never slower than itself. The int8 layers quantize each activation row by its own
+# scale (captioner/int8.py), so they are batch-invariant. The numbers: docs/performance.md, "Measurements behind the
+# code", and benchmarks/RESULTS.md, "Inference precision".
 AUTO_VNNI = ("fp32", "int8")
 AUTO_OTHER = ("fp32", "fp32")
 
 
 def inference_plan(precision: str, decoder: str = "attend") -> tuple[str, str]:
     """'auto' | 'fp32' | 'bf16' | 'int8' -> (encoder precision, decoder precision) for this CPU. The encoder is a CNN,
-    which the int8 layers do not cover (Linear and LSTM cells; static int8 of Lite0 changed 10 of 100 ImageNet top-1
-    labels, issue 35): int8 means an int8 decoder and a float32 encoder."""
+    which the int8 layers do not cover (Linear and LSTM cells; static int8 of Lite0 changed its ImageNet labels too
+    often: docs/performance.md): int8 means an int8 decoder and a float32 encoder."""
     check(precision, INFERENCE)
     if precision == "auto":
         return AUTO_VNNI if cpu_features()["vnni"] or cpu_features()["amx"] else AUTO_OTHER

@@ -1,5 +1,5 @@
-"""The encoder's backbone in ONNX Runtime, where it is installed: about 2x PyTorch eager at batch 1 on this project's
-CPUs (docs/performance.md), with PyTorch as the fallback wherever it is not.
+"""The encoder's backbone in ONNX Runtime, where it is installed: faster than PyTorch eager at batch 1 (docs/performance.md),
+with PyTorch as the fallback wherever it is not.
 
 The graph is always made from the model's own weights: exported from the fused inference backbone at load, and
 cached on disk under a name that is a hash of those weights (and of the input size and the exporter's versions), so

@@ -12,7 +12,8 @@ import html
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .decode import Ended, MinLength, Node, NoRepeatNGram, OneSentence, Unsaid
+from .decode import Node
+from .processors import Ended, MinLength, NoRepeatNGram, OneSentence, Unsaid
 
 COL_W = 112  # px between columns (steps)
 NODE_W = 100

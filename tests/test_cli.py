@@ -186,3 +186,30 @@ def test_a_folder_shows_its_progress_on_a_terminal_only(distinct, distinct_dir, 
     bar = Progress(12, _Terminal(), clock=lambda: next(ticks))
     bar.done = 3
     assert bar.line() == "[######..................] 3/12 photos  2.0 photos/s  4 s left"
+
+
+def test_the_json_line_is_the_decode_record_the_app_downloads(distinct, distinct_dir, capsys):
+    """One record format: the CLI's --json line is formatting.decode_record of the photo's decode (what the app's
+    "Download decoding (JSON)" writes, with its settings and prefix), field for field."""
+    from captioner.cli import main
+    from captioner.confidence import Assessor
+    from captioner.decode import encoded, final
+    from captioner.familiarity import degenerate
+    from captioner.formatting import decode_record, model_label
+    from captioner.loading import load_model
+
+    _, photos = distinct
+    model_dir, paths = distinct_dir
+    flags = ["--strategy", "beam", "--beam-size", "2", "--labels", "0"]
+    assert main([str(p) for p in paths[:3]] + ["--model", str(model_dir), "--json", "--steps", *flags]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model = load_model(str(model_dir))
+    features = next(encoded(model, photos[:3]))
+    assessor = Assessor.of(model)
+    for i, (line, img) in enumerate(zip(lines, photos)):
+        one = features.select(slice(i, i + 1))
+        last = final(model, features=one, strategy="beam", beam_size=2)
+        want = decode_record(last, model=model_label(model, str(model_dir)), precision=model.precision,
+                             assessment=assessor.assess(one, last.caption_steps(), rule=degenerate(img)))
+        assert line.pop("image") == str(paths[i]) and line == json.loads(json.dumps(want))
+        assert line["steps"] and line["caption"] == last.text and line["model"].startswith(str(model_dir))

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from captioner import Captioner, CaptionerConfig, ImageError, ModelLoadError, Vocabulary, preprocess
-from captioner.decode import caption, caption_batch, rescore, stream
+from captioner.decode import caption, caption_batch, stream
 from captioner.model import caption_loss
 from captioner.vocab import detokenize, tokenize
-from tiny import WORDS, assert_all_different, tiny_config, tiny_model
+from tiny import WORDS, assert_all_different, rescore, tiny_config, tiny_model
 
 
 def photo(w=40, h=30, seed=0, mode="RGB"):
@@ -384,20 +384,24 @@ def test_inference_copy_of_the_encoder_gives_the_same_features_and_captions():
 
 def test_generate_batch_top_k_samples_only_the_k_likeliest_words():
     from captioner.decode import generate_batch
+    from captioner.generation import GenerationConfig
     from captioner.model import ImageFeatures
+
+    def rollout(top_k: int = 0) -> GenerationConfig:  # as self-critical training samples: one word, no nucleus
+        return GenerationConfig(strategy="sample", max_len=1, top_k=top_k, top_p=1.0, no_repeat_ngram=0)
 
     m = tiny_model(seed=3)
     feats = ImageFeatures(torch.randn(64, m.config.embed_size))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        first = generate_batch(m, feats, 1, sample=True, top_k=2, generator=gen)[:, 0]  # (64,)
+        first = generate_batch(m, feats, rollout(top_k=2), generator=gen)[:, 0]  # (64,)
         start_logits, _ = m.decoder.start(feats)  # (64, V)
     v = m.vocab
     start_logits[:, [v.pad_id, v.sos_id, v.unk_id, v.eos_id]] = -math.inf
     top2 = start_logits.topk(2, dim=-1).indices  # (64, 2)
     assert all(int(t) in top2[i].tolist() for i, t in enumerate(first))
     with torch.no_grad():
-        wide = generate_batch(m, feats, 1, sample=True, generator=torch.Generator().manual_seed(0))[:, 0]
+        wide = generate_batch(m, feats, rollout(), generator=torch.Generator().manual_seed(0))[:, 0]
     assert any(int(t) not in top2[i].tolist() for i, t in enumerate(wide))  # without top_k, others are drawn too
     with pytest.raises(ValueError, match="top_k"):
-        generate_batch(m, feats, 1, sample=True, top_k=-1)
+        rollout(top_k=-1)

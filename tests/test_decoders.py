@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from captioner import Captioner, GenerationConfig, ImageFeatures, ModelLoadError
-from captioner.decode import caption, caption_batch, encode, final, generate_batch, rescore, stream
-from tiny import WORDS, assert_all_different, photo, scripted_model, tiny_model
+from captioner.decode import caption, caption_batch, encode, final, generate_batch, stream
+from tiny import WORDS, assert_all_different, photo, rescore, scripted_model, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 SETTINGS = [{}, {"strategy": "beam", "beam_size": 3}, {"strategy": "beam", "beam_size": 1},
@@ -162,7 +162,7 @@ def test_generate_batch_matches_greedy(distinct_of):
     greedy = [caption(m, i) for i in imgs]
     assert_all_different(greedy)
     feats = m.encode(preprocess_batch(imgs, m.config))
-    rows = generate_batch(m, feats, 8)
+    rows = generate_batch(m, feats, GenerationConfig(max_len=8))
     assert [m.vocab.decode(r.tolist()) for r in rows] == greedy
 
 
@@ -338,7 +338,7 @@ def test_beam_keeps_the_caption_that_ends_after_its_full_stop():
 
 
 def test_no_repeat_rule_blocks_content_phrases_and_spares_function_words():
-    from captioner.decode import FUNCTION_WORDS, NoRepeatNGram, processors_for
+    from captioner.processors import FUNCTION_WORDS, NoRepeatNGram, processors_for
 
     m = tiny_model(0)
     a, dog, runs, stop = (WORDS.index(w) for w in ("a", "dog", "runs", "."))
@@ -396,3 +396,33 @@ def test_beam_stream_only_grows(strategy):
                [dataclasses.replace(s, constraint=None) for s in last.history]
         grew += len(steps) > 1
     assert grew
+
+
+def test_temperature_top_k_and_top_p_are_processors_after_the_rules():
+    """Sampling's warpers run in the same list as the rules, after them, and only for sampling; each does what it
+    says on a row of logits; top_k=1 sampling is greedy decoding, word for word."""
+    from captioner.processors import Ended, Temperature, TopK, TopP, processors_for
+
+    m = tiny_model(seed=3)
+    rules = processors_for(GenerationConfig(strategy="sample", temperature=0.5, top_k=3, top_p=0.8), m.vocab)
+    assert [type(r) for r in rules[-4:]] == [Ended, Temperature, TopK, TopP]
+    kept, warpers = rules.split()
+    assert [type(r) for r in warpers] == [Temperature, TopK, TopP] and not any(isinstance(r, TopK) for r in kept)
+    for config in (GenerationConfig(strategy="beam", top_k=3, top_p=0.5, temperature=2.0), GenerationConfig(strategy="sample", top_p=1.0)):
+        assert not rules_of_kind(processors_for(config, m.vocab), (Temperature, TopK, TopP))
+    logits, none = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]]), torch.zeros(1, 0, dtype=torch.long)
+    assert torch.equal(Temperature(0.5)(logits, none), logits * 2)
+    assert torch.isfinite(TopK(2)(logits, none)).tolist() == [[True, True, False, False, False]]
+    p = torch.softmax(logits, -1)[0]  # 0.57, 0.21, 0.13, 0.03, 0.08
+    assert torch.isfinite(TopP(float(p[0]) + 0.01)(logits, none)).tolist() == [[True, True, False, False, False]]
+    assert torch.isfinite(TopP(0.1)(logits, none)).tolist() == [[True, False, False, False, False]]  # the first stays
+    img = photo(1)
+    greedy = [s.token for s in final(m, img).caption_steps()]
+    for seed in range(3):
+        drawn = final(m, img, strategy="sample", top_k=1, seed=seed)
+        assert [s.token for s in drawn.caption_steps()] == greedy
+        assert [s.prob for s in drawn.caption_steps()] == [s.prob for s in final(m, img).caption_steps()]  # unwarped
+
+
+def rules_of_kind(rules, kinds) -> list:
+    return [r for r in rules if isinstance(r, kinds)]

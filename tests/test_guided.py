@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from captioner import GenerationConfig
-from captioner.decode import caption, caption_batch, encode, final, rescore, stream
-from tiny import WORDS, photo, tiny_model
+from captioner.decode import caption, caption_batch, encode, final, stream
+from captioner.imagenet import Constraint, ConstraintOutcome
+from tiny import WORDS, photo, rescore, tiny_model
 
 DECODERS = ["show-tell", "attend"]
 DOG = WORDS.index("dog")
@@ -55,7 +56,8 @@ def test_the_required_word_appears(decoder):
     assert c.evidence[0].confidence > 0.9 and c.evidence[0].labels[0][0] in ("Chihuahua", "Japanese spaniel", "Maltese dog")
     assert c.describe().startswith('guided: required "dog", as the CNN sees ') and 'uses "dog"' in c.describe()
     # every record says what is required; the end (met) only on the last
-    assert all(s.constraint is not None and s.constraint.words == ("dog",) and s.constraint.met is None for s in steps[:-1])
+    assert all(isinstance(s.constraint, Constraint) and s.constraint.words == ("dog",) for s in steps[:-1])
+    assert isinstance(c, ConstraintOutcome) and c.constraint == steps[0].constraint  # the request, and how it ended
     assert all(s.constraint is not None for s in last.caption_steps())
     json.dumps(dataclasses.asdict(last))  # plain data for the app
 

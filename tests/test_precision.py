@@ -341,11 +341,11 @@ def test_one_prefix_gets_one_set_of_numbers_in_every_view(tmp_path, name):
     """Issue 32's "one prefix, one set of numbers": the same words after the same photo get the same probabilities in
     the stream, a branch, re-decoding (rescore), beam search (its beams decoded 3 at a time) and a batch of other
     photos. Within float32's rounding: dynamic int8 differed in the second digit (19.3% against 19.5%)."""
-    from captioner.decode import processors_for, rescore, stream
+    from captioner.decode import processors_for, stream
     from captioner.generation import GenerationConfig
     from captioner.loading import load_model
     from captioner.preprocess import preprocess_batch
-    from tiny import attend_model
+    from tiny import attend_model, rescore
 
     attend_model(0).save_pretrained(tmp_path / "m")
     m = load_model(tmp_path / "m", precision=name)

@@ -259,7 +259,7 @@ def page_of(events) -> dict:
 
 @pytest.mark.filterwarnings("ignore:node 999")  # the refused re-decode's gr.Warning
 def test_the_page_draws_the_search_and_re_decodes_from_a_pruned_node(app):
-    from captioner.app.views import decoding_record, on_page
+    from captioner.app.views import on_page
     from captioner.tree_view import path as node_path
 
     h, img = app
@@ -268,7 +268,9 @@ def test_the_page_draws_the_search_and_re_decodes_from_a_pruned_node(app):
     assert decoding.tree and page["tree"].count("data-node=") == len(decoding.tree)
     check_tree(decoding.steps[-1], 3, h.model.vocab.eos_id)
     # The download carries the tree.
-    record = decoding_record(decoding, "tiny")
+    from captioner.formatting import decode_record
+
+    record = decode_record(decoding.steps[-1], model="tiny", precision="fp32")
     assert record["tree"] == [n.record() for n in decoding.tree]
     # Every node's title says why it has its status; pruned ones say what they lost to.
     pruned = [n for n in decoding.tree if n.status == "pruned" and n.t >= 1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -280,3 +281,14 @@ def scripted_model(table: dict[int, dict[int, float]], max_len: int = 6):
     m = tiny_model(0, max_len=max_len)
     m.decoder = BigramDecoder(table, len(WORDS))
     return m
+
+
+def rescore(model, image=None, tokens: Sequence[int] = (), *, features=None,
+            num_alternatives: int = 5) -> list:
+    """The Step records of a given caption (probabilities and alternatives at every word): its tokens forced, then
+    <EOS>, through decode.stream."""
+    from captioner.decode import stream
+
+    eos = model.vocab.eos_id
+    return list(stream(model, image, features=features, prefix=[*tokens, eos], max_len=len(tokens) + 1,
+                       num_alternatives=num_alternatives))

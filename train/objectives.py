@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.decode import generate_batch
+from captioner.generation import GenerationConfig
 from captioner.model import caption_loss
 from captioner.precision import autocast
 
@@ -80,9 +81,14 @@ class CaptionObjective(nn.Module):
         self.autocast = lambda: autocast(precision, device)  # forward passes and rollouts; the losses stay float32
         self.label_smoothing = cfg.label_smoothing
         self.unk_id = None if cfg.learn_unk else vocab.unk_id  # <UNK> never a target (see caption_loss)
-        self.samples, self.top_k, self.xe_weight = cfg.scst_samples, cfg.scst_top_k, cfg.scst_xe_weight
-        self.greedy_baseline = cfg.scst_baseline == "greedy"
-        self.max_len = cfg.max_tokens - 2  # words, without <SOS> and <EOS>
+        self.samples, self.xe_weight = cfg.scst_samples, cfg.scst_xe_weight
+        # the rollouts: drawn from the k likeliest words (0: all) of the rules every caption obeys, up to max_tokens
+        # less <SOS> and <EOS>
+        self.rollout = GenerationConfig(strategy="sample", max_len=cfg.max_tokens - 2, top_k=cfg.scst_top_k, top_p=1.0,
+                                        no_repeat_ngram=0)
+        # --scst-baseline greedy: each image's greedy caption, under the same rules and length
+        self.greedy = (GenerationConfig(strategy="greedy", max_len=cfg.max_tokens - 2, no_repeat_ngram=0)
+                       if cfg.scst_baseline == "greedy" else None)
         self.reward = CiderReward(references, vocab, eos=cfg.scst_reward_eos)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the rollouts' draws
 
@@ -114,9 +120,9 @@ class CaptionObjective(nn.Module):
         with torch.no_grad(), self.autocast():  # the model is in eval mode: rollouts without dropout
             pooled = self.pool(batch.x)  # (B, F) or (B, R, F)
             seqs = generate_batch(self.model, self.model.encoder.from_backbone(pooled.repeat_interleave(n, dim=0)),
-                                  self.max_len, sample=True, top_k=self.top_k, generator=self.generator)  # (B*n, T)
-            greedy = (generate_batch(self.model, self.model.encoder.from_backbone(pooled), self.max_len).tolist()
-                      if self.greedy_baseline else None)  # (B, T)
+                                  self.rollout, generator=self.generator)  # (B*n, T)
+            greedy = (generate_batch(self.model, self.model.encoder.from_backbone(pooled), self.greedy).tolist()
+                      if self.greedy is not None else None)  # (B, T)
         rows = seqs.tolist()
         reward = self.reward(rows, batch.images, n, batch.flipped)  # (B, n)
         if greedy is not None:  # Rennie et al.: better than the test-time caption, not than the other samples

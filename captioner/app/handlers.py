@@ -20,7 +20,7 @@ import math
 import os
 import re
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,6 +31,7 @@ from .. import tree_view
 from ..confidence import Assessor, expected_words
 from ..decode import SearchStep, Step, caption_batch, encode, stream
 from ..familiarity import degenerate
+from ..formatting import decode_record
 from ..generation import GenerationConfig
 from ..imagenet import labels as imagenet_top_classes
 from ..model import device_of
@@ -40,7 +41,7 @@ from . import downloads, limits
 from .errors import EXPIRED, PhotoError, bad_setting, user_error
 from .session import PHOTO_MAX_SIDE, Decoding, ImageCache, Photo
 from .turns import FairShare, Job, cpu_slots
-from .views import FILES_HEADERS, Inspector, Update, decoding_record, familiar_cell, history_table, inspect, step_index, top_words
+from .views import FILES_HEADERS, Inspector, Update, familiar_cell, history_table, inspect, step_index, top_words
 
 FILES_BATCH = 8  # photos of a "Several photos" request encoded together
 WORD_DELAY = 0.04  # seconds between streamed words: a word decodes in a few ms, so unpaced the caption lands at once
@@ -269,7 +270,8 @@ class Handlers:
         if not decoding:
             raise gr.Error(EXPIRED if shown_caption else "Caption an image first, then download its decoding.",
                            title="Caption expired" if shown_caption else "No caption", print_exception=False)
-        record = decoding_record(decoding, self.model_id, self.model.precision)
+        record = decode_record(decoding.steps[-1], model=self.model_id, precision=self.model.precision,
+                               assessment=decoding.assessment, settings=asdict(decoding.settings), prefix=list(decoding.prefix))
         return downloads.write_download("decoding.json", json.dumps(record, indent=1))
 
     def select(self, decoding: Decoding | None, step_number, delta: int = 0, shown_caption: str = "") -> Inspector:

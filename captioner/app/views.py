@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import gradio as gr
 
 from .. import tree_view
-from ..confidence import Assessment
 from ..decode import Step, describe_stop
 from ..heatmap import attention_overlay
 from ..imagenet import describe_labels, percent
@@ -119,18 +117,6 @@ def assessment_markdown(decoding: Decoding | None) -> dict:
     there is nothing to say)."""
     text = decoding.assessment.markdown() if decoding is not None and decoding.assessment is not None else ""
     return gr.update(value=text, visible=bool(text))
-
-
-def decoding_record(decoding: Decoding, model_id: str, precision: str = "fp32") -> dict:
-    """What "Download decoding (JSON)" holds: the caption, whether its photo is familiar and how sure it is, every
-    step's record (Step.record), guided decoding's constraint (which word was tried, whether it was kept, and why),
-    the settings, the model and its precision."""
-    constraint = decoding.steps[-1].constraint if decoding.steps else None
-    assessed = (decoding.assessment or Assessment(None, None)).record()
-    return {"model": model_id, "precision": precision, "caption": decoding.text, **assessed, "stop": decoding.stop,
-            "settings": asdict(decoding.settings), "prefix": list(decoding.prefix),
-            "constraint": None if constraint is None else constraint.record(), "steps": [s.record() for s in decoding.steps],
-            "tree": None if decoding.tree is None else [n.record() for n in decoding.tree]}
 
 
 def familiar_cell(familiar: bool | None) -> str:
