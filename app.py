@@ -44,22 +44,9 @@ def limit_malloc_arenas(n: int = 2) -> bool:
         return False
 
 
-def model_label(model, src, revision) -> str:
-    from captioner.loading import DEFAULT_MODEL
-
-    source = str(getattr(model, "source", src) or src)
-    if os.path.abspath(source) == str(DEFAULT_MODEL):
-        source = "captioner/default_model (bundled)"
-    rev = getattr(model, "revision", None) or revision
-    commit = getattr(model, "commit", None)  # a Hub download: the commit actually loaded
-    return source + (f" @ {rev}" if rev else "") + (f" (commit {commit[:10]})" if commit and commit != rev else "")
-
-
-# One user's caption (open, encode, greedy decode; the bundled model; medians of 20 captions of examples/*.jpg, 1 and 2
-# threads interleaved) on this project's 2-core machine: 1 thread 92-155 ms, 2 threads 0.43-3.2 s in seven runs while
-# training jobs shared the two cores (an OpenMP thread waits on a core someone else holds); on the otherwise idle machine
-# 2 threads were 14% faster (26.2 vs 30.4 ms, benchmarks/RESULTS.md section 6). So the default stays half the cores: it
-# never loses much, and it leaves room for the app's own concurrent decodes (limits.CONCURRENCY requests in progress).
+# Half the cores by default: an OpenMP thread waits on a core someone else holds, so more threads lose badly on a
+# shared machine and win little on an idle one (docs/performance.md, "Measurements behind the code"), and the rest is
+# room for the app's own concurrent decodes (limits.CONCURRENCY requests in progress).
 THREADS_HELP = ("torch threads (default: half the CPU cores, at least 1; give all the cores where the app has the machine "
                 "to itself)")
 
@@ -115,6 +102,7 @@ def main(argv=None) -> int:
 
     from captioner.app import build_demo, configure_torch, launch_options
     from captioner.app.turns import release_freed_memory
+    from captioner.formatting import model_label
 
     release_freed_memory(collect=True)
 
