@@ -35,7 +35,7 @@ from . import common
 from .common import ROOT, Settings, log, machine_facts, md_table, measure, measure_interleaved
 from .peers import _never_end
 
-PHOTOS = ("cat.jpg", "cameraman.jpg", "coffee.jpg", "rocket.jpg")
+PHOTOS = ("examples/cat.jpg", "tests/data/cameraman.jpg", "examples/coffee.jpg", "tests/data/rocket.jpg")
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -57,7 +57,7 @@ def decode_before(rev: str):
 
 
 def decoding_rows(model, s: Settings, before=None) -> list[dict]:
-    feats = [encode(model, to_tensor(open_image(str(ROOT / "examples" / p)), model.config)) for p in PHOTOS]
+    feats = [encode(model, to_tensor(open_image(str(ROOT / p)), model.config)) for p in PHOTOS]
     rows = []
     for strategy in ("beam", "guided"):
         turn = {"i": 0}
@@ -92,7 +92,7 @@ def decoding_rows(model, s: Settings, before=None) -> list[dict]:
 
 def largest(model, s: Settings) -> tuple[list[dict], list[str]]:
     """Guided beam 10 over 60 words: decoding with and without the tree, and drawing it step by step."""
-    f = encode(model, to_tensor(open_image(str(ROOT / "examples" / PHOTOS[0])), model.config))
+    f = encode(model, to_tensor(open_image(str(ROOT / PHOTOS[0])), model.config))
     _never_end(model.decoder, model.vocab.eos_id)
     kw = dict(features=f, strategy="guided", beam_size=10, max_len=60)
     stats = measure_interleaved({"off": lambda: final(model, **kw), "on": lambda: final(model, **kw, tree=True)},
@@ -203,7 +203,7 @@ def app_rows(model) -> list[dict]:
                 box.press("Enter")
             page.evaluate(APP_JS)
             t0 = page.evaluate("performance.now()")
-            page.set_input_files("#photo input[type=file]", str(ROOT / "examples" / PHOTOS[0]))
+            page.set_input_files("#photo input[type=file]", str(ROOT / PHOTOS[0]))
             page.wait_for_selector("#search-tree g.s-chosen", state="attached")
             t1 = page.evaluate("performance.now()")
             got = page.evaluate("window.__tree")

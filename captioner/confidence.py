@@ -7,6 +7,8 @@ GOOD_CIDER; `python -m train.assess`), so that among captions given 0.7, about 7
 - a second opinion: a word probe (`WordProbe`, a linear classifier on the pooled CNN feature, fitted on the train
   photos' references) that says how likely each of the caption's content words is to be in a description of this
   photo; a caption whose subject the probe does not expect is often wrong;
+- a third opinion: what the reference captions of the train photos nearest this one say (`Neighbours`): the
+  caption's CIDEr-D against them, and the share of those photos whose references use each of its content words;
 - the photo's familiarity (captioner.familiarity) and how sure the CNN's ImageNet classifier is.
 
 `Assessor.of(model)` reads what the model folder's ASSESS_FILE holds; `assess(...)` gives one caption's
@@ -26,9 +28,11 @@ from .familiarity import Familiarity, Verdict, read, verdict
 GOOD_CIDER = 0.1  # per-image CIDEr-D at or above which a caption counts as a good description
 UNSURE = 0.5  # below this confidence a caption is marked unsure in words
 SURE = 0.75  # at or above this, "fairly sure"; between the two, "somewhat sure" (how good each band was: docs/performance.md)
-SIGNALS = ("mean_logprob", "min_logprob", "probe_mean", "probe_min", "probe_cover", "distance", "cnn_top")
-# What the shipped calibration uses: on dev (cross-fitted) these three did as well as all of SIGNALS (docs/familiarity.md)
-DEFAULT_SIGNALS = ("mean_logprob", "probe_mean", "probe_cover")
+SIGNALS = ("mean_logprob", "min_logprob", "probe_mean", "probe_min", "probe_cover", "distance", "cnn_top", "knn_cider",
+           "knn_word")
+# What the shipped calibration uses: on dev (cross-fitted) these five did as well as any larger set (docs/familiarity.md)
+DEFAULT_SIGNALS = ("mean_logprob", "probe_mean", "probe_cover", "knn_cider", "knn_word")
+CIDER_SIGMA = 6.0  # CIDEr-D's length penalty (pycocoevalcap's)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,74 @@ class WordProbe:
         return cls(tuple(words), w, tensors["probe.bias"].float(), tensors["probe.mean"].float(), tensors["probe.scale"].float())
 
 
+def _ngrams(ids: Sequence[int], n: int) -> dict[tuple[int, ...], int]:
+    out: dict[tuple[int, ...], int] = {}
+    for i in range(len(ids) - n + 1):
+        g = tuple(ids[i : i + n])
+        out[g] = out.get(g, 0) + 1
+    return out
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """The train photos' reference captions, in the familiarity bank's order: `refs` (N, R, L) word ids of the
+    model's vocabulary (0-padded; punctuation and unknown words left out), `df` how many train photos' references
+    use each n-gram (1 to 4 words; n-grams of a single photo left out, they get the idf of an unseen one), `k` the
+    nearest photos asked. Fitted by train.assess; travels in ASSESS_FILE."""
+
+    refs: torch.Tensor
+    df: dict[tuple[int, ...], int]
+    k: int = 10
+
+    def of(self, rows: Sequence[int]) -> list[list[int]]:
+        """The reference captions (word-id lists) of the train photos `rows`."""
+        return [[i for i in r if i] for row in rows for r in self.refs[row].tolist() if any(r)]
+
+    def cider(self, ids: Sequence[int], refs: Sequence[Sequence[int]]) -> float:
+        """CIDEr-D (pycocoevalcap's formula, idf from the train photos' references) of a caption against `refs`."""
+        if not refs:
+            return 0.0
+        log_n = math.log(float(self.refs.size(0)))
+
+        def vec(seq):
+            out = []
+            for n in range(1, 5):
+                v = {g: tf * (log_n - math.log(max(1.0, float(self.df.get(g, 1))))) for g, tf in _ngrams(seq, n).items()}
+                out.append((v, math.sqrt(sum(x * x for x in v.values()))))
+            return out
+
+        hyp = vec(ids)
+        total = 0.0
+        for ref in refs:
+            score = 0.0
+            for (hv, hn), (rv, rn) in zip(hyp, vec(ref)):
+                dot = sum(min(x, rv[g]) * rv[g] for g, x in hv.items() if g in rv)
+                if hn and rn:
+                    score += dot / (hn * rn)
+            total += score / 4 * math.exp(-((len(ids) - len(ref)) ** 2) / (2 * CIDER_SIGMA**2))
+        return total / len(refs) * 10
+
+    def signals(self, ids: Sequence[int], content: Sequence[int], rows: Sequence[int]) -> dict[str, float]:
+        """knn_cider: the caption's (word ids `ids`) CIDEr-D against the references of the train photos `rows`;
+        knn_word: for each content word (`content`), the share of those photos whose references use it, averaged."""
+        per_photo = [set(i for r in self.refs[row].tolist() for i in r if i) for row in rows]
+        word = sum(sum(w in s for s in per_photo) / len(per_photo) for w in content) / len(content) if content and per_photo else 0.0
+        return {"knn_cider": self.cider(ids, self.of(rows)), "knn_word": float(word)}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"knn.refs": self.refs.to(torch.int16).contiguous()}
+
+    def record(self) -> dict:
+        return {"k": self.k, "df": [[*g, c] for g, c in self.df.items()]}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], rec: dict) -> "Neighbours":
+        refs = tensors["knn.refs"].long()
+        if refs.dim() != 3:
+            raise ValueError(f"knn.refs: expected (photos, references, words), got {tuple(refs.shape)}")
+        return cls(refs, {tuple(row[:-1]): int(row[-1]) for row in rec["df"]}, int(rec["k"]))
+
+
 def content_words(words: Sequence[str]) -> list[str]:
     """The words of a caption that name something (not function words or punctuation)."""
     from .processors import FUNCTION_WORDS
@@ -67,13 +139,15 @@ def content_words(words: Sequence[str]) -> list[str]:
 
 
 def signals(word_probs: Sequence[float], words: Sequence[str], pooled: torch.Tensor | None, labels: torch.Tensor | None,
-            probe: WordProbe | None, distance: float | None) -> dict[str, float]:
+            probe: WordProbe | None, distance: float | None, knn: dict[str, float] | None = None) -> dict[str, float]:
     """One caption's signals (SIGNALS): its words and their probabilities, its photo's pooled feature (F,), ImageNet
-    probabilities (1000,), the word probe and the familiarity distance. A signal that cannot be had is NaN."""
+    probabilities (1000,), the word probe, the familiarity distance and the neighbours' (Neighbours.signals). A
+    signal that cannot be had is NaN."""
     lp = [math.log(max(p, 1e-9)) for p in word_probs] or [float("nan")]
     out = {"mean_logprob": sum(lp) / len(lp), "min_logprob": min(lp), "probe_mean": float("nan"),
            "probe_min": float("nan"), "probe_cover": float("nan"), "distance": float("nan") if distance is None else float(distance),
-           "cnn_top": float("nan") if labels is None else float(labels.reshape(-1).max())}
+           "cnn_top": float("nan") if labels is None else float(labels.reshape(-1).max()),
+           "knn_cider": float("nan"), "knn_word": float("nan"), **(knn or {})}
     if probe is not None and pooled is not None:
         index = {w: i for i, w in enumerate(probe.words)}
         known = sorted({index[w] for w in content_words(words) if w in index})
@@ -183,13 +257,27 @@ def expected_words(model, features) -> dict[str, float] | None:
     return dict(zip(probe.words, probe.probs(features.grid.mean(1)[:1])[0].tolist()))
 
 
+def knn_signals(familiarity: Familiarity | None, neighbours: Neighbours | None, pooled: torch.Tensor | None,
+                steps: Sequence) -> dict[str, float] | None:
+    """Neighbours.signals for one caption (its Step records) of the photo with pooled feature (F,): its nearest
+    train photos found in the familiarity bank. None where the model has no bank or references."""
+    if familiarity is None or neighbours is None or pooled is None:
+        return None
+    rows = familiarity.nearest(pooled.reshape(1, -1), neighbours.k)[0].tolist()
+    ids = [s.token for s in steps if any(c.isalpha() for c in s.word)]
+    content = [s.token for s in steps if content_words([s.word])]
+    return neighbours.signals(ids, content, rows)
+
+
 @dataclass(frozen=True)
 class Assessor:
-    """A model's familiarity detector, word probe and confidence calibration (any may be None)."""
+    """A model's familiarity detector, word probe, confidence calibration and train photos' references (any may be
+    None)."""
 
     familiarity: Familiarity | None
     probe: WordProbe | None
     calibration: Calibration | None
+    neighbours: Neighbours | None = None
 
     @classmethod
     def of(cls, model) -> "Assessor":
@@ -211,14 +299,16 @@ class Assessor:
         from .familiarity import ASSESS_FILE
 
         familiarity, conf = read(folder)
-        probe = calibration = None
+        probe = calibration = neighbours = None
         if conf:
             calibration = Calibration.from_record(conf["calibration"]) if conf.get("calibration") else None
             if conf.get("probe_words"):
                 with safe_open(str(Path(folder) / ASSESS_FILE), framework="pt") as f:
-                    tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("probe.")}
+                    tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("probe.", "knn."))}
                 probe = WordProbe.from_saved(tensors, conf["probe_words"])
-        return cls(familiarity, probe, calibration)
+                if conf.get("knn"):
+                    neighbours = Neighbours.from_saved(tensors, conf["knn"])
+        return cls(familiarity, probe, calibration, neighbours)
 
     def assess(self, features, steps: Sequence, image=None, rule: str | None = None) -> Assessment:
         """One caption's Assessment: `features` its photo's ImageFeatures (batch 1), `steps` the caption's Step
@@ -233,7 +323,8 @@ class Assessor:
         words = [s.word for s in steps]
         confidence = None
         if self.calibration is not None and steps:
-            values = signals([s.prob for s in steps], words, pooled, probs, self.probe, v.distance if v else None)
+            values = signals([s.prob for s in steps], words, pooled, probs, self.probe, v.distance if v else None,
+                             knn_signals(self.familiarity, self.neighbours, pooled, steps))
             confidence = self.calibration(values)
             if v is not None and v.distance is None and not v.familiar:  # a degenerate image: nothing to describe
                 confidence = min(confidence, float(self.calibration.about.get("floor", 0.05)))

@@ -79,6 +79,11 @@ class Familiarity:
         sim = self.reduce(pooled) @ self.bank.T.float()  # (B, N)
         return 1 - sim.topk(min(self.k, sim.size(1)), dim=1).values.mean(1)
 
+    def nearest(self, pooled: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, F) pooled features -> (B, k) rows of the bank (train photos) nearest each, nearest first."""
+        sim = self.reduce(pooled) @ self.bank.T.float()
+        return sim.topk(min(k, sim.size(1)), dim=1).indices
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"familiarity.components": self.components.float().contiguous(), "familiarity.bank": self.bank.half().contiguous()}
 

@@ -13,6 +13,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
+TEST_PHOTOS = ROOT / "tests" / "data"  # photos the tests use that are not (or no longer) the app's examples
+
+
+def subject_photos() -> dict:
+    """name -> (path, spec) for every photo with written subject expectations: the app's examples
+    (examples/subjects.json) and the photos kept for the tests (tests/data/subjects.json)."""
+    import json
+
+    out = {}
+    for folder in (ROOT / "examples", TEST_PHOTOS):
+        for name, spec in json.loads((folder / "subjects.json").read_text()).items():
+            if not name.startswith("_"):
+                out[name] = (folder / name, spec)
+    return out
 
 
 # The encoder's ONNX graphs (captioner.runtime) are cached in a temporary folder, for this process and the apps and

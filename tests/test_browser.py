@@ -19,7 +19,7 @@ from tiny import attend_model, endless_model_dir, serve_demo
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 DEFAULT_MODEL = ROOT / "captioner" / "default_model"
-PHOTO = ROOT / "examples" / "cameraman.jpg"  # people outdoors: the kind of photo Flickr8k is made of
+PHOTO = ROOT / "tests" / "data" / "cameraman.jpg"  # people outdoors: the kind of photo Flickr8k is made of
 SECOND_PHOTO = ROOT / "examples" / "coffee.jpg"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]

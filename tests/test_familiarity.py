@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.confidence import Assessment, Assessor, Calibration, WordProbe, signals
+from captioner.confidence import Assessment, Assessor, Calibration, Neighbours, WordProbe, signals
 from captioner.familiarity import ASSESS_FILE, Familiarity, Verdict, degenerate, fit, read, save, threshold_for, verdict
 from train.outside import synthetic
 
@@ -139,6 +139,31 @@ def test_confidence_rises_with_the_evidence():
     assert math.isnan(said_dog["distance"]) and said_dog["mean_logprob"] == pytest.approx(math.log(0.9))
 
 
+def test_the_neighbours_opinion_and_its_file(tmp_path):
+    """knn_cider is CIDEr-D against the nearest train photos' references (identical 2-word references: 10 x (1 + 1 +
+    0 + 0) / 4 = 5; a shared word scores less; nothing shared 0); knn_word is the share of those photos whose
+    references use each content word; both travel in ASSESS_FILE."""
+    refs = torch.zeros(3, 2, 6, dtype=torch.int16)
+    refs[0, 0, :2] = torch.tensor([10, 11])  # "dog runs"
+    refs[1, 0, :2] = torch.tensor([10, 12])  # "dog jumps"
+    refs[2, 0, :2], refs[2, 1, :3] = torch.tensor([20, 21]), torch.tensor([20, 21, 22])  # "man sits", "man sits down"
+    nb = Neighbours(refs, {(10,): 2, (20,): 1}, k=2)
+    assert nb.of([2]) == [[20, 21], [20, 21, 22]]
+    assert nb.cider([10, 11], nb.of([0])) == pytest.approx(5.0)
+    assert 5.0 > nb.cider([10, 12], nb.of([0])) > 0 == nb.cider([20, 21], nb.of([0])) == nb.cider([10], [])
+    got = nb.signals([10, 11], [10, 11], [0, 1])
+    assert got["knn_word"] == pytest.approx((1 + 0.5) / 2) and got["knn_cider"] > 0
+    assert nb.signals([20, 21], [20], [0, 1]) == {"knn_cider": 0.0, "knn_word": 0.0}
+    values = signals([0.9, 0.9], ["a", "dog"], None, None, None, None, got)
+    assert values["knn_word"] == got["knn_word"] and math.isnan(signals([0.9], ["dog"], None, None, None, None)["knn_cider"])
+    probe = WordProbe(("dog",), torch.ones(1, 2), torch.zeros(1), torch.zeros(2), torch.ones(2))
+    save(tmp_path, None, {"calibration": None, "probe_words": ["dog"], "knn": nb.record()}, {**probe.tensors(), **nb.tensors()})
+    back = Assessor.read(tmp_path).neighbours
+    assert back.k == 2 and back.df == nb.df and torch.equal(back.refs, refs.long())
+    with pytest.raises(ValueError, match="knn.refs"):
+        Neighbours.from_saved({"knn.refs": torch.zeros(3, 4)}, nb.record())
+
+
 # ---------------------------------------------------------------- the bundled model's statistics
 
 
@@ -164,6 +189,8 @@ def _assess(model, assessor, image):
 def test_the_bundled_model_carries_its_statistics(bundled):
     model, assessor = bundled
     assert assessor.familiarity is not None and assessor.probe is not None and assessor.calibration is not None
+    assert assessor.neighbours is not None and assessor.neighbours.refs.size(0) == assessor.familiarity.bank.size(0)
+    assert {"knn_cider", "knn_word"} <= set(assessor.calibration.names)
     about = assessor.familiarity.about
     assert about["fitted_on"].startswith("train, 6000") and about["threshold_set_on"].startswith("dev, 1000")
     assert about["dev_flagged"] <= 0.05
@@ -246,10 +273,12 @@ def test_train_assess_fits_any_model_and_writes_what_loads(tmp_path, capsys):
     attend_model(seed=2).save_pretrained(folder)
     report = tmp_path / "report.json"
     assert main(["--data", str(data), "--model", str(folder), "--out", str(folder), "--cache", str(tmp_path / "cache"),
-                 "--dims", "4", "--k", "3", "--flag", "0.1", "--probe-min-photos", "1", "--report", str(report)]) == 0
+                 "--dims", "4", "--k", "3", "--knn", "3", "--flag", "0.1", "--probe-min-photos", "1", "--report", str(report)]) == 0
     numbers = json.loads(report.read_text())
     assert numbers["dev_photos"] == 10 and numbers["train_photos"] == 12 and numbers["dev_flagged"] == pytest.approx(0.1)
     assert numbers["outside_images"] == len(synthetic()) and 0 <= numbers["confidence_auroc_poor"] <= 1
     assessor = Assessor.of(load_model(str(folder), precision="fp32"))
     assert assessor.familiarity.k == 3 and assessor.familiarity.bank.shape == (12, 4)
-    assert assessor.probe is not None and set(assessor.calibration.names) == {"mean_logprob", "probe_mean", "probe_cover"}
+    assert assessor.probe is not None and set(assessor.calibration.names) == {"mean_logprob", "probe_mean", "probe_cover",
+                                                                              "knn_cider", "knn_word"}
+    assert assessor.neighbours.k == 3 and assessor.neighbours.refs.size(0) == 12

@@ -178,29 +178,26 @@ def test_settings():
 
 
 def test_guided_names_the_subject_of_the_example_photos():
-    """The bundled model on examples/ (expectations in examples/subjects.json, written before any caption): guided
-    decoding names the cat, which beam search calls a dog; it requires nothing where train did not show the CNN's
+    """The bundled model on the six photos with written subjects (examples/ and tests/data/ subjects.json, written
+    before any caption): guided decoding names the cat, which beam search calls a dog; it requires nothing where train did not show the CNN's
     word to be right (cup for the espresso, rocket for the missile: docs/guided.md), so no caption puts a subject
     where it cannot be ("running through the cup"); the people are named as by beam search."""
-    from conftest import ROOT
+    from conftest import subject_photos
 
     from captioner.imagenet import top_labels
     from captioner.loading import load_model
     from captioner.vocab import tokenize
 
     model = load_model()
-    expectations = json.loads((ROOT / "examples" / "subjects.json").read_text())
     named = {}
-    for name, spec in expectations.items():
-        if name.startswith("_"):
-            continue
-        last = final(model, ROOT / "examples" / name, strategy="guided")
+    for name, (path, spec) in subject_photos().items():
+        last = final(model, path, strategy="guided")
         named[name] = bool(set(tokenize(last.text)) & set(spec["subject"]))
         if name == "cat.jpg":
             assert last.constraint.words[0] == "cat" and last.constraint.met and "Egyptian cat" in last.constraint.describe()
         if name in ("coffee.jpg", "rocket.jpg", "grace_hopper.jpg"):  # nothing forced in where it would not fit
             assert last.constraint.words == ()
-            top = top_labels(model, ROOT / "examples" / name, k=1)[0][0]
+            top = top_labels(model, path, k=1)[0][0]
             assert last.constraint.describe().startswith(f"guided: The CNN's top label, {top} (")
             assert last.constraint.describe().endswith("; nothing was required")
             assert not {"cup", "mug", "rocket", "uniform", "jersey"} & set(tokenize(last.text)), last.text

@@ -113,7 +113,7 @@ def test_default_model_loads_and_captions_without_timm_or_torchvision():
     assert isinstance(model.encoder.backbone, EfficientNetLite0)  # loaded strictly: the checkpoint's keys are timm's
     ref = timm_lite0().eval()
     ref.load_state_dict(model.encoder.backbone.state_dict(), strict=True)
-    images = preprocess_batch([str(ROOT / "examples" / "cat.jpg"), str(ROOT / "examples" / "rocket.jpg")], model.config)
+    images = preprocess_batch([str(ROOT / "examples" / "cat.jpg"), str(ROOT / "tests" / "data" / "rocket.jpg")], model.config)
     with torch.no_grad():
         torch.testing.assert_close(model.encoder.backbone(images), ref(images), atol=1e-5, rtol=0)
 
@@ -123,7 +123,7 @@ def test_default_model_loads_and_captions_without_timm_or_torchvision():
         "from captioner.decode import caption_batch\n"
         "from captioner.preprocess import open_image\n"
         "model = load_model(None)\n"
-        "captions = caption_batch(model, [open_image(p) for p in ('examples/cat.jpg', 'examples/rocket.jpg')], strategy='beam', beam_size=3)\n"
+        "captions = caption_batch(model, [open_image(p) for p in ('examples/cat.jpg', 'tests/data/rocket.jpg')], strategy='beam', beam_size=3)\n"
         "assert all(captions), captions\n"
         "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))\n"
     )

@@ -7,6 +7,9 @@
   distance that --flag of them exceed.
 - The word probe (the confidence's second opinion): a linear classifier from the pooled feature to each word that at
   least --probe-min-photos train photos' references use, fitted on train.
+- The neighbours (the confidence's third opinion): the train photos' references as word ids, and how many train
+  photos use each n-gram (captioner.confidence.Neighbours); a caption is compared with the references of its photo's
+  --knn nearest train photos.
 - Confidence: the dev captions (the CLI's defaults: greedy), their per-image CIDEr-D (pycocoevalcap, dev's own
   document frequencies), a logistic model from captioner.confidence.SIGNALS to "CIDEr-D >= GOOD_CIDER", fitted on
   dev. The numbers reported for it are cross-fitted (each dev photo scored by a model fitted on the other folds),
@@ -70,6 +73,26 @@ def fit_probe(pooled: torch.Tensor, references: Sequence[Sequence[str]], *, min_
         loss.backward()
         opt.step()
     return WordProbe(words, weight.detach(), bias.detach(), mean, scale)
+
+
+def fit_neighbours(vocab, references: Sequence[Sequence[str]], *, k: int = 10, max_words: int = 30):
+    """captioner.confidence.Neighbours from the train photos' references (in the familiarity bank's order): their
+    words as the model's vocabulary ids (punctuation and unknown words left out) and the n-grams' photo counts."""
+    from captioner.confidence import Neighbours, _ngrams
+    from captioner.vocab import tokenize
+
+    most = max(len(refs) for refs in references)
+    ids = torch.zeros(len(references), most, max_words, dtype=torch.int16)
+    df: dict[tuple[int, ...], int] = {}
+    for i, refs in enumerate(references):
+        grams = set()
+        for j, ref in enumerate(refs):
+            row = [vocab.stoi[w] for w in tokenize(ref) if any(c.isalpha() for c in w) and w in vocab.stoi][:max_words]
+            ids[i, j, : len(row)] = torch.tensor(row, dtype=torch.int16)
+            grams.update(g for n in range(1, 5) for g in _ngrams(row, n))
+        for g in grams:
+            df[g] = df.get(g, 0) + 1
+    return Neighbours(ids, {g: c for g, c in df.items() if c > 1}, k)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-2) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -182,13 +205,14 @@ def main(argv=None) -> int:
     p.add_argument("--dims", type=int, default=128, help="dimensions of the familiarity space")
     p.add_argument("--k", type=int, default=10, help="nearest train photos averaged")
     p.add_argument("--flag", type=float, default=0.04, help="share of the dev photos the threshold flags")
-    p.add_argument("--signals", default="mean_logprob,probe_mean,probe_cover",
+    p.add_argument("--knn", type=int, default=10, help="nearest train photos whose references give the knn_ signals")
+    p.add_argument("--signals", default="mean_logprob,probe_mean,probe_cover,knn_cider,knn_word",
                    help="comma-separated captioner.confidence.SIGNALS the calibration uses")
     p.add_argument("--probe-min-photos", type=int, default=20)
     p.add_argument("--report", default=None, help="write the measurements here as JSON")
     args = p.parse_args(argv)
 
-    from captioner.confidence import GOOD_CIDER, Assessor, Calibration, signals
+    from captioner.confidence import GOOD_CIDER, SIGNALS, Assessor, Calibration, knn_signals, signals
     from captioner.decode import caption_batch
     from captioner.familiarity import degenerate, fit, save, threshold_for
     from captioner.generation import GenerationConfig
@@ -229,6 +253,8 @@ def main(argv=None) -> int:
 
     probe = fit_probe(train_x, [s.captions for s in train], min_photos=args.probe_min_photos)
     print(f"word probe: {len(probe.words)} words", file=sys.stderr)
+    neighbours = fit_neighbours(model.vocab, [s.captions for s in train], k=args.knn)
+    print(f"neighbours: {len(neighbours.df)} n-grams of 2+ train photos", file=sys.stderr)
 
     # Dev captions with the CLI's defaults, their records, their quality
     model_features = model.encoder.eval()
@@ -242,13 +268,18 @@ def main(argv=None) -> int:
     cider = per_image_cider(captions, [s.captions for s in dev])
     good = cider >= GOOD_CIDER
     names = tuple(n for n in args.signals.split(",") if n)
+    bad = [n for n in names if n not in SIGNALS]
+    if bad:
+        raise ValueError(f"--signals {bad}: expected some of {', '.join(SIGNALS)}")
     rows = []
     for i, last in enumerate(lasts):
         steps = last.caption_steps() if last is not None else ()
         v = signals([s.prob for s in steps], [s.word for s in steps], dev_x[i],
-                    None if feats.labels is None else feats.labels[i], probe, float(dev_d[i]))
-        rows.append([v[n] for n in names])
-    x = np.asarray(rows, dtype=float)
+                    None if feats.labels is None else feats.labels[i], probe, float(dev_d[i]),
+                    knn_signals(det, neighbours, dev_x[i], steps))
+        rows.append([v[n] for n in SIGNALS])
+    every = np.asarray(rows, dtype=float)
+    x = every[:, [SIGNALS.index(n) for n in names]]
     crossed = cross_fitted(x, good.astype(float))
     mean, scale, w, b = fit_logistic(x, good.astype(float))
     calibration = Calibration(names, tuple(map(float, mean)), tuple(map(float, scale)), tuple(map(float, w)), b,
@@ -265,7 +296,8 @@ def main(argv=None) -> int:
         "mean_logprob_auroc_poor": auroc(-x[:, names.index("mean_logprob")], ~good) if "mean_logprob" in names else None,
         "mean_logprob_ratio": least_confident_ratio(x[:, names.index("mean_logprob")], cider) if "mean_logprob" in names else None,
         "mean_logprob_calibrated_auroc": auroc(-only_lp, ~good) if only_lp is not None else None,
-        "per_signal_auroc_poor": {n: auroc(-np.nan_to_num(x[:, j], nan=np.nanmean(x[:, j])), ~good) for j, n in enumerate(names)},
+        "per_signal_auroc_poor": {n: auroc(-np.nan_to_num(every[:, j], nan=np.nanmean(every[:, j])), ~good)
+                                  for j, n in enumerate(SIGNALS) if not np.isnan(every[:, j]).all()},
         "reliability_crossfitted": reliability(crossed, good),
         "calibration": calibration.record(),
     }
@@ -275,8 +307,8 @@ def main(argv=None) -> int:
             json.dump({**report, "captions": captions, "cider": cider.tolist(), "confidence_crossfitted": crossed.tolist(),
                        "distance": dev_d.tolist(), "outside": dict(zip(images, out_d.tolist()))}, f, indent=1)
     if args.out:
-        conf = {"calibration": calibration.record(), "probe_words": list(probe.words)}
-        path = save(args.out, det, conf, probe.tensors())
+        conf = {"calibration": calibration.record(), "probe_words": list(probe.words), "knn": neighbours.record()}
+        path = save(args.out, det, conf, {**probe.tensors(), **neighbours.tensors()})
         Assessor.read(args.out)  # what was written must load
         print(f"wrote {path}", file=sys.stderr)
     return 0
