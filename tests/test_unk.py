@@ -71,7 +71,7 @@ def test_self_critical_gradient_never_reaches_unk(tmp_path):
 
     m = tiny_model(seed=2)
     objective = _scst_objective(m, tmp_path)
-    batch = SimpleNamespace(x=m.encoder.backbone_features(torch.randn(2, 3, 32, 32)), images=[0, 1], captions=None)
+    batch = SimpleNamespace(x=m.encoder.backbone_features(torch.randn(2, 3, 32, 32)), images=[0, 1], captions=None, flipped=None)
     loss, reward = objective(batch, self_critical=True)
     assert reward > 0
     loss.backward()
