@@ -129,52 +129,14 @@ def test_no_image_mode_raises_the_servers_rss_by_300_mb(app_process, tmp_path):
 
 # ---------------------------------------------------------------- the app served in this process
 
-import base64  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
 import threading  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+from gradio_calls import call, data_url, jpeg, settings  # noqa: E402
 
-CONTROLS = ["strategy", "beam_size", "max_len", "num_alternatives", "temperature", "top_k", "top_p", "seed", "guide_threshold"]
 LONGEST = dict(strategy="beam", beam_size=10, max_len=60)  # the app's longest-allowed request
-
-
-def settings(**values) -> list:
-    return [values.get(name) for name in CONTROLS]
-
-
-def jpeg(seed: int = 0, size: tuple[int, int] = (64, 48)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def data_url(data: bytes) -> dict:
-    return {"url": "data:image/jpeg;base64," + base64.b64encode(data).decode(), "meta": {"_type": "gradio.FileData"}}
-
-
-def call(url: str, api: str, data: list, session: str | None = None, timeout: float = 120) -> tuple[str, object]:
-    """POST /gradio_api/call/<api> (as `session` when given), then read its event stream: ("complete", outputs),
-    ("error", message) or ("refused", the HTTP status and text)."""
-    with httpx.Client(timeout=timeout) as http:
-        r = http.post(f"{url}gradio_api/call/{api}", json={"data": data, **({"session_hash": session} if session else {})})
-        if r.status_code != 200:
-            return "refused", f"{r.status_code} {r.text}"
-        kind, payload = None, None
-        with http.stream("GET", f"{url}gradio_api/call/{api}/{r.json()['event_id']}") as s:
-            for line in s.iter_lines():
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: ") and kind in ("complete", "error"):
-                    payload = json.loads(line[6:])
-                    if kind == "error":
-                        payload = payload.get("error") if isinstance(payload, dict) else payload
-                    return kind, payload
-    return str(kind), payload
 
 
 def test_the_run_and_api_routes_are_closed_and_the_queue_is_the_one_way_in(server, model, tmp_path):

@@ -3,9 +3,6 @@ on 127.0.0.1: bounded settings, bounded memory per request, uploads limited as t
 clear error (never {"error": null}) for every bad value."""
 from __future__ import annotations
 
-import base64
-import io
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +10,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from gradio_calls import call, data_url, jpeg, settings
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -24,43 +22,6 @@ from tiny import serve_demo, start_app
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
 MAX_LEN = 6
-# The /caption endpoint's inputs in order: the image, then the settings (layout.settings_controls).
-CONTROLS = ["strategy", "beam_size", "max_len", "num_alternatives", "temperature", "top_k", "top_p", "seed", "guide_threshold"]
-
-
-def jpeg(seed: int = 0, size: tuple[int, int] = (64, 48)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def data_url(data: bytes) -> dict:
-    return {"url": "data:image/jpeg;base64," + base64.b64encode(data).decode(), "meta": {"_type": "gradio.FileData"}}
-
-
-def call(url: str, api: str, data: list, timeout: float = 60) -> tuple[str, object]:
-    """POST /gradio_api/call/<api>, then read its event stream: ("complete", outputs), ("error", message) or
-    ("refused", the HTTP status and text)."""
-    with httpx.Client(timeout=timeout) as http:
-        r = http.post(f"{url}gradio_api/call/{api}", json={"data": data})
-        if r.status_code != 200:
-            return "refused", f"{r.status_code} {r.text}"
-        event_id = r.json()["event_id"]
-        kind, payload = None, None
-        with http.stream("GET", f"{url}gradio_api/call/{api}/{event_id}") as s:
-            for line in s.iter_lines():
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: ") and kind in ("complete", "error"):
-                    payload = json.loads(line[6:])
-                    if kind == "error":  # {"error": message, ...}; {"error": null} is what an unhandled exception gives
-                        payload = payload.get("error") if isinstance(payload, dict) else payload
-                    return kind, payload
-    return str(kind), payload
-
-
-def settings(**values) -> list:
-    return [values.get(name) for name in CONTROLS]
 
 
 def test_limits_are_one_table_the_sliders_use(model):
