@@ -188,6 +188,17 @@ def model(model_dir):
 
 
 @pytest.fixture(scope="module")
+def app_process(model_dir):
+    """app.py serving `model_dir` in a subprocess (1 thread, no word pacing) -> (process, URL): for RSS measurements."""
+    from tiny import start_app
+
+    proc, url = start_app(model_dir, "--threads", "1", "--word-delay", "0")
+    yield proc, url
+    proc.terminate()
+    proc.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
 def served_model(model):
     return model
 

@@ -8,6 +8,7 @@ import json
 
 import httpx
 import numpy as np
+import psutil
 from PIL import Image
 
 # The /caption endpoint's inputs after the image, in order (layout.settings_controls).
@@ -46,3 +47,8 @@ def call(url: str, api: str, data: list, session: str | None = None, timeout: fl
                         payload = payload.get("error") if isinstance(payload, dict) else payload
                     return kind, payload
     return str(kind), payload
+
+
+def rss(proc) -> int:
+    """A served process's resident memory in bytes."""
+    return psutil.Process(proc.pid).memory_info().rss

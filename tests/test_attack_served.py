@@ -10,12 +10,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from gradio_calls import call, data_url, jpeg, rss, settings
 from gradio_client import Client, handle_file
 from PIL import Image
 
 from benchmarks.serving import mode_file
 from captioner.preprocess import ImageError, open_image
-from tiny import serve_demo, start_app
+from tiny import serve_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
@@ -76,18 +77,6 @@ def test_every_image_mode_is_shrunk_in_its_own_mode_or_refused_by_its_decoded_si
 # ---------------------------------------------------------------- app.py in a subprocess, its RSS measured
 
 
-@pytest.fixture(scope="module")
-def app_process(model_dir):
-    proc, url = start_app(model_dir, "--threads", "1", "--word-delay", "0")
-    yield proc, url
-    proc.terminate()
-    proc.communicate(timeout=30)
-
-
-def rss(proc) -> int:
-    return psutil.Process(proc.pid).memory_info().rss
-
-
 def peak_rss_growth(proc, fn) -> tuple[object, float]:
     """fn() run while the server's RSS is sampled every 20 ms -> (its result, the peak growth in MB)."""
     before = rss(proc)
@@ -134,7 +123,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E40
 from types import SimpleNamespace  # noqa: E402
 
 import httpx  # noqa: E402
-from gradio_calls import call, data_url, jpeg, settings  # noqa: E402
 
 LONGEST = dict(strategy="beam", beam_size=10, max_len=60)  # the app's longest-allowed request
 

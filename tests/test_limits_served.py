@@ -8,16 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import psutil
 import pytest
-from gradio_calls import call, data_url, jpeg, settings
+from gradio_calls import call, data_url, jpeg, rss, settings
 from gradio_client import Client, handle_file
 from PIL import Image
 
 from captioner.app.limits import MAX_FILES, MAX_UPLOAD_BYTES, REQUEST_PIXELS
 from captioner.decode import caption
 from captioner.generation import LIMITS, GenerationConfig
-from tiny import serve_demo, start_app
+from tiny import serve_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
@@ -187,18 +186,6 @@ def test_upload_requests_are_limited_in_bytes_and_files(server):
 
 
 # ---------------------------------------------------------------- memory: app.py in a subprocess, its RSS measured
-
-
-def rss(proc) -> int:
-    return psutil.Process(proc.pid).memory_info().rss
-
-
-@pytest.fixture(scope="module")
-def app_process(model_dir):
-    proc, url = start_app(model_dir, "--threads", "1", "--word-delay", "0")
-    yield proc, url
-    proc.terminate()
-    proc.communicate(timeout=30)
 
 
 @pytest.mark.slow
