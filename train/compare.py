@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,9 +25,10 @@ def dev_photos(data: Path, n: int = 20, every: int = 50) -> list[Path]:
 
 
 def outside_photos(folders: list[Path], n: int = 20) -> list[Path]:
-    """The first `n` photos (by name) under the folders, skipping tiny icons and test patterns' masks."""
-    found = sorted({p for f in folders for p in f.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES}, key=lambda p: p.name)
-    return found[:n]
+    """The first `n` photos under the folders, in file-name order (train.outside.package_photos lists each folder)."""
+    from train.outside import package_photos
+
+    return sorted({p for f in folders for p in package_photos(f).values()}, key=lambda p: p.name)[:n]
 
 
 def caption_all(src: str, photos: list[Path]) -> list[str]:

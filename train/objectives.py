@@ -38,6 +38,7 @@ class CiderReward:
     def __init__(self, references: Sequence[Sequence[str]], vocab, *, eos: bool = True):
         self.references, self.vocab, self.eos = references, vocab, eos
         self.tokens: list | None = None
+        self.mirrored: dict[int, list] = {}  # image -> its references with left/right swapped, made on first use
         self.cider = None
 
     def __call__(self, rows: list[list[int]], images: list[int], samples: int, flipped: list[bool] | None = None) -> torch.Tensor:
@@ -60,7 +61,9 @@ class CiderReward:
                 words.append(END)
             image = images[r // samples]
             if flipped and flipped[r // samples]:
-                refs = [swap_sides(t) for t in self.tokens[image]]
+                if image not in self.mirrored:
+                    self.mirrored[image] = [swap_sides(t) for t in self.tokens[image]]
+                refs = self.mirrored[image]
                 rewards.append(self.cider.score(words, ("mirrored", image), refs))  # its own key: other ref vectors
             else:
                 rewards.append(self.cider.score(words, image, self.tokens[image]))
