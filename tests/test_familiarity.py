@@ -207,8 +207,8 @@ def test_the_bundled_model_knows_what_it_does_not_know(bundled):
             assert a.confidence <= 0.05, name
         else:  # the calibration knows only dev photos: the words say its number does not apply
             assert "does not apply here" in a.words(), name
-    # Photos of what Flickr8k shows (examples/README.md: people, dogs, water, mountains)
-    for name in ("stream.jpg", "mountain_path.jpg"):
+    # Photos of what Flickr8k shows (examples/README.md: people, kids, water, mountains)
+    for name in ("stream.jpg", "mountain_path.jpg", "western_street.jpg", "child_meadow.jpg"):
         text, a = _assess(model, assessor, EXAMPLES / name)
         assert a.familiar is True and a.verdict.sentence() == "", (name, text)
     # The examples kept to show the message

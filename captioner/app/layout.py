@@ -124,7 +124,7 @@ def photo_column(model, model_label: str) -> dict[str, Any]:
                                  "Webcam: take a photo, then press Caption", height=340, elem_id="photo")
     caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
     paths = example_paths()
-    examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (public domain, CC0, CC BY 4.0)",
+    examples = gr.Examples(examples=[[p] for p in paths], inputs=[image], label="Examples (CC0, CC BY 4.0, CC BY-SA 3.0)",
                            examples_per_page=12, cache_examples=False, elem_id="examples") if paths else None
     controls = settings_controls(model)
     gr.Markdown(model_markdown(model, model_label), elem_id="model-info")
