@@ -198,7 +198,7 @@ def caption_photos(model, photos: list[tuple[str, object]], settings, args) -> d
                 constraint_for(one, model.vocab, settings.guide_threshold, expected_words(model, one)) if guided else None)
             words = last.caption_steps() if last is not None else ()
             results[f] = Result(last, (top_labels(model, one, args.labels) or None) if args.labels else None,
-                                constraint if guided else None, assessor.assess(one, words, rule=degenerate(img)), settings.tree)
+                                constraint if guided else None, assessor.assess(one, words, rule=degenerate(img), model=model), settings.tree)
         bar.update(len(features))
     bar.close()
     return results

@@ -9,6 +9,9 @@ GOOD_CIDER; `python -m train.assess`), so that among captions given 0.7, about 7
   photo; a caption whose subject the probe does not expect is often wrong;
 - a third opinion: what the reference captions of the train photos nearest this one say (`Neighbours`): the
   caption's CIDEr-D against them, and the share of those photos whose references use each of its content words;
+- a fourth opinion, the language prior's (`Prior`): how much likelier this photo made the caption's content words
+  than the "average photo" (the train photos' mean features) does; a caption the decoder would say of any photo
+  is often wrong;
 - the photo's familiarity (captioner.familiarity) and how sure the CNN's ImageNet classifier is.
 
 `Assessor.of(model)` reads what the model folder's ASSESS_FILE holds; `assess(...)` gives one caption's
@@ -18,6 +21,7 @@ docs/familiarity.md has the measurements and the reliability table.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,26 +33,30 @@ GOOD_CIDER = 0.1  # per-image CIDEr-D at or above which a caption counts as a go
 UNSURE = 0.5  # below this confidence a caption is marked unsure in words
 SURE = 0.75  # at or above this, "fairly sure"; between the two, "somewhat sure" (how good each band was: docs/performance.md)
 SIGNALS = ("mean_logprob", "min_logprob", "probe_mean", "probe_min", "probe_cover", "distance", "cnn_top", "knn_cider",
-           "knn_word")
-# What the shipped calibration uses: on dev (cross-fitted) these five did as well as any larger set (docs/familiarity.md)
-DEFAULT_SIGNALS = ("mean_logprob", "probe_mean", "probe_cover", "knn_cider", "knn_word")
+           "knn_word", "pmi_content")
+# What the shipped calibration uses: on dev (cross-fitted) these six did as well as any larger set (docs/familiarity.md)
+DEFAULT_SIGNALS = ("mean_logprob", "probe_mean", "probe_cover", "knn_cider", "knn_word", "pmi_content")
 CIDER_SIGMA = 6.0  # CIDEr-D's length penalty (pycocoevalcap's)
 
 
 @dataclass(frozen=True)
 class WordProbe:
     """A linear classifier on the pooled CNN feature: for each of `words`, the chance that a reference description
-    of the photo uses it (sigmoid(weight @ (x - mean) / scale + bias)). Fitted by train.assess on the train split."""
+    of the photo uses it (sigmoid(weight @ (x - mean) / scale + bias)), x the feature or, with `root`, its square
+    root (as the familiarity space uses: on dev its words predicted poor captions better, docs/familiarity.md).
+    Fitted by train.assess on the train split."""
 
     words: tuple[str, ...]
     weight: torch.Tensor  # (W, F)
     bias: torch.Tensor  # (W,)
     mean: torch.Tensor  # (F,)
     scale: torch.Tensor  # (F,)
+    root: bool = False  # the input is the pooled feature's square root (post-ReLU features are >= 0)
 
     def probs(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, F) pooled features -> (B, W) word probabilities."""
-        x = (pooled.float() - self.mean) / self.scale
+        x = pooled.float().clamp_min(0).sqrt() if self.root else pooled.float()
+        x = (x - self.mean) / self.scale
         return torch.sigmoid(x @ self.weight.float().T + self.bias)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -56,11 +64,49 @@ class WordProbe:
                 "probe.mean": self.mean.float().contiguous(), "probe.scale": self.scale.float().contiguous()}
 
     @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], words: Sequence[str]) -> "WordProbe":
+    def from_saved(cls, tensors: dict[str, torch.Tensor], words: Sequence[str], root: bool = False) -> "WordProbe":
         w = tensors["probe.weight"].float()
         if w.size(0) != len(words):
             raise ValueError(f"word probe: {w.size(0)} weight rows for {len(words)} words")
-        return cls(tuple(words), w, tensors["probe.bias"].float(), tensors["probe.mean"].float(), tensors["probe.scale"].float())
+        return cls(tuple(words), w, tensors["probe.bias"].float(), tensors["probe.mean"].float(), tensors["probe.scale"].float(),
+                   bool(root))
+
+
+@dataclass(frozen=True)
+class Prior:
+    """The "average photo": the train photos' mean backbone features (`features`, (N, F) regions or (F,) pooled).
+    What the decoder would say of it is what it says of any photo; a caption whose words are no likelier for this
+    photo than for the average one came from the language prior, not from the image ("A man is standing in front
+    of a building."). pmi_content measures that. Fitted by train.assess; travels in ASSESS_FILE."""
+
+    features: torch.Tensor
+
+    def logprobs(self, model, tokens: Sequence[int]) -> list[float]:
+        """The decoder's log-probability of each of `tokens` (a caption's word ids, in order) after the ones before
+        it, for the average photo: teacher forcing through the decoder's start and step (`model` in eval mode)."""
+        if not tokens:
+            return []
+        with torch.inference_mode():
+            logits, state = self._start(model)  # (1, V)
+            out = []
+            for t in tokens:
+                out.append(float(logits[0, t] - torch.logsumexp(logits[0].float(), 0)))
+                logits, state = model.decoder.step(torch.tensor([t], device=logits.device), state)
+        return out
+
+    def _start(self, model):
+        """decoder.start on the average photo, once per model (the same for every caption)."""
+        from .model import device_of
+
+        cached = self.__dict__.get("_started")  # (a weak reference to the model, its start)
+        if cached is None or cached[0]() is not model:
+            features = model.encoder.from_backbone(self.features.float().unsqueeze(0).to(device_of(model)))  # batch of 1
+            cached = (weakref.ref(model), model.decoder.start(features))
+            self.__dict__["_started"] = cached
+        return cached[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"prior.features": self.features.half().contiguous()}
 
 
 def _ngrams(ids: Sequence[int], n: int) -> dict[tuple[int, ...], int]:
@@ -139,15 +185,20 @@ def content_words(words: Sequence[str]) -> list[str]:
 
 
 def signals(word_probs: Sequence[float], words: Sequence[str], pooled: torch.Tensor | None, labels: torch.Tensor | None,
-            probe: WordProbe | None, distance: float | None, knn: dict[str, float] | None = None) -> dict[str, float]:
+            probe: WordProbe | None, distance: float | None, knn: dict[str, float] | None = None,
+            prior: Sequence[float] | None = None) -> dict[str, float]:
     """One caption's signals (SIGNALS): its words and their probabilities, its photo's pooled feature (F,), ImageNet
-    probabilities (1000,), the word probe, the familiarity distance and the neighbours' (Neighbours.signals). A
-    signal that cannot be had is NaN."""
+    probabilities (1000,), the word probe, the familiarity distance, the neighbours' (Neighbours.signals) and the
+    words' log-probabilities for the average photo (Prior.logprobs). A signal that cannot be had is NaN."""
     lp = [math.log(max(p, 1e-9)) for p in word_probs] or [float("nan")]
     out = {"mean_logprob": sum(lp) / len(lp), "min_logprob": min(lp), "probe_mean": float("nan"),
            "probe_min": float("nan"), "probe_cover": float("nan"), "distance": float("nan") if distance is None else float(distance),
            "cnn_top": float("nan") if labels is None else float(labels.reshape(-1).max()),
-           "knn_cider": float("nan"), "knn_word": float("nan"), **(knn or {})}
+           "knn_cider": float("nan"), "knn_word": float("nan"), "pmi_content": float("nan"), **(knn or {})}
+    if prior is not None and len(prior) == len(words):
+        # pmi_content: how much likelier the photo made its content words than the average photo does (mean log ratio)
+        gains = [a - b for a, b, w in zip(lp, prior, words) if content_words([w])]
+        out["pmi_content"] = sum(gains) / len(gains) if gains else 0.0
     if probe is not None and pooled is not None:
         index = {w: i for i, w in enumerate(probe.words)}
         known = sorted({index[w] for w in content_words(words) if w in index})
@@ -278,6 +329,7 @@ class Assessor:
     probe: WordProbe | None
     calibration: Calibration | None
     neighbours: Neighbours | None = None
+    prior: Prior | None = None
 
     @classmethod
     def of(cls, model) -> "Assessor":
@@ -299,21 +351,24 @@ class Assessor:
         from .familiarity import ASSESS_FILE
 
         familiarity, conf = read(folder)
-        probe = calibration = neighbours = None
+        probe = calibration = neighbours = prior = None
         if conf:
             calibration = Calibration.from_record(conf["calibration"]) if conf.get("calibration") else None
             if conf.get("probe_words"):
                 with safe_open(str(Path(folder) / ASSESS_FILE), framework="pt") as f:
-                    tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("probe.", "knn."))}
-                probe = WordProbe.from_saved(tensors, conf["probe_words"])
+                    tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("probe.", "knn.", "prior."))}
+                probe = WordProbe.from_saved(tensors, conf["probe_words"], conf.get("probe_root", False))
                 if conf.get("knn"):
                     neighbours = Neighbours.from_saved(tensors, conf["knn"])
-        return cls(familiarity, probe, calibration, neighbours)
+                if "prior.features" in tensors:
+                    prior = Prior(tensors["prior.features"].float())
+        return cls(familiarity, probe, calibration, neighbours, prior)
 
-    def assess(self, features, steps: Sequence, image=None, rule: str | None = None) -> Assessment:
+    def assess(self, features, steps: Sequence, image=None, rule: str | None = None, model=None) -> Assessment:
         """One caption's Assessment: `features` its photo's ImageFeatures (batch 1), `steps` the caption's Step
         records (caption_steps()), `image` the PIL image where at hand (for the degenerate-image rules), or `rule`:
-        what familiarity.degenerate said of it."""
+        what familiarity.degenerate said of it; `model` the captioner (for pmi_content; without it that signal
+        counts at its mean)."""
         from .imagenet import labels as imagenet_labels
 
         pooled = features.grid.mean(1)[0] if getattr(features, "grid", None) is not None else None
@@ -323,8 +378,9 @@ class Assessor:
         words = [s.word for s in steps]
         confidence = None
         if self.calibration is not None and steps:
+            prior = self.prior.logprobs(model, [s.token for s in steps]) if self.prior is not None and model is not None else None
             values = signals([s.prob for s in steps], words, pooled, probs, self.probe, v.distance if v else None,
-                             knn_signals(self.familiarity, self.neighbours, pooled, steps))
+                             knn_signals(self.familiarity, self.neighbours, pooled, steps), prior)
             confidence = self.calibration(values)
             if v is not None and v.distance is None and not v.familiar:  # a degenerate image: nothing to describe
                 confidence = min(confidence, float(self.calibration.about.get("floor", 0.05)))

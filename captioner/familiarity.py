@@ -4,9 +4,10 @@ Two checks, either of which makes a photo unfamiliar:
 - `degenerate(image)`: images with nothing to describe, caught by rule, for sure: tiny (a side under MIN_SIDE
   pixels), blank or one colour (almost no variation), or noise (neighbouring pixels unrelated, which no photo is).
 - `Familiarity.distance(features)`: how far the photo's pooled CNN feature lies from the training photos' (the
-  cosine distance to its k nearest train photos, on the features' square roots projected onto their 128 main
-  directions); past `threshold`, set on held-out dev photos, the photo is unfamiliar. docs/familiarity.md gives
-  the measurements behind the method (it beat Mahalanobis distances and centred PCA) and the threshold.
+  cosine distance to its k nearest train photos, on the features' square roots projected onto their main
+  directions, 256 for the bundled model); past `threshold`, set on held-out dev photos, the photo is unfamiliar.
+  docs/familiarity.md gives the measurements behind the method (it beat Mahalanobis distances and centred PCA) and
+  the threshold.
 
 The fitted statistics live beside the model's weights, in ASSESS_FILE (safetensors: tensors plus JSON metadata,
 never a pickle); `python -m train.assess` fits them for any model. A model folder without the file has no
@@ -103,7 +104,7 @@ class Familiarity:
         return cls(comps, bank, k, float(threshold), {key: v for key, v in meta.items() if key not in ("k", "threshold")})
 
 
-def fit(pooled: torch.Tensor, *, dims: int = 128, k: int = 10, threshold: float = 1.0, about: dict | None = None) -> Familiarity:
+def fit(pooled: torch.Tensor, *, dims: int = 256, k: int = 10, threshold: float = 1.0, about: dict | None = None) -> Familiarity:
     """A detector from the train photos' pooled features (N, F): their roots' top `dims` directions, the bank of
     reduced unit vectors. Its threshold is set afterwards, on held-out photos (`threshold_for`)."""
     if dims < 1 or dims > min(pooled.shape):

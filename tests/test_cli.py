@@ -210,6 +210,6 @@ def test_the_json_line_is_the_decode_record_the_app_downloads(distinct, distinct
         one = features.select(slice(i, i + 1))
         last = final(model, features=one, strategy="beam", beam_size=2)
         want = decode_record(last, model=model_label(model, str(model_dir)), precision=model.precision,
-                             assessment=assessor.assess(one, last.caption_steps(), rule=degenerate(img)))
+                             assessment=assessor.assess(one, last.caption_steps(), rule=degenerate(img), model=model))
         assert line.pop("image") == str(paths[i]) and line == json.loads(json.dumps(want))
         assert line["steps"] and line["caption"] == last.text and line["model"].startswith(str(model_dir))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.confidence import Assessment, Assessor, Calibration, Neighbours, WordProbe, signals
+from captioner.confidence import Assessment, Assessor, Calibration, Neighbours, Prior, WordProbe, signals
 from captioner.familiarity import ASSESS_FILE, Familiarity, Verdict, degenerate, fit, read, save, threshold_for, verdict
 from train.outside import synthetic
 
@@ -164,6 +164,36 @@ def test_the_neighbours_opinion_and_its_file(tmp_path):
         Neighbours.from_saved({"knn.refs": torch.zeros(3, 4)}, nb.record())
 
 
+def test_the_average_photos_opinion_and_the_root_probe(tmp_path):
+    """Prior.logprobs is teacher forcing through the decoder's start and step for the average photo; pmi_content is
+    the content words' mean log-ratio between the photo's probabilities and those; a root probe reads the feature's
+    square root; both travel in ASSESS_FILE."""
+    from tiny import attend_model
+
+    model = attend_model(seed=1).eval()
+    average = torch.rand(4, model.encoder.proj.in_features)  # (regions, F): a 2 x 2 grid
+    prior = Prior(average)
+    tokens = [5, 6, 7]
+    with torch.inference_mode():
+        logits, state = model.decoder.start(model.encoder.from_backbone(average[None]))
+        want = []
+        for t in tokens:
+            want.append(float(torch.log_softmax(logits, -1)[0, t]))
+            logits, state = model.decoder.step(torch.tensor([t]), state)
+    assert prior.logprobs(model, tokens) == pytest.approx(want, abs=1e-5) and prior.logprobs(model, []) == []
+    got = signals([0.5, 0.25, 0.5], ["a", "dog", "runs"], None, None, None, None, prior=[-1.0, -3.0, -0.5])
+    assert got["pmi_content"] == pytest.approx(((math.log(0.25) + 3.0) + (math.log(0.5) + 0.5)) / 2)  # "a" left out
+    assert math.isnan(signals([0.5], ["dog"], None, None, None, None)["pmi_content"])
+    probe = WordProbe(("dog",), torch.tensor([[1.0, -1.0]]), torch.zeros(1), torch.zeros(2), torch.ones(2), root=True)
+    plain = WordProbe(("dog",), probe.weight, probe.bias, probe.mean, probe.scale)
+    x = torch.tensor([[4.0, 9.0]])
+    assert torch.allclose(probe.probs(x), plain.probs(x.sqrt()))
+    save(tmp_path, None, {"calibration": None, "probe_words": ["dog"], "probe_root": True},
+         {**probe.tensors(), **prior.tensors()})
+    back = Assessor.read(tmp_path)
+    assert back.probe.root and torch.allclose(back.prior.features, average, atol=1e-3)
+
+
 # ---------------------------------------------------------------- the bundled model's statistics
 
 
@@ -183,14 +213,14 @@ def _assess(model, assessor, image):
     img = image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
     features = encode(model, img)
     last = final(model, features=features)
-    return last.text, assessor.assess(features, last.caption_steps(), img)
+    return last.text, assessor.assess(features, last.caption_steps(), img, model=model)
 
 
 def test_the_bundled_model_carries_its_statistics(bundled):
     model, assessor = bundled
     assert assessor.familiarity is not None and assessor.probe is not None and assessor.calibration is not None
     assert assessor.neighbours is not None and assessor.neighbours.refs.size(0) == assessor.familiarity.bank.size(0)
-    assert {"knn_cider", "knn_word"} <= set(assessor.calibration.names)
+    assert {"knn_cider", "knn_word", "pmi_content"} <= set(assessor.calibration.names) and assessor.prior is not None
     about = assessor.familiarity.about
     assert about["fitted_on"].startswith("train, 6000") and about["threshold_set_on"].startswith("dev, 1000")
     assert about["dev_flagged"] <= 0.05
@@ -279,6 +309,7 @@ def test_train_assess_fits_any_model_and_writes_what_loads(tmp_path, capsys):
     assert numbers["outside_images"] == len(synthetic()) and 0 <= numbers["confidence_auroc_poor"] <= 1
     assessor = Assessor.of(load_model(str(folder), precision="fp32"))
     assert assessor.familiarity.k == 3 and assessor.familiarity.bank.shape == (12, 4)
-    assert assessor.probe is not None and set(assessor.calibration.names) == {"mean_logprob", "probe_mean", "probe_cover",
-                                                                              "knn_cider", "knn_word"}
+    assert assessor.probe is not None and assessor.probe.root
+    assert set(assessor.calibration.names) == {"mean_logprob", "probe_mean", "probe_cover", "knn_cider", "knn_word", "pmi_content"}
+    assert assessor.prior.features.dim() == 2 and assessor.prior.features.size(1) == assessor.probe.mean.size(0)  # (regions, F)
     assert assessor.neighbours.k == 3 and assessor.neighbours.refs.size(0) == 12

@@ -10,6 +10,8 @@
 - The neighbours (the confidence's third opinion): the train photos' references as word ids, and how many train
   photos use each n-gram (captioner.confidence.Neighbours); a caption is compared with the references of its photo's
   --knn nearest train photos.
+- The prior (the confidence's fourth opinion): the train photos' mean backbone features, the "average photo"
+  (captioner.confidence.Prior); pmi_content compares a caption's content words' log-probabilities with theirs there.
 - Confidence: the dev captions (the CLI's defaults: greedy), their per-image CIDEr-D (pycocoevalcap, dev's own
   document frequencies), a logistic model from captioner.confidence.SIGNALS to "CIDEr-D >= GOOD_CIDER", fitted on
   dev. The numbers reported for it are cross-fitted (each dev photo scored by a model fitted on the other folds),
@@ -40,9 +42,9 @@ def pooled_features(model, images: list[str], cache: str) -> torch.Tensor:
 
 
 def fit_probe(pooled: torch.Tensor, references: Sequence[Sequence[str]], *, min_photos: int = 20, steps: int = 300,
-              l2: float = 1e-3, seed: int = 0):
+              l2: float = 1e-3, seed: int = 0, root: bool = True):
     """The word probe (captioner.confidence.WordProbe) on train: targets are "a reference of the photo uses the word"
-    for every content word at least `min_photos` photos' references use."""
+    for every content word at least `min_photos` photos' references use; with `root`, on the features' square roots."""
     from captioner.confidence import WordProbe, content_words
     from captioner.vocab import tokenize
 
@@ -60,8 +62,9 @@ def fit_probe(pooled: torch.Tensor, references: Sequence[Sequence[str]], *, min_
         for w in s:
             if w in index:
                 y[i, index[w]] = 1
-    mean, scale = pooled.mean(0), pooled.std(0).clamp_min(1e-6)
-    x = (pooled - mean) / scale
+    inputs = pooled.float().clamp_min(0).sqrt() if root else pooled.float()
+    mean, scale = inputs.mean(0), inputs.std(0).clamp_min(1e-6)
+    x = (inputs - mean) / scale
     torch.manual_seed(seed)
     weight = torch.zeros(len(words), x.size(1), requires_grad=True)
     prior = y.mean(0).clamp(1e-4, 1 - 1e-4)
@@ -72,7 +75,7 @@ def fit_probe(pooled: torch.Tensor, references: Sequence[Sequence[str]], *, min_
         loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight.T + bias, y) + l2 * weight.pow(2).sum() / len(words)
         loss.backward()
         opt.step()
-    return WordProbe(words, weight.detach(), bias.detach(), mean, scale)
+    return WordProbe(words, weight.detach(), bias.detach(), mean, scale, root)
 
 
 def fit_neighbours(vocab, references: Sequence[Sequence[str]], *, k: int = 10, max_words: int = 30):
@@ -195,6 +198,7 @@ def outside_images(folder: str | None) -> dict[str, object]:
 
 
 def main(argv=None) -> int:
+    from captioner.confidence import DEFAULT_SIGNALS
     from train.subjects import split_arguments
 
     p = argparse.ArgumentParser(prog="python -m train.assess", description=__doc__.split("\n\n")[0])
@@ -202,17 +206,17 @@ def main(argv=None) -> int:
     p.add_argument("--train-split", default="train")
     p.add_argument("--out", default=None, help="model folder to write assessment.safetensors into (default: write nothing)")
     p.add_argument("--outside", default=None, help="a folder of non-Flickr8k images, measured with the synthetic ones")
-    p.add_argument("--dims", type=int, default=128, help="dimensions of the familiarity space")
+    p.add_argument("--dims", type=int, default=256, help="dimensions of the familiarity space (and the neighbours')")
     p.add_argument("--k", type=int, default=10, help="nearest train photos averaged")
     p.add_argument("--flag", type=float, default=0.04, help="share of the dev photos the threshold flags")
     p.add_argument("--knn", type=int, default=10, help="nearest train photos whose references give the knn_ signals")
-    p.add_argument("--signals", default="mean_logprob,probe_mean,probe_cover,knn_cider,knn_word",
+    p.add_argument("--signals", default=",".join(DEFAULT_SIGNALS),
                    help="comma-separated captioner.confidence.SIGNALS the calibration uses")
     p.add_argument("--probe-min-photos", type=int, default=20)
     p.add_argument("--report", default=None, help="write the measurements here as JSON")
     args = p.parse_args(argv)
 
-    from captioner.confidence import GOOD_CIDER, SIGNALS, Assessor, Calibration, knn_signals, signals
+    from captioner.confidence import GOOD_CIDER, SIGNALS, Assessor, Calibration, Prior, knn_signals, signals
     from captioner.decode import caption_batch
     from captioner.familiarity import degenerate, fit, save, threshold_for
     from captioner.generation import GenerationConfig
@@ -261,6 +265,7 @@ def main(argv=None) -> int:
     from train.features import extract_features
 
     grid = extract_features(model, [s.image for s in dev], args.cache, progress=False)
+    prior = Prior(extract_features(model, [s.image for s in train], args.cache, progress=False).float().mean(0))  # (N, F) or (F,)
     with torch.inference_mode():
         feats = model_features.from_backbone(grid.float())
     lasts = caption_batch(model, config=GenerationConfig(num_alternatives=0), features=feats, steps=True)
@@ -276,7 +281,7 @@ def main(argv=None) -> int:
         steps = last.caption_steps() if last is not None else ()
         v = signals([s.prob for s in steps], [s.word for s in steps], dev_x[i],
                     None if feats.labels is None else feats.labels[i], probe, float(dev_d[i]),
-                    knn_signals(det, neighbours, dev_x[i], steps))
+                    knn_signals(det, neighbours, dev_x[i], steps), prior.logprobs(model, [s.token for s in steps]))
         rows.append([v[n] for n in SIGNALS])
     every = np.asarray(rows, dtype=float)
     x = every[:, [SIGNALS.index(n) for n in names]]
@@ -307,8 +312,9 @@ def main(argv=None) -> int:
             json.dump({**report, "captions": captions, "cider": cider.tolist(), "confidence_crossfitted": crossed.tolist(),
                        "distance": dev_d.tolist(), "outside": dict(zip(images, out_d.tolist()))}, f, indent=1)
     if args.out:
-        conf = {"calibration": calibration.record(), "probe_words": list(probe.words), "knn": neighbours.record()}
-        path = save(args.out, det, conf, {**probe.tensors(), **neighbours.tensors()})
+        conf = {"calibration": calibration.record(), "probe_words": list(probe.words), "probe_root": probe.root,
+                "knn": neighbours.record()}
+        path = save(args.out, det, conf, {**probe.tensors(), **neighbours.tensors(), **prior.tensors()})
         Assessor.read(args.out)  # what was written must load
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -139,7 +139,7 @@ class Handlers:
                 rows.append(step)
             else:
                 rows = list(step.caption_steps())  # beam search: the winner's records, which the stream may not have shown
-                assessment = self.assessor.assess(cache.features, rows, rule=cache.rule)
+                assessment = self.assessor.assess(cache.features, rows, rule=cache.rule, model=self.model)
                 decoding = Decoding(tuple(rows), step.stop, settings, prefix, min(focus, len(rows) - 1), cache.key, cache.photo,
                                     tree=step.tree, assessment=assessment)
             last = self._pace(last)
@@ -330,7 +330,7 @@ class Handlers:
                     # the records, not only the text: the confidence reads the caption's word probabilities
                     lasts = caption_batch(self.model, config=settings, features=features, steps=True)
                     assessed = [self.assessor.assess(features.select(slice(i, i + 1)), last.caption_steps() if last else (),
-                                                     rule=rule) for i, (last, (_, _, rule)) in enumerate(zip(lasts, batch))]
+                                                     rule=rule, model=self.model) for i, (last, (_, _, rule)) in enumerate(zip(lasts, batch))]
             except ValueError as e:
                 raise user_error(str(e), "Bad decoding setting") from None
             for (rec, _, _), last, a in zip(batch, lasts, assessed):
