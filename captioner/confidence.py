@@ -31,7 +31,7 @@ from .familiarity import Familiarity, Verdict, read, verdict
 
 GOOD_CIDER = 0.1  # per-image CIDEr-D at or above which a caption counts as a good description
 UNSURE = 0.5  # below this confidence a caption is marked unsure in words
-SURE = 0.75  # at or above this, "fairly sure"; between the two, "somewhat sure" (how good each band was: docs/performance.md)
+SURE = 0.75  # at or above this, "fairly sure"; between the two, "somewhat sure" (the reliability table: docs/familiarity.md)
 SIGNALS = ("mean_logprob", "min_logprob", "probe_mean", "probe_min", "probe_cover", "distance", "cnn_top", "knn_cider",
            "knn_word", "pmi_content")
 # What the shipped calibration uses: on dev (cross-fitted) these six did as well as any larger set (docs/familiarity.md)
