@@ -169,7 +169,7 @@ def caption_batch(model, images: Sequence | None = None, config: GenerationConfi
     out: list = []
     for chunk in chunks:
         if config.strategy == "greedy" and not steps:
-            tokens = generate_batch(model, chunk, config)  # (b, T): every precision is batch-invariant
+            tokens = generate_batch(model, chunk, config)  # (b, T): int8 is batch-invariant; float32 to its last bits
             out.extend(model.vocab.decode(row.tolist()) for row in tokens)
         else:
             one = config if steps else replace(config, num_alternatives=0)

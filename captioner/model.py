@@ -213,7 +213,7 @@ class Captioner(
             self.decoder.to(torch.bfloat16)
             self.decoder.compute_dtype = torch.bfloat16
         elif decoder == "int8":
-            from .int8 import quantize
+            from .int8 import per_image, quantize
 
             # The attention decoder: the layers every word runs on the LSTM state (the cell, the attention's query and
             # gate); the vocabulary projection and the once-per-image region layers stay float32: quantizing the
@@ -222,6 +222,10 @@ class Captioner(
             # its LSTM stays float32 and its projection is what int8 can take. Each row is quantized by its own scale
             # (captioner/int8.py): a batch decodes together and every row gets the numbers it gets alone.
             quantize(self.decoder, ("cell", "query", "gate") if self.decoder.uses_grid else ("head",))
+            # The float layers before them run once per image: float32 kernels differ with the batch's size in the last
+            # bits, which the int8 rows downstream can round apart (captioner/int8.py, PerImageLinear). The vocabulary
+            # projection feeds no int8 layer (its last bits stay in the last bits of the logits) and costs the most.
+            per_image(self.decoder, tuple(n for n, m in self.decoder.named_children() if type(m) is nn.Linear and n != "head"))
         self.precision = "fp32" if encoder == decoder == "fp32" else (
             encoder if encoder == decoder else f"encoder {encoder}, decoder {decoder}")
         return self

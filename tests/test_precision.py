@@ -202,6 +202,25 @@ def test_int8_linear_rows_are_the_same_alone_and_in_any_batch(passes):
     assert not torch.equal(dyn(x), torch.cat([dyn(x[i : i + 1]) for i in range(len(x))]))
 
 
+def test_the_float_layers_before_the_int8_ones_run_once_per_image():
+    """float32 GEMM kernels change with the number of rows, so a row's last bits moved with its batch on a Xeon with
+    AMX, and the int8 rows after it rounded it apart (logits 8e-4 off). PerImageLinear computes each image by the
+    call that computes it alone: bit for bit, 2-D rows, 3-D regions and the 1-output score alike."""
+    from captioner.int8 import PerImageLinear, per_image
+
+    g = torch.Generator().manual_seed(0)
+    for shape, out in (((7, 48), 40), ((5, 9, 48), 40), ((5, 9, 48), 1)):
+        lin = torch.nn.Linear(48, out)
+        layer = PerImageLinear(lin)
+        x = torch.randn(*shape, generator=g)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+        assert torch.equal(layer(x), alone) and torch.allclose(alone, lin(x), atol=1e-5)
+    holder = torch.nn.Module()
+    holder.conv = torch.nn.Conv2d(1, 1, 1)
+    with pytest.raises(ValueError, match="conv=Conv2d"):
+        per_image(holder, ("conv",))
+
+
 def test_int8_refuses_what_it_cannot_quantize():
     from captioner.int8 import RowInt8Linear, quantize
 
