@@ -265,7 +265,8 @@ def main(argv=None) -> int:
     from train.features import extract_features
 
     grid = extract_features(model, [s.image for s in dev], args.cache, progress=False)
-    prior = Prior(extract_features(model, [s.image for s in train], args.cache, progress=False).float().mean(0))  # (N, F) or (F,)
+    train_grid = extract_features(model, [s.image for s in train], args.cache, progress=False)  # half precision
+    prior = Prior(train_grid.mean(0, dtype=torch.float32))  # (N, F) or (F,), with no float32 copy of every photo
     with torch.inference_mode():
         feats = model_features.from_backbone(grid.float())
     lasts = caption_batch(model, config=GenerationConfig(num_alternatives=0), features=feats, steps=True)
